@@ -1,0 +1,127 @@
+"""``ipsec-supervisor snapshot``: take, show and diff snapshots of the kernel state."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from ..errors import NotRootError, ExitCode
+from ..kernel import netns
+from ..kernel_state import DEFAULT_ROUTE_TABLE, DEFAULT_RULE_PRIORITY, FAMILIES, ReadOptions, read_state
+from ..snapshot import diff_snapshots, load_snapshot, take_snapshot, write_snapshot
+
+DEFAULT_SNAPSHOT_DIR = "/var/lib/ipsec-supervisor/snapshots"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("snapshot", help="snapshot the kernel state charon may leave behind",
+                       description="Take a snapshot of XFRM SAs and policies, routes in the charon "
+                                   "table, the charon routing rule, addresses and firewall rules. "
+                                   "Key material is redacted unless --include-keys is given.")
+    p.add_argument("--output", "-o", metavar="FILE",
+                   help=f"where to write it (default: {DEFAULT_SNAPSHOT_DIR}/manual-TIME.json)")
+    p.add_argument("--include-keys", action="store_true",
+                   help="keep SA key material in the file (redacted by default)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--netns", metavar="NAME", help="read this network namespace (/run/netns/NAME)")
+    p.add_argument("--route-table", type=int, default=DEFAULT_ROUTE_TABLE, metavar="N",
+                   help="charon's routing table (default %(default)s)")
+    p.add_argument("--rule-priority", type=int, default=DEFAULT_RULE_PRIORITY, metavar="N",
+                   help="priority of charon's routing rule (default %(default)s)")
+    p.set_defaults(func=cmd_take)
+    actions = p.add_subparsers(dest="snapshot_action", metavar="ACTION")
+    show = actions.add_parser("show", help="print a snapshot file")
+    show.add_argument("file")
+    show.add_argument("--json", action="store_true", help="print the validated document as JSON")
+    show.set_defaults(func=cmd_show)
+    diff = actions.add_parser("diff", help="compare two snapshot files per object family")
+    diff.add_argument("a")
+    diff.add_argument("b")
+    diff.add_argument("--json", action="store_true")
+    diff.set_defaults(func=cmd_diff)
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise NotRootError("reading XFRM state needs root (CAP_NET_ADMIN); run as root")
+
+
+def cmd_take(args) -> int:
+    require_root()
+    output = args.output
+    if output is None:
+        os.makedirs(DEFAULT_SNAPSHOT_DIR, mode=0o700, exist_ok=True)
+        output = os.path.join(DEFAULT_SNAPSHOT_DIR,
+                              time.strftime("manual-%Y%m%dT%H%M%SZ.json", time.gmtime()))
+    with netns.enter(args.netns):
+        state = read_state(ReadOptions(route_table=args.route_table,
+                                       rule_priority=args.rule_priority))
+    snap = take_snapshot(state, include_keys=args.include_keys)
+    write_snapshot(output, snap)
+    counts = snap.counts()
+    if args.json:
+        json.dump({"path": output, "counts": counts, "keys_included": args.include_keys},
+                  sys.stdout)
+        print()
+    else:
+        print(f"snapshot written to {output}" + (" (with key material)" if args.include_keys else ""))
+        _print_counts(counts)
+    return ExitCode.OK
+
+
+def _print_counts(counts: dict[str, int]) -> None:
+    for name, family in FAMILIES.items():
+        print(f"  {family.title:<16} {counts.get(name, 0):>7}")
+
+
+def cmd_show(args) -> int:
+    snap = load_snapshot(args.file)
+    if args.json:
+        doc = {"created": snap.created, "host": snap.host, "kernel": snap.kernel,
+               "netns": snap.netns, "daemon": snap.daemon, "keys_included": snap.keys_included,
+               "context": snap.context,
+               "objects": {n: [r.to_json(include_keys=snap.keys_included) for r in recs]
+                           for n, recs in snap.objects.items()}}
+        json.dump(doc, sys.stdout, indent=1)
+        print()
+        return ExitCode.OK
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(snap.created))
+    ns = snap.netns.get("name") or f"inode {snap.netns.get('inode')}"
+    print(f"snapshot {args.file}\n  taken {when} on {snap.host} (kernel {snap.kernel}), netns {ns}")
+    if snap.daemon:
+        print(f"  daemon: {json.dumps(snap.daemon)}")
+    print(f"  key material: {'included' if snap.keys_included else 'redacted'}")
+    for name, family in FAMILIES.items():
+        records = snap.objects.get(name, ())
+        print(f"{family.title} ({len(records)}):")
+        for r in records:
+            print(f"  {r.describe()}")
+    return ExitCode.OK
+
+
+def cmd_diff(args) -> int:
+    a, b = load_snapshot(args.a), load_snapshot(args.b)
+    result = diff_snapshots(a, b)
+    if args.json:
+        json.dump({name: {"added": [r.to_json() for r in d.added],
+                          "removed": [r.to_json() for r in d.removed],
+                          "changed": [{"old": o.to_json(), "new": n.to_json()} for o, n in d.changed]}
+                   for name, d in result.items()}, sys.stdout, indent=1)
+        print()
+        return ExitCode.OK
+    if not any(result.values()):
+        print("no differences")
+        return ExitCode.OK
+    for name, d in result.items():
+        if not d:
+            continue
+        print(f"{FAMILIES[name].title}: +{len(d.added)} -{len(d.removed)} ~{len(d.changed)}")
+        for r in d.added:
+            print(f"  + {r.describe()}")
+        for r in d.removed:
+            print(f"  - {r.describe()}")
+        for o, n in d.changed:
+            print(f"  ~ {n.describe()}")
+    return ExitCode.OK

@@ -1,0 +1,67 @@
+"""Error types and the exit codes they map to (one table for every command).
+
+Every error message says what failed, on which object, why, and what happens
+next; the CLI prints ``str(error)`` and exits with ``error.exit_code``.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Exit codes of ``ipsec-supervisor`` (documented in README.md)."""
+
+    OK = 0
+    FAILED = 1          # an operation failed (kernel refused, I/O error); partial results were reported
+    USAGE = 2           # bad command-line arguments
+    CONFIG = 3          # the configuration file is invalid
+    NOT_ROOT = 4        # needs root (CAP_NET_ADMIN)
+    NO_NETNS = 5        # the named network namespace does not exist
+    BAD_SNAPSHOT = 6    # a snapshot file is unreadable, corrupt or of an unknown version
+    NOT_RUNNING = 7     # the supervisor/daemon is not running (control commands)
+    NO_DAEMON = 8       # the daemon binary is missing or not executable
+    GAVE_UP = 9         # crash-loop limit reached: the supervisor gave up (fail-closed)
+
+
+class SupervisorError(Exception):
+    """Base class: an error with a complete message and an exit code."""
+
+    exit_code: ExitCode = ExitCode.FAILED
+
+    def __init__(self, message: str, exit_code: ExitCode | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class UsageError(SupervisorError):
+    exit_code = ExitCode.USAGE
+
+
+class ConfigError(SupervisorError):
+    exit_code = ExitCode.CONFIG
+
+
+class NotRootError(SupervisorError):
+    exit_code = ExitCode.NOT_ROOT
+
+
+class NetnsError(SupervisorError):
+    exit_code = ExitCode.NO_NETNS
+
+
+class SnapshotError(SupervisorError):
+    exit_code = ExitCode.BAD_SNAPSHOT
+
+
+class KernelError(SupervisorError):
+    """A kernel operation (dump, add, delete) failed; never means "nothing there"."""
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
+
+
+class FirewallError(KernelError):
+    """iptables/ip6tables/nft failed."""

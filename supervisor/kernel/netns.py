@@ -1,0 +1,78 @@
+"""Network namespace identity, and running code inside a named namespace.
+
+``enter(name)`` moves the calling thread into ``/run/netns/NAME`` (as
+``ip netns exec`` would) and always moves it back; sockets opened and
+programs started inside belong to that namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+from ..errors import NetnsError
+
+NETNS_RUN_DIR = "/run/netns"
+CLONE_NEWNET = 0x40000000
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+@dataclass(frozen=True, slots=True)
+class NetnsIdentity:
+    inode: int              # inode of /proc/self/ns/net: unique while the namespace lives
+    name: str | None        # name under /run/netns, when it has one
+
+    def to_json(self) -> dict:
+        return {"inode": self.inode, "name": self.name}
+
+
+def _setns(fd: int, what: str) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise NetnsError(f"cannot enter network namespace {what}: {os.strerror(err)}")
+
+
+def current_identity() -> NetnsIdentity:
+    """The calling thread's network namespace, and its name if /run/netns has one."""
+    inode = os.stat("/proc/thread-self/ns/net").st_ino
+    name = None
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(NETNS_RUN_DIR):
+            with contextlib.suppress(OSError):
+                if os.stat(os.path.join(NETNS_RUN_DIR, entry)).st_ino == inode:
+                    name = entry
+                    break
+    return NetnsIdentity(inode=inode, name=name)
+
+
+@contextlib.contextmanager
+def enter(name: str | None) -> Iterator[None]:
+    """Run the body inside network namespace NAME (``None``: stay where we are)."""
+    if name is None:
+        yield
+        return
+    if "/" in name or name in (".", ".."):
+        raise NetnsError(f"network namespace name {name!r} is not valid (no '/' allowed)")
+    path = os.path.join(NETNS_RUN_DIR, name)
+    try:
+        target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NetnsError(f"network namespace {name!r} does not exist ({path} not found; "
+                         "create it with 'ip netns add')") from None
+    except OSError as exc:
+        raise NetnsError(f"cannot open network namespace {name!r} ({path}): {exc.strerror}") from None
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(target, repr(name))
+        try:
+            yield
+        finally:
+            _setns(home, "of origin (the supervisor cannot continue safely)")
+    finally:
+        os.close(target)
+        os.close(home)

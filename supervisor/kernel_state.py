@@ -1,0 +1,124 @@
+"""Kernel state facade: read every family charon leaves behind, delete any object, watch changes.
+
+The families live in ``supervisor.kernel.*`` (one module each); this module only
+knows which exist and dispatches to them.  It reads the calling thread's current
+network namespace (wrap calls in ``supervisor.kernel.netns.enter(name)``).
+"""
+
+from __future__ import annotations
+
+import selectors
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from .kernel import addresses, firewall, routes, rules, xfrm
+from .kernel.common import DeleteResult, KernelEvent
+from .kernel.netns import NetnsIdentity, current_identity
+from .kernel.rtnl import RtnlMonitor
+
+DEFAULT_ROUTE_TABLE = 220      # charon.routing_table
+DEFAULT_RULE_PRIORITY = 220    # charon.routing_table_prio
+
+
+@dataclass(frozen=True)
+class Family:
+    """One kernel object family: its record type, how to dump and delete it."""
+
+    name: str
+    record_type: type
+    dump: Callable[["ReadOptions"], list]
+    delete: Callable[[Any], DeleteResult]
+    title: str                  # for humans: "XFRM SAs"
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    route_table: int = DEFAULT_ROUTE_TABLE
+    rule_priority: int | None = DEFAULT_RULE_PRIORITY   # None: every rule
+
+
+# Order matters for deletion elsewhere (SAs before policies is not required by the
+# kernel, but policies before routes keeps traffic fail-closed); keep it stable.
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("xfrm_sa", xfrm.XfrmSA, lambda o: xfrm.dump_sas(), xfrm.delete_sa, "XFRM SAs"),
+    Family("xfrm_policy", xfrm.XfrmPolicy, lambda o: xfrm.dump_policies(), xfrm.delete_policy,
+           "XFRM policies"),
+    Family("route", routes.Route, lambda o: routes.dump_routes(table=o.route_table),
+           routes.delete_route, "routes"),
+    Family("rule", rules.Rule, lambda o: rules.dump_rules(priority=o.rule_priority),
+           rules.delete_rule, "routing rules"),
+    Family("address", addresses.Address, lambda o: addresses.dump_addresses(),
+           addresses.delete_address, "addresses"),
+    Family("firewall", firewall.FirewallRule, lambda o: firewall.dump_firewall_rules(),
+           firewall.delete_firewall_rule, "firewall rules"),
+)}
+
+
+@dataclass(frozen=True)
+class KernelState:
+    """Everything read in one pass, per family, plus context that is not an object."""
+
+    objects: dict[str, tuple]                  # family name -> records
+    netns: NetnsIdentity
+    options: ReadOptions
+    default_policies: Any = None               # xfrm.XfrmDefaultPolicy, when readable
+    context: dict = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        return {name: len(recs) for name, recs in self.objects.items()}
+
+
+def read_state(options: ReadOptions = ReadOptions(),
+               families: Iterable[str] | None = None) -> KernelState:
+    """Dump the families (all by default) of the current namespace; any failed dump raises."""
+    names = list(FAMILIES) if families is None else list(families)
+    objects = {name: tuple(FAMILIES[name].dump(options)) for name in names}
+    defaults = xfrm.get_default_policies() if "xfrm_policy" in objects else None
+    return KernelState(objects=objects, netns=current_identity(), options=options,
+                       default_policies=defaults)
+
+
+def family_of(record: Any) -> Family:
+    return FAMILIES[record.FAMILY]
+
+
+def delete_object(record: Any) -> DeleteResult:
+    """Delete one object of any family: DELETED or ALREADY_GONE, KernelError otherwise."""
+    return family_of(record).delete(record)
+
+
+class KernelWatch:
+    """Both monitors (XFRM and rtnetlink) behind one selector-friendly object."""
+
+    def __init__(self) -> None:
+        self.xfrm = xfrm.XfrmMonitor()
+        try:
+            self.rtnl = RtnlMonitor()
+        except BaseException:
+            self.xfrm.close()
+            raise
+
+    def register(self, selector: selectors.BaseSelector, data: Any = None) -> None:
+        selector.register(self.xfrm.fileno(), selectors.EVENT_READ, data)
+        selector.register(self.rtnl.fileno(), selectors.EVENT_READ, data)
+
+    def unregister(self, selector: selectors.BaseSelector) -> None:
+        selector.unregister(self.xfrm.fileno())
+        selector.unregister(self.rtnl.fileno())
+
+    def port_ids(self) -> frozenset[int]:
+        """Our own sockets' port ids: changes we make ourselves carry these."""
+        return frozenset({self.xfrm.port_id, self.rtnl.port_id})
+
+    def read_events(self) -> list[KernelEvent]:
+        return self.xfrm.read_events() + self.rtnl.read_events()
+
+    def close(self) -> None:
+        self.xfrm.close()
+        self.rtnl.close()
+
+    def __enter__(self) -> "KernelWatch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,212 @@
+"""Snapshot documents: build, write (atomic, 0600, keys redacted by default), load and validate, diff.
+
+The document is versioned JSON.  Records are written one per line so that a
+snapshot of tens of thousands of objects stays greppable and cheap to produce.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from .errors import SnapshotError, SupervisorError
+from .kernel_state import FAMILIES, KernelState
+
+SCHEMA = "ipsec-supervisor/snapshot"
+VERSION = 1
+_TOP_KEYS = ("schema", "version", "created", "host", "kernel", "netns", "daemon",
+             "keys_included", "context", "objects")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A loaded or freshly taken snapshot; ``objects`` maps family name to records."""
+
+    created: float
+    host: str
+    kernel: str
+    netns: dict
+    daemon: dict | None
+    keys_included: bool
+    context: dict
+    objects: dict[str, tuple] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        return {name: len(self.objects.get(name, ())) for name in FAMILIES}
+
+
+def take_snapshot(state: KernelState, daemon: dict | None = None,
+                  include_keys: bool = False) -> Snapshot:
+    """Wrap a kernel read with its context. ``daemon``: {"pid":..., "exit":{...}} when known."""
+    context: dict[str, Any] = {
+        "route_table": state.options.route_table,
+        "rule_priority": state.options.rule_priority,
+        **state.context,
+    }
+    if state.default_policies is not None:
+        context["xfrm_default_policy"] = state.default_policies.to_json()
+    return Snapshot(created=time.time(), host=socket.gethostname(), kernel=platform.release(),
+                    netns=state.netns.to_json(), daemon=daemon, keys_included=include_keys,
+                    context=context, objects=dict(state.objects))
+
+
+def _document_chunks(snap: Snapshot) -> Iterator[str]:
+    head = {
+        "schema": SCHEMA, "version": VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(snap.created)),
+        "created_unix": snap.created, "host": snap.host, "kernel": snap.kernel,
+        "netns": snap.netns, "daemon": snap.daemon, "keys_included": snap.keys_included,
+        "context": snap.context,
+    }
+    dumps = json.JSONEncoder(separators=(",", ":"), sort_keys=False).encode
+    yield json.dumps(head, indent=1)[:-2] + ',\n "objects": {'
+    first_family = True
+    for name in FAMILIES:
+        records = snap.objects.get(name, ())
+        yield ("" if first_family else ",") + f"\n  {json.dumps(name)}: ["
+        first_family = False
+        include = snap.keys_included
+        yield ",".join("\n   " + dumps(r.to_json(include_keys=include)) for r in records)
+        yield "\n  ]" if records else "]"
+    yield "\n }\n}\n"
+
+
+def write_snapshot(path: str, snap: Snapshot) -> str:
+    """Write atomically (temp file in the same directory, fsync, rename), mode 0600."""
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".snapshot-", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise SupervisorError(f"cannot write snapshot {path}: {exc.strerror} in {directory} "
+                              "(nothing was written)") from None
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            for chunk in _document_chunks(snap):
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise SupervisorError(f"cannot write snapshot {path}: {exc.strerror} "
+                                  "(nothing was written)") from None
+        raise
+    dirfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+    return path
+
+
+def _bad(path: str, problem: str) -> SnapshotError:
+    return SnapshotError(f"snapshot {path} is not usable: {problem}")
+
+
+def load_snapshot(path: str) -> Snapshot:
+    """Read and validate a snapshot; every problem raises SnapshotError naming file and cause."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise SnapshotError(f"cannot read snapshot {path}: {exc.strerror}") from None
+    if not raw.strip():
+        raise _bad(path, "the file is empty")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _bad(path, f"not UTF-8 text (byte {exc.start})") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        hint = " (truncated?)" if exc.pos >= len(text.rstrip()) - 1 else ""
+        raise _bad(path, f"invalid JSON at line {exc.lineno} column {exc.colno}: "
+                         f"{exc.msg}{hint}") from None
+    return snapshot_from_document(doc, path)
+
+
+def snapshot_from_document(doc: Any, path: str = "<document>") -> Snapshot:
+    if not isinstance(doc, dict):
+        raise _bad(path, f"top level is a JSON {type(doc).__name__}, not an object")
+    if doc.get("schema") != SCHEMA:
+        raise _bad(path, f"schema is {doc.get('schema')!r}, expected {SCHEMA!r}")
+    if doc.get("version") != VERSION:
+        raise _bad(path, f"version {doc.get('version')!r} is not supported "
+                         f"(this ipsec-supervisor reads version {VERSION})")
+    missing = [k for k in _TOP_KEYS if k not in doc]
+    if missing:
+        raise _bad(path, f"missing key(s): {', '.join(missing)}")
+    objects = doc["objects"]
+    if not isinstance(objects, dict):
+        raise _bad(path, "'objects' is not a JSON object")
+    unknown = sorted(set(objects) - set(FAMILIES))
+    if unknown:
+        raise _bad(path, f"unknown object family {unknown[0]!r} "
+                         f"(known: {', '.join(FAMILIES)})")
+    loaded: dict[str, tuple] = {}
+    for name, family in FAMILIES.items():
+        items = objects.get(name, [])
+        if not isinstance(items, list):
+            raise _bad(path, f"objects.{name} is not a list")
+        records = []
+        for i, item in enumerate(items):
+            try:
+                records.append(family.record_type.from_json(item))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise _bad(path, f"objects.{name}[{i}] is invalid: "
+                                 f"{type(exc).__name__}: {exc}") from None
+        loaded[name] = tuple(records)
+    created = doc.get("created_unix")
+    if not isinstance(created, (int, float)):
+        raise _bad(path, "'created_unix' is missing or not a number")
+    for key, kind in (("netns", dict), ("context", dict), ("keys_included", bool),
+                      ("host", str), ("kernel", str)):
+        if not isinstance(doc[key], kind):
+            raise _bad(path, f"'{key}' is not a {kind.__name__}")
+    if doc["daemon"] is not None and not isinstance(doc["daemon"], dict):
+        raise _bad(path, "'daemon' is neither null nor an object")
+    return Snapshot(created=float(created), host=doc["host"], kernel=doc["kernel"],
+                    netns=doc["netns"], daemon=doc["daemon"], keys_included=doc["keys_included"],
+                    context=doc["context"], objects=loaded)
+
+
+@dataclass(frozen=True)
+class FamilyDiff:
+    added: tuple = ()
+    removed: tuple = ()
+    changed: tuple = ()     # (old, new) pairs: same identity, different non-volatile content
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.changed)
+
+
+def _stable(record: Any) -> dict:
+    doc = record.to_json(include_keys=False)
+    for key in getattr(record, "VOLATILE", ()):
+        doc.pop(key, None)
+    return doc
+
+
+def diff_snapshots(a: Snapshot, b: Snapshot) -> dict[str, FamilyDiff]:
+    """Per family: what B has that A has not, what A had that B lacks, what changed."""
+    result = {}
+    for name in FAMILIES:
+        old = {r.key(): r for r in a.objects.get(name, ())}
+        new = {r.key(): r for r in b.objects.get(name, ())}
+        added = tuple(new[k] for k in new if k not in old)
+        removed = tuple(old[k] for k in old if k not in new)
+        changed = tuple((old[k], new[k]) for k in old if k in new
+                        and _stable(old[k]) != _stable(new[k]))
+        result[name] = FamilyDiff(added, removed, changed)
+    return result

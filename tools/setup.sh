@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh Debian 12 machine (run as root):
+# Debian packages, then a virtual environment in .venv with the project installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEB_PACKAGES=(
+  # kernel-state layer and tests
+  iproute2 iptables nftables kmod strace tcpdump
+  # systemd-python builds from source
+  libsystemd-dev pkg-config gcc python3-dev python3-venv
+  # real strongSwan for the integration tests and the demo
+  strongswan-charon strongswan-starter strongswan-swanctl charon-systemd
+  libstrongswan-standard-plugins
+  # the real-kernel VM tier (a Debian kernel with ESP, booted by virtme-ng)
+  qemu-system-x86 busybox-static
+  # the real-systemd tier
+  systemd-container
+)
+
+missing=()
+for p in "${DEB_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  apt-get update -q
+  # --no-install-recommends: systemd-container recommends libnss-mymachines, which edits nsswitch.conf
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
+if [ ! -e "$stamp" ]; then
+  echo "setup: installing the project and its Python dependencies into .venv"
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
