@@ -21,6 +21,7 @@ class Action(enum.Enum):
     EXPIRE = "expire"    # XFRM soft/hard expire
     ACQUIRE = "acquire"  # XFRM acquire (trap hit, no SA)
     FLUSH = "flush"      # whole family flushed (record is None)
+    OVERRUN = "overrun"  # the monitor socket lost events (ENOBUFS): re-dump, never trust the gap
 
 
 @dataclass(frozen=True, slots=True)
