@@ -1,0 +1,223 @@
+"""Root-only control socket under the run directory: one JSON request line, one JSON answer line.
+
+Requests: ``{"command": "status" | "stop" | "start" | "restart" | "reload" | "reload-daemon"}``.
+Answers: ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``.  The socket is 0600 in a
+0700 directory and every peer's uid is checked (SO_PEERCRED) as well.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import struct
+from typing import Callable
+
+from .errors import ExitCode, NotRootError, SupervisorError
+from .eventloop import Loop
+
+SOCKET_NAME = "control.sock"
+LOCK_NAME = "supervisor.lock"
+MAX_REQUEST = 64 * 1024
+CLIENT_TIMEOUT = 5.0
+COMMANDS = ("status", "stop", "start", "restart", "reload", "reload-daemon")
+
+
+def socket_path(run_dir: str) -> str:
+    return os.path.join(run_dir, SOCKET_NAME)
+
+
+def prepare_run_dir(run_dir: str) -> None:
+    """Create the run directory as root-only (0700), or tighten an existing one."""
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    os.chmod(run_dir, 0o700)
+
+
+def lock_run_dir(run_dir: str) -> int:
+    """Hold the run directory's lock for this process's lifetime; one supervisor per run dir."""
+    prepare_run_dir(run_dir)
+    path = os.path.join(run_dir, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SupervisorError(f"another ipsec-supervisor is running (it holds {path}); "
+                              f"use 'ipsec-supervisor status' to see it") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+class ControlServer:
+    """Accepts clients in the loop; ``handler(request) -> answer`` runs in the loop thread."""
+
+    def __init__(self, loop: Loop, run_dir: str, handler: Callable[[dict], dict]):
+        self._loop = loop
+        self.path = socket_path(run_dir)
+        self._handler = handler
+        self._sock: socket.socket | None = None
+        self._clients: dict[int, _Client] = {}
+
+    def start(self) -> None:
+        try:
+            os.unlink(self.path)  # stale: the run-dir lock proves nobody else serves it
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            sock.bind(self.path)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        sock.listen(16)
+        self._sock = sock
+        self._loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            conn.setblocking(False)
+            client = _Client(self, conn)
+            self._clients[conn.fileno()] = client
+            if peer_uid(conn) not in (0, os.geteuid()):
+                client.answer({"ok": False, "error": "permission denied: the control socket is for root only"})
+                continue
+            self._loop.add_reader(conn.fileno(), client.readable)
+
+    def _dispatch(self, client: "_Client", line: bytes) -> None:
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict) or not isinstance(request.get("command"), str):
+                raise ValueError("a request is a JSON object with a 'command' string")
+            if request["command"] not in COMMANDS:
+                raise ValueError(f"unknown command {request['command']!r} (known: {', '.join(COMMANDS)})")
+            answer = self._handler(request)
+        except ValueError as exc:
+            answer = {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a bug in a handler must not kill the supervisor
+            answer = {"ok": False, "error": f"internal error: {exc!r}"}
+        client.answer(answer)
+
+    def _drop(self, client: "_Client") -> None:
+        self._clients.pop(client.fd, None)
+
+    def close(self) -> None:
+        for client in list(self._clients.values()):
+            client.close()
+        if self._sock is not None:
+            self._loop.forget(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+class _Client:
+    def __init__(self, server: ControlServer, conn: socket.socket):
+        self.server = server
+        self.conn = conn
+        self.fd = conn.fileno()
+        self.buf = b""
+        self.out = b""
+        self.timer = server._loop.call_later(CLIENT_TIMEOUT, self.close)
+
+    def readable(self) -> None:
+        try:
+            chunk = self.conn.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.close()
+            return
+        if not chunk:
+            self.close()
+            return
+        self.buf += chunk
+        if b"\n" in self.buf:
+            line = self.buf.split(b"\n", 1)[0]
+            self.server._loop.remove_reader(self.fd)
+            self.server._dispatch(self, line)
+        elif len(self.buf) > MAX_REQUEST:
+            self.answer({"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"})
+
+    def answer(self, answer: dict) -> None:
+        self.out = (json.dumps(answer, sort_keys=False) + "\n").encode()
+        self.server._loop.forget(self.fd)
+        self.server._loop.add_writer(self.fd, self.writable)
+
+    def writable(self) -> None:
+        try:
+            sent = self.conn.send(self.out)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.close()
+            return
+        self.out = self.out[sent:]
+        if not self.out:
+            self.close()
+
+    def close(self) -> None:
+        if self.conn is None:
+            return
+        self.timer.cancel()
+        self.server._loop.forget(self.fd)
+        self.server._drop(self)
+        self.conn.close()
+        self.conn = None  # type: ignore[assignment]
+
+
+def request(run_dir: str, command: str, timeout: float = CLIENT_TIMEOUT, **args) -> dict:
+    """Send one command to the running supervisor; SupervisorError (exit 7) if none runs."""
+    path = socket_path(run_dir)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise SupervisorError(f"ipsec-supervisor is not running (nothing listens on {path})",
+                                  ExitCode.NOT_RUNNING) from None
+        except PermissionError:
+            raise NotRootError(f"cannot connect to {path}: permission denied (the control socket is root-only; "
+                               f"run as root)") from None
+        except OSError as exc:
+            if exc.errno == errno.ENOTDIR:
+                raise SupervisorError(f"ipsec-supervisor is not running ({path} is not a socket)",
+                                      ExitCode.NOT_RUNNING) from None
+            raise SupervisorError(f"cannot connect to {path}: {exc.strerror or exc}") from None
+        sock.sendall((json.dumps({"command": command, **args}) + "\n").encode())
+        buf = b""
+        try:
+            while b"\n" not in buf:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        except socket.timeout:
+            raise SupervisorError(f"ipsec-supervisor did not answer on {path} within {timeout:g}s "
+                                  f"(it may be busy or hung)") from None
+    try:
+        answer = json.loads(buf.split(b"\n", 1)[0])
+    except ValueError:
+        raise SupervisorError(f"ipsec-supervisor sent an unreadable answer on {path}") from None
+    if answer.get("error", "").startswith("permission denied"):
+        raise NotRootError(f"{command}: {answer['error']}")
+    return answer

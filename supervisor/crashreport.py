@@ -1,0 +1,125 @@
+"""Crash reports: one JSON file per abnormal daemon exit, written atomically with mode 0600."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import socket
+import tempfile
+from typing import Sequence
+
+from . import __version__
+from .policy import Decision, ExitInfo, signal_name
+
+REPORT_VERSION = 1
+SUFFIX = ".json"
+
+
+def _iso(wall: float | None) -> str | None:
+    if wall is None:
+        return None
+    return _dt.datetime.fromtimestamp(wall, _dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def build_crash_report(info: ExitInfo, decision: Decision, log_lines: Sequence[str], *,
+                       daemon_command: Sequence[str], restarts: int, mono_now: float, wall_now: float,
+                       health_failures: int = 0) -> dict:
+    """The report as a JSON-safe dict (pure: monotonic times are converted with the given pair)."""
+    def wall(mono: float | None) -> str | None:
+        return None if mono is None else _iso(wall_now - (mono_now - mono))
+
+    return {
+        "report_version": REPORT_VERSION,
+        "supervisor_version": __version__,
+        "host": socket.gethostname(),
+        "daemon": {"command": list(daemon_command), "pid": info.pid},
+        "classification": info.classification.value,
+        "description": info.describe(),
+        "exit_code": info.exit_code,
+        "signal": info.signal,
+        "signal_name": signal_name(info.signal),
+        "core_dumped": info.core_dumped,
+        "cause": info.cause.value,
+        "spawn_error": info.spawn_error,
+        "health_failures": health_failures,
+        "timings": {
+            "started_at": wall(info.started_at),
+            "ready_at": wall(info.ready_at),
+            "start_confirmed_at": wall(info.okay_at),
+            "died_at": wall(info.died_at),
+            "uptime_s": round(info.uptime, 3),
+            "time_to_ready_s": None if info.ready_at is None else round(info.ready_at - info.started_at, 3),
+        },
+        "restarts_before": restarts,
+        "decision": {"action": decision.action.value, "reason": decision.reason,
+                     "delay_s": round(decision.delay, 3), "attempt": decision.attempt},
+        "last_log_lines": list(log_lines),
+    }
+
+
+def report_name(report: dict, wall_now: float) -> str:
+    stamp = _dt.datetime.fromtimestamp(wall_now, _dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    return f"{stamp}-{report['daemon']['pid']}-{report['classification']}{SUFFIX}"
+
+
+def write_crash_report(directory: str, report: dict, wall_now: float, keep: int | None = None) -> str:
+    """Write ``report`` atomically (temp file, fsync, rename) as 0600; prune to ``keep`` files."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    path = os.path.join(directory, report_name(report, wall_now))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".crash-", suffix=".tmp")  # mkstemp: mode 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(report, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)  # the rename itself must survive a power loss
+    finally:
+        os.close(dfd)
+    if keep is not None:
+        prune_crash_reports(directory, keep)
+    return path
+
+
+def report_paths(directory: str) -> list[str]:
+    """Report files, oldest first (names start with a UTC timestamp)."""
+    try:
+        names = sorted(n for n in os.listdir(directory) if n.endswith(SUFFIX) and not n.startswith("."))
+    except FileNotFoundError:
+        return []
+    return [os.path.join(directory, n) for n in names]
+
+
+def prune_crash_reports(directory: str, keep: int) -> list[str]:
+    """Remove all but the newest ``keep`` reports; returns the removed paths."""
+    paths = report_paths(directory)
+    removed = paths[:max(0, len(paths) - keep)]
+    for p in removed:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def read_crash_reports(directory: str) -> list[tuple[str, dict]]:
+    """(path, report) for every readable report, oldest first; unreadable files are skipped."""
+    out = []
+    for p in report_paths(directory):
+        try:
+            with open(p, encoding="utf-8") as fh:
+                out.append((p, json.load(fh)))
+        except (OSError, ValueError):
+            continue
+    return out

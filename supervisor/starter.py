@@ -1,0 +1,1260 @@
+"""The supervisor: runs the IKE daemon under the restart policy in one event loop.
+
+Everything arrives as an event in one selectors loop (eventloop.Loop): the daemon's death
+through a pidfd, signals through a wakeup fd, daemon output through a pipe, VICI answers
+through a non-blocking socket, timers as loop deadlines.  State changes go through
+``states.step``; decisions come from ``policy``; this module only acts.
+
+The sequence after a death is: classify and decide (policy.decide), recover
+(``Recovery.on_daemon_exit``, the kernel-state hook point), then restart (or stay stopped).
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import ctypes.util
+import dataclasses
+import datetime as _dt
+import itertools
+import logging
+import os
+import queue
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import threading
+import time
+import tty
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+from . import __version__
+from . import crashreport
+from .config import Config, Hook, changed_keys, format_duration, load_config
+from .control import ControlServer, lock_run_dir
+from .errors import ConfigError, ExitCode, SupervisorError
+from .eventloop import Loop, SignalWakeup, ThreadWakeup, Timer
+from .notify import PRIVATE_ENV, Notifier, fields
+from .policy import (Action, Cause, Decision, ExitInfo, decide, deaths_in_window, exit_info,
+                     prune_history, signal_name)
+from .states import DAEMON_ALIVE, Event, State, step
+from .vici_probe import ProbeResult, ViciProbe
+
+log = logging.getLogger("supervisor")
+daemon_log = logging.getLogger("supervisor.daemon")
+job_log = logging.getLogger("supervisor.job")
+
+MAX_LINE = 8192
+
+
+# ---------------------------------------------------------------------------
+# The recovery hook point (filled in by the kernel-state recovery work).
+
+@dataclass(frozen=True, slots=True)
+class StartContext:
+    """Given to ``Recovery.before_start``: which start this is and what ended the last run."""
+
+    attempt: int                 # 1 = first start of this supervisor, then +1 per restart
+    last_exit: ExitInfo | None   # None on the first start
+    config: Config
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyContext:
+    """Given to ``Recovery.on_daemon_ready``: the daemon answers VICI and its config is loaded."""
+
+    pid: int
+    started_at: float            # monotonic
+    ready_at: float
+    load_ok: bool
+    last_exit: ExitInfo | None
+    config: Config
+
+
+class Recovery(Protocol):
+    """Kernel-state recovery around daemon runs.
+
+    Every method runs in the supervisor's worker thread (never in the loop thread), one at a
+    time and in order, each within ``recovery.timeout``; the loop waits for it in the state
+    shown.  An exception is logged and the sequence goes on.
+    """
+
+    def before_start(self, context: StartContext) -> None:
+        """PREPARING: before the daemon is spawned (e.g. snapshot what a dead daemon left)."""
+
+    def on_daemon_ready(self, context: ReadyContext) -> None:
+        """LOADING, after the load commands: adopt or flush leftovers now charon is back."""
+
+    def on_daemon_exit(self, exit_info: ExitInfo, decision: Decision) -> None:
+        """RECOVERING: the daemon is dead; ``decision`` says restart, stop or give up (fail closed)."""
+
+
+class NoRecovery:
+    """The default: recovery does nothing."""
+
+    def before_start(self, context: StartContext) -> None:
+        pass
+
+    def on_daemon_ready(self, context: ReadyContext) -> None:
+        pass
+
+    def on_daemon_exit(self, exit_info: ExitInfo, decision: Decision) -> None:
+        pass
+
+
+class _Worker:
+    """One background thread running calls in order; results come back through the loop."""
+
+    def __init__(self, wakeup: ThreadWakeup, name: str):
+        self._wakeup = wakeup
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], None], done: Callable[[BaseException | None], None]) -> None:
+        self._queue.put((fn, done))
+
+    def _serve(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, done = item
+            try:
+                fn()
+                exc = None
+            except BaseException as e:  # noqa: BLE001 - reported through the loop
+                exc = e
+            self._wakeup.post(lambda done=done, exc=exc: done(exc))
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+
+# ---------------------------------------------------------------------------
+# Child processes (the daemon, load/reload commands, hooks).
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class Child:
+    """A process in its own session with a pidfd and its output captured line by line."""
+
+    def __init__(self, loop: Loop, argv: Sequence[str], env: dict[str, str], *, on_line: Callable[[str], None],
+                 on_exit: Callable[[int], None], cwd: str = "/", pty: bool = False):
+        self._loop = loop
+        self._on_line = on_line
+        self._on_exit = on_exit
+        if pty:
+            # A terminal makes C stdio flush every line; raw mode keeps the bytes as written.
+            r, w = os.openpty()
+            tty.setraw(w)
+        else:
+            r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            # start_new_session: own session and process group (and no controlling terminal);
+            # close_fds: nothing but 0-2; restore_signals: SIGPIPE & co back to default.  The
+            # signal mask is inherited from the loop thread, which clears its own (Supervisor.run).
+            self.popen = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=w, stderr=w, cwd=cwd,
+                                          env=env, close_fds=True, start_new_session=True,
+                                          restore_signals=True)
+        except BaseException:
+            os.close(r)
+            os.close(w)
+            raise
+        os.close(w)
+        self.pid = self.popen.pid
+        self.pidfd = os.pidfd_open(self.pid)
+        self._out = r
+        self._partial = b""
+        self.exited = False
+        self.exited_at: float | None = None
+        os.set_blocking(r, False)
+        loop.add_reader(r, self._read)
+        loop.add_reader(self.pidfd, self._reap)
+
+    def _read(self) -> bool:
+        """Read one chunk; False when nothing more is there right now or at end of file."""
+        if self._out < 0:
+            return False
+        try:
+            chunk = os.read(self._out, 65536)
+        except BlockingIOError:
+            return False  # nothing more for now (EOF comes later through the reader)
+        except OSError:
+            chunk = b""  # EIO: a pty whose other side is closed for good
+        if not chunk:
+            if self._partial:
+                self._emit(self._partial)
+                self._partial = b""
+            self._loop.forget(self._out)
+            os.close(self._out)
+            self._out = -1
+            return False
+        data = self._partial + chunk
+        *lines, self._partial = data.split(b"\n")
+        for line in lines:
+            self._emit(line)
+        while len(self._partial) > MAX_LINE:
+            self._emit(self._partial[:MAX_LINE])
+            self._partial = self._partial[MAX_LINE:]
+        return True
+
+    def _emit(self, raw: bytes) -> None:
+        self._on_line(raw.decode("utf-8", "replace").rstrip("\r"))
+
+    def _reap(self) -> None:
+        self.exited_at = self._loop.clock()  # the moment the pidfd woke us: when death was seen
+        # The process is gone; everything it wrote is already in the pipe: read it first so
+        # the crash report has its last words.
+        for _ in range(64):
+            if not self._read():
+                break
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            logging.getLogger("supervisor").error(
+                "pid %d was reaped by someone else; its exit status is lost (counted as exit code 255)", self.pid)
+            status = 255 << 8
+        self.popen.returncode = status  # keeps subprocess from waiting for it again
+        self.exited = True
+        self._loop.forget(self.pidfd)
+        os.close(self.pidfd)
+        self.pidfd = -1
+        # Whatever the process left in its session (e.g. an updown script) goes with it; the
+        # pgid cannot be reused while any member is alive, so this cannot hit a stranger.
+        _kill_group(self.pid)
+        self._on_exit(status)
+
+    def send(self, signo: int) -> bool:
+        if self.pidfd < 0:
+            return False
+        try:
+            signal.pidfd_send_signal(self.pidfd, signo)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def close(self) -> None:
+        """Kill and forget (used on supervisor exit and for abandoned jobs)."""
+        if not self.exited and self.pidfd >= 0:
+            self.send(signal.SIGKILL)
+            _kill_group(self.pid)
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
+            self.popen.returncode = -9
+            self._loop.forget(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = -1
+            self.exited = True
+        if self._out >= 0:
+            self._loop.forget(self._out)
+            os.close(self._out)
+            self._out = -1
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    ok: bool
+    detail: str     # "exited with code 1", "killed after 30s (time limit)"
+
+
+class Job:
+    """A command with a time limit (load, reload, hook); ``on_done(JobResult)`` once."""
+
+    def __init__(self, loop: Loop, label: str, argv: Sequence[str], env: dict[str, str], timeout: float,
+                 on_done: Callable[[JobResult], None]):
+        self.label = label
+        self.done = False
+        self._loop = loop
+        self._on_done = on_done
+        self._timed_out = False
+        self._timeout_s = timeout
+        self._started = loop.clock()
+        self._timer: Timer | None = None
+        self.child: Child | None = None
+        try:
+            self.child = Child(loop, argv, env, on_line=self._line, on_exit=self._exited)
+        except (OSError, subprocess.SubprocessError) as exc:
+            why = getattr(exc, "strerror", None) or str(exc)
+            loop.call_soon(lambda: self._finish(JobResult(False, f"cannot run {argv[0]}: {why}")))
+            return
+        job_log.info("%s: running %s (pid %d, time limit %s)", label, " ".join(argv), self.child.pid,
+                     format_duration(timeout))
+        self._timer = loop.call_later(timeout, self._timeout)
+
+    def _line(self, line: str) -> None:
+        pid = self.child.pid if self.child else 0
+        job_log.info("%s[%d]: %s", self.label, pid, line)
+
+    def _timeout(self) -> None:
+        if self.child and not self.child.exited:
+            self._timed_out = True
+            job_log.warning("%s: still running after its time limit of %s; killing it", self.label,
+                            format_duration(self._timeout_s))
+            self.child.send(signal.SIGKILL)
+            _kill_group(self.child.pid)
+
+    def _exited(self, status: int) -> None:
+        if self._timer:
+            self._timer.cancel()
+        took = self._loop.clock() - self._started
+        if self._timed_out:
+            self._finish(JobResult(False, f"killed after {took:.1f}s (time limit)"))
+        elif os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+            self._finish(JobResult(True, f"succeeded in {took:.2f}s"))
+        elif os.WIFEXITED(status):
+            self._finish(JobResult(False, f"exited with code {os.WEXITSTATUS(status)}"))
+        else:
+            self._finish(JobResult(False, f"killed by {signal_name(os.WTERMSIG(status))}"))
+
+    def _finish(self, result: JobResult) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._on_done(result)
+
+    def cancel(self) -> None:
+        """Kill it; on_done is not called."""
+        self.done = True
+        if self._timer:
+            self._timer.cancel()
+        if self.child:
+            self.child.close()
+
+
+class CommandSequence:
+    """Commands run one after another; stops at the first failure; ``on_done(ok, detail)``."""
+
+    def __init__(self, loop: Loop, label: str, commands: Sequence[Sequence[str]], env: dict[str, str],
+                 timeout: float, on_done: Callable[[bool, str], None]):
+        self._loop, self._label, self._env, self._timeout = loop, label, env, timeout
+        self._todo = list(commands)
+        self._on_done = on_done
+        self._job: Job | None = None
+        self.cancelled = False
+        self._loop.call_soon(self._next)
+
+    def _next(self) -> None:
+        if self.cancelled:
+            return
+        if not self._todo:
+            self._on_done(True, "")
+            return
+        argv = self._todo.pop(0)
+        self._job = Job(self._loop, self._label, argv, self._env, self._timeout,
+                        lambda r, argv=argv: self._after(argv, r))
+
+    def _after(self, argv: Sequence[str], result: JobResult) -> None:
+        if self.cancelled:
+            return
+        if result.ok:
+            self._next()
+        else:
+            self._on_done(False, f"{' '.join(argv)} {result.detail}")
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self._job:
+            self._job.cancel()
+
+
+# ---------------------------------------------------------------------------
+# Pid file / socket appearance without polling.
+
+class DirWatch:
+    """inotify on the directories of the pid file and VICI socket; ``changed(name)`` per event."""
+
+    IN_MODIFY, IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE = 0x2, 0x8, 0x80, 0x100
+    IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
+    _EVENT = struct.Struct("iIII")
+
+    def __init__(self, loop: Loop, changed: Callable[[str, str], None]):
+        self._loop = loop
+        self._changed = changed
+        self._wds: dict[int, str] = {}
+        self.fd = -1
+        try:
+            self._libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+            fd = self._libc.inotify_init1(self.IN_NONBLOCK | self.IN_CLOEXEC)
+        except (OSError, AttributeError):
+            return
+        if fd >= 0:
+            self.fd = fd
+            loop.add_reader(fd, self._read)
+
+    @property
+    def available(self) -> bool:
+        return self.fd >= 0
+
+    def watch(self, directory: str) -> bool:
+        if self.fd < 0:
+            return False
+        if directory in self._wds.values():
+            return True
+        mask = self.IN_CREATE | self.IN_CLOSE_WRITE | self.IN_MOVED_TO | self.IN_MODIFY
+        wd = self._libc.inotify_add_watch(self.fd, os.fsencode(directory), mask)
+        if wd < 0:
+            return False
+        self._wds[wd] = directory
+        return True
+
+    def unwatch_all(self) -> None:
+        """Stop watching (an idle supervisor should not wake up for every change in /run)."""
+        for wd in list(self._wds):
+            self._libc.inotify_rm_watch(self.fd, wd)
+        self._wds.clear()
+
+    def _read(self) -> None:
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return
+        off = 0
+        seen = set()
+        while off + self._EVENT.size <= len(data):
+            wd, _mask, _cookie, length = self._EVENT.unpack_from(data, off)
+            name = data[off + self._EVENT.size: off + self._EVENT.size + length].split(b"\0", 1)[0]
+            off += self._EVENT.size + length
+            key = (self._wds.get(wd, ""), os.fsdecode(name))
+            if key not in seen:
+                seen.add(key)
+                self._changed(*key)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self._loop.forget(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _read_pid(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as fh:
+            return int(fh.read().strip() or "x")
+    except (OSError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------------------
+
+@dataclass
+class _Run:
+    """The daemon run in progress (mutable, owned by the loop)."""
+
+    child: Child
+    started_at: float
+    ready_at: float | None = None
+    okay_at: float | None = None
+    cause: Cause = Cause.NONE
+
+
+class Supervisor:
+    """Runs the daemon under ``config`` until stopped; ``run()`` returns the exit code.
+
+    ``recovery`` is the kernel-state hook object (see Recovery); ``clock``/``wall_clock``/``rand``
+    are injectable for tests; ``reload_config`` is what SIGHUP calls (default: load_config(config_path)).
+    """
+
+    def __init__(self, config: Config, *, config_path: str | None = None, recovery: Recovery | None = None,
+                 notifier: Notifier | None = None, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time, rand: Callable[[], float] = random.random,
+                 reload_config: Callable[[], Config] | None = None, environ: dict[str, str] | None = None):
+        self.config = config
+        self.recovery: Recovery = recovery or NoRecovery()
+        self.notifier = notifier or Notifier()
+        self._clock = clock
+        self._wall = wall_clock
+        self._rand = rand
+        self._reload_fn = reload_config or (lambda: load_config(config_path))
+        self._environ = dict(os.environ if environ is None else environ)
+        self.state = State.STOPPED
+        self._state_since = clock()
+        self._events: collections.deque = collections.deque()
+        self._stepping = False
+        self._state_timers: list[Timer] = []
+        self._run: _Run | None = None
+        self._history: list[ExitInfo] = []
+        self._last_exit: ExitInfo | None = None
+        self._decision: Decision | None = None
+        self._restarts = 0
+        self._starts = 0
+        self._next_start_at: float | None = None
+        self._stop_requested = False
+        self._finishing = False
+        self._exit_code = int(ExitCode.OK)
+        self._ring: collections.deque[str] = collections.deque(maxlen=config.daemon.log_lines)
+        self._load_seq: CommandSequence | None = None
+        self._reload_seq: CommandSequence | None = None
+        self._load_ok: bool | None = None
+        self._load_error: str | None = None
+        self._hooks: set[Job] = set()
+        self._probe: ViciProbe | None = None
+        self._health_timer: Timer | None = None
+        self._health_failures = 0
+        self._last_probe_ok_at: float | None = None
+        self._ready_retry = 0.01
+        self._tokens = itertools.count(1)
+        self._pending_recovery: int | None = None
+        self._config_loaded_at = wall_clock()
+        self._reload_error: str | None = None
+        self._last_report: str | None = None
+        self._loop: Loop | None = None
+        self._worker: _Worker | None = None
+        self._reports: _Worker | None = None
+        self._pending_reports = 0
+        self._dirwatch: DirWatch | None = None
+
+    # -- running ---------------------------------------------------------
+    def run(self) -> int:
+        """Start the daemon and supervise it until stopped or given up; returns the exit code."""
+        self._check_daemon_binary()
+        run_dir = self.config.paths.run_dir
+        try:
+            lock_fd = lock_run_dir(run_dir)
+        except OSError as exc:
+            raise SupervisorError(f"cannot use the run directory {run_dir}: {exc.strerror or exc} "
+                                  f"(paths.run_dir in {self.config.source})") from None
+        # Children inherit the spawning thread's signal mask: make sure it is empty.  SIGCHLD
+        # inherited as SIG_IGN would make the kernel reap our children before waitpid() can.
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        loop = self._loop = Loop(self._clock)
+        signals = wakeup = control = None
+        try:
+            signals = SignalWakeup(loop, {
+                signal.SIGTERM: lambda s: self.request_stop(f"received {signal_name(s)}"),
+                signal.SIGINT: lambda s: self.request_stop(f"received {signal_name(s)}"),
+                signal.SIGHUP: lambda s: self.reload_config("SIGHUP"),
+                signal.SIGUSR1: lambda s: self.reload_daemon("SIGUSR1"),
+            })
+            wakeup = ThreadWakeup(loop)
+            self._worker = _Worker(wakeup, "recovery")
+            self._reports = _Worker(wakeup, "reports")
+            self._dirwatch = DirWatch(loop, self._dir_changed)
+            control = ControlServer(loop, run_dir, self._control)
+            try:
+                control.start()
+            except OSError as exc:
+                raise SupervisorError(f"cannot listen on {control.path}: {exc.strerror or exc} "
+                                      f"(paths.run_dir in {self.config.source})") from None
+            interval = self.notifier.watchdog_interval()
+            if interval:
+                self._watchdog(interval)
+            log.info("ipsec-supervisor %s starting %s (config: %s)", __version__,
+                     " ".join(self.config.daemon.command), self.config.source)
+            self._fire(Event.START, "supervisor started")
+            while not self._done():
+                loop.run_once()
+            log.info("ipsec-supervisor exiting with code %d", self._exit_code)
+            return self._exit_code
+        except BaseException:
+            # A bug (or KeyboardInterrupt outside the loop): never leave the daemon unsupervised.
+            if self._run is not None:
+                log.critical("supervisor failed; killing %s (pid %d)", self._daemon_name, self._run.child.pid)
+                self._run.child.close()
+            raise
+        finally:
+            for job in list(self._hooks):
+                job.cancel()
+            for seq in (self._load_seq, self._reload_seq):
+                if seq:
+                    seq.cancel()
+            if self._probe:
+                self._probe.cancel()
+            if control:
+                control.close()
+            if self._dirwatch:
+                self._dirwatch.close()
+            for worker in (self._worker, self._reports):
+                if worker:
+                    worker.close()
+            if wakeup:
+                wakeup.close()
+            if signals:
+                signals.close()
+            loop.close()
+            os.close(lock_fd)
+
+    def _done(self) -> bool:
+        return self._finishing and not self._hooks and not self._pending_reports and self._run is None
+
+    def _check_daemon_binary(self) -> None:
+        argv0 = self.config.daemon.command[0]
+        path = argv0 if "/" in argv0 else shutil.which(argv0, path=self._environ.get("PATH"))
+        if not path or not os.path.isfile(path) or not os.access(path, os.X_OK):
+            raise SupervisorError(f"daemon {argv0} is missing or not executable (daemon.command in "
+                                  f"{self.config.source}); install strongSwan or fix the path",
+                                  ExitCode.NO_DAEMON)
+
+    @property
+    def _daemon_name(self) -> str:
+        return os.path.basename(self.config.daemon.command[0])
+
+    def _now(self) -> float:
+        return self._clock()
+
+    # -- state machine ---------------------------------------------------
+    def _fire(self, event: Event, why: str = "") -> None:
+        """Queue ``event``; events are stepped one at a time, in order, each logged once."""
+        self._events.append((event, why))
+        if self._stepping:
+            return
+        self._stepping = True
+        try:
+            while self._events:
+                ev, reason = self._events.popleft()
+                old = self.state
+                new = step(old, ev)
+                if new is old:
+                    log.debug("%s in state %s: nothing to change (%s)", ev.value, old.value, reason)
+                    continue
+                for t in self._state_timers:
+                    t.cancel()
+                self._state_timers.clear()
+                self._pending_recovery = None  # a recovery call belongs to the state that made it
+                self.state = new
+                self._state_since = self._now()
+                log.info("state %s -> %s on %s%s", old.value, new.value, ev.value, f": {reason}" if reason else "",
+                         extra=fields(supervisor_state=new.value,
+                                      daemon_pid=self._run.child.pid if self._run else None))
+                self._leave(old, new)
+                getattr(self, f"_enter_{new.name.lower()}")()
+                self._publish_status()
+        finally:
+            self._stepping = False
+
+    def _timer(self, delay: float, callback: Callable[[], None]) -> Timer:
+        """A timer that dies with the current state."""
+        assert self._loop is not None
+        t = self._loop.call_later(delay, callback)
+        self._state_timers.append(t)
+        return t
+
+    def _leave(self, old: State, new: State) -> None:
+        if old is State.STARTING and self._dirwatch:
+            self._dirwatch.unwatch_all()
+        if old is State.LOADING and self._load_seq:
+            self._load_seq.cancel()
+            self._load_seq = None
+        if new not in (State.SETTLING, State.RUNNING):
+            self._stop_health()
+        if new not in DAEMON_ALIVE and self._reload_seq:
+            self._reload_seq.cancel()
+            self._reload_seq = None
+
+    # PREPARING: recovery.before_start, then spawn
+    def _enter_preparing(self) -> None:
+        self._next_start_at = None
+        self._starts += 1
+        if self._starts > 1:
+            self._restarts += 1
+        ctx = StartContext(self._starts, self._last_exit, self.config)
+        self._call_recovery("before_start", (ctx,), self._spawn)
+
+    def _spawn(self) -> None:
+        if self.state is not State.PREPARING:
+            return
+        cfg = self.config.daemon
+        self._clear_stale_pid_file()
+        self._ring = collections.deque(maxlen=cfg.log_lines)
+        self._load_ok, self._load_error = None, None
+        now = self._now()
+        try:
+            child = Child(self._loop, cfg.command, self._daemon_env(), on_line=self._daemon_line,
+                          on_exit=self._daemon_exited, pty=cfg.output == "pty")
+        except (OSError, subprocess.SubprocessError) as exc:
+            reason = f"{cfg.command[0]}: {getattr(exc, 'strerror', None) or exc}"
+            log.error("cannot start %s: %s", self._daemon_name, reason)
+            self._record_death(exit_info(self.config.restart, pid=0, wait_status=None, cause=Cause.NONE,
+                                         started_at=now, died_at=now, spawn_error=reason))
+            return
+        self._run = _Run(child, started_at=now)
+        self._fire(Event.SPAWNED, f"{' '.join(cfg.command)} is pid {child.pid}")
+
+    def _daemon_env(self) -> dict[str, str]:
+        env = {k: v for k, v in self._environ.items() if k not in PRIVATE_ENV}
+        env.update(dict(self.config.daemon.environment))
+        return env
+
+    def _clear_stale_pid_file(self) -> None:
+        """Remove a pid file whose process is gone, so an old file never looks like readiness."""
+        path = self.config.daemon.pid_file
+        if not path or not os.path.exists(path):
+            return
+        pid = _read_pid(path)
+        if pid is not None and _pid_alive(pid) and _comm(pid) == self._daemon_name[:15]:
+            log.warning("pid file %s names a running %s (pid %d) not started by this supervisor; "
+                        "starting anyway (the daemon will refuse if it is really running)",
+                        path, self._daemon_name, pid)
+            return
+        try:
+            os.unlink(path)
+            log.info("removed stale pid file %s (pid %s is not running)", path, pid)
+        except OSError as exc:
+            log.warning("cannot remove stale pid file %s: %s", path, exc.strerror)
+
+    # STARTING: wait for the pid file and a VICI answer, within the start timeout
+    def _enter_starting(self) -> None:
+        cfg = self.config.daemon
+        self._timer(cfg.start_timeout, self._start_timed_out)
+        self._ready_retry = 0.01
+        for path in (cfg.pid_file, cfg.vici_socket):
+            if path and self._dirwatch and not self._dirwatch.watch(os.path.dirname(path)):
+                log.debug("cannot watch %s; falling back to timed re-checks", os.path.dirname(path))
+        self._check_ready()
+
+    def _dir_changed(self, directory: str, name: str) -> None:
+        if self.state is not State.STARTING:
+            return
+        cfg = self.config.daemon
+        for path in (cfg.pid_file, cfg.vici_socket):
+            if path and os.path.dirname(path) == directory and os.path.basename(path) == name:
+                self._check_ready()
+                return
+
+    def _check_ready(self) -> None:
+        if self.state is not State.STARTING or self._run is None or self._probe is not None:
+            return
+        cfg = self.config.daemon
+        if cfg.pid_file:
+            pid = _read_pid(cfg.pid_file)
+            if pid != self._run.child.pid:
+                if not (self._dirwatch and self._dirwatch.available):
+                    self._retry_ready()
+                return
+        if not cfg.vici_socket:
+            self._fire(Event.ANSWERED, f"pid file {cfg.pid_file} written")
+            return
+        self._probe = ViciProbe(self._loop, cfg.vici_socket, min(1.0, cfg.start_timeout), self._ready_probe_done)
+        self._probe.start()
+
+    def _ready_probe_done(self, result: ProbeResult) -> None:
+        self._probe = None
+        if self.state is not State.STARTING:
+            return
+        if result.ok:
+            self._fire(Event.ANSWERED, f"VICI answered ({result.detail})")
+        else:
+            log.debug("not ready yet: %s", result.detail)
+            self._retry_ready()
+
+    def _retry_ready(self) -> None:
+        # Bounded re-checks while starting (the socket can exist a moment before charon listens).
+        delay, self._ready_retry = self._ready_retry, min(self._ready_retry * 2, 0.25)
+        self._timer(delay, self._check_ready)
+
+    def _start_timed_out(self) -> None:
+        assert self._run is not None
+        self._run.cause = Cause.START_TIMEOUT
+        what = []
+        if self.config.daemon.pid_file and _read_pid(self.config.daemon.pid_file) != self._run.child.pid:
+            what.append(f"no pid file {self.config.daemon.pid_file}")
+        if self.config.daemon.vici_socket:
+            what.append(f"no VICI answer on {self.config.daemon.vici_socket}")
+        self._fire(Event.START_TIMEOUT, f"not ready within {format_duration(self.config.daemon.start_timeout)} "
+                                        f"({', '.join(what) or 'not ready'})")
+
+    # LOADING: load commands, then recovery.on_daemon_ready
+    def _enter_loading(self) -> None:
+        assert self._run is not None
+        self._run.ready_at = self._now()
+        log.info("%s (pid %d) answers after %.3fs; loading its configuration", self._daemon_name,
+                 self._run.child.pid, self._run.ready_at - self._run.started_at)
+        cfg = self.config.daemon
+        self._load_seq = CommandSequence(self._loop, "load", cfg.load_commands, self._daemon_env(), cfg.load_timeout,
+                                         self._loaded)
+
+    def _loaded(self, ok: bool, detail: str) -> None:
+        self._load_seq = None
+        if self.state is not State.LOADING or self._run is None:
+            return
+        self._load_ok = ok
+        self._load_error = None if ok else detail
+        if not ok:
+            log.error("loading the configuration failed: %s; %s keeps running with what it has "
+                      "(fix it and send SIGUSR1)", detail, self._daemon_name)
+        run = self._run
+        ctx = ReadyContext(run.child.pid, run.started_at, run.ready_at or self._now(), ok, self._last_exit,
+                           self.config)
+        self._call_recovery("on_daemon_ready", (ctx,),
+                            lambda: self._fire(Event.LOADED, "configuration loaded" if ok else "configuration load failed"))
+
+    # SETTLING: ready; okay-delay
+    def _enter_settling(self) -> None:
+        assert self._run is not None
+        if not self.notifier.ready_sent:
+            self.notifier.ready(self._status_line())
+        log.info("%s (pid %d) is ready after %.3fs", self._daemon_name, self._run.child.pid,
+                 self._now() - self._run.started_at, extra=fields(daemon_pid=self._run.child.pid,
+                                                                 restart_count=self._restarts))
+        self._timer(self.config.restart.okay_delay, lambda: self._fire(
+            Event.OKAY, f"up {format_duration(self.config.restart.okay_delay)} since ready"))
+        self._start_health()
+
+    def _enter_running(self) -> None:
+        assert self._run is not None
+        self._run.okay_at = self._now()
+
+    # Health probes
+    def _start_health(self) -> None:
+        if self._health_timer is None and self.config.health.enabled and self.config.daemon.vici_socket:
+            self._health_failures = 0
+            self._health_timer = self._loop.call_later(self.config.health.interval, self._health_probe)
+
+    def _stop_health(self) -> None:
+        if self._health_timer:
+            self._health_timer.cancel()
+            self._health_timer = None
+        if self._probe:
+            self._probe.cancel()
+            self._probe = None
+
+    def _health_probe(self) -> None:
+        self._health_timer = None
+        if self.state not in (State.SETTLING, State.RUNNING) or not self.config.daemon.vici_socket:
+            return
+        self._probe = ViciProbe(self._loop, self.config.daemon.vici_socket, self.config.health.timeout,
+                                self._health_done)
+        self._probe.start()
+
+    def _health_done(self, result: ProbeResult) -> None:
+        self._probe = None
+        if self.state not in (State.SETTLING, State.RUNNING):
+            return
+        h = self.config.health
+        if result.ok:
+            if self._health_failures:
+                log.info("health probe answered again after %d failure(s)", self._health_failures)
+            self._health_failures = 0
+            self._last_probe_ok_at = self._now()
+        else:
+            self._health_failures += 1
+            log.warning("health probe failed (%d of %d): %s", self._health_failures, h.failures, result.detail,
+                        extra=fields(daemon_pid=self._run.child.pid if self._run else None))
+            if self._health_failures >= h.failures:
+                self._fire(Event.PROBE_FAILED, f"{self._health_failures} health probes failed; last: {result.detail}")
+                return
+        if self.config.health.enabled:
+            self._health_timer = self._loop.call_later(h.interval, self._health_probe)
+
+    # Stopping and killing
+    def _enter_stopping(self) -> None:
+        assert self._run is not None
+        sig = signal.Signals[self.config.stop.signal]
+        self._run.child.send(sig)
+        self._run.child.send(signal.SIGCONT)  # a stopped process would never see the signal
+        log.info("sent %s to %s (pid %d); SIGKILL in %s", sig.name, self._daemon_name, self._run.child.pid,
+                 format_duration(self.config.stop.timeout))
+        self._timer(self.config.stop.timeout, lambda: self._fire(
+            Event.STOP_TIMEOUT, f"still running {format_duration(self.config.stop.timeout)} after {sig.name}"))
+
+    def _enter_aborting(self) -> None:
+        assert self._run is not None
+        self._run.cause = Cause.HUNG
+        self._run.child.send(signal.SIGABRT)  # SIGABRT first: the daemon dumps core where it hangs
+        self._run.child.send(signal.SIGCONT)
+        log.error("%s (pid %d) is not answering; sent SIGABRT, SIGKILL in %s", self._daemon_name,
+                  self._run.child.pid, format_duration(self.config.health.abort_timeout),
+                  extra=fields(daemon_pid=self._run.child.pid))
+        self._timer(self.config.health.abort_timeout, lambda: self._fire(
+            Event.ABORT_TIMEOUT, f"still running {format_duration(self.config.health.abort_timeout)} after SIGABRT"))
+
+    def _enter_killing(self) -> None:
+        assert self._run is not None
+        self._run.child.send(signal.SIGKILL)
+        log.warning("sent SIGKILL to %s (pid %d)", self._daemon_name, self._run.child.pid)
+
+    # Death: classify, decide, report -> RECOVERING
+    def _daemon_line(self, line: str) -> None:
+        self._ring.append(line)
+        pid = self._run.child.pid if self._run else 0
+        daemon_log.info("%s[%d]: %s", self._daemon_name, pid, line, extra=fields(daemon_pid=pid or None))
+
+    def _daemon_exited(self, status: int) -> None:
+        run = self._run
+        assert run is not None
+        info = exit_info(self.config.restart, pid=run.child.pid, wait_status=status, cause=run.cause,
+                         started_at=run.started_at, died_at=run.child.exited_at or self._now(),
+                         ready_at=run.ready_at, okay_at=run.okay_at)
+        self._run = None
+        self._record_death(info)
+
+    def _record_death(self, info: ExitInfo) -> None:
+        now = self._now()
+        self._history.append(info)
+        self._history = prune_history(self.config.restart, self._history, now)
+        decision = decide(self.config.restart, self._history, now, self._rand, stopping=self._stop_requested)
+        self._last_exit, self._decision = info, decision
+        level = logging.WARNING if info.classification.abnormal else logging.INFO
+        log.log(level, "%s (pid %d) %s [%s], up %.3fs; %s", self._daemon_name, info.pid, info.describe(),
+                info.classification.value, info.uptime, decision.describe(),
+                extra=fields(daemon_pid=info.pid or None, exit_classification=info.classification.value,
+                             exit_code=info.exit_code, exit_signal=signal_name(info.signal),
+                             core_dumped=int(info.core_dumped), restart_count=self._restarts,
+                             decision=decision.action.value))
+        if info.classification.abnormal:
+            self._report_crash(info, decision, now)
+        self._fire(Event.DIED, info.describe())
+
+    def _report_crash(self, info: ExitInfo, decision: Decision, now: float) -> None:
+        """Write the crash report off the restart path (it fsyncs), then run the on_crash hooks."""
+        assert self._reports is not None
+        self._pending_reports += 1
+        written: list[str] = []
+        if self.config.crash_reports.enabled:
+            report = crashreport.build_crash_report(
+                info, decision, list(self._ring), daemon_command=self.config.daemon.command,
+                restarts=self._restarts, mono_now=now, wall_now=self._wall(), health_failures=self._health_failures)
+            directory, wall, keep = self.config.crash_dir, self._wall(), self.config.crash_reports.keep
+            work = lambda: written.append(crashreport.write_crash_report(directory, report, wall, keep=keep))
+        else:
+            work = lambda: None
+
+        def done(exc: BaseException | None) -> None:
+            self._pending_reports -= 1
+            if written:
+                self._last_report = written[0]
+                log.info("crash report written to %s", written[0])
+            elif exc is not None:
+                log.error("cannot write crash report to %s: %s (going on without it)", self.config.crash_dir,
+                          getattr(exc, "strerror", None) or exc)
+            self._run_hooks("on_crash", "crash", info, decision, written[0] if written else "")
+
+        self._reports.submit(work, done)
+
+    def _run_hooks(self, which: str, event: str, info: ExitInfo, decision: Decision, report: str) -> None:
+        hooks: tuple[Hook, ...] = self.config.hooks.resolved(which)
+        if not hooks:
+            return
+        env = {k: v for k, v in self._environ.items() if k not in PRIVATE_ENV}
+        env.update({
+            "IPSEC_SUPERVISOR_EVENT": event,
+            "IPSEC_SUPERVISOR_DAEMON": self.config.daemon.command[0],
+            "IPSEC_SUPERVISOR_DAEMON_PID": str(info.pid),
+            "IPSEC_SUPERVISOR_EXIT_CLASS": info.classification.value,
+            "IPSEC_SUPERVISOR_EXIT_CODE": "" if info.exit_code is None else str(info.exit_code),
+            "IPSEC_SUPERVISOR_SIGNAL": signal_name(info.signal) or "",
+            "IPSEC_SUPERVISOR_CORE_DUMPED": "1" if info.core_dumped else "0",
+            "IPSEC_SUPERVISOR_UPTIME": f"{info.uptime:.3f}",
+            "IPSEC_SUPERVISOR_DESCRIPTION": info.describe(),
+            "IPSEC_SUPERVISOR_RESTARTS": str(self._restarts),
+            "IPSEC_SUPERVISOR_DECISION": decision.action.value,
+            "IPSEC_SUPERVISOR_RESTART_DELAY": f"{decision.delay:.3f}",
+            "IPSEC_SUPERVISOR_REASON": decision.reason,
+            "IPSEC_SUPERVISOR_CRASH_REPORT": report,
+        })
+        for hook in hooks:
+            self._start_hook(f"hook {which}", hook, env)
+
+    def _start_hook(self, label: str, hook: Hook, env: dict[str, str]) -> None:
+        job: Job | None = None
+
+        def done(result: JobResult) -> None:
+            self._hooks.discard(job)
+            (job_log.info if result.ok else job_log.warning)("%s %s", label, result.detail)
+
+        job = Job(self._loop, label, hook.command, env, hook.timeout, done)
+        self._hooks.add(job)
+
+    # RECOVERING: recovery.on_daemon_exit, then act on the decision
+    def _enter_recovering(self) -> None:
+        assert self._last_exit is not None and self._decision is not None
+        info, decision = self._last_exit, self._decision
+        self._call_recovery("on_daemon_exit", (info, decision), self._recovered)
+
+    def _recovered(self) -> None:
+        decision = self._decision
+        assert decision is not None
+        if self._stop_requested:
+            self._fire(Event.STAY_STOPPED, "stop requested")
+        elif decision.action is Action.RESTART:
+            self._fire(Event.SCHEDULE_RESTART, decision.describe())
+        elif decision.action is Action.GIVE_UP:
+            self._fire(Event.GIVE_UP, decision.reason)
+        else:
+            self._fire(Event.STAY_STOPPED, decision.reason)
+
+    def _enter_backoff(self) -> None:
+        assert self._decision is not None
+        delay = self._decision.delay
+        self._next_start_at = self._now() + delay
+        self._timer(delay, lambda: self._fire(Event.BACKOFF_ELAPSED, f"restart #{self._decision.attempt}"))
+
+    def _enter_stopped(self) -> None:
+        self._next_start_at = None
+        if self._stop_requested or self._decision is None:
+            self._exit_code = int(ExitCode.OK)
+        else:
+            self._exit_code = int(self._decision.exit_code)
+        self._finishing = True
+        self.notifier.stopping(self._status_line())
+
+    def _enter_gave_up(self) -> None:
+        assert self._last_exit is not None and self._decision is not None
+        log.error("giving up on %s: %s; it stays stopped (fail-closed)%s", self._daemon_name, self._decision.reason,
+                  "; exiting" if self.config.restart.crash_loop.action == "exit" else
+                  "; 'start' on the control socket tries again",
+                  extra=fields(exit_classification=self._last_exit.classification.value,
+                               restart_count=self._restarts))
+        info, decision = self._last_exit, self._decision
+        # Behind the pending crash report in the same queue, so the hooks can read it.
+        assert self._reports is not None
+        self._pending_reports += 1
+
+        def after_report(exc: BaseException | None) -> None:
+            self._pending_reports -= 1
+            self._run_hooks("on_give_up", "give-up", info, decision, self._last_report or "")
+
+        self._reports.submit(lambda: None, after_report)
+        if self.config.restart.crash_loop.action == "exit":
+            self._exit_code = int(ExitCode.GAVE_UP)
+            self._finishing = True
+            self.notifier.stopping(self._status_line())
+
+    # Recovery calls in the worker thread
+    def _call_recovery(self, name: str, args: tuple, then: Callable[[], None]) -> None:
+        token = next(self._tokens)
+        self._pending_recovery = token
+        method = getattr(self.recovery, name)
+        limit = self.config.recovery.timeout
+
+        def finished(exc: BaseException | None) -> None:
+            if self._pending_recovery != token:
+                return  # the state moved on (stop, death, time limit): the result no longer matters
+            self._pending_recovery = None
+            if exc is not None:
+                log.error("recovery.%s failed: %r; going on", name, exc)
+            then()
+
+        def too_slow() -> None:
+            if self._pending_recovery == token:
+                log.error("recovery.%s did not finish within %s; going on without it", name, format_duration(limit))
+                finished(None)
+
+        self._timer(limit, too_slow)
+        assert self._worker is not None
+        self._worker.submit(lambda: method(*args), finished)
+
+    # -- requests (signals and control socket) ----------------------------
+    def request_stop(self, why: str) -> None:
+        """Stop the daemon gracefully and exit (SIGTERM/SIGINT, control 'stop')."""
+        if not self._stop_requested:
+            self._stop_requested = True
+            log.info("stopping: %s", why)
+            self.notifier.stopping(f"stopping: {why}")
+        if self._run is not None and self._run.cause in (Cause.NONE, Cause.RESTART):
+            self._run.cause = Cause.STOP
+        self._fire(Event.STOP, why)
+
+    def request_restart(self) -> tuple[bool, str]:
+        if self._stop_requested:
+            return False, "the supervisor is stopping"
+        if self.state in (State.STARTING, State.LOADING, State.SETTLING, State.RUNNING) and self._run:
+            self._run.cause = Cause.RESTART
+            self._fire(Event.STOP, "restart requested")
+            return True, "restarting"
+        if self.state is State.BACKOFF:
+            self._fire(Event.BACKOFF_ELAPSED, "restart requested")
+            return True, "restarting now"
+        if self.state is State.GAVE_UP:
+            return self.request_start()
+        return False, f"cannot restart in state {self.state.value}"
+
+    def request_start(self) -> tuple[bool, str]:
+        if self.state is not State.GAVE_UP or self._stop_requested:
+            return False, f"already started (state {self.state.value})"
+        self._history.clear()  # a manual start begins a new crash-loop tally
+        self._fire(Event.START, "start requested")
+        return True, "starting"
+
+    def reload_config(self, source: str) -> tuple[bool, str]:
+        """Re-read the configuration; an invalid file keeps the running one (SIGHUP)."""
+        self.notifier.reloading()
+        try:
+            try:
+                new = self._reload_fn()
+            except ConfigError as exc:
+                self._reload_error = str(exc)
+                log.error("configuration reload (%s) failed, keeping the running configuration: %s", source, exc)
+                return False, str(exc)
+            changed = changed_keys(self.config, new)
+            fixed = [k for k in changed if k.startswith("paths.")]
+            if fixed:
+                log.warning("%s changed; takes effect when the supervisor restarts", ", ".join(fixed))
+                new = dataclasses.replace(new, paths=self.config.paths)
+            old, self.config = self.config, new
+            self._reload_error = None
+            self._config_loaded_at = self._wall()
+            if self._ring.maxlen != new.daemon.log_lines:
+                self._ring = collections.deque(self._ring, maxlen=new.daemon.log_lines)
+            if old.health != new.health and self.state in (State.SETTLING, State.RUNNING):
+                self._stop_health()
+                self._start_health()
+            later = [k for k in changed if k.startswith("daemon.") and k != "daemon.log_lines"]
+            msg = f"configuration reloaded from {new.source} ({source}): " + \
+                (", ".join(k for k in changed if k not in fixed) or "no changes")
+            if later and self._run is not None:
+                msg += f"; {', '.join(later)} apply from the next start of {self._daemon_name}"
+            log.info("%s", msg)
+            return True, msg
+        finally:
+            self._publish_status()
+            self.notifier.reloaded()
+
+    def reload_daemon(self, source: str) -> tuple[bool, str]:
+        """Run the reload commands (swanctl --load-all) against the running daemon (SIGUSR1)."""
+        if self.state not in (State.SETTLING, State.RUNNING):
+            msg = f"{source} ignored: {self._daemon_name} is not running (state {self.state.value})"
+            log.warning("%s", msg)
+            return False, msg
+        if self._reload_seq is not None:
+            return False, f"{source} ignored: a reload is already running"
+        cmds = self.config.effective_reload_commands
+        log.info("reloading %s's configuration (%s)", self._daemon_name, source)
+
+        def done(ok: bool, detail: str) -> None:
+            self._reload_seq = None
+            self._load_ok, self._load_error = ok, (None if ok else detail)
+            if ok:
+                log.info("%s's configuration reloaded", self._daemon_name)
+            else:
+                log.error("reloading %s's configuration failed: %s", self._daemon_name, detail)
+            self._publish_status()
+
+        self._reload_seq = CommandSequence(self._loop, "reload", cmds, self._daemon_env(),
+                                           self.config.daemon.load_timeout, done)
+        return True, "reloading"
+
+    def _control(self, req: dict) -> dict:
+        cmd = req["command"]
+        if cmd == "status":
+            return {"ok": True, "status": self.status()}
+        if cmd == "stop":
+            self.request_stop("stop requested on the control socket")
+            return {"ok": True, "state": self.state.value}
+        handlers = {"start": self.request_start, "restart": self.request_restart,
+                    "reload": lambda: self.reload_config("control socket"),
+                    "reload-daemon": lambda: self.reload_daemon("control socket")}
+        ok, msg = handlers[cmd]()
+        return {"ok": ok, ("message" if ok else "error"): msg, "state": self.state.value}
+
+    def _watchdog(self, interval: float) -> None:
+        self.notifier.watchdog()
+        self._loop.call_later(interval, lambda: self._watchdog(interval))
+
+    # -- status ------------------------------------------------------------
+    def _wall_of(self, mono: float | None) -> str | None:
+        if mono is None:
+            return None
+        wall = self._wall() - (self._now() - mono)
+        return _dt.datetime.fromtimestamp(wall, _dt.timezone.utc).isoformat(timespec="milliseconds")
+
+    def status(self) -> dict:
+        """Everything ``ipsec-supervisor status`` shows, JSON-safe."""
+        now = self._now()
+        run = self._run
+        last = self._last_exit
+        backoff = None
+        if self._decision and self._decision.action is Action.RESTART and self.state in (
+                State.RECOVERING, State.BACKOFF, State.PREPARING, State.STARTING, State.LOADING, State.SETTLING):
+            backoff = {"attempt": self._decision.attempt, "delay_s": round(self._decision.delay, 3)}
+        return {
+            "supervisor": {"pid": os.getpid(), "version": __version__},
+            "state": self.state.value,
+            "state_for_s": round(now - self._state_since, 3),
+            "daemon": {
+                "command": list(self.config.daemon.command),
+                "pid": run.child.pid if run else None,
+                "started_at": self._wall_of(run.started_at) if run else None,
+                "uptime_s": round(now - run.started_at, 3) if run else None,
+                "ready": bool(run and run.ready_at is not None and self.state in (State.SETTLING, State.RUNNING)),
+                "ready_at_monotonic": run.ready_at if run else None,
+                "start_confirmed": bool(run and run.okay_at is not None),
+                "load_ok": self._load_ok,
+                "load_error": self._load_error,
+            },
+            "starts": self._starts,
+            "restarts": self._restarts,
+            "last_exit": None if last is None else {
+                "pid": last.pid,
+                "classification": last.classification.value,
+                "description": last.describe(),
+                "exit_code": last.exit_code,
+                "signal": signal_name(last.signal),
+                "core_dumped": last.core_dumped,
+                "uptime_s": round(last.uptime, 3),
+                "at": self._wall_of(last.died_at),
+                "ago_s": round(now - last.died_at, 3),
+                "died_at_monotonic": last.died_at,
+                "decision": self._decision.describe() if self._decision else None,
+            },
+            "backoff": backoff,
+            "next_restart_at": self._wall_of(self._next_start_at),
+            "next_restart_in_s": None if self._next_start_at is None else round(max(0.0, self._next_start_at - now), 3),
+            "crash_loop": {"deaths_in_window": deaths_in_window(self.config.restart, self._history, now),
+                           "max_deaths": self.config.restart.crash_loop.max_deaths,
+                           "window_s": self.config.restart.crash_loop.window},
+            "health": {"enabled": self.config.health.enabled and bool(self.config.daemon.vici_socket),
+                       "consecutive_failures": self._health_failures,
+                       "last_ok_at": self._wall_of(self._last_probe_ok_at)},
+            "config": {"source": self.config.source,
+                       "loaded_at": _dt.datetime.fromtimestamp(self._config_loaded_at, _dt.timezone.utc)
+                       .isoformat(timespec="seconds"),
+                       "last_reload_error": self._reload_error},
+            "last_crash_report": self._last_report,
+            "summary": self._status_line(),
+        }
+
+    def _status_line(self) -> str:
+        name = self._daemon_name
+        run = self._run
+        s = self.state
+        restarts = f", {self._restarts} restart{'s' if self._restarts != 1 else ''}" if self._restarts else ""
+        last = f"; last exit: {self._last_exit.describe()}" if self._last_exit else ""
+        if s in (State.SETTLING, State.RUNNING) and run:
+            load = "" if self._load_ok is not False else "; configuration load FAILED"
+            return f"{name} running (pid {run.child.pid}){restarts}{load}"
+        if s in (State.PREPARING, State.STARTING, State.LOADING):
+            return f"{name} starting (start #{self._starts}){restarts}{last}"
+        if s is State.BACKOFF and self._decision:
+            return f"{name} restarting in {self._decision.delay:.1f}s{restarts}{last}"
+        if s is State.GAVE_UP and self._decision:
+            return f"gave up on {name}: {self._decision.reason}{last}"
+        if s in (State.STOPPING, State.KILLING):
+            return f"stopping {name}"
+        if s is State.ABORTING:
+            return f"{name} hung; aborting it"
+        if s is State.RECOVERING:
+            return f"{name} died{last}; recovering"
+        return f"{name} stopped{last}"
+
+    def _publish_status(self) -> None:
+        self.notifier.status(self._status_line())

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""A fake IKE daemon for fast supervisor tests: pid file, a VICI `version` answer, scripted failures.
+
+Usage: fake_ikd.py --pid-file P --vici S --plan PLAN.json --counter N.txt --events EV.jsonl
+
+PLAN.json is {"runs": [behaviour, ...]}: the Nth start uses runs[N] (the last one repeats).
+A behaviour is a dict of:
+  start_delay   seconds before the pid file and socket appear          (0)
+  pid_file      write the pid file                                      (true)
+  vici          "answer" | "ignore" (accept, never answer) | "none"     ("answer")
+  exit_after    seconds until exit with exit_code                       (never)
+  exit_code     code for exit_after                                     (1)
+  signal_after  seconds until it kills itself with `signal`             (never)
+  signal        e.g. "SIGSEGV"                                          ("SIGSEGV")
+  on_term       "exit" | "ignore" | an exit code, for SIGTERM/SIGINT    ("exit")
+  ignore_abort  ignore SIGABRT (so only SIGKILL ends a hang)            (false)
+  lines         lines printed to stdout at start, then to stderr: stderr_lines
+Every start, signal and VICI request is appended to EV.jsonl as one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+
+def _fd_is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+# What the process inherited (the supervisor must close everything but 0-2).
+INHERITED_FDS = [fd for fd in range(3, 256) if _fd_is_open(fd)]
+
+from vici.protocol import Message, Packet  # noqa: E402  (the same encoder charon's clients use)
+
+EVENTS_LOCK = threading.Lock()
+
+
+def record(path: str, **event) -> None:
+    event["t"] = time.monotonic()
+    event["pid"] = os.getpid()
+    with EVENTS_LOCK, open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(event) + "\n")
+
+
+def _status_field(name: str) -> str:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith(name + ":"):
+                return line.split(":", 1)[1].strip()
+    return ""
+
+
+def serve_vici(path: str, mode: str, events: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(16)
+
+    def handle(conn: socket.socket) -> None:
+        with conn:
+            buf = b""
+            while True:
+                while len(buf) < 4 or len(buf) < 4 + struct.unpack("!I", buf[:4])[0]:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                (length,) = struct.unpack("!I", buf[:4])
+                packet, buf = buf[4:4 + length], buf[4 + length:]
+                ptype, nlen = packet[0], packet[1]
+                name = packet[2:2 + nlen].decode()
+                record(events, event="vici", command=name, mode=mode)
+                if mode == "ignore":
+                    threading.Event().wait()  # accepted, never answered: a hung daemon
+                if ptype == Packet.CMD_REQUEST and name == "version":
+                    body = bytes([Packet.CMD_RESPONSE]) + Message.serialize(
+                        {"daemon": "fake-ikd", "version": "5.9.8-fake", "sysname": "Linux",
+                         "release": "test", "machine": "x86_64"})
+                else:
+                    body = bytes([Packet.CMD_UNKNOWN])
+                conn.sendall(struct.pack("!I", len(body)) + body)
+
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pid-file", required=True)
+    ap.add_argument("--vici", required=True)
+    ap.add_argument("--plan", required=True)
+    ap.add_argument("--counter", required=True)
+    ap.add_argument("--events", required=True)
+    args = ap.parse_args()
+
+    try:
+        with open(args.counter) as fh:
+            n = int(fh.read().strip() or 0)
+    except FileNotFoundError:
+        n = 0
+    with open(args.counter, "w") as fh:
+        fh.write(str(n + 1))
+    with open(args.plan) as fh:
+        runs = json.load(fh)["runs"]
+    b = runs[min(n, len(runs) - 1)]
+
+    record(args.events, event="start", run=n, sid=os.getsid(0), pgid=os.getpgid(0),
+           inherited_fds=INHERITED_FDS, sigblk=_status_field("SigBlk"), sigign=_status_field("SigIgn"),
+           cwd=os.getcwd(), notify_socket=os.environ.get("NOTIFY_SOCKET"),
+           extra_env=os.environ.get("FAKE_IKD_MARK"))
+
+    def on_signal(signo, frame):
+        name = signal.Signals(signo).name
+        record(args.events, event="signal", signal=name)
+        if signo in (signal.SIGTERM, signal.SIGINT):
+            action = b.get("on_term", "exit")
+            if action == "ignore":
+                return
+            os._exit(0 if action == "exit" else int(action))
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, on_signal)
+    if b.get("ignore_abort"):
+        signal.signal(signal.SIGABRT, signal.SIG_IGN)
+
+    for line in b.get("lines", []):
+        print(line, flush=True)
+    for line in b.get("stderr_lines", []):
+        print(line, file=sys.stderr, flush=True)
+
+    if b.get("start_delay"):
+        time.sleep(b["start_delay"])
+    mode = b.get("vici", "answer")
+    if mode != "none":
+        threading.Thread(target=serve_vici, args=(args.vici, mode, args.events), daemon=True).start()
+        deadline = time.monotonic() + 5
+        while not os.path.exists(args.vici) and time.monotonic() < deadline:
+            time.sleep(0.001)
+    if b.get("pid_file", True):
+        tmp = args.pid_file + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.write(f"{os.getpid()}\n")
+        os.rename(tmp, args.pid_file)
+
+    if "exit_after" in b:
+        def do_exit():
+            record(args.events, event="exit", code=b.get("exit_code", 1))
+            print(f"fake-ikd exiting with {b.get('exit_code', 1)}", flush=True)
+            os._exit(b.get("exit_code", 1))
+        threading.Timer(b["exit_after"], do_exit).start()
+    if "signal_after" in b:
+        def do_kill():
+            sig = signal.Signals[b.get("signal", "SIGSEGV")]
+            print(f"fake-ikd dying of {sig.name}", flush=True)
+            os.kill(os.getpid(), sig)  # only signals without a handler here (SEGV, ABRT, KILL, ...)
+        threading.Timer(b["signal_after"], do_kill).start()
+
+    while True:
+        signal.pause()
+
+
+if __name__ == "__main__":
+    main()
