@@ -586,9 +586,12 @@ def real_charon(tmp_path):
     yield start
     for item in running:
         if isinstance(item, int):
+            # The pid may be long gone and reused by an unrelated process: only kill a charon.
             try:
-                os.kill(item, signal.SIGKILL)
-            except ProcessLookupError:
+                with open(f"/proc/{item}/comm") as f:
+                    if f.read().strip() == "charon":
+                        os.kill(item, signal.SIGKILL)
+            except (FileNotFoundError, ProcessLookupError):
                 pass
         else:
             item.kill()
