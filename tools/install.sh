@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Install ipsec-supervisor: the package in its own virtual environment, the systemd unit,
+# the default configuration and the strongSwan snippet.  Run as root (`make install`).
+#
+# Never overwrites a configuration file that differs from the shipped one: the new one
+# goes next to it as FILE.dist.  Staged installs: DESTDIR=/some/root (the virtual
+# environment's paths are rewritten to PREFIX, as it will be found after copying).
+#
+# Settings (environment or `make install VAR=...`):
+#   PREFIX=/opt/ipsec-supervisor     the virtual environment
+#   BINDIR=/usr/local/sbin           where `ipsec-supervisor` is linked
+#   IPSEC_LINK=no                    yes: also link `ipsec` into BINDIR.  /usr/local/sbin
+#                                    comes before /usr/sbin in root's PATH, so this shadows
+#                                    Debian's /usr/sbin/ipsec (strongSwan's starter script)
+#   UNITDIR=/usr/local/lib/systemd/system
+#   CONFDIR=/etc/ipsec-supervisor    supervisor.yaml
+#   STRONGSWAN_CONFDIR=/etc/strongswan.d
+#   DOCDIR=/usr/local/share/doc/ipsec-supervisor
+#   INSTALL_PYTHON=/usr/bin/python3  the interpreter of the virtual environment; keep it out
+#                                    of /home and /root (the unit has ProtectHome=yes)
+#   PIP_ARGS=                        extra pip arguments (e.g. --no-index --find-links DIR)
+#   INSTALL_FROM=                    what pip installs (default: a clean copy of this tree)
+set -euo pipefail
+
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+DESTDIR=${DESTDIR:-}
+PREFIX=${PREFIX:-/opt/ipsec-supervisor}
+BINDIR=${BINDIR:-/usr/local/sbin}
+IPSEC_LINK=${IPSEC_LINK:-no}
+UNITDIR=${UNITDIR:-/usr/local/lib/systemd/system}
+CONFDIR=${CONFDIR:-/etc/ipsec-supervisor}
+STRONGSWAN_CONFDIR=${STRONGSWAN_CONFDIR:-/etc/strongswan.d}
+DOCDIR=${DOCDIR:-/usr/local/share/doc/ipsec-supervisor}
+INSTALL_PYTHON=${INSTALL_PYTHON:-/usr/bin/python3}
+PIP_ARGS=${PIP_ARGS:-}
+INSTALL_FROM=${INSTALL_FROM:-}
+PLACEHOLDER=/usr/local/bin/ipsec-supervisor     # ExecStart= of etc/ipsec-supervisor.service
+
+say() { echo "install: $*"; }
+die() { echo "install: $*" >&2; exit 1; }
+
+[ -n "$DESTDIR" ] || [ "$(id -u)" = 0 ] || die "run as root (or stage with DESTDIR=...)"
+case "$PREFIX" in /*) ;; *) die "PREFIX must be an absolute path, not '$PREFIX'" ;; esac
+[ -x "$INSTALL_PYTHON" ] || die "no Python at $INSTALL_PYTHON (Debian: apt-get install python3 python3-venv; or set INSTALL_PYTHON)"
+"$INSTALL_PYTHON" -c 'import ensurepip, venv' 2>/dev/null \
+  || die "$INSTALL_PYTHON cannot create virtual environments (Debian: apt-get install python3-venv)"
+
+VENV=$DESTDIR$PREFIX
+
+# 1. The package, in a virtual environment of its own.
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating the virtual environment $PREFIX"
+  "$INSTALL_PYTHON" -m venv "$VENV"
+fi
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+if [ -z "$INSTALL_FROM" ]; then
+  # A clean copy: building in place would leave build/ and *.egg-info in the checkout.
+  mkdir "$work/src"
+  cp -r "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/supervisor" "$work/src/"
+  find "$work/src" -name __pycache__ -prune -exec rm -rf {} +
+  INSTALL_FROM=$work/src
+fi
+say "installing ipsec-supervisor into $PREFIX (pip; needs the package registry unless PIP_ARGS says otherwise)"
+# Same version number, newer code: pip would keep the installed copy.
+"$VENV/bin/python" -m pip uninstall -q -y ipsec-supervisor >/dev/null 2>&1 || true
+# shellcheck disable=SC2086  # PIP_ARGS is a list of words on purpose
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade $PIP_ARGS "$INSTALL_FROM"
+
+if [ -n "$DESTDIR" ]; then
+  # The environment will live at PREFIX: scripts must not name the staging directory.
+  { grep -rlI --null -- "$VENV" "$VENV/bin" "$VENV/pyvenv.cfg" || true; } | xargs -0 -r sed -i "s#$VENV#$PREFIX#g"
+  find "$VENV" -path '*/site-packages/supervisor/*' -name __pycache__ -prune -exec rm -rf {} +
+fi
+
+# 2. The unit, with the real path of ipsec-supervisor.
+install -d -m 0755 "$DESTDIR$UNITDIR"
+sed "s#$PLACEHOLDER#$PREFIX/bin/ipsec-supervisor#g" "$SRC/etc/ipsec-supervisor.service" \
+  > "$DESTDIR$UNITDIR/ipsec-supervisor.service"
+chmod 0644 "$DESTDIR$UNITDIR/ipsec-supervisor.service"
+say "unit: $UNITDIR/ipsec-supervisor.service (ExecStart=$PREFIX/bin/ipsec-supervisor run)"
+
+# 3. Configuration files: installed when absent, left alone when changed (new one as .dist).
+install_config() {   # SOURCE TARGET MODE
+  local source=$1 target=$DESTDIR$2 mode=$3
+  install -d -m 0755 "$(dirname "$target")"
+  if [ ! -e "$target" ]; then
+    install -m "$mode" "$source" "$target"
+    say "config: $2"
+  elif cmp -s "$source" "$target"; then
+    rm -f "$target.dist"
+    say "config: $2 is up to date"
+  else
+    install -m "$mode" "$source" "$target.dist"
+    say "config: $2 was changed locally and is kept; the shipped version is $2.dist"
+  fi
+}
+install_config "$SRC/etc/supervisor.yaml" "$CONFDIR/supervisor.yaml" 0644
+if [ -f "$SRC/etc/strongswan.d/ipsec-supervisor.conf" ]; then
+  install_config "$SRC/etc/strongswan.d/ipsec-supervisor.conf" "$STRONGSWAN_CONFDIR/ipsec-supervisor.conf" 0644
+fi
+
+# 4. Commands on PATH, and the README the unit's Documentation= names.
+install -d -m 0755 "$DESTDIR$BINDIR"
+ln -sfn "$PREFIX/bin/ipsec-supervisor" "$DESTDIR$BINDIR/ipsec-supervisor"
+say "command: $BINDIR/ipsec-supervisor"
+if [ "$IPSEC_LINK" = yes ]; then
+  ln -sfn "$PREFIX/bin/ipsec" "$DESTDIR$BINDIR/ipsec"
+  say "command: $BINDIR/ipsec (shadows /usr/sbin/ipsec for PATHs that list $BINDIR first)"
+else
+  say "command: $PREFIX/bin/ipsec (not linked onto PATH; IPSEC_LINK=yes links it into $BINDIR)"
+fi
+install -d -m 0755 "$DESTDIR$DOCDIR"
+install -m 0644 "$SRC/README.md" "$DESTDIR$DOCDIR/README.md"
+
+if [ -z "$DESTDIR" ] && [ -d /run/systemd/system ]; then
+  systemctl daemon-reload
+fi
+say "done.  Next: systemctl enable --now ipsec-supervisor  (it stops and conflicts with"
+say "strongswan-starter.service and strongswan.service: only one of them may run charon)"
