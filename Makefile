@@ -16,6 +16,7 @@ test-host: setup
 	$(PYTEST) tests -m "not realkernel" -q
 
 -include tools/vm.mk
+-include tools/install.mk
 
 ## make demo: the main job (see README)
 demo: setup

@@ -203,9 +203,9 @@ def request(run_dir: str, command: str, timeout: float = CLIENT_TIMEOUT, **args)
                 raise SupervisorError(f"ipsec-supervisor is not running ({path} is not a socket)",
                                       ExitCode.NOT_RUNNING) from None
             raise SupervisorError(f"cannot connect to {path}: {exc.strerror or exc}") from None
-        sock.sendall((json.dumps({"command": command, **args}) + "\n").encode())
         buf = b""
         try:
+            sock.sendall((json.dumps({"command": command, **args}) + "\n").encode())
             while b"\n" not in buf:
                 chunk = sock.recv(65536)
                 if not chunk:
@@ -214,6 +214,10 @@ def request(run_dir: str, command: str, timeout: float = CLIENT_TIMEOUT, **args)
         except socket.timeout:
             raise SupervisorError(f"ipsec-supervisor did not answer on {path} within {timeout:g}s "
                                   f"(it may be busy or hung)") from None
+        except (ConnectionResetError, BrokenPipeError):
+            # The supervisor exited while answering (e.g. it was stopping): it is gone now.
+            raise SupervisorError(f"ipsec-supervisor closed {path} without answering '{command}' "
+                                  f"(it is exiting or has exited)", ExitCode.NOT_RUNNING) from None
     try:
         answer = json.loads(buf.split(b"\n", 1)[0])
     except ValueError:
