@@ -387,13 +387,76 @@ HANDLERS: dict[type, Handler] = {
 }
 
 
-def _route_batch(plan_actions: tuple, start: int) -> int:
-    """Length of the run of plain route deletes starting at START (one table dump serves them all)."""
-    end = start
-    while (end < len(plan_actions) and type(plan_actions[end]) is DeleteObject
-           and plan_actions[end].record.FAMILY == "route" and not plan_actions[end].after):
+# Batch verbs: a run of consecutive actions of one kind goes to the kernel in one pipeline
+# (30,000 policy deletes one request at a time take tens of seconds). Each takes the run's
+# actions and the session and returns one DeleteResult, None (done) or KernelError per action.
+def _delete_sas(actions: list, session: Session) -> list:
+    return xfrm.delete_sas([a.record for a in actions], sock=session.xfrm)
+
+
+def _delete_policies(actions: list, session: Session) -> list:
+    return xfrm.delete_policies([a.record for a in actions], sock=session.xfrm)
+
+
+def _delete_routes(actions: list, session: Session) -> list:
+    return routes.delete_routes([a.record for a in actions], rtnl=session.rtnl)
+
+
+def _delete_firewall_rules(actions: list, session: Session) -> list:
+    return firewall.delete_firewall_rules([a.record for a in actions])
+
+
+_DELETE_BATCHES: dict[str, Callable[[list, Session], list]] = {
+    "xfrm_sa": _delete_sas,
+    "xfrm_policy": _delete_policies,
+    "route": _delete_routes,
+    "firewall": _delete_firewall_rules,
+}
+
+
+def _install_blocks(actions: list, session: Session) -> list:
+    return xfrm.add_policies([a.block for a in actions], sock=session.xfrm)
+
+
+def _remove_blocks(actions: list, session: Session) -> list:
+    return xfrm.delete_policies([a.block for a in actions], sock=session.xfrm)
+
+
+def _batch_of(action: Any, table: Mapping[type, Handler]) -> Callable[[list, Session], list] | None:
+    """The batch verb for ACTION, or None when it runs alone (no verb, or a handler overridden)."""
+    kind = type(action)
+    handler = table.get(kind)
+    if kind is DeleteObject and handler is _delete:
+        return _DELETE_BATCHES.get(action.record.FAMILY)
+    if kind is InstallBlockPolicy and handler is _install_block:
+        return _install_blocks
+    if kind is RemoveBlockPolicy and handler is _remove_block:
+        return _remove_blocks
+    return None
+
+
+def _run_length(actions: tuple, start: int, table: Mapping[type, Handler]) -> int:
+    """How many actions from START one batch verb can apply (1: the action runs alone)."""
+    verb = _batch_of(actions[start], table)
+    if verb is None:
+        return 1
+    end = start + 1
+    while end < len(actions) and _batch_of(actions[end], table) is verb:
+        after = getattr(actions[end], "after", ())
+        if after and max(after) >= start:
+            break           # it waits for an action of this run: the run ends before it
         end += 1
     return end - start
+
+
+def _batch_result(action: Any, outcome: Any) -> ActionResult:
+    if isinstance(outcome, AlreadyExists) and isinstance(action, InstallBlockPolicy):
+        return ActionResult(action, Outcome.DONE, "already installed")
+    if isinstance(outcome, KernelError):
+        return ActionResult(action, Outcome.FAILED, str(outcome))
+    if isinstance(outcome, DeleteResult):
+        return _gone_or_done(action, outcome)
+    return ActionResult(action, Outcome.DONE)
 
 
 def execute(plan: Plan, handlers: Mapping[type, Handler] | None = None,
@@ -402,7 +465,8 @@ def execute(plan: Plan, handlers: Mapping[type, Handler] | None = None,
 
     An action whose ``after`` prerequisites did not succeed is SKIPPED (for a covered
     policy: its block is not in place, so the leftover stays, still dropping traffic).
-    HANDLERS adds or overrides action types (adopt mode brings its own).
+    HANDLERS adds or overrides action types (adopt mode brings its own). Runs of actions
+    of one kind go to the kernel as one batch; results are still one per action, in order.
     """
     table = dict(HANDLERS)
     if handlers:
@@ -418,29 +482,33 @@ def execute(plan: Plan, handlers: Mapping[type, Handler] | None = None,
         if on_result is not None:
             on_result(i, result)
 
+    def skipped(action: Any) -> ActionResult | None:
+        after = getattr(action, "after", ())
+        if not after:
+            return None
+        blocked = [n for n in after if n >= len(results) or not results[n].ok]
+        if not blocked:
+            return None
+        first = blocked[0]
+        why = (f"action {first + 1} ({actions[first].describe()}) did not succeed"
+               if first < len(actions) else f"action {first + 1} does not exist")
+        return ActionResult(action, Outcome.SKIPPED, f"not attempted: {why}")
+
     try:
         i = 0
         while i < len(actions):
-            run = _route_batch(actions, i) if table.get(DeleteObject) is _delete else 0
+            run = _run_length(actions, i, table)
             if run > 1:
-                for action in actions[i:i + run]:
-                    _log_action(action)
-                outcomes = routes.delete_routes([a.record for a in actions[i:i + run]], rtnl=session.rtnl)
-                for action, outcome in zip(actions[i:i + run], outcomes):
-                    if isinstance(outcome, KernelError):
-                        report(ActionResult(action, Outcome.FAILED, str(outcome)))
-                    else:
-                        report(_gone_or_done(action, outcome))
+                # tens of thousands of small acyclic objects: the collector would only rescan them
+                with without_cycle_collection():
+                    _execute_batch(actions[i:i + run], table, session, skipped, report)
                 i += run
                 continue
             action = actions[i]
             i += 1
-            blocked = [n for n in getattr(action, "after", ()) if n >= len(results) or not results[n].ok]
-            if blocked:
-                first = blocked[0]
-                why = (f"action {first + 1} ({actions[first].describe()}) did not succeed"
-                       if first < len(actions) else f"action {first + 1} does not exist")
-                report(ActionResult(action, Outcome.SKIPPED, f"not attempted: {why}"))
+            skip = skipped(action)
+            if skip is not None:
+                report(skip)
                 continue
             handler = table.get(type(action))
             _log_action(action)
@@ -458,6 +526,31 @@ def execute(plan: Plan, handlers: Mapping[type, Handler] | None = None,
     finally:
         session.close()
     return results
+
+
+def _execute_batch(run: tuple, table: Mapping[type, Handler], session: Session,
+                   skipped: Callable[[Any], ActionResult | None],
+                   report: Callable[[ActionResult], None]) -> None:
+    """Apply RUN (actions sharing one batch verb, none waiting for another in RUN) in one batch."""
+    # Prerequisites all lie before the run, so they are settled now.
+    skips = [skipped(action) for action in run]
+    todo = [action for action, skip in zip(run, skips) if skip is None]
+    for action in todo:
+        _log_action(action)
+    verb = _batch_of(run[0], table)
+    assert verb is not None
+    try:
+        outcomes = verb(todo, session) if todo else []
+        if len(outcomes) != len(todo):
+            raise RuntimeError(f"batch verb returned {len(outcomes)} results for {len(todo)} actions")
+    except KernelError as exc:
+        outcomes = [exc] * len(todo)
+    except Exception as exc:       # a bug must not stop the rest of the plan
+        log.exception("batch of %d actions (first: %s) raised", len(todo), todo[0].describe())
+        outcomes = [KernelError(f"{type(exc).__name__}: {exc}")] * len(todo)
+    done = iter(outcomes)
+    for action, skip in zip(run, skips):
+        report(skip if skip is not None else _batch_result(action, next(done)))
 
 
 def _log_action(action: Any) -> None:

@@ -821,3 +821,141 @@ def test_deleting_every_updown_rule_leaves_exactly_the_foreign_rules(scene):
     assert [r.key() for r in left] == [r.key() for r in rules if r.updown is None]
     remaining = [line for text in saves(scene).values() for line in text.splitlines() if line.startswith("-A")]
     assert len(remaining) == 4 * FOREIGN_COUNT
+
+
+# --------------------------------------------------------------------------
+# Batches: one listing per backend, one restore script per table
+# --------------------------------------------------------------------------
+
+_FWD = "-s 10.1.0.0/16 -d 10.2.0.0/16 -o eth0 -m policy --dir out --pol ipsec --reqid 3 --proto esp -j ACCEPT"
+_RULE_FWD = fw.iptables_rule("iptables-legacy", "filter", "FORWARD", _FWD)
+_RULE_MANGLE = fw.iptables_rule("iptables-legacy", "mangle", "PREROUTING", "-j ACCEPT")
+_SAVE_ALL = (f"*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n-A INPUT {_IN}\n-A FORWARD {_FWD}\nCOMMIT\n"
+             "*mangle\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j ACCEPT\nCOMMIT\n")
+_LEGACY = {"iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore"}
+
+
+def stdin_log(monkeypatch, tools) -> list:
+    sent = []
+    run = tools.run
+    monkeypatch.setattr(fw, "_run", lambda argv, stdin=None: (sent.append((os.path.basename(argv[0]), stdin)),
+                                                              run(argv, stdin))[1])
+    return sent
+
+
+def test_batch_delete_lists_once_and_restores_once_per_table(monkeypatch):
+    tools = FakeTools(monkeypatch, _LEGACY, {"iptables-legacy-save": [(0, _SAVE_ALL, "")],
+                                             "iptables-legacy-restore": [(0, "", "")]})
+    sent = stdin_log(monkeypatch, tools)
+    assert fw.delete_firewall_rules([_RULE, _RULE_MANGLE, _RULE_FWD]) == [DeleteResult.DELETED] * 3
+    assert [name for name, _ in sent] == ["iptables-legacy-save", "iptables-legacy-restore",
+                                          "iptables-legacy-restore"]
+    assert tools.ran("iptables-legacy-restore")[0] == ["/fake/iptables-legacy-restore", "-w", "10", "--noflush"]
+    assert sent[1][1] == f"*filter\n-D INPUT {_IN}\n-D FORWARD {_FWD}\nCOMMIT\n"
+    assert sent[2][1] == "*mangle\n-D PREROUTING -j ACCEPT\nCOMMIT\n"
+    assert tools.ran("iptables-legacy") == []
+
+
+def test_batch_delete_of_rules_no_longer_listed_runs_nothing_but_the_listing(monkeypatch):
+    tools = FakeTools(monkeypatch, _LEGACY, {"iptables-legacy-save": [(0, _SAVE_WITHOUT, "")]})
+    assert fw.delete_firewall_rules([_RULE, _RULE_FWD]) == [DeleteResult.ALREADY_GONE] * 2
+    assert len(tools.calls) == 1
+
+
+def test_batch_judges_identical_copies_against_the_one_listing(monkeypatch):
+    twice = f"*filter\n:INPUT ACCEPT [0:0]\n-A INPUT {_IN}\n-A INPUT {_IN}\nCOMMIT\n"
+    tools = FakeTools(monkeypatch, _LEGACY, {"iptables-legacy-save": [(0, twice, "")],
+                                             "iptables-legacy-restore": [(0, "", "")]})
+    sent = stdin_log(monkeypatch, tools)
+    first, second = fw.parse_iptables_save(twice, "iptables-legacy")
+    third = fw.iptables_rule("iptables-legacy", "filter", "INPUT", _IN, occurrence=2)
+    assert fw.delete_firewall_rules([first, second, third, first]) == [
+        DeleteResult.DELETED, DeleteResult.DELETED, DeleteResult.ALREADY_GONE, DeleteResult.ALREADY_GONE]
+    assert sent[-1][1] == f"*filter\n-D INPUT {_IN}\n-D INPUT {_IN}\nCOMMIT\n"
+
+
+def test_refused_batch_is_redone_rule_by_rule_to_name_the_culprit(monkeypatch, caplog):
+    tools = FakeTools(monkeypatch, _LEGACY, {
+        "iptables-legacy-save": [(0, _SAVE_ALL, "")],
+        "iptables-legacy-restore": [(1, "", "iptables-restore: line 3 failed\n")],
+        "iptables-legacy": [(1, "", "iptables: Resource temporarily unavailable.\n"), (0, "", "")]})
+    with caplog.at_level(logging.WARNING, logger="supervisor.kernel.firewall"):
+        bad, good = fw.delete_firewall_rules([_RULE, _RULE_FWD])
+    assert isinstance(bad, FirewallError) and "Resource temporarily unavailable" in str(bad)
+    assert str(bad).startswith(f"cannot delete {_RULE.describe()}: ")
+    assert good is DeleteResult.DELETED
+    assert [c[-len(fw.split_rule_spec(_FWD)) - 1] for c in tools.ran("iptables-legacy")] == ["INPUT", "FORWARD"]
+    assert any("one at a time" in r.getMessage() and "line 3 failed" in r.getMessage() for r in caplog.records)
+
+
+def test_batch_tries_p0_for_ip6tables_legacy_specs_without_a_protocol(monkeypatch):
+    spec = "-s fd00:2::/64 -d fd00:1::/64 -i eth0 -m policy --dir in --pol ipsec --reqid 5 --proto esp -j ACCEPT"
+    rule = fw.iptables_rule("ip6tables-legacy", "filter", "FORWARD", spec)
+    save = f"*filter\n:FORWARD ACCEPT [0:0]\n-A FORWARD {spec}\nCOMMIT\n"
+    tools = FakeTools(monkeypatch, {"ip6tables-legacy", "ip6tables-legacy-save", "ip6tables-legacy-restore"},
+                      {"ip6tables-legacy-save": [(0, save, "")],
+                       "ip6tables-legacy-restore": [(1, "", "ip6tables-restore: line 2 failed\n"), (0, "", "")]})
+    sent = stdin_log(monkeypatch, tools)
+    assert fw.delete_firewall_rules([rule]) == [DeleteResult.DELETED]
+    assert [text for name, text in sent if name.endswith("restore")] == [
+        f"*filter\n-D FORWARD {spec}\nCOMMIT\n", f"*filter\n-D FORWARD -p 0 {spec}\nCOMMIT\n"]
+
+
+def test_batch_nft_lists_once_and_deletes_with_one_script(monkeypatch):
+    other = NFT_JSON.replace('"right": 22', '"right": 23')
+    listed = fw.parse_nft_json(NFT_JSON)
+    tools = FakeTools(monkeypatch, {"nft"}, {"nft": [(0, NFT_JSON, ""), (0, "", "")]})
+    sent = stdin_log(monkeypatch, tools)
+    stale = fw.parse_nft_json(other)[1]          # its handle now holds another rule
+    assert fw.delete_firewall_rules([*listed, stale]) == [DeleteResult.DELETED] * len(listed) + [
+        DeleteResult.ALREADY_GONE]
+    assert len(tools.calls) == 2
+    assert json.loads(sent[-1][1]) == {"nftables": [{"delete": {"rule": {
+        "family": r.family, "table": r.table, "chain": r.chain, "handle": r.handle}}} for r in listed]}
+
+
+def test_a_failed_listing_fails_only_that_backends_rules(monkeypatch):
+    FakeTools(monkeypatch, _LEGACY | {"nft"}, {
+        "iptables-legacy-save": [(4, "", "Fatal: can't open lock file\n")],
+        "nft": [(0, NFT_JSON, ""), (0, "", "")]})
+    legacy, nft = fw.delete_firewall_rules([_RULE, _NFT_RULE])
+    assert isinstance(legacy, FirewallError) and legacy.args[0].startswith(f"cannot delete {_RULE.describe()}: ")
+    assert "lock file" in str(legacy)
+    assert nft is DeleteResult.DELETED
+
+
+@needs_tools
+def test_batch_deleting_every_updown_rule_leaves_exactly_the_foreign_rules(scene):
+    rules = dump_in(scene)
+    ours = [r for r in rules if r.updown is not None]
+    with scene.enter():
+        assert fw.delete_firewall_rules(ours) == [DeleteResult.DELETED] * len(ours)
+        assert fw.delete_firewall_rules(ours) == [DeleteResult.ALREADY_GONE] * len(ours)
+    assert [r.key() for r in dump_in(scene)] == [r.key() for r in rules if r.updown is None]
+
+
+@needs_tools
+@pytest.mark.parametrize("backend", fw.IPTABLES_BACKENDS)
+def test_batch_removes_every_identical_copy_it_is_given(netns, backend):
+    addr = "fd00:2::/64" if backend.startswith("ip6") else "10.2.0.0/16"
+    spec = f"-s {addr} -i eth0 -m policy --dir in --pol ipsec --reqid 3 --proto esp -j ACCEPT"
+    netns.sh(f"{backend} -I INPUT 1 {spec}; {backend} -A INPUT -j DROP; {backend} -I INPUT 1 -p 0 {spec}")
+    copies = [r for r in dump_in(netns) if "--reqid 3" in r.rule]
+    assert [r.occurrence for r in copies] == [0, 1] and copies[0].rule == copies[1].rule
+    with netns.enter():
+        assert fw.delete_firewall_rules(copies) == [DeleteResult.DELETED] * 2
+        assert [r.rule for r in fw.dump_firewall_rules([backend])] == ["-j DROP"]
+
+
+@needs_tools
+@pytest.mark.parametrize("backend", fw.IPTABLES_BACKENDS)
+def test_batch_restore_reads_specs_exactly_as_save_printed_them(netns, backend):
+    addr = "2001:db8::7/128" if backend.startswith("ip6") else "192.0.2.7/32"
+    netns.run(backend, "-A", "INPUT", "-s", addr, "-m", "comment", "--comment", 'it\'s a "test" \\ x',
+              "-j", "ACCEPT")
+    netns.run(backend, "-A", "INPUT", "-s", addr, "-j", "DROP")
+    commented, plain = [r for r in dump_in(netns) if r.backend == backend]
+    assert "--comment" in commented.rule
+    with netns.enter():
+        assert fw.delete_firewall_rules([commented]) == [DeleteResult.DELETED]
+        assert [r.rule for r in fw.dump_firewall_rules([backend])] == [plain.rule]

@@ -8,6 +8,7 @@ netlink sockets open as charon does, and runs updown as a child process.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -705,3 +706,69 @@ def test_the_ledger_tells_the_daemons_sas_from_lookalikes_in_charons_spi_range(n
     assert sorted(a.record.spi for a in plan.actions) == [0x0BADF00D, 0xC0000001]
     with netns.enter():
         assert [sa.spi for sa in xfrm.dump_sas()] == [0xC0000002]     # charon's range, but ip's
+
+
+# --- batches ------------------------------------------------------------------------------
+
+def test_executor_batches_runs_of_one_kind_with_per_action_results_in_plan_order(netns, monkeypatch):
+    netns.sh(SETUP + CHARON)
+    with netns.enter():
+        state = read_state(ReadOptions())
+    policies = {(p.selector.saddr, p.selector.daddr, p.dir): p for p in state.objects["xfrm_policy"]}
+    out, inb, fwd = (policies[("10.1.0.0", "10.2.0.0", xfrm.DIR_OUT)],
+                     policies[("10.2.0.0", "10.1.0.0", xfrm.DIR_IN)],
+                     policies[("10.2.0.0", "10.1.0.0", xfrm.DIR_FWD)])
+    unblockable = reconcile.block_policy_for(dataclasses.replace(fwd, dir=xfrm.DIR_FWD + xfrm.XFRM_POLICY_MAX))
+    per_socket = dataclasses.replace(inb, dir=xfrm.DIR_IN + xfrm.XFRM_POLICY_MAX)
+    route_v4, route_v6 = state.objects["route"]
+    actions = (
+        InstallBlockPolicy(reconcile.block_policy_for(out), out, "r", "fail-closed"),       # 0 done
+        InstallBlockPolicy(unblockable, fwd, "r", "fail-closed"),                           # 1 failed
+        DeleteObject(out, "r", "owned", after=(0,)),                                        # 2 done
+        DeleteObject(per_socket, "r", "owned"),                                             # 3 failed
+        DeleteObject(fwd, "r", "owned", after=(1,)),                                        # 4 skipped
+        DeleteObject(inb, "r", "owned"),                                                    # 5 done
+        DeleteObject(inb, "r", "owned"),                                                    # 6 gone
+        DeleteObject(route_v4, "r", "owned"),                                               # 7 done
+        DeleteObject(route_v4, "r", "owned"),                                               # 8 gone
+        DeleteObject(route_v6, "r", "owned"),                                               # 9 done
+    )
+    batches = []
+    real = reconcile._execute_batch
+    monkeypatch.setattr(reconcile, "_execute_batch",
+                        lambda run, *args: (batches.append(len(run)), real(run, *args))[1])
+    seen = []
+    with netns.enter():
+        results = execute(Plan("flush", actions), on_result=lambda i, r: seen.append(i))
+        left = {(p.selector.saddr, p.selector.daddr, p.dir) for p in xfrm.dump_policies()
+                if not is_supervisor_block(p)}
+        routes_left = read_state(ReadOptions()).objects["route"]
+    assert batches == [2, 5, 3]
+    assert seen == list(range(len(actions)))
+    assert [r.outcome for r in results] == [
+        Outcome.DONE, Outcome.FAILED, Outcome.DONE, Outcome.FAILED, Outcome.SKIPPED, Outcome.DONE,
+        Outcome.ALREADY_GONE, Outcome.DONE, Outcome.ALREADY_GONE, Outcome.DONE]
+    assert "per-socket policy" in results[1].message and "per-socket policy" in results[3].message
+    assert results[4].message.startswith("not attempted: action 2 (install block")
+    assert results[6].message == "was no longer there"
+    assert ("10.2.0.0", "10.1.0.0", xfrm.DIR_FWD) in left                 # its block failed: it stays
+    assert not {("10.1.0.0", "10.2.0.0", xfrm.DIR_OUT), ("10.2.0.0", "10.1.0.0", xfrm.DIR_IN)} & left
+    assert routes_left == ()
+
+
+def test_a_batch_that_raises_fails_its_actions_and_the_plan_goes_on(netns, monkeypatch):
+    netns.sh(SETUP + CHARON)
+    with netns.enter():
+        state = read_state(ReadOptions())
+    plan = plan_flush(state, decide_ownership(state.objects), fail_closed=False)
+
+    def broken(records, **kwargs):
+        raise RuntimeError("bug in a batch verb")
+    monkeypatch.setattr(xfrm, "delete_policies", broken)
+    with netns.enter():
+        results = execute(plan)
+    by_family: dict[str, set] = {}
+    for r in results:
+        by_family.setdefault(r.action.record.FAMILY, set()).add((r.outcome, r.message))
+    assert by_family["xfrm_policy"] == {(Outcome.FAILED, "RuntimeError: bug in a batch verb")}
+    assert by_family["route"] == {(Outcome.DONE, "")} and by_family["rule"] == {(Outcome.DONE, "")}

@@ -15,6 +15,7 @@ import dataclasses
 import errno
 import json
 import os
+import socket
 import struct
 
 import pytest
@@ -481,3 +482,26 @@ def test_undecodable_notification_is_reported_as_overrun():
         first, second = mon.read_events()
     assert xfrm.is_overrun(first) and mon.overruns == 1
     assert (second.action, second.port_id) == (Action.FLUSH, 7)
+
+
+def test_a_borrowed_socket_shares_port_id_and_queue_and_closing_it_keeps_the_original():
+    with netlink.NetlinkSocket(netlink.NETLINK_XFRM) as owner:
+        borrowed = netlink.NetlinkSocket.borrow(owner.fileno())
+        assert borrowed.port_id == owner.port_id and borrowed.fileno() != owner.fileno()
+        borrowed.close()
+        assert owner.fileno() >= 0 and owner.port_id == owner._sock.getsockname()[0]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        with pytest.raises(KernelError, match="as a netlink socket"):
+            netlink.NetlinkSocket.borrow(udp.fileno())
+
+
+def test_request_many_answers_each_request_in_order_even_when_some_fail(netns):
+    """Answers are matched by sequence number: each request gets its own ACK or error."""
+    p = xfrm.XfrmPolicy(xfrm.XfrmSelector(V4, "10.1.0.0", 16, "10.2.0.0", 16), xfrm.DIR_OUT)
+    add = (xfrm.XFRM_MSG_NEWPOLICY, 0, xfrm.encode_policy(p))
+    delete = (xfrm.XFRM_MSG_DELPOLICY, 0, xfrm.encode_policy_id(p))
+    with netns.enter(), xfrm.open_socket() as sock:
+        answers = sock.request_many([delete, add, add, delete, delete], lambda i: f"do request {i}")
+    assert [type(a).__name__ for a in answers] == ["NotFound", "NoneType", "AlreadyExists", "NoneType",
+                                                   "NotFound"]
+    assert str(answers[2]).startswith("cannot do request 2: File exists")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import re
 import select
 import shlex
@@ -405,3 +406,122 @@ def test_acquire_reports_the_policy_and_leaves_a_larval_sa(netns):
         assert "src 10.1.0.1 dst 10.7.0.1" in shown and "proto esp spi 0x00000000 reqid 3 mode tunnel" in shown
         with pytest.raises(KernelError, match="larval"):
             xfrm.delete_sa(larval)
+
+
+# --- batches ----------------------------------------------------------------
+
+def test_batch_delete_removes_exactly_the_given_policies_across_many_datagrams(netns, tmp_path):
+    lines = [f"xfrm policy add src 10.{i >> 8}.{i & 255}.0/24 dst 10.200.0.0/16 dir {d} priority {i} "
+             f"tmpl src 192.0.2.1 dst 192.0.2.{i % 250 + 2} proto esp reqid {i} mode tunnel"
+             for i in range(1500) for d in ("out", "fwd")]
+    ip_batch(netns, tmp_path, lines)
+    with netns.enter(), xfrm.open_socket() as sock:
+        before = xfrm.dump_policies(sock)
+        doomed = [p for p in before if p.priority % 3]
+        assert xfrm.delete_policies(doomed, sock=sock) == [DeleteResult.DELETED] * len(doomed)
+        after = xfrm.dump_policies(sock)
+        assert sorted(after, key=repr) == sorted((p for p in before if p.priority % 3 == 0), key=repr)
+        assert xfrm.delete_policies(doomed, sock=sock) == [DeleteResult.ALREADY_GONE] * len(doomed)
+    assert len(ip_show(netns)) == 1000
+
+
+def test_batch_delete_needs_mark_if_id_and_type_like_a_single_delete(netns):
+    netns.run("ip", "xfrm", "policy", "add", "src", "fd01::/64", "dst", "fd00::/64", "dir", "in", "ptype", "sub",
+              "mark", "0x100", "mask", "0xf00", "if_id", "0x2a", "tmpl", "proto", "esp", "reqid", "3")
+    with netns.enter():
+        (p,) = xfrm.dump_policies()
+        lookalikes = [dataclasses.replace(p, mark=None), dataclasses.replace(p, mark=(0x100, 0xFFF)),
+                      dataclasses.replace(p, if_id=0), dataclasses.replace(p, ptype=xfrm.PTYPE_MAIN)]
+        assert xfrm.delete_policies(lookalikes) == [DeleteResult.ALREADY_GONE] * 4
+        assert xfrm.delete_policies([p, p]) == [DeleteResult.DELETED, DeleteResult.ALREADY_GONE]
+        assert xfrm.dump_policies() == []
+
+
+def test_batch_delete_never_takes_another_policy_that_got_the_index(netns):
+    """An index handed out again (explicitly) is not trusted: the key decides, as by selector."""
+    netns.run("ip", "xfrm", "policy", "add", *IP_POLICIES[0].split())
+    with netns.enter():
+        (old,) = xfrm.dump_policies()
+    netns.run("ip", "xfrm", "policy", "flush")
+    netns.run("ip", "xfrm", "policy", "add", "src", "10.7.0.0/16", "dst", "10.8.0.0/16", "dir", "out",
+              "index", str(old.index), "priority", "5")
+    with netns.enter():
+        (stranger,) = xfrm.dump_policies()
+        assert stranger.index == old.index and stranger.key() != old.key()
+        assert xfrm.delete_policies([old]) == [DeleteResult.ALREADY_GONE]
+        assert xfrm.dump_policies() == [stranger]
+        # the same key under a new index is the policy with that key: deleted, as by delete_policy
+        xfrm.add_policy(stable(old))
+        (again,) = [p for p in xfrm.dump_policies() if p.key() == old.key()]
+        assert again.index != old.index
+        assert xfrm.delete_policies([old]) == [DeleteResult.DELETED]
+        assert xfrm.dump_policies() == [stranger]
+
+
+def test_batch_delete_uses_the_index_and_falls_back_to_the_selector(netns, monkeypatch):
+    """Dumped policies go by index (one GET and one DEL each); others by selector (one DEL)."""
+    netns.run("ip", "xfrm", "policy", "add", *IP_POLICIES[0].split())
+    netns.run("ip", "xfrm", "policy", "add", *IP_POLICIES[1].split())
+    sent: list[list[tuple[int, bytes]]] = []
+    real = netlink.NetlinkSocket.request_many
+
+    def spy(self, requests, what, want_reply=False):
+        sent.append([(t, p) for t, _, p in requests])
+        return real(self, requests, what, want_reply)
+    monkeypatch.setattr(netlink.NetlinkSocket, "request_many", spy)
+    with netns.enter():
+        dumped, other = xfrm.dump_policies()
+        assert xfrm.delete_policies([dumped, stable(other)]) == [DeleteResult.DELETED] * 2
+    lookups, deletes = sent
+    assert lookups == [(xfrm.XFRM_MSG_GETPOLICY, xfrm.encode_policy_index(dumped))]
+    assert deletes == [(xfrm.XFRM_MSG_DELPOLICY, xfrm.encode_policy_index(dumped)),
+                       (xfrm.XFRM_MSG_DELPOLICY, xfrm.encode_policy_id(other))]
+    assert ip_show(netns) == []
+
+
+def test_batch_reports_per_policy_errors_and_goes_on(netns):
+    netns.run("ip", "xfrm", "policy", "add", *IP_POLICIES[0].split())
+    netns.run("ip", "xfrm", "policy", "add", *IP_POLICIES[1].split())
+    with netns.enter():
+        a, b = xfrm.dump_policies()
+        per_socket = dataclasses.replace(a, dir=xfrm.DIR_OUT + xfrm.XFRM_POLICY_MAX)
+        unencodable = dataclasses.replace(b, selector=dataclasses.replace(b.selector, saddr="fd00::1"), index=0)
+        results = xfrm.delete_policies([per_socket, a, unencodable, b])
+        assert isinstance(results[0], KernelError) and "per-socket policy" in str(results[0])
+        assert isinstance(results[2], KernelError) and "is not an inet address" in str(results[2])
+        assert results[1::2] == [DeleteResult.DELETED, DeleteResult.DELETED]
+        assert xfrm.dump_policies() == []
+
+
+def test_batch_add_installs_each_and_reports_duplicates_per_policy(netns):
+    neighbours = [OURS, dataclasses.replace(OURS, dir=xfrm.DIR_IN), dataclasses.replace(OURS, if_id=5)]
+    with netns.enter(), xfrm.open_socket() as sock:
+        assert xfrm.add_policies(neighbours, sock=sock) == [None] * 3
+        again = xfrm.add_policies([neighbours[1], dataclasses.replace(OURS, dir=xfrm.DIR_FWD)], sock=sock)
+        assert isinstance(again[0], netlink.AlreadyExists) and again[1] is None
+        assert str(again[0]) == f"cannot add {neighbours[1].describe()}: File exists"
+        assert sorted(map(stable, xfrm.dump_policies(sock)), key=repr) == sorted(
+            neighbours + [dataclasses.replace(OURS, dir=xfrm.DIR_FWD)], key=repr)
+
+
+def test_answers_lost_to_a_full_receive_buffer_are_reported_not_waited_for(netns):
+    """Batches are sized to the receive buffer; if answers are dropped anyway, each lost one
+    is an error saying its outcome is unknown (never a hang, never a silent success)."""
+    policies = [dataclasses.replace(OURS, selector=dataclasses.replace(OURS.selector, prefixlen_d=8 + i % 17),
+                                    priority=i) for i in range(17)]
+    with netns.enter(), netlink.NetlinkSocket(netlink.NETLINK_XFRM, rcvbuf=2048) as sock:
+        sock._rcvbuf = 1 << 24          # pretend the buffer is large: one datagram for everything
+        results = xfrm.add_policies(policies, sock=sock)
+        lost = [r for r in results if r is not None]
+        assert lost and all(r.errno == errno.ENOBUFS and "outcome is unknown" in str(r) for r in lost)
+        assert len(xfrm.dump_policies()) == len(policies)     # the kernel did them all
+
+
+def test_notifications_arriving_amid_a_batch_are_kept_for_their_reader(netns):
+    batch = [OURS, dataclasses.replace(OURS, dir=xfrm.DIR_IN), dataclasses.replace(OURS, dir=xfrm.DIR_FWD)]
+    with netns.enter(), netlink.NetlinkSocket(netlink.NETLINK_XFRM, groups=(xfrm.XFRMNLGRP_POLICY,)) as sock:
+        assert xfrm.add_policies(batch, sock=sock) == [None] * 3
+        assert xfrm.delete_policies(xfrm.dump_policies(), sock=sock) == [DeleteResult.DELETED] * 3
+        notes = sock.read_notifications()
+    assert [m.msg_type for m in notes] == [xfrm.XFRM_MSG_NEWPOLICY] * 3 + [xfrm.XFRM_MSG_DELPOLICY] * 3
+    assert {m.pid for m in notes} == {sock.port_id}

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from supervisor.errors import KernelError
 from supervisor.kernel import netlink, xfrm
 from supervisor.kernel.common import Action, DeleteResult
 from supervisor.kernel.xfrm import XfrmAlgorithm, XfrmLifetime, XfrmSA
@@ -303,6 +304,29 @@ def test_delete_of_a_marked_sa_needs_its_mark(netns):
         assert xfrm.delete_sa(sa) is DeleteResult.DELETED
         assert xfrm.delete_sa(sa) is DeleteResult.ALREADY_GONE
         assert xfrm.dump_sas() == []
+
+
+def test_batch_delete_removes_exactly_the_given_sas_and_reports_each(netns):
+    for spec in SA_SPECS:
+        ip_add(netns, spec)                            # foreign: not added by us
+    ours = [dataclasses.replace(OURS, spi=0xC1000000 + i, daddr=f"192.0.2.{2 + i % 3}",
+                                mark=(1 + i % 3, 0xFF) if i % 4 == 0 else None) for i in range(600)]
+    with netns.enter(), xfrm.open_socket() as sock:
+        for sa in ours:
+            xfrm.add_sa(sa, sock=sock)
+        before = xfrm.dump_sas(sock)
+        mine = [sa for sa in before if sa.spi >= 0xC1000000]
+        foreign = [sa for sa in before if sa.spi < 0xC1000000]
+        larval = dataclasses.replace(mine[0], spi=0)
+        marked = next(sa for sa in mine if sa.mark is not None)
+        wrong_mark = dataclasses.replace(marked, mark=(0x77, 0xFF))    # an unmarked SA would match it
+        results = xfrm.delete_sas([larval, wrong_mark] + mine, sock=sock)
+        assert isinstance(results[0], KernelError) and "larval" in str(results[0])
+        assert results[1] is DeleteResult.ALREADY_GONE
+        assert results[2:] == [DeleteResult.DELETED] * len(mine)
+        assert sorted(xfrm.dump_sas(sock), key=repr) == sorted(foreign, key=repr)
+        assert xfrm.delete_sas(mine, sock=sock) == [DeleteResult.ALREADY_GONE] * len(mine)
+    assert len(ip_show(netns)) == len(SA_SPECS)
 
 
 # --- monitor ----------------------------------------------------------------

@@ -4,7 +4,8 @@ strongSwan's default updown script (``leftfirewall=yes``) inserts ACCEPT rules
 with a ``-m policy --pol ipsec --reqid N`` match and removes them only on
 down-client, which a crashed charon never runs. This module dumps every rule
 of every backend present, recognises updown's shapes, and deletes exactly one
-rule. Parsing is pure; every program is started by ``_run``.
+rule (or many, one restore script per table). Parsing is pure; every program is
+started by ``_run``.
 """
 
 from __future__ import annotations
@@ -573,17 +574,35 @@ def _delete_iptables(rule: FirewallRule) -> DeleteResult:
     if _count_copies(rule) <= rule.occurrence:
         log.debug("%s already gone", rule.describe())
         return DeleteResult.ALREADY_GONE
-    base = [binary, "-w", str(XTABLES_WAIT_SECONDS), "-t", rule.table, "-D", rule.chain]
     log.info("deleting %s", rule.describe())
+    argv, proc = _run_delete(binary, rule)
+    if proc.returncode == 0:
+        return DeleteResult.DELETED
+    if _IPTABLES_NO_MATCH in (proc.stderr or "") and _count_copies(rule) <= rule.occurrence:
+        # Someone else removed it between our check and our -D.
+        return DeleteResult.ALREADY_GONE
+    raise _failure(f"cannot delete {rule.describe()}", argv, proc)
+
+
+def _run_delete(binary: str, rule: FirewallRule) -> tuple[list[str], subprocess.CompletedProcess]:
+    """``-D`` with each spelling of RULE until one matches: the last command and its outcome."""
+    base = [binary, "-w", str(XTABLES_WAIT_SECONDS), "-t", rule.table, "-D", rule.chain]
     for words in _delete_spellings(rule):
         argv = base + words
         proc = _run(argv)
-        if proc.returncode == 0:
-            return DeleteResult.DELETED
-        if _IPTABLES_NO_MATCH not in (proc.stderr or ""):
+        if proc.returncode == 0 or _IPTABLES_NO_MATCH not in (proc.stderr or ""):
             break
-    if _IPTABLES_NO_MATCH in (proc.stderr or "") and _count_copies(rule) <= rule.occurrence:
-        # Someone else removed it between our check and our -D.
+    return argv, proc
+
+
+def _delete_listed(rule: FirewallRule) -> DeleteResult:
+    """Delete RULE, listed a moment ago (a refused batch, redone): ALREADY_GONE only when no
+    copy of its spec is left, since the batch's copies are judged against the one listing."""
+    binary = _iptables_binary(rule, "delete")
+    argv, proc = _run_delete(binary, rule)
+    if proc.returncode == 0:
+        return DeleteResult.DELETED
+    if _IPTABLES_NO_MATCH in (proc.stderr or "") and _count_copies(rule) == 0:
         return DeleteResult.ALREADY_GONE
     raise _failure(f"cannot delete {rule.describe()}", argv, proc)
 
@@ -596,9 +615,14 @@ def _delete_spellings(rule: FirewallRule) -> list[list[str]]:
     matches when the flag agrees; so a spec without -p may need ``-p 0``.
     """
     words = split_rule_spec(rule.rule)
+    return [prefix + words for prefix in _delete_prefixes(rule, words)]
+
+
+def _delete_prefixes(rule: FirewallRule, words: list[str]) -> list[list[str]]:
+    """What goes before RULE's spec words in each spelling of ``_delete_spellings``."""
     if rule.backend == "ip6tables-legacy" and "-p" not in words:
-        return [words, ["-p", "0", *words]]
-    return [words]
+        return [[], ["-p", "0"]]
+    return [[]]
 
 
 def _delete_nft(rule: FirewallRule) -> DeleteResult:
@@ -623,6 +647,145 @@ def _delete_nft(rule: FirewallRule) -> DeleteResult:
     if _ENOENT_TEXT in (proc.stderr or ""):
         return DeleteResult.ALREADY_GONE
     raise _failure(f"cannot delete {rule.describe()}", argv, proc)
+
+
+def delete_firewall_rules(rules: Sequence[FirewallRule]) -> list[DeleteResult | FirewallError]:
+    """Remove each of RULES as ``delete_firewall_rule`` does, batched: a result or the error, per rule.
+
+    One listing per backend, then one ``iptables-restore --noflush`` script of ``-D`` lines
+    per backend and table (applied all or nothing), one ``nft -f`` for native rules. Every
+    record is judged against that one listing: with N identical copies listed, the records
+    with occurrences 0..N-1 all go. A batch the tool refuses is redone one rule at a time,
+    which tells which rule failed and why.
+    """
+    results: list[DeleteResult | FirewallError | None] = [None] * len(rules)
+    by_backend: dict[str, list[int]] = {}
+    for i, rule in enumerate(rules):
+        by_backend.setdefault(rule.backend, []).append(i)
+    for backend, indexes in by_backend.items():
+        try:
+            if backend == NFT:
+                _delete_nft_batch(rules, indexes, results)
+            else:
+                _delete_iptables_batch(backend, rules, indexes, results)
+        except FirewallError as exc:     # the listing failed: no rule of this backend was touched
+            for i in indexes:
+                if results[i] is None:
+                    results[i] = FirewallError(f"cannot delete {rules[i].describe()}: {exc}")
+    assert all(r is not None for r in results)
+    return results      # type: ignore[return-value]
+
+
+def _delete_iptables_batch(backend: str, rules: Sequence[FirewallRule], indexes: list[int],
+                           results: list) -> None:
+    if _find_binary(backend) is None:
+        raise FirewallError(f"{backend} is not installed")
+    text = _save_text(backend)
+    if text is None:
+        raise FirewallError(f"{backend}-save is not installed")
+    found, _ = _parse_checked(text, backend)
+    copies: dict[tuple[str, str, str], int] = {}
+    for r in found:
+        ident = (r.table, r.chain, r.rule)
+        copies[ident] = copies.get(ident, 0) + 1
+    claimed: set[tuple[str, str, str, int]] = set()
+    by_table: dict[str, list[int]] = {}
+    for i in indexes:
+        rule = rules[i]
+        ident = (rule.table, rule.chain, rule.rule)
+        if rule.occurrence >= copies.get(ident, 0) or (*ident, rule.occurrence) in claimed:
+            log.debug("%s already gone", rule.describe())
+            results[i] = DeleteResult.ALREADY_GONE
+            continue
+        try:
+            split_rule_spec(rule.rule)
+        except ValueError as exc:
+            results[i] = FirewallError(f"cannot delete {rule.describe()}: {exc}")
+            continue
+        claimed.add((*ident, rule.occurrence))
+        by_table.setdefault(rule.table, []).append(i)
+    restore = _find_binary(f"{backend}-restore")
+    for table, todo in by_table.items():
+        batch = [rules[i] for i in todo]
+        for rule in batch:
+            log.info("deleting %s", rule.describe())
+        failure = "not installed" if restore is None else _restore_deletes(restore, table, batch)
+        if failure is None:
+            for i in todo:
+                results[i] = DeleteResult.DELETED
+            continue
+        log.warning("cannot delete %d %s rule(s) of table %s in one batch (%s-restore: %s); "
+                    "deleting them one at a time", len(todo), backend, table, backend, failure)
+        for i in todo:
+            try:
+                results[i] = _delete_listed(rules[i])
+            except FirewallError as exc:
+                results[i] = exc
+
+
+def _restore_deletes(restore: str, table: str, batch: list[FirewallRule]) -> str | None:
+    """Delete BATCH (rules of one table) with one restore script: None, or why it failed.
+
+    The script commits all or nothing; each spelling of ``_delete_spellings`` is tried in turn.
+    """
+    prefixes = [_delete_prefixes(rule, split_rule_spec(rule.rule)) for rule in batch]
+    argv = [restore, "-w", str(XTABLES_WAIT_SECONDS), "--noflush"]
+    failure = ""
+    for attempt in range(max(len(p) for p in prefixes)):
+        # the spec goes in as iptables-save printed it: restore splits it the same way
+        lines = [f"*{table}"]
+        lines += [" ".join(["-D", rule.chain, *choices[min(attempt, len(choices) - 1)], rule.rule])
+                  for rule, choices in zip(batch, prefixes)]
+        lines.append("COMMIT\n")
+        proc = _run(argv, "\n".join(lines))
+        if proc.returncode == 0:
+            return None
+        failure = (proc.stderr or "").strip() or f"exit status {proc.returncode}"
+    return failure
+
+
+def _delete_nft_batch(rules: Sequence[FirewallRule], indexes: list[int], results: list) -> None:
+    binary = _find_binary(NFT)
+    if binary is None:
+        raise FirewallError("nft is not installed")
+    listed = _nft_ruleset()
+    if listed is None:
+        raise FirewallError("nft is not installed")
+    current = {(r.family, r.table, r.chain, r.handle): r for r in listed}
+    todo: list[int] = []
+    seen: set[tuple] = set()
+    for i in indexes:
+        rule = rules[i]
+        where = (rule.family, rule.table, rule.chain, rule.handle)
+        now = current.get(where)
+        if now is None or where in seen:
+            log.debug("%s already gone", rule.describe())
+            results[i] = DeleteResult.ALREADY_GONE
+        elif (now.expr, now.comment) != (rule.expr, rule.comment):
+            log.warning("%s is gone; handle %d now holds a different rule, which is left alone",
+                        rule.describe(), rule.handle)
+            results[i] = DeleteResult.ALREADY_GONE
+        else:
+            seen.add(where)
+            todo.append(i)
+    if not todo:
+        return
+    for i in todo:
+        log.info("deleting %s", rules[i].describe())
+    commands = [{"delete": {"rule": {"family": rules[i].family, "table": rules[i].table,
+                                     "chain": rules[i].chain, "handle": rules[i].handle}}} for i in todo]
+    proc = _run([binary, "-j", "-f", "-"], json.dumps({"nftables": commands}))
+    if proc.returncode == 0:
+        for i in todo:
+            results[i] = DeleteResult.DELETED
+        return
+    log.warning("cannot delete %d nft rule(s) in one batch (%s); deleting them one at a time",
+                len(todo), (proc.stderr or "").strip() or f"exit status {proc.returncode}")
+    for i in todo:
+        try:
+            results[i] = _delete_nft(rules[i])
+        except FirewallError as exc:
+            results[i] = exc
 
 
 def add_firewall_rule(rule: FirewallRule, position: int | None = None) -> FirewallRule:

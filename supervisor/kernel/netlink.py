@@ -13,7 +13,7 @@ import os
 import select
 import socket
 import struct
-from typing import Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from ..errors import KernelError
 
@@ -44,6 +44,7 @@ SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
 NETLINK_CAP_ACK = 10
 NETLINK_EXT_ACK = 11
+NETLINK_GET_STRICT_CHK = 12
 SO_RCVBUFFORCE = 33
 
 NLMSGERR_ATTR_MSG = 1
@@ -55,10 +56,17 @@ NLA_TYPE_MASK = ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER) & 0xFFFF
 NLMSG_HDR = struct.Struct("=IHHII")      # len, type, flags, seq, pid
 NLA_HDR = struct.Struct("=HH")           # len, type
 _ERRNO = struct.Struct("=i")
+_RECV_FLAGS = int(socket.MSG_TRUNC | socket.MSG_DONTWAIT)     # a plain int: enum "|" is slow per call
 
 DEFAULT_RCVBUF = 4 << 20      # multicast bursts (a flush of 30k policies) must not overrun
 REQUEST_TIMEOUT = 30.0        # the kernel always answers; this only guards against a wedged socket
 DUMP_RETRIES = 10
+# request_many(): requests per datagram, and receive-buffer bytes set aside per answer (an
+# ACK's socket buffer costs well under 1 KiB; a reply such as a policy up to a page and more)
+BATCH_BYTES = 32 << 10
+BATCH_MAX_REQUESTS = 1024
+ACK_BUDGET = 2 << 10
+REPLY_BUDGET = 8 << 10
 
 
 class AlreadyExists(KernelError):
@@ -156,7 +164,8 @@ class NetlinkSocket:
     thread at a time.
     """
 
-    def __init__(self, protocol: int, groups: Iterable[int] = (), rcvbuf: int = DEFAULT_RCVBUF):
+    def __init__(self, protocol: int, groups: Iterable[int] = (), rcvbuf: int = DEFAULT_RCVBUF,
+                 strict_check: bool = False):
         try:
             self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
         except OSError as exc:
@@ -173,6 +182,9 @@ class NetlinkSocket:
                     self._sock.setsockopt(SOL_NETLINK, opt, 1)
                 except OSError:
                     pass
+            if strict_check:
+                # rtnetlink then filters dumps by the request's attributes (a route table)
+                self._sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
             self._sock.bind((0, 0))
             for group in groups:
                 self._sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
@@ -180,12 +192,36 @@ class NetlinkSocket:
             self._sock.close()
             raise KernelError(f"cannot open netlink socket (protocol {protocol}): {exc.strerror}",
                               exc.errno) from None
+        self._setup()
+
+    @classmethod
+    def borrow(cls, fileno: int) -> "NetlinkSocket":
+        """A NetlinkSocket on a duplicate of FILENO, an open and bound netlink socket (another
+        library's): same port id, same namespace, same receive queue; its options stay as they are.
+
+        Use it only while the owner is not reading: both would consume the same answers.
+        """
+        borrowed = cls.__new__(cls)
+        try:
+            borrowed._sock = socket.socket(fileno=os.dup(fileno))
+        except OSError as exc:
+            raise KernelError(f"cannot use netlink socket fd {fileno}: {exc.strerror}", exc.errno) from None
+        if borrowed._sock.family != socket.AF_NETLINK:
+            borrowed._sock.close()
+            raise KernelError(f"cannot use fd {fileno} as a netlink socket: it is of family "
+                              f"{borrowed._sock.family}", errno.ENOTSOCK)
+        borrowed._setup()
+        return borrowed
+
+    def _setup(self) -> None:
         self._port_id = self._sock.getsockname()[0]
         self._seq = 0
         self._buf = bytearray(1 << 16)    # kernel dump datagrams are at most ~32 KiB
         self._pending: list[NetlinkMessage] = []
         self._poll = select.poll()
         self._poll.register(self._sock, select.POLLIN)
+        # what the kernel actually granted (it doubles the requested value for its bookkeeping)
+        self._rcvbuf = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
 
     # -- plumbing ---------------------------------------------------------
 
@@ -223,7 +259,7 @@ class NetlinkSocket:
         BlockingIOError if nothing is queued and WAIT is false."""
         if wait and not self._poll.poll(REQUEST_TIMEOUT * 1000):
             raise TimeoutError()
-        n = self._sock.recv_into(self._buf, len(self._buf), socket.MSG_TRUNC | socket.MSG_DONTWAIT)
+        n = self._sock.recv_into(self._buf, len(self._buf), _RECV_FLAGS)
         if n > len(self._buf):
             self._buf = bytearray(max(n, 2 * len(self._buf)))
             raise _Truncated()
@@ -286,6 +322,114 @@ class NetlinkSocket:
                 else:
                     # a notification (this socket is subscribed to groups): keep it for its reader
                     self._pending.append(msg)
+
+    def request_many(self, requests: Sequence[tuple[int, int, bytes]], what: Callable[[int], str],
+                     want_reply: bool = False) -> list[NetlinkMessage | KernelError | None]:
+        """Send REQUESTS ((msg_type, flags, payload)) many to a datagram; per request: None
+        (acknowledged), its reply (WANT_REPLY), or the error ``error_for`` makes of its errno.
+
+        One request's failure never stops the others. WHAT(i) names request i in error
+        messages; it is only called for failures. With WANT_REPLY (GET-style requests) no
+        ACK is asked for: the reply, or the error, is the one answer to each request.
+        """
+        results: list[NetlinkMessage | KernelError | None] = [None] * len(requests)
+        # The kernel handles a datagram of requests inside sendmsg() and queues every answer
+        # at once: a batch must leave room for all of them, or answers are dropped (ENOBUFS).
+        per_answer = REPLY_BUDGET if want_reply else ACK_BUDGET
+        limit = max(1, min(BATCH_MAX_REQUESTS, self._rcvbuf // 2 // per_answer))
+        encode = NLMSG_HDR.pack
+        port_id = self._port_id
+        keep = ~NLM_F_ACK if want_reply else ~0
+        ask = NLM_F_REQUEST if want_reply else NLM_F_REQUEST | NLM_F_ACK
+        start = 0
+        while start < len(requests):
+            parts: list[bytes] = []
+            outstanding: dict[int, int] = {}        # seq -> request index
+            size = 0
+            end = start
+            while end < len(requests) and end - start < limit:
+                msg_type, flags, payload = requests[end]
+                length = NLMSG_HDR.size + len(payload)
+                if parts and size + length > BATCH_BYTES:
+                    break
+                self._seq = (self._seq + 1) & 0xFFFFFFFF or 1
+                parts.append(encode(length, msg_type, flags & keep | ask, self._seq, port_id))
+                parts.append(payload)
+                padding = (-length) & 3
+                if padding:
+                    parts.append(bytes(padding))
+                size += length + padding
+                outstanding[self._seq] = end
+                end += 1
+            try:
+                self._sock.sendto(b"".join(parts), (0, 0))
+            except OSError as exc:
+                for i in outstanding.values():
+                    results[i] = KernelError(f"cannot {what(i)}: {exc.strerror}", exc.errno)
+            else:
+                self._collect(outstanding, results, what, want_reply)
+            start = end
+        return results
+
+    def _collect(self, outstanding: dict[int, int], results: list, what: Callable[[int], str],
+                 want_reply: bool) -> None:
+        """Read the answers to OUTSTANDING (seq -> request index) into RESULTS.
+
+        Tens of thousands of answers, one datagram each: they are parsed in the receive
+        buffer, and only replies and notifications are copied out of it.
+        """
+        unpack = NLMSG_HDR.unpack_from
+        port_id = self._port_id
+        lost: OSError | None = None
+        while outstanding:
+            buf = self._buf
+            try:
+                n = self._sock.recv_into(buf, len(buf), _RECV_FLAGS)
+            except BlockingIOError:
+                # after an overrun nothing more is coming: what was queued has been read
+                if lost is not None:
+                    break
+                if not self._poll.poll(REQUEST_TIMEOUT * 1000):
+                    lost = OSError(errno.ETIMEDOUT, f"no answer from the kernel within {REQUEST_TIMEOUT:.0f}s")
+                    break
+                continue
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                lost = exc
+                if exc.errno == errno.ENOBUFS:
+                    continue
+                break
+            if n > len(buf):
+                self._buf = bytearray(max(n, 2 * len(buf)))
+                continue            # not one of our answers (they are small): nothing of ours lost
+            off = 0
+            while off + 16 <= n:
+                length, mtype, mflags, mseq, mpid = unpack(buf, off)
+                if length < 16 or off + length > n:
+                    raise KernelError(f"malformed netlink message at offset {off} (length {length}, "
+                                      f"datagram {n} bytes)")
+                if mtype == NLMSG_ERROR:
+                    i = outstanding.pop(mseq, None)
+                    if i is not None:       # else the late answer to a request that timed out
+                        err, detail = _error_of(buf, off, length, mflags)
+                        if err:
+                            results[i] = error_for(err, what(i), detail)
+                elif mtype != NLMSG_NOOP and mtype != NLMSG_DONE:
+                    data = bytes(buf[off:off + length])
+                    msg = NetlinkMessage(mtype, mflags, mseq, mpid, memoryview(data)[16:])
+                    i = outstanding.pop(mseq, None) if want_reply and mpid == port_id else None
+                    if i is None:
+                        self._pending.append(msg)     # a notification: keep it for its reader
+                    else:
+                        results[i] = msg
+                off += (length + 3) & ~3
+        if outstanding:
+            assert lost is not None
+            text = ("its answer was lost (the receive buffer overflowed): the outcome is unknown"
+                    if lost.errno == errno.ENOBUFS else lost.strerror)
+            for i in outstanding.values():
+                results[i] = KernelError(f"cannot {what(i)}: {text}", lost.errno)
 
     # -- dumps ------------------------------------------------------------
 
