@@ -26,7 +26,8 @@ BUILTIN = "built-in defaults"
 
 RESTART_POLICIES = ("always", "on-failure", "on-crash", "never")
 GIVE_UP_ACTIONS = ("exit", "stay")
-RECOVERY_MODES = ("adopt", "flush", "none")
+RECOVERY_MODES = ("adopt", "flush", "keep", "none")
+STOP_ACTIONS = ("flush", "keep")
 DAEMON_OUTPUTS = ("pty", "pipe")
 
 
@@ -365,7 +366,8 @@ class HooksConfig:
 @dataclass(frozen=True, slots=True)
 class PathsConfig:
     run_dir: str = _key(abs_path(), "/run/ipsec-supervisor", "control socket and lock (root only)")
-    state_dir: str = _key(abs_path(), "/var/lib/ipsec-supervisor", "crash reports go to STATE_DIR/crashes")
+    state_dir: str = _key(abs_path(), "/var/lib/ipsec-supervisor",
+                          "crash reports go to STATE_DIR/crashes, snapshots to STATE_DIR/snapshots")
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,9 +377,24 @@ class CrashReportsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SnapshotsConfig:
+    enabled: bool = _key(boolean(), True, "snapshot the kernel state a dead daemon left, before recovery acts")
+    keep: int = _key(number(1, 100000, integer=True), 50, "newest snapshots kept; older ones are removed")
+    max_age: float = _key(duration(), 30 * 86400.0, "snapshots older than this are removed; 0: no age limit")
+
+
+@dataclass(frozen=True, slots=True)
 class RecoveryConfig:
     mode: str = _key(choice(RECOVERY_MODES), "adopt", "what to do with the kernel state a dead daemon left")
     timeout: float = _key(duration(positive=True), 60.0, "time limit of each recovery step")
+    fail_closed: bool = _key(boolean(), True, "block policies stand in for removed out/fwd policies")
+    block_timeout: float = _key(duration(positive=True), 30.0,
+                                "blocks charon did not replace are removed this long after it is ready")
+    adopt_grace: float = _key(duration(), 60.0, "time charon has to claim leftovers once ready (adopt)")
+    adopt_initiate: bool = _key(boolean(), True, "initiate matched children with a known peer (adopt)")
+    on_stop: str = _key(choice(STOP_ACTIONS), "flush", "after a requested stop: remove what charon left behind")
+    any_daemon: bool = _key(boolean(), False,
+                            "recover for a daemon.command not named charon/charon-systemd (a wrapper)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,11 +407,16 @@ class Config:
     paths: PathsConfig = _section(PathsConfig, "where the supervisor keeps its files")
     crash_reports: CrashReportsConfig = _section(CrashReportsConfig, "crash reports")
     recovery: RecoveryConfig = _section(RecoveryConfig, "kernel state recovery")
+    snapshots: SnapshotsConfig = _section(SnapshotsConfig, "snapshots of leftover kernel state")
     source: str = field(default=BUILTIN, compare=False, metadata={"internal": True})
 
     @property
     def crash_dir(self) -> str:
         return os.path.join(self.paths.state_dir, "crashes")
+
+    @property
+    def snapshot_dir(self) -> str:
+        return os.path.join(self.paths.state_dir, "snapshots")
 
     @property
     def effective_reload_commands(self) -> tuple[tuple[str, ...], ...]:

@@ -92,6 +92,17 @@ class Recovery(Protocol):
         """RECOVERING: the daemon is dead; ``decision`` says restart, stop or give up (fail closed)."""
 
 
+# Optional Recovery methods, called only when the object has them (NoRecovery has none):
+#   attach(loop) / detach()        loop thread, once at the start / end of run(): e.g. register
+#                                  fds (kernel monitors) in the loop; detach runs before it closes
+#   on_daemon_spawned(pid)         loop thread, right after the spawn; must not block (attribution
+#                                  of kernel changes by the daemon's netlink ports starts here)
+#   crash_report_section(info)     reports thread, before a crash report for INFO is written; may
+#                                  wait (bounded) for on_daemon_exit; its dict goes under "recovery"
+#   status()                       loop thread, for the control socket's status; must be quick
+OPTIONAL_RECOVERY_HOOKS = ("attach", "detach", "on_daemon_spawned", "crash_report_section", "status")
+
+
 class NoRecovery:
     """The default: recovery does nothing."""
 
@@ -559,6 +570,7 @@ class Supervisor:
             self._worker = _Worker(wakeup, "recovery")
             self._reports = _Worker(wakeup, "reports")
             self._dirwatch = DirWatch(loop, self._dir_changed)
+            self._recovery_hook("attach", loop)
             control = ControlServer(loop, run_dir, self._control)
             try:
                 control.start()
@@ -593,6 +605,7 @@ class Supervisor:
                 control.close()
             if self._dirwatch:
                 self._dirwatch.close()
+            self._recovery_hook("detach")
             for worker in (self._worker, self._reports):
                 if worker:
                     worker.close()
@@ -697,6 +710,7 @@ class Supervisor:
                                          started_at=now, died_at=now, spawn_error=reason))
             return
         self._run = _Run(child, started_at=now)
+        self._recovery_hook("on_daemon_spawned", child.pid)
         self._fire(Event.SPAWNED, f"{' '.join(cfg.command)} is pid {child.pid}")
 
     def _daemon_env(self) -> dict[str, str]:
@@ -934,7 +948,17 @@ class Supervisor:
                 info, decision, list(self._ring), daemon_command=self.config.daemon.command,
                 restarts=self._restarts, mono_now=now, wall_now=self._wall(), health_failures=self._health_failures)
             directory, wall, keep = self.config.crash_dir, self._wall(), self.config.crash_reports.keep
-            work = lambda: written.append(crashreport.write_crash_report(directory, report, wall, keep=keep))
+            section = getattr(self.recovery, "crash_report_section", None)
+
+            def work() -> None:
+                if section is not None:
+                    try:
+                        extra = section(info)
+                    except Exception as exc:  # noqa: BLE001 - the report goes out regardless
+                        extra = {"error": f"{type(exc).__name__}: {exc}"}
+                    if extra is not None:
+                        report["recovery"] = extra
+                written.append(crashreport.write_crash_report(directory, report, wall, keep=keep))
         else:
             work = lambda: None
 
@@ -1230,8 +1254,28 @@ class Supervisor:
                        .isoformat(timespec="seconds"),
                        "last_reload_error": self._reload_error},
             "last_crash_report": self._last_report,
+            "recovery": self._recovery_status(),
             "summary": self._status_line(),
         }
+
+    def _recovery_status(self) -> dict | None:
+        status = getattr(self.recovery, "status", None)
+        if status is None:
+            return None
+        try:
+            return status()
+        except Exception as exc:  # noqa: BLE001 - status must answer whatever recovery does
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+    def _recovery_hook(self, name: str, *args) -> None:
+        """Call an optional Recovery hook (see OPTIONAL_RECOVERY_HOOKS); errors are logged, never raised."""
+        hook = getattr(self.recovery, name, None)
+        if hook is None:
+            return
+        try:
+            hook(*args)
+        except Exception:  # noqa: BLE001 - recovery trouble must not stop supervision
+            log.exception("recovery.%s failed; going on", name)
 
     def _status_line(self) -> str:
         name = self._daemon_name

@@ -15,6 +15,19 @@ A behaviour is a dict of:
   on_term       "exit" | "ignore" | an exit code, for SIGTERM/SIGINT    ("exit")
   ignore_abort  ignore SIGABRT (so only SIGKILL ends a hang)            (false)
   lines         lines printed to stdout at start, then to stderr: stderr_lines
+Kernel state, like charon (netlink sockets opened once and held for the process's life):
+  kernel        [[op, family, record JSON], ...] done before the pid file appears; op is
+                "add" (EEXIST ignored, as charon does for routes and its rule), "update"
+                (XFRM UPDPOLICY/UPDSA, route replace) or "delete"
+  kernel_later  the same, done kernel_delay seconds (0.2) after the pid file appears
+  commands      argv lists run as child processes after `kernel` (updown-style iptables)
+VICI beyond `version` (streamed commands send their events, then the answer):
+  vici_daemon   the daemon name `version` answers                       ("fake-ikd")
+  vici_conns    list-conns: the list-conn event bodies                   ([])
+  vici_sas      list-sas: the list-sa event bodies                       ([])
+  on_initiate   {"conn/child": {"kernel": [...], "sas": [list-sa bodies]}}: done when that
+                child is initiated (answered at once, as VICI's timeout -1 does); its sas
+                are added to what list-sas reports from then on
 Every start, signal and VICI request is appended to EV.jsonl as one JSON object per line.
 """
 
@@ -41,7 +54,7 @@ def _fd_is_open(fd: int) -> bool:
 # What the process inherited (the supervisor must close everything but 0-2).
 INHERITED_FDS = [fd for fd in range(3, 256) if _fd_is_open(fd)]
 
-from vici.protocol import Message, Packet  # noqa: E402  (the same encoder charon's clients use)
+from vici.protocol import FiniteStream, Message, Packet  # noqa: E402  (the same encoder charon's clients use)
 
 EVENTS_LOCK = threading.Lock()
 
@@ -61,7 +74,70 @@ def _status_field(name: str) -> str:
     return ""
 
 
-def serve_vici(path: str, mode: str, events: str) -> None:
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Kernel:
+    """The fake's netlink sockets, opened on first use and held open (attribution needs them)."""
+
+    def __init__(self):
+        sys.path.insert(0, ROOT)
+        from supervisor.kernel import addresses, routes, rules, xfrm
+        from supervisor.kernel.netlink import AlreadyExists
+        from supervisor.kernel.rtnl import Rtnl
+        from supervisor.kernel_state import FAMILIES
+        self.families = FAMILIES
+        self.exists = AlreadyExists
+        self.xs, self.rtnl = xfrm.open_socket(), Rtnl()
+        xs, rtnl = self.xs, self.rtnl
+        self.ops = {
+            ("add", "xfrm_policy"): lambda r: xfrm.add_policy(r, sock=xs),
+            ("update", "xfrm_policy"): lambda r: xfrm.update_policy(r, sock=xs),
+            ("delete", "xfrm_policy"): lambda r: xfrm.delete_policy(r, sock=xs),
+            ("add", "xfrm_sa"): lambda r: xfrm.add_sa(r, sock=xs),
+            ("update", "xfrm_sa"): lambda r: xfrm.update_sa(r, sock=xs),
+            ("delete", "xfrm_sa"): lambda r: xfrm.delete_sa(r, sock=xs),
+            ("add", "route"): lambda r: routes.add_route(r, rtnl=rtnl),
+            ("update", "route"): lambda r: routes.add_route(r, rtnl=rtnl, replace=True),
+            ("delete", "route"): lambda r: routes.delete_route(r, rtnl=rtnl),
+            ("add", "rule"): lambda r: rules.add_rule(r, rtnl=rtnl),
+            ("delete", "rule"): lambda r: rules.delete_rule(r, rtnl=rtnl),
+            ("add", "address"): lambda r: addresses.add_address(r, rtnl=rtnl),
+            ("delete", "address"): lambda r: addresses.delete_address(r, rtnl=rtnl),
+        }
+
+    def apply(self, steps, events: str) -> None:
+        for op, family, doc in steps:
+            obj = self.families[family].record_type.from_json(doc)
+            try:
+                self.ops[(op, family)](obj)
+                result = "done"
+            except Exception as exc:  # noqa: BLE001 - EEXIST is what charon ignores; the rest is fatal
+                if not isinstance(exc, self.exists) and getattr(exc, "errno", None) != 17:
+                    raise
+                result = "exists"
+            record(events, event="kernel", op=op, family=family, result=result)
+
+
+_KERNEL: list = []
+
+
+def kernel() -> Kernel:
+    if not _KERNEL:
+        _KERNEL.append(Kernel())
+    return _KERNEL[0]
+
+
+def _vici_packet(ptype: int, name: str | None = None, message: dict | None = None) -> bytes:
+    body = bytes([ptype])
+    if name is not None:
+        body += bytes([len(name)]) + name.encode()
+    if message is not None:
+        body += Message.serialize(message)
+    return struct.pack("!I", len(body)) + body
+
+
+def serve_vici(path: str, mode: str, events: str, behaviour: dict | None = None) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -83,20 +159,47 @@ def serve_vici(path: str, mode: str, events: str) -> None:
                 packet, buf = buf[4:4 + length], buf[4 + length:]
                 ptype, nlen = packet[0], packet[1]
                 name = packet[2:2 + nlen].decode()
-                record(events, event="vici", command=name, mode=mode)
+                args = {}
+                if ptype == Packet.CMD_REQUEST and len(packet) > 2 + nlen:
+                    args = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in
+                            Message.deserialize(FiniteStream(packet[2 + nlen:])).items()}
+                if ptype == Packet.CMD_REQUEST:
+                    record(events, event="vici", command=name, mode=mode, **({"args": args} if args else {}))
                 if mode == "ignore":
                     threading.Event().wait()  # accepted, never answered: a hung daemon
-                if ptype == Packet.CMD_REQUEST and name == "version":
-                    body = bytes([Packet.CMD_RESPONSE]) + Message.serialize(
-                        {"daemon": "fake-ikd", "version": "5.9.8-fake", "sysname": "Linux",
-                         "release": "test", "machine": "x86_64"})
-                else:
-                    body = bytes([Packet.CMD_UNKNOWN])
-                conn.sendall(struct.pack("!I", len(body)) + body)
+                conn.sendall(_vici_answer(ptype, name, args, b, events))
 
+    b = behaviour or {}
     while True:
         conn, _ = srv.accept()
         threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+
+_EXTRA_SAS: list = []
+
+
+def _vici_answer(ptype: int, name: str, args: dict, b: dict, events: str) -> bytes:
+    if ptype in (Packet.EVENT_REGISTER, Packet.EVENT_UNREGISTER):
+        return _vici_packet(Packet.EVENT_CONFIRM)
+    if ptype != Packet.CMD_REQUEST:
+        return _vici_packet(Packet.CMD_UNKNOWN)
+    if name == "version":
+        return _vici_packet(Packet.CMD_RESPONSE, message={
+            "daemon": b.get("vici_daemon", "fake-ikd"), "version": "5.9.8-fake", "sysname": "Linux",
+            "release": "test", "machine": "x86_64"})
+    if name == "list-conns":
+        return b"".join(_vici_packet(Packet.EVENT, "list-conn", c) for c in b.get("vici_conns", [])) + \
+            _vici_packet(Packet.CMD_RESPONSE, message={})
+    if name == "list-sas":
+        return b"".join(_vici_packet(Packet.EVENT, "list-sa", ike)
+                        for ike in b.get("vici_sas", []) + _EXTRA_SAS) + _vici_packet(Packet.CMD_RESPONSE, message={})
+    if name == "initiate":
+        todo = b.get("on_initiate", {}).get(f"{args.get('ike')}/{args.get('child')}")
+        if todo:
+            kernel().apply(todo.get("kernel", []), events)
+            _EXTRA_SAS.extend(todo.get("sas", []))
+        return _vici_packet(Packet.CMD_RESPONSE, message={"success": "yes"})
+    return _vici_packet(Packet.CMD_UNKNOWN)
 
 
 def main() -> None:
@@ -145,9 +248,15 @@ def main() -> None:
 
     if b.get("start_delay"):
         time.sleep(b["start_delay"])
+    if b.get("kernel"):
+        kernel().apply(b["kernel"], args.events)
+    for argv in b.get("commands", []):
+        import subprocess
+        subprocess.run(argv, check=True)
+        record(args.events, event="command", argv=argv)
     mode = b.get("vici", "answer")
     if mode != "none":
-        threading.Thread(target=serve_vici, args=(args.vici, mode, args.events), daemon=True).start()
+        threading.Thread(target=serve_vici, args=(args.vici, mode, args.events, b), daemon=True).start()
         deadline = time.monotonic() + 5
         while not os.path.exists(args.vici) and time.monotonic() < deadline:
             time.sleep(0.001)
@@ -156,6 +265,12 @@ def main() -> None:
         with open(tmp, "w") as fh:
             fh.write(f"{os.getpid()}\n")
         os.rename(tmp, args.pid_file)
+
+    if b.get("kernel_later"):
+        def later():
+            kernel().apply(b["kernel_later"], args.events)
+            record(args.events, event="kernel_later_done")
+        threading.Timer(b.get("kernel_delay", 0.2), later).start()
 
     if "exit_after" in b:
         def do_exit():

@@ -1,4 +1,5 @@
-"""``ipsec-supervisor leftovers`` and ``flush``: what charon left in the kernel, and removing it."""
+"""``ipsec-supervisor leftovers``, ``flush`` and ``reconcile --dry-run``: what charon left in the kernel,
+removing it, and the plan the supervisor would apply now."""
 
 from __future__ import annotations
 
@@ -43,6 +44,21 @@ def register(sub) -> None:
                         "until a later flush without this option (or the supervisor) removes them")
     f.add_argument("--json", action="store_true", help="print the plan and results as JSON")
     f.set_defaults(func=cmd_flush)
+
+    r = sub.add_parser("reconcile", parents=[common], help="show the recovery plan the supervisor would apply now",
+                       description="Print the plan the supervisor's recovery (recovery.mode in its "
+                                   "configuration) would apply now: with no charon running, what it does "
+                                   "with the leftovers before charon starts; with charon running, how the "
+                                   "leftovers of its predecessor are adopted now and when "
+                                   "recovery.adopt_grace ends (asking charon over VICI). Reads the ledger "
+                                   "under the run directory when present, else judges by charon's markers. "
+                                   "Changes nothing: the supervisor applies plans itself.")
+    r.add_argument("--dry-run", action="store_true", required=True,
+                   help="print the plan, change nothing (required: only the supervisor applies plans)")
+    r.add_argument("--config", metavar="PATH", help="the supervisor's configuration (as for 'run')")
+    r.add_argument("--vici", metavar="SOCKET", help="charon's VICI socket (default: daemon.vici_socket)")
+    r.add_argument("--json", action="store_true", help="print the plans as JSON")
+    r.set_defaults(func=cmd_reconcile)
 
 
 def _common_parser():
@@ -186,3 +202,107 @@ def cmd_flush(args) -> int:
             print("fail-closed blocks stay until charon re-installs its policies and they are removed "
                   "(the supervisor does this, or run flush again without --fail-closed)")
     return ExitCode.FAILED if bad else ExitCode.OK
+
+
+# --- reconcile --dry-run ------------------------------------------------------------------
+
+def _reconcile_ledger(args, run_dir: str, inode: int) -> tuple[Ledger | None, str | None, str | None]:
+    """(ledger, its path, a note why none is used) for the supervisor's run directory."""
+    if args.no_ledger:
+        return None, None, "--no-ledger"
+    path = args.ledger or ledger_path(run_dir)
+    if not os.path.exists(path):
+        if args.ledger is not None:
+            raise LedgerError(f"cannot read ledger {path}: No such file or directory")
+        return None, None, f"no ledger at {path}"
+    ledger = load_ledger(path)
+    if ledger.netns_inode is not None and ledger.netns_inode != inode:
+        return None, path, (f"ledger {path} belongs to another network namespace (inode {ledger.netns_inode}, "
+                            f"this one is {inode})")
+    return ledger, path, None
+
+
+def cmd_reconcile(args) -> int:
+    import time as _time
+
+    from .. import adopt
+    from ..config import load_config
+    from ..ledger import HOW_INHERITED
+    from ..recovery import (ADOPT, NONE, ViciError, choose_recovery, list_conns, list_sas, recovery_plan)
+    from ..policy import Action
+
+    _require_root()
+    cfg = load_config(args.config)
+    rc = cfg.recovery
+    options = ReadOptions(route_table=args.route_table, rule_priority=args.rule_priority)
+    markers = MarkerConfig(route_table=args.route_table, rule_priority=args.rule_priority)
+    with netns.enter(args.netns):
+        state = read_state(options)
+    where = state.netns.name or f"inode {state.netns.inode}"
+    ledger, path, why_not = _reconcile_ledger(args, cfg.paths.run_dir, state.netns.inode)
+    names = tuple(dict.fromkeys((os.path.basename(cfg.daemon.command[0]),) + DAEMON_NAMES))
+    daemons = running_daemons(state.netns.inode, names)
+    doc: dict = {"netns": state.netns.to_json(), "mode": rc.mode, "ledger": path, "ledger_note": why_not,
+                 "daemon": None, "plan": None, "at_grace": None, "notes": []}
+    notes: list[str] = doc["notes"]
+    ownership = decide_ownership(state.objects, markers, ledger, args.virtual_ip)
+    plan = grace_plan = None
+    if rc.mode == NONE:
+        notes.append("recovery.mode is none: the supervisor leaves all kernel state alone")
+    elif not daemons:
+        choice = choose_recovery(rc.mode, fail_closed=rc.fail_closed, on_stop=rc.on_stop, exit_class=None,
+                                 decision=Action.RESTART)
+        plan = recovery_plan(choice, state, ownership)
+        notes.append(f"no charon runs here: before charon starts, {choice.reason}")
+    else:
+        pid, name = daemons[0]
+        doc["daemon"] = {"pid": pid, "name": name}
+        if ledger is None:
+            notes.append(f"{name} pid {pid} runs; without a ledger every object the markers claim is the "
+                         "running charon's: nothing to reconcile")
+        elif ledger.daemon_pid not in (None, pid):
+            notes.append(f"{name} pid {pid} runs, but the ledger is of pid {ledger.daemon_pid}: a supervisor "
+                         "leaves the state of a charon it did not start alone")
+        else:
+            inherited = [(e.record, e.verdict()) for e in ledger.owned() if e.how == HOW_INHERITED]
+            reqids = {r.reqid for r, _ in inherited if r.FAMILY == "xfrm_sa"} | {
+                t.reqid for r, _ in inherited if r.FAMILY == "xfrm_policy" for t in r.templates}
+            inherited += [(r, v) for r, v in ownership.owned("firewall")
+                          if r.updown is not None and r.updown.reqid in reqids]
+            configured = active = None
+            vici = args.vici or cfg.daemon.vici_socket
+            if vici:
+                try:
+                    configured, active = list_conns(vici), list_sas(vici)
+                except ViciError as exc:
+                    notes.append(f"{exc}: matching without charon's configuration")
+            if rc.mode != ADOPT:
+                plan = adopt.plan_wait(inherited, f"recovery.mode {rc.mode}: left in place")
+            else:
+                common = dict(ledger=ledger, configured=configured, active=active,
+                              local_addresses=frozenset(a.address for a in state.objects.get("address", ())),
+                              markers=markers, fail_closed=rc.fail_closed, initiate=rc.adopt_initiate)
+                now = _time.monotonic()
+                plan = adopt.plan_adopt(inherited, now=now, deadline=now + rc.adopt_grace, **common)
+                grace_plan = adopt.plan_adopt(inherited, now=now, deadline=now, **common)
+            if not inherited:
+                notes.append(f"{name} pid {pid} runs and no leftover of its predecessor is left")
+    doc["plan"] = plan.to_json() if plan is not None else None
+    doc["at_grace"] = grace_plan.to_json() if grace_plan is not None else None
+    if args.json:
+        json.dump(doc, sys.stdout, indent=1)
+        print()
+        return ExitCode.OK
+    basis = f"ledger {path} and markers" if ledger is not None else f"markers only ({why_not})"
+    print(f"reconcile in network namespace {where} (recovery.mode {rc.mode}; judged by {basis}) -- dry run, "
+          "nothing changed")
+    for note in notes:
+        print(f"note: {note}")
+    for title, p in (("now", plan), ("when recovery.adopt_grace ends", grace_plan)):
+        if p is None:
+            continue
+        print(f"plan {title}: {len(p)} action(s), {p.foreign} foreign object(s) left alone"
+              + (", fail-closed" if p.fail_closed else ""))
+        for line in p.lines():
+            print(line)
+    return ExitCode.OK

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 
 from ..config import flatten, load_config
@@ -36,13 +38,23 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def make_recovery(cfg):
-    """The kernel-state Recovery for ``cfg.recovery.mode``; the recovery issue plugs in here.
+CHARON_NAMES = ("charon", "charon-systemd")
 
-    Until then every mode gets the no-op ``starter.NoRecovery``.
-    """
+
+def make_recovery(cfg):
+    """The kernel-state Recovery for ``cfg.recovery.mode``; none (or a daemon that is not charon) gets
+    the no-op ``starter.NoRecovery``: ownership markers and settings are charon's."""
     from ..starter import NoRecovery
-    return NoRecovery()
+    if cfg.recovery.mode == "none":
+        return NoRecovery()
+    name = os.path.basename(cfg.daemon.command[0])
+    if name not in CHARON_NAMES and not cfg.recovery.any_daemon:
+        logging.getLogger("supervisor").warning(
+            "kernel-state recovery is off: daemon.command %s is not charon or charon-systemd (set "
+            "recovery.any_daemon: true in %s if it runs charon)", cfg.daemon.command[0], cfg.source)
+        return NoRecovery()
+    from ..recovery import KernelRecovery
+    return KernelRecovery(cfg)
 
 
 def run(args) -> int:
