@@ -13,6 +13,7 @@ import math
 import os
 import re
 import signal
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -29,6 +30,8 @@ GIVE_UP_ACTIONS = ("exit", "stay")
 RECOVERY_MODES = ("adopt", "flush", "keep", "none")
 STOP_ACTIONS = ("flush", "keep")
 DAEMON_OUTPUTS = ("pty", "pipe")
+DAEMON_CONFIG_KINDS = ("auto", "swanctl", "ipsec.conf")
+SWANCTL_LOAD_ALL = ("/usr/sbin/swanctl", "--load-all", "--noprompt")
 
 
 # ---------------------------------------------------------------------------
@@ -301,9 +304,16 @@ class DaemonConfig:
     output: str = _key(choice(DAEMON_OUTPUTS), "pty",
                        "pty: stdio line-buffers, so the last lines before a crash arrive; pipe: a plain pipe")
     start_timeout: float = _key(duration(positive=True), 10.0, "time to become ready (pid file + VICI)")
-    load_commands: tuple[tuple[str, ...], ...] = _key(
-        commands(), (("/usr/sbin/swanctl", "--load-all", "--noprompt"),),
-        "run in order once the daemon answers; then the supervisor reports ready")
+    config: str = _key(choice(DAEMON_CONFIG_KINDS), "auto",
+                       "where connections come from: swanctl, ipsec.conf, or auto (ipsec.conf when it "
+                       "defines a conn to load, else swanctl)")
+    ipsec_conf: str = _key(abs_path(), "/etc/ipsec.conf", "ipsec.conf read when daemon.config is ipsec.conf")
+    ipsec_secrets: str | None = _key(abs_path(nullable=True), "/etc/ipsec.secrets",
+                                     "ipsec.secrets loaded with ipsec.conf; null: none")
+    load_commands: tuple[tuple[str, ...], ...] | None = _key(
+        commands(nullable=True), None,
+        "run in order once the daemon answers, then the supervisor reports ready; "
+        "null: by daemon.config")
     load_timeout: float = _key(duration(positive=True), 30.0, "time limit of each load command")
     reload_commands: tuple[tuple[str, ...], ...] | None = _key(
         commands(nullable=True), None, "run on SIGUSR1; null: the load commands")
@@ -419,9 +429,49 @@ class Config:
         return os.path.join(self.paths.state_dir, "snapshots")
 
     @property
+    def config_kind(self) -> str:
+        """swanctl or ipsec.conf: daemon.config with auto resolved by what exists now."""
+        kind = self.daemon.config
+        if kind == "auto":
+            from .legacy.ipsec_conf import has_loadable_conns
+            kind = "ipsec.conf" if has_loadable_conns(self.daemon.ipsec_conf) else "swanctl"
+        return kind
+
+    def _ipsec_conf_loader(self, mode: str) -> tuple[str, ...]:
+        argv = [sys.executable, "-m", "supervisor.cli", "load-ipsec-conf", "--mode", mode,
+                "--file", self.daemon.ipsec_conf,
+                "--state", os.path.join(self.paths.run_dir, "ipsec-conf.state")]
+        argv += ["--secrets", self.daemon.ipsec_secrets] if self.daemon.ipsec_secrets else ["--no-secrets"]
+        if self.daemon.vici_socket:
+            argv += ["--vici", self.daemon.vici_socket]
+        return tuple(argv)
+
+    @property
+    def effective_load_commands(self) -> tuple[tuple[str, ...], ...]:
+        if self.daemon.load_commands is not None:
+            return self.daemon.load_commands
+        if self.config_kind == "ipsec.conf":
+            return (self._ipsec_conf_loader("load"),)
+        return (SWANCTL_LOAD_ALL,)
+
+    @property
     def effective_reload_commands(self) -> tuple[tuple[str, ...], ...]:
         r = self.daemon.reload_commands
-        return self.daemon.load_commands if r is None else r
+        if r is not None:
+            return r
+        if self.daemon.load_commands is None and self.config_kind == "ipsec.conf":
+            # ipsec.conf: what changed since the last load (strongSwan's `ipsec update`).
+            return (self._ipsec_conf_loader("update"),)
+        return self.effective_load_commands
+
+    @property
+    def effective_daemon_command(self) -> tuple[str, ...]:
+        """daemon.command, plus charondebug's --debug-TYPE LEVEL pairs in ipsec.conf mode."""
+        if self.config_kind != "ipsec.conf":
+            return self.daemon.command
+        from .legacy.loader import daemon_options
+        extra, _settings = daemon_options(self.daemon.ipsec_conf)
+        return self.daemon.command + tuple(extra)
 
 
 def default_config() -> Config:

@@ -294,7 +294,7 @@ def check_strongswan(config: Config, daemon_version: str | None = None) -> Adopt
     """Can the installed strongSwan adopt? From charon's version (VICI, else swanctl --version) and settings."""
     version = parse_version(daemon_version)
     if version is None:
-        swanctl = next((argv[0] for argv in config.daemon.load_commands if os.path.basename(argv[0]) == "swanctl"),
+        swanctl = next((argv[0] for argv in config.effective_load_commands if os.path.basename(argv[0]) == "swanctl"),
                        "/usr/sbin/swanctl")
         try:
             proc = subprocess.run([swanctl, "--version"], capture_output=True, text=True, timeout=5,

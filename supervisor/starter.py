@@ -701,8 +701,15 @@ class Supervisor:
         self._load_ok, self._load_error = None, None
         now = self._now()
         try:
-            child = Child(self._loop, cfg.command, self._daemon_env(), on_line=self._daemon_line,
+            argv = self.config.effective_daemon_command
+            child = Child(self._loop, argv, self._daemon_env(), on_line=self._daemon_line,
                           on_exit=self._daemon_exited, pty=cfg.output == "pty")
+        except SupervisorError as exc:   # ipsec.conf mode: charondebug unreadable
+            reason = str(exc)
+            log.error("cannot start %s: %s", self._daemon_name, reason)
+            self._record_death(exit_info(self.config.restart, pid=0, wait_status=None, cause=Cause.NONE,
+                                         started_at=now, died_at=now, spawn_error=reason))
+            return
         except (OSError, subprocess.SubprocessError) as exc:
             reason = f"{cfg.command[0]}: {getattr(exc, 'strerror', None) or exc}"
             log.error("cannot start %s: %s", self._daemon_name, reason)
@@ -711,7 +718,7 @@ class Supervisor:
             return
         self._run = _Run(child, started_at=now)
         self._recovery_hook("on_daemon_spawned", child.pid)
-        self._fire(Event.SPAWNED, f"{' '.join(cfg.command)} is pid {child.pid}")
+        self._fire(Event.SPAWNED, f"{' '.join(argv)} is pid {child.pid}")
 
     def _daemon_env(self) -> dict[str, str]:
         env = {k: v for k, v in self._environ.items() if k not in PRIVATE_ENV}
@@ -803,7 +810,7 @@ class Supervisor:
         log.info("%s (pid %d) answers after %.3fs; loading its configuration", self._daemon_name,
                  self._run.child.pid, self._run.ready_at - self._run.started_at)
         cfg = self.config.daemon
-        self._load_seq = CommandSequence(self._loop, "load", cfg.load_commands, self._daemon_env(), cfg.load_timeout,
+        self._load_seq = CommandSequence(self._loop, "load", self.config.effective_load_commands, self._daemon_env(), cfg.load_timeout,
                                          self._loaded)
 
     def _loaded(self, ok: bool, detail: str) -> None:

@@ -77,11 +77,18 @@ def test_empty_file_means_defaults():
     assert parse_config("restart:\n  backoff:\n", "x") == default_config()
 
 
-def test_default_is_charon_with_swanctl_loading_and_adopt_recovery():
+def test_default_is_charon_with_swanctl_loading_and_adopt_recovery(tmp_path):
     cfg = default_config()
     assert cfg.daemon.command == ("/usr/lib/ipsec/charon",)
-    assert cfg.daemon.load_commands == (("/usr/sbin/swanctl", "--load-all", "--noprompt"),)
-    assert cfg.effective_reload_commands == cfg.daemon.load_commands
+    assert cfg.daemon.config == "auto" and cfg.daemon.load_commands is None
+    # A stock Debian ipsec.conf has no conn: auto means swanctl.
+    stock = tmp_path / "ipsec.conf"
+    stock.write_text("config setup\n  # charondebug=\"ike 2\"\n\n#conn sample\n#  left=%any\n")
+    cfg = parse_config(f"daemon: {{ipsec_conf: {stock}}}")
+    assert cfg.config_kind == "swanctl"
+    assert cfg.effective_load_commands == (("/usr/sbin/swanctl", "--load-all", "--noprompt"),)
+    assert cfg.effective_reload_commands == cfg.effective_load_commands
+    assert cfg.effective_daemon_command == ("/usr/lib/ipsec/charon",)
     assert cfg.recovery.mode == "adopt"
     assert cfg.restart.prevent_exit_codes == (64, 65, 66)
     assert cfg.crash_dir == "/var/lib/ipsec-supervisor/crashes"
@@ -264,3 +271,28 @@ def test_config_is_immutable():
     cfg = Config()
     with pytest.raises(Exception):
         cfg.restart.policy = "never"  # type: ignore[misc]
+
+
+def test_auto_picks_ipsec_conf_when_it_defines_a_conn_and_loads_it_over_vici(tmp_path):
+    conf = tmp_path / "ipsec.conf"
+    conf.write_text('config setup\n  charondebug="ike 2, knl 3"\n\n'
+                    "conn home\n  left=192.0.2.1\n  right=192.0.2.2\n  authby=secret\n  auto=route\n")
+    cfg = parse_config(f"daemon: {{ipsec_conf: {conf}, ipsec_secrets: null, vici_socket: /run/x.vici}}\n"
+                       "paths: {run_dir: /run/t}")
+    assert cfg.config_kind == "ipsec.conf"
+    (load,) = cfg.effective_load_commands
+    assert load[1:5] == ("-m", "supervisor.cli", "load-ipsec-conf", "--mode") and load[5] == "load"
+    assert ["--file", str(conf)] == list(load[6:8]) and "--no-secrets" in load
+    assert load[-2:] == ("--vici", "/run/x.vici") and "/run/t/ipsec-conf.state" in load
+    (reload,) = cfg.effective_reload_commands
+    assert reload[5] == "update"
+    assert cfg.effective_daemon_command == ("/usr/lib/ipsec/charon", "--debug-ike", "2", "--debug-knl", "3")
+    # Explicit load commands win over daemon.config.
+    cfg = parse_config(f"daemon: {{ipsec_conf: {conf}, load_commands: [[/bin/true]]}}")
+    assert cfg.effective_load_commands == (("/bin/true",),)
+    assert cfg.effective_reload_commands == (("/bin/true",),)
+
+
+def test_daemon_config_kind_is_validated():
+    with pytest.raises(ConfigError, match=r"daemon\.config"):
+        parse_config("daemon: {config: stroke}")

@@ -104,7 +104,7 @@ def judge_start(status: dict | None, exited: int | None, elapsed: float, timeout
 
 def default_start_timeout(cfg: Config) -> float:
     """How long `ipsec start` waits: one start, its loads, recovery, and a margin."""
-    loads = max(1, len(cfg.daemon.load_commands))
+    loads = max(1, len(cfg.effective_load_commands))
     return cfg.daemon.start_timeout + loads * cfg.daemon.load_timeout + cfg.recovery.timeout + 5.0
 
 
