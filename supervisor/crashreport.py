@@ -6,10 +6,10 @@ import datetime as _dt
 import json
 import os
 import socket
-import tempfile
 from typing import Sequence
 
 from . import __version__
+from .atomicfile import write_atomic
 from .policy import Decision, ExitInfo, signal_name
 
 REPORT_VERSION = 1
@@ -67,26 +67,7 @@ def write_crash_report(directory: str, report: dict, wall_now: float, keep: int 
     """Write ``report`` atomically (temp file, fsync, rename) as 0600; prune to ``keep`` files."""
     os.makedirs(directory, mode=0o700, exist_ok=True)
     path = os.path.join(directory, report_name(report, wall_now))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".crash-", suffix=".tmp")  # mkstemp: mode 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)  # the rename itself must survive a power loss
-    finally:
-        os.close(dfd)
+    write_atomic(path, json.dumps(report, indent=2, sort_keys=False) + "\n", mode=0o600, prefix=".crash-")
     if keep is not None:
         prune_crash_reports(directory, keep)
     return path

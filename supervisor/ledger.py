@@ -30,11 +30,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from .atomicfile import write_atomic
 from .errors import SupervisorError
 from .kernel.common import Action, KernelEvent
 from .ownership import (RULE_LEDGER_BASELINE, RULE_LEDGER_DAEMON, RULE_LEDGER_FOREIGN,
@@ -392,35 +392,12 @@ def ledger_to_document(ledger: Ledger) -> dict:
 
 def save_ledger(path: str, ledger: Ledger) -> str:
     """Write LEDGER to PATH atomically (temp file, fsync, rename), mode 0600."""
-    directory = os.path.dirname(os.path.abspath(path)) or "."
     text = json.dumps(ledger_to_document(ledger), separators=(",", ":"))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".ledger-", suffix=".tmp", dir=directory)
+        return write_atomic(path, text, mode=0o600, prefix=".ledger-")
     except OSError as exc:
-        raise LedgerError(f"cannot write ledger {path}: {exc.strerror} in {directory} "
+        raise LedgerError(f"cannot write ledger {path}: {exc.strerror or exc} "
                           "(the previous ledger, if any, is unchanged)") from None
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise LedgerError(f"cannot write ledger {path}: {exc.strerror} "
-                              "(the previous ledger, if any, is unchanged)") from None
-        raise
-    dirfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
-    return path
 
 
 def _bad(path: str, problem: str) -> LedgerError:

@@ -10,11 +10,11 @@ import json
 import os
 import platform
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from .atomicfile import write_atomic
 from .errors import SnapshotError, SupervisorError
 from .kernel_state import FAMILIES, KernelState
 
@@ -79,35 +79,12 @@ def _document_chunks(snap: Snapshot) -> Iterator[str]:
 
 def write_snapshot(path: str, snap: Snapshot) -> str:
     """Write atomically (temp file in the same directory, fsync, rename), mode 0600."""
-    directory = os.path.dirname(os.path.abspath(path)) or "."
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".snapshot-", suffix=".tmp", dir=directory)
+        return write_atomic(path, _document_chunks(snap), mode=0o600, prefix=".snapshot-")
     except OSError as exc:
-        raise SupervisorError(f"cannot write snapshot {path}: {exc.strerror} in {directory} "
-                              "(nothing was written)") from None
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            for chunk in _document_chunks(snap):
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise SupervisorError(f"cannot write snapshot {path}: {exc.strerror} "
-                                  "(nothing was written)") from None
-        raise
-    dirfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
-    return path
+        where = os.path.dirname(os.path.abspath(path))
+        raise SupervisorError(f"cannot write snapshot {path}: {exc.strerror or exc} (in {where}; "
+                              "nothing was written)") from None
 
 
 def _bad(path: str, problem: str) -> SnapshotError:

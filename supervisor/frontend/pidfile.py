@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import enum
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Sequence
+
+from ..atomicfile import write_atomic
 
 PID_FILE_NAME = "supervisor.pid"
 START_LOCK_NAME = "start.lock"
@@ -117,19 +118,7 @@ def inspect_pid_file(path: str, proc: str = "/proc") -> PidFile:
 
 def write_pid_file(path: str, pid: int) -> None:
     """Write PID atomically (a reader never sees a half-written file)."""
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".pid-")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(f"{pid}\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_atomic(path, f"{pid}\n", mode=0o644, prefix=".pid-", durable=False)
 
 
 def remove_pid_file(path: str, pid: int | None) -> bool:
