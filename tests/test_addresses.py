@@ -255,3 +255,23 @@ def test_from_json_rejects_bad_input(change, error):
         Address.from_json({**good, **change})
     with pytest.raises(KeyError):
         Address.from_json({k: v for k, v in good.items() if k != "address"})
+
+
+def test_struct_decoder_makes_every_address_exactly_as_pyroute2_decoding_does(addressed):
+    from supervisor.kernel import addresses as addresses_mod, netlink, rtnl as rtnl_mod
+    with addressed.enter(), netlink.NetlinkSocket(netlink.NETLINK_ROUTE, strict_check=True) as sock:
+        names = rtnl_mod.interface_names(sock)
+        chunks = sock.dump_raw(rtnl_mod.RTM_GETADDR, bytes(8))      # every family
+    ours = addresses_mod.decode_addresses(chunks, names)
+    theirs = []
+    for data in chunks:
+        for off, _len, msg_type, *_ in netlink.walk_messages(data):
+            if msg_type == rtnl_mod.RTM_NEWADDR:
+                msg = rtnl_mod.AddrMsg(data, offset=off)
+                msg.decode()
+                address = addresses_mod.address_from_msg(msg, names)
+                if address is not None:
+                    theirs.append(address)
+    assert ours == theirs
+    for field in ("peer", "label", "broadcast", "proto", "rt_priority", "valid_lft"):
+        assert any(getattr(a, field) is not None for a in ours), field

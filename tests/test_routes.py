@@ -425,7 +425,15 @@ def test_raw_dump_decodes_every_route_exactly_as_pyroute2_does(routed):
     from supervisor.kernel import netlink, rtnl as rtnl_mod, routes as routes_mod
     routed.sh(ODD_ROUTES)
     with routed.enter(), netlink.NetlinkSocket(netlink.NETLINK_ROUTE, strict_check=True) as sock:
-        names = routes_mod._interface_names(sock)
+        names = rtnl_mod.interface_names(sock)
+        theirs_names = {}
+        for data in sock.dump_raw(rtnl_mod.RTM_GETLINK, bytes(16)):
+            for off, _len, msg_type, *_ in netlink.walk_messages(data):
+                if msg_type == rtnl_mod.RTM_NEWLINK:
+                    link = rtnl_mod.LinkMsg(data, offset=off)
+                    link.decode()
+                    theirs_names[link["index"]] = link.get_attr("IFLA_IFNAME")
+        assert names == theirs_names
         for af in (2, 10):
             chunks = sock.dump_raw(rtnl_mod.RTM_GETROUTE, bytes([af]) + bytes(11))
             ours = routes_mod.decode_routes(chunks, names)

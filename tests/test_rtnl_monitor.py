@@ -200,3 +200,93 @@ def test_unreadable_message_becomes_an_overrun_marker_not_a_crash(wired):
         monitor._decode(struct.pack("=IHHII", 20, 24, 0, 1, 77) + bytes(4), events)
     assert [is_overrun(e) for e in events] == [True, True]
     assert monitor.overruns == 2
+
+
+NOTIFIED_CHANGES = """
+ip link add v7 type veth peer name v8
+ip link set v7 up
+ip addr add 198.51.100.7/24 brd + dev v7 label v7:x
+ip addr add 10.9.0.1 peer 10.9.0.2/32 dev v7
+ip -6 addr add 2001:db8:7::7/64 dev v7 nodad valid_lft 600 preferred_lft 300
+ip route add 10.7.0.0/16 via 198.51.100.1 dev v7 table 220 proto static
+ip route add 10.8.0.0/16 table 220 nexthop via 198.51.100.1 dev v7 nexthop via 192.0.2.1 dev v0
+ip -6 route add 2001:db8:8::/48 via 2001:db8:7::1 dev v7 metric 5 table 220
+ip rule add priority 220 table 220
+ip rule add priority 221 from 10.0.0.0/8 iif v7 fwmark 0x10/0xff ipproto tcp dport 443 table 221
+ip -6 rule add priority 222 uidrange 100-200 unreachable
+ip route replace 10.7.0.0/16 via 198.51.100.2 dev v7 table 220 proto static
+ip rule del priority 221
+ip route del 10.8.0.0/16 table 220
+ip addr del 10.9.0.1 peer 10.9.0.2/32 dev v7
+ip link del v7
+"""
+
+
+def test_struct_decoding_of_notifications_matches_pyroute2s(wired):
+    """Captured notification datagrams: the monitor's records are those pyroute2's decoding makes."""
+    import socket
+    from supervisor.kernel import addresses as addresses_mod, routes as routes_mod, rtnl as rtnl_mod
+    from supervisor.kernel import rules as rules_mod
+    from supervisor.kernel.netlink import walk_messages
+    with wired.enter(), RtnlMonitor() as monitor:
+        capture = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
+                                socket.NETLINK_ROUTE)
+        with capture:
+            capture.bind((0, 0))
+            for group in rtnl_mod._MONITOR_GROUPS:
+                capture.setsockopt(rtnl_mod.SOL_NETLINK, rtnl_mod.NETLINK_ADD_MEMBERSHIP, group)
+            wired.sh(NOTIFIED_CHANGES)
+            datagrams = []
+            while True:
+                try:
+                    datagrams.append(capture.recv(1 << 16))
+                except BlockingIOError:
+                    break
+        names = dict(monitor._names)
+        ours: list[KernelEvent] = []
+        for data in datagrams:
+            monitor._decode(data, ours)
+    reference = {
+        rtnl_mod.RTM_NEWROUTE: routes_mod.route_from_msg, rtnl_mod.RTM_DELROUTE: routes_mod.route_from_msg,
+        rtnl_mod.RTM_NEWRULE: rules_mod.rule_from_msg, rtnl_mod.RTM_DELRULE: rules_mod.rule_from_msg,
+        rtnl_mod.RTM_NEWADDR: addresses_mod.address_from_msg,
+        rtnl_mod.RTM_DELADDR: addresses_mod.address_from_msg,
+    }
+    classes = {rtnl_mod.RTM_NEWROUTE: rtnl_mod.RouteMsg, rtnl_mod.RTM_DELROUTE: rtnl_mod.RouteMsg,
+               rtnl_mod.RTM_NEWRULE: rtnl_mod.RuleMsg, rtnl_mod.RTM_DELRULE: rtnl_mod.RuleMsg,
+               rtnl_mod.RTM_NEWADDR: rtnl_mod.AddrMsg, rtnl_mod.RTM_DELADDR: rtnl_mod.AddrMsg,
+               rtnl_mod.RTM_NEWLINK: rtnl_mod.LinkMsg, rtnl_mod.RTM_DELLINK: rtnl_mod.LinkMsg}
+    theirs = []
+    for data in datagrams:
+        for off, _len, msg_type, _flags, _seq, pid in walk_messages(data):
+            if msg_type not in classes:
+                continue
+            msg = classes[msg_type](data, offset=off)
+            msg.decode()
+            if msg_type in (rtnl_mod.RTM_NEWLINK, rtnl_mod.RTM_DELLINK):
+                if msg.get_attr("IFLA_IFNAME") is not None:
+                    names[msg["index"]] = msg.get_attr("IFLA_IFNAME")
+                continue
+            record = reference[msg_type](msg, names)
+            if record is not None:
+                theirs.append((record, pid))
+    assert not any(is_overrun(e) for e in ours)
+    assert [(e.record, e.port_id) for e in ours] == theirs
+    kinds = {(e.family, e.action) for e in ours}
+    assert kinds >= {(f, a) for f in ("route", "rule", "address") for a in (Action.NEW, Action.DELETE)}
+    assert ("route", Action.UPDATE) in kinds
+    assert any(e.record.multipath for e in ours if e.family == "route")
+    assert any(e.family == "route" and e.record.oif_name == "v7" for e in ours)
+
+
+def test_dumps_and_the_monitor_leave_pyroute2_unimported(wired):
+    """pyroute2 costs over 20 MB: an idle supervisor (dumps, monitor) must never import it."""
+    import sys
+    script = ("import sys, supervisor.kernel_state as ks, supervisor.recovery, supervisor.starter\n"
+              "assert 'pyroute2' not in sys.modules, 'imported by the modules'\n"
+              "state = ks.read_state(ks.ReadOptions(rule_priority=None))\n"
+              "with ks.KernelWatch() as watch:\n"
+              "    watch.read_events()\n"
+              "assert state.counts()['address'] >= 2, state.counts()\n"
+              "assert 'pyroute2' not in sys.modules, 'imported by a dump or the monitor'\n")
+    wired.run(sys.executable, "-c", script)

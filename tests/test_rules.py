@@ -301,3 +301,25 @@ def test_decide_delete():
     assert decide_delete(specific, [ours, specific]) == specific
     with pytest.raises(KernelError, match="would remove rule 220: from 10.0.0.0/8 lookup 220"):
         decide_delete(ours, [specific, ours])
+
+
+# --- the struct decoder against pyroute2's (dumps and the monitor bypass pyroute2) ---
+
+def test_struct_decoder_makes_every_rule_exactly_as_pyroute2_decoding_does(ruled):
+    from supervisor.kernel import netlink, rtnl as rtnl_mod
+    with ruled.enter(), netlink.NetlinkSocket(netlink.NETLINK_ROUTE, strict_check=True) as sock:
+        chunks = sock.dump_raw(rtnl_mod.RTM_GETRULE, bytes(12))     # every family
+    ours = rules_mod.decode_rules(chunks)
+    theirs = []
+    for data in chunks:
+        for off, _len, msg_type, *_ in netlink.walk_messages(data):
+            if msg_type == rtnl_mod.RTM_NEWRULE:
+                msg = rtnl_mod.RuleMsg(data, offset=off)
+                msg.decode()
+                rule = rules_mod.rule_from_msg(msg)
+                if rule is not None:
+                    theirs.append(rule)
+    assert ours == theirs and len(ours) == 21
+    for field in ("iif", "oif", "fwmask", "goto", "flow", "suppress_prefixlen", "suppress_ifgroup",
+                  "l3mdev", "uid_range", "ip_proto", "sport_range", "dport_range", "tun_id"):
+        assert any(getattr(r, field) is not None for r in ours), field

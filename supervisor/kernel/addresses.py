@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import errno
 import socket
+import struct
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from ..errors import KernelError
 from .common import DeleteResult
+from .netlink import walk_messages
 from .rtnl import (
     FAMILY_NAMES,
     FAMILY_NUMBERS,
@@ -21,8 +24,12 @@ from .rtnl import (
     RTM_GETADDR,
     RTM_NEWADDR,
     SCOPE_NAMES,
-    AddrMsg,
+    U8,
+    U32,
     Rtnl,
+    attr_address,
+    attr_string,
+    first_attrs,
     interface_index,
     interface_names,
     json_addr,
@@ -33,6 +40,9 @@ from .rtnl import (
     name_of,
     using,
 )
+
+if TYPE_CHECKING:
+    from .rtnl import AddrMsg
 
 IFA_FLAG_NAMES = {
     0x01: "secondary", 0x02: "nodad", 0x04: "optimistic", 0x08: "dadfailed",
@@ -131,7 +141,8 @@ def _lifetime(value: int) -> int | None:
 
 
 def address_from_msg(msg: AddrMsg, names: dict[int, str]) -> Address | None:
-    """An Address from a decoded RTM_NEWADDR/DELADDR; None for other families."""
+    """An Address from pyroute2's decoding of RTM_NEWADDR/DELADDR (the reference
+    ``address_at`` is tested against); None for other families."""
     family = FAMILY_NAMES.get(msg["family"])
     if family is None:
         return None
@@ -163,6 +174,75 @@ def address_from_msg(msg: AddrMsg, names: dict[int, str]) -> Address | None:
     )
 
 
+# --- struct decoding (linux/if_addr.h), record for record what address_from_msg makes ---
+
+IFA_ADDRESS, IFA_LOCAL, IFA_LABEL, IFA_BROADCAST, IFA_CACHEINFO = 1, 2, 3, 4, 6
+IFA_FLAGS, IFA_RT_PRIORITY, IFA_PROTO = 8, 9, 11
+
+_IFADDRMSG = struct.Struct("=BBBBI")        # struct ifaddrmsg
+_IFA_CACHEINFO = struct.Struct("=II")       # ifa_prefered, ifa_valid (then cstamp, tstamp)
+
+
+def address_at(buf: bytes, off: int, end: int, names: dict[int, str], what: str) -> Address | None:
+    """The Address of the RTM_NEWADDR/DELADDR payload BUF[off:end]; None for other families."""
+    if end - off < _IFADDRMSG.size:
+        raise KernelError(f"cannot {what}: a {end - off}-byte address message is too short")
+    af, prefixlen, hdr_flags, scope, index = _IFADDRMSG.unpack_from(buf, off)
+    family = FAMILY_NAMES.get(af)
+    if family is None:
+        return None
+    attrs = first_attrs(buf, off + _IFADDRMSG.size, end, what)
+    try:
+        def u32(attr: int) -> int | None:
+            span = attrs.get(attr)
+            return None if span is None else U32.unpack_from(buf, span[0])[0]
+
+        def address(attr: int) -> str | None:
+            span = attrs.get(attr)
+            return None if span is None else attr_address(buf, span)
+
+        local = address(IFA_LOCAL)
+        remote = address(IFA_ADDRESS)
+        flags = u32(IFA_FLAGS)
+        valid = preferred = None
+        if IFA_CACHEINFO in attrs:
+            raw_preferred, raw_valid = _IFA_CACHEINFO.unpack_from(buf, attrs[IFA_CACHEINFO][0])
+            valid, preferred = _lifetime(raw_valid), _lifetime(raw_preferred)
+        label = attrs.get(IFA_LABEL)
+        proto = attrs.get(IFA_PROTO)
+        return Address(
+            family=family,
+            address=local if local is not None else remote,
+            prefixlen=prefixlen,
+            index=index,
+            ifname=names.get(index),
+            peer=remote if local is not None and remote is not None and remote != local else None,
+            scope=scope,
+            flags=flags if flags is not None else hdr_flags,
+            label=None if label is None else attr_string(buf, label),
+            broadcast=address(IFA_BROADCAST),
+            proto=None if proto is None else U8.unpack_from(buf, proto[0])[0],
+            rt_priority=u32(IFA_RT_PRIORITY),
+            valid_lft=valid,
+            preferred_lft=preferred,
+        )
+    except (ValueError, struct.error, OSError) as exc:
+        raise KernelError(f"cannot {what}: undecodable address attribute ({exc})") from None
+
+
+def decode_addresses(chunks: list[bytes], names: dict[int, str],
+                     what: str = "decode addresses") -> list[Address]:
+    """The IPv4/IPv6 addresses in the datagrams of an RTM_GETADDR dump, in the kernel's order."""
+    addresses = []
+    for data in chunks:
+        for off, length, msg_type, _flags, _seq, _pid in walk_messages(data):
+            if msg_type == RTM_NEWADDR:
+                address = address_at(data, off + 16, off + length, names, what)
+                if address is not None:
+                    addresses.append(address)
+    return addresses
+
+
 def dump_addresses(ifname: str | None = None, *, rtnl: Rtnl | None = None) -> list[Address]:
     """IPv4 and IPv6 addresses (of interface IFNAME when given); raises KernelError on failure.
 
@@ -173,20 +253,15 @@ def dump_addresses(ifname: str | None = None, *, rtnl: Rtnl | None = None) -> li
         index = interface_index(names, ifname, "dump addresses") if ifname is not None else 0
         addresses: list[Address] = []
         for af in (socket.AF_INET, socket.AF_INET6):
-            def request(af: int = af) -> AddrMsg:
-                msg = AddrMsg()
-                msg["family"] = af
-                msg["index"] = index  # filtered in the kernel (strict checking)
-                return msg
-            what = f"{FAMILY_NAMES[af]} addresses" + (f" of dev {ifname}" if ifname else "")
-            for msg in r.dump(request, RTM_GETADDR, what):
-                address = address_from_msg(msg, names)
-                if address is not None and (not index or address.index == index):
-                    addresses.append(address)
+            what = f"dump {FAMILY_NAMES[af]} addresses" + (f" of dev {ifname}" if ifname else "")
+            # the index is filtered in the kernel (strict checking)
+            chunks = r.dump_raw(RTM_GETADDR, _IFADDRMSG.pack(af, 0, 0, 0, index), what)
+            addresses += [a for a in decode_addresses(chunks, names, what) if not index or a.index == index]
         return addresses
 
 
 def _address_msg(address: Address, index: int, for_add: bool) -> AddrMsg:
+    from .rtnl import AddrMsg      # pyroute2, imported by the first add or delete
     msg = AddrMsg()
     msg["family"] = FAMILY_NUMBERS[address.family]
     msg["prefixlen"] = address.prefixlen

@@ -4,8 +4,8 @@ charon installs its routes in table 220 (``charon.routing_table``), protocol
 static. A route is deleted by re-sending exactly what the dump returned
 (type, scope, protocol, metric, nexthops), so the kernel removes that route
 and no look-alike, and a scope guessed wrong cannot make the delete fail.
-Dumps and deletes use a raw socket and ``struct`` (thousands of routes); adds
-and the monitor's decoding go through pyroute2.
+Dumps, deletes and the monitor's decoding use a raw socket and ``struct``
+(thousands of routes, and no pyroute2 in an idle process); adds go through pyroute2.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import socket
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 from ..errors import KernelError
 from .common import DeleteResult
@@ -27,12 +27,9 @@ from .rtnl import (
     PROTOCOL_NAMES,
     ROUTE_TYPE_NAMES,
     RTM_DELROUTE,
-    RTM_GETLINK,
     RTM_GETROUTE,
-    RTM_NEWLINK,
     RTM_NEWROUTE,
     SCOPE_NAMES,
-    RouteMsg,
     Rtnl,
     address_version,
     interface_index,
@@ -46,6 +43,9 @@ from .rtnl import (
     table_name,
     using,
 )
+
+if TYPE_CHECKING:
+    from .rtnl import RouteMsg
 
 RTN_UNICAST = 1
 RTPROT_BOOT = 3
@@ -240,7 +240,8 @@ def _gateway_of(family: int, attrs: Any) -> str | None:
 
 
 def route_from_msg(msg: RouteMsg, names: dict[int, str]) -> Route | None:
-    """A Route from a decoded RTM_NEWROUTE/DELROUTE; None for other families and cached clones."""
+    """A Route from pyroute2's decoding of RTM_NEWROUTE/DELROUTE (the reference ``route_at``
+    is tested against); None for other families and cached clones."""
     family = FAMILY_NAMES.get(msg["family"])
     if family is None or msg["flags"] & RTM_F_CLONED:
         return None
@@ -300,7 +301,6 @@ def route_from_msg(msg: RouteMsg, names: dict[int, str]) -> Route | None:
 RTA_DST, RTA_SRC, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_PREFSRC = 1, 2, 4, 5, 6, 7
 RTA_METRICS, RTA_MULTIPATH, RTA_CACHEINFO, RTA_TABLE, RTA_VIA, RTA_PREF, RTA_NH_ID = 8, 9, 12, 15, 18, 20, 30
 RTAX_CC_ALGO = 16
-IFLA_IFNAME = 3
 
 _RTMSG = struct.Struct("=BBBBBBBBI")        # struct rtmsg
 _RTNH = struct.Struct("=HBBi")              # struct rtnexthop
@@ -308,19 +308,16 @@ _NLA = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 _U16 = struct.Struct("=H")
 _I32 = struct.Struct("=i")
-_IFINDEX = struct.Struct("=i")               # ifinfomsg.ifi_index, at offset 4
 _ADDR_LEN = {socket.AF_INET: 4, socket.AF_INET6: 16}
 
 
 @contextmanager
 def _socket(rtnl: Rtnl | None) -> Iterator[NetlinkSocket]:
     """A raw rtnetlink socket: RTNL's own (same port id) or a fresh one in this namespace."""
-    if rtnl is None:
-        sock = NetlinkSocket(NETLINK_ROUTE, strict_check=True)
-    else:
-        # Rtnl keeps pyroute2's socket to itself; borrow its descriptor (pyroute2 reads it
-        # only inside its own calls, and every answer to ours is read before we return).
-        sock = NetlinkSocket.borrow(rtnl._live().asyncore.socket.fileno())
+    if rtnl is not None:
+        yield rtnl.sock
+        return
+    sock = NetlinkSocket(NETLINK_ROUTE, strict_check=True)
     try:
         yield sock
     finally:
@@ -359,8 +356,10 @@ def _gateway_in(buf: bytes, start: int, end: int, family: int, what: str) -> str
     return gateway if gateway is not None else via
 
 
-def _route_at(buf: bytes, off: int, end: int, names: dict[int, str], what: str) -> Route | None:
-    """The Route of the RTM_NEWROUTE payload BUF[off:end]; None for other families and clones."""
+def route_at(buf: bytes, off: int, end: int, names: dict[int, str], what: str) -> Route | None:
+    """The Route of the RTM_NEWROUTE/DELROUTE payload BUF[off:end]; None for other families and clones."""
+    if end - off < _RTMSG.size:
+        raise KernelError(f"cannot {what}: a {end - off}-byte route message is too short")
     af, dst_len, src_len, tos, rtm_table, proto, scope, rtype, flags = _RTMSG.unpack_from(buf, off)
     family = FAMILY_NAMES.get(af)
     if family is None or flags & RTM_F_CLONED:
@@ -468,29 +467,13 @@ def decode_routes(chunks: list[bytes], names: dict[int, str], table: int | None 
                 if msg_type == RTM_NEWROUTE:
                     if length < 16 + _RTMSG.size:
                         raise KernelError(f"cannot {what}: a {length}-byte route message is too short")
-                    route = _route_at(data, off + 16, off + length, names, what)
+                    route = route_at(data, off + 16, off + length, names, what)
                     if route is not None and (table is None or route.table == table):
                         routes.append(route)
     finally:
         if gc_was_enabled:
             gc.enable()
     return routes
-
-
-def _interface_names(sock: NetlinkSocket) -> dict[int, str]:
-    """Interface index -> name in SOCK's namespace."""
-    what = "dump network interfaces"
-    names = {}
-    for data in sock.dump_raw(RTM_GETLINK, bytes(16), what):
-        for off, length, msg_type, _flags, _seq, _pid in walk_messages(data):
-            if msg_type != RTM_NEWLINK or length < 32:
-                continue
-            (index,) = _IFINDEX.unpack_from(data, off + 20)
-            for attr_type, s, e in _attrs(data, off + 32, off + length, what):
-                if attr_type == IFLA_IFNAME:
-                    names[index] = bytes(data[s:e]).split(b"\0", 1)[0].decode("utf-8", "replace")
-                    break
-    return names
 
 
 def _dump(sock: NetlinkSocket, af: int, table: int | None, names: dict[int, str]) -> list[Route]:
@@ -511,7 +494,7 @@ def _dump(sock: NetlinkSocket, af: int, table: int | None, names: dict[int, str]
 def dump_routes(table: int | None = 220, *, rtnl: Rtnl | None = None) -> list[Route]:
     """IPv4 and IPv6 routes of TABLE (None: every table); raises KernelError on failure."""
     with _socket(rtnl) as sock:
-        names = _interface_names(sock)
+        names = interface_names(sock)
         return _dump(sock, socket.AF_INET, table, names) + _dump(sock, socket.AF_INET6, table, names)
 
 
@@ -597,7 +580,7 @@ def delete_routes(routes: list[Route], *, rtnl: Rtnl | None = None) -> list[Dele
                     by_prefix = tables.get(where)
                     if by_prefix is None:
                         if names is None:
-                            names = _interface_names(sock)
+                            names = interface_names(sock)
                         by_prefix = tables[where] = {}
                         for current in _dump(sock, FAMILY_NUMBERS[route.family], route.table, names):
                             by_prefix.setdefault(_lookup_prefix(current), []).append(current)
@@ -681,6 +664,7 @@ def _gateway_attr(route_family: str, gateway: str) -> tuple[str, Any]:
 
 def _route_msg(route: Route, oif: int | None, hops: list[tuple[NextHop, int | None]],
                for_add: bool) -> RouteMsg:
+    from .rtnl import RouteMsg      # pyroute2, imported by the first add
     msg = RouteMsg()
     msg["family"] = FAMILY_NUMBERS[route.family]
     msg["dst_len"] = route.dst_len

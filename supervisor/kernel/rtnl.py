@@ -1,9 +1,9 @@
 """Shared rtnetlink plumbing for routes, rules and addresses, and the rtnl monitor.
 
-Requests and dumps go through pyroute2's ``IPRoute`` (wrapped by ``Rtnl``);
-errno handling for them lives here once. The monitor is a plain non-blocking
-AF_NETLINK socket (pyroute2 only decodes), because pyroute2 0.9's asyncio
-receive path has no way to drain a socket without blocking once it is empty.
+Dumps and the monitor decode with ``struct`` on a raw socket (``netlink.py``):
+pyroute2 costs over 20 MB of memory once imported, and an idle supervisor only
+dumps and listens. Adds, and deletes of rules and addresses, still encode their
+requests with pyroute2 (sent on the same raw socket), imported on the first one.
 Nothing pyroute2 leaves this package: callers see records and ``KernelEvent``s.
 """
 
@@ -14,26 +14,11 @@ import ipaddress
 import os
 import socket
 import struct
-from typing import Any, Callable
-
-from pyroute2 import IPRoute
-from pyroute2.netlink import (
-    NLM_F_ACK,
-    NLM_F_APPEND,
-    NLM_F_CREATE,
-    NLM_F_DUMP,
-    NLM_F_EXCL,
-    NLM_F_REPLACE,
-    NLM_F_REQUEST,
-    nlmsg,
-)
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl.fibmsg import fibmsg
-from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
-from pyroute2.netlink.rtnl.rtmsg import rtmsg
+from typing import Any, Iterator
 
 from ..errors import KernelError
 from .common import Action, DeleteResult, KernelEvent
+from .netlink import NETLINK_ROUTE, NLA_TYPE_MASK, NetlinkSocket, walk_messages
 
 # --- kernel constants (linux/rtnetlink.h, fib_rules.h, if_addr.h, netlink.h) ---
 
@@ -42,7 +27,7 @@ RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 32, 33, 34
 
-NLM_F_DUMP_INTR = 0x10
+NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE, NLM_F_APPEND = 0x100, 0x200, 0x400, 0x800
 
 SOL_NETLINK = 270
 SO_RCVBUFFORCE = 33  # not exported by Python's socket module
@@ -82,55 +67,115 @@ def table_name(table: int) -> str:
     return name_of(TABLE_NAMES, table)
 
 
-# --- pyroute2 message classes, completed where 0.9.7 lacks attributes ---
+# --- pyroute2 message classes (requests only), completed where 0.9.7 lacks attributes ---
+#
+# Built on first use: ``rtnl.RouteMsg`` etc. import pyroute2 then, and only then.
 
-class RouteMsg(rtmsg):
-    """rtmsg with the attributes newer than pyroute2 0.9.7's map (RTA_NH_ID, ...)."""
+def _pyroute2_classes() -> dict[str, type]:
+    from pyroute2.netlink import nlmsg
+    from pyroute2.netlink.rtnl.fibmsg import fibmsg
+    from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+    from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
-    __slots__ = ()
-    # RTA_EXPIRES is a u32 number of seconds on input; 0.9.7 maps it as "hex".
-    nla_map = rtmsg.nla_map[:23] + (
-        ("RTA_EXPIRES", "uint32"),
-        ("RTA_PAD", "hex"),
-        ("RTA_UID", "uint32"),
-        ("RTA_TTL_PROPAGATE", "uint8"),
-        ("RTA_IP_PROTO", "uint8"),
-        ("RTA_SPORT", "be16"),
-        ("RTA_DPORT", "be16"),
-        ("RTA_NH_ID", "uint32"),
-        ("RTA_FLOWLABEL", "be32"),
-    )
+    class RouteMsg(rtmsg):
+        """rtmsg with the attributes newer than pyroute2 0.9.7's map (RTA_NH_ID, ...)."""
+
+        __slots__ = ()
+        # RTA_EXPIRES is a u32 number of seconds on input; 0.9.7 maps it as "hex".
+        nla_map = rtmsg.nla_map[:23] + (
+            ("RTA_EXPIRES", "uint32"),
+            ("RTA_PAD", "hex"),
+            ("RTA_UID", "uint32"),
+            ("RTA_TTL_PROPAGATE", "uint8"),
+            ("RTA_IP_PROTO", "uint8"),
+            ("RTA_SPORT", "be16"),
+            ("RTA_DPORT", "be16"),
+            ("RTA_NH_ID", "uint32"),
+            ("RTA_FLOWLABEL", "be32"),
+        )
+
+    class LinkMsg(nlmsg):
+        """ifinfomsg decoding only the name: all we need links for is index -> name."""
+
+        __slots__ = ()
+        prefix = "IFLA_"
+        fields = (
+            ("family", "B"),
+            ("__align", "x"),
+            ("ifi_type", "H"),
+            ("index", "i"),
+            ("flags", "I"),
+            ("change", "I"),
+        )
+        nla_map = ((0, "IFLA_UNSPEC", "none"), (3, "IFLA_IFNAME", "asciiz"))
+
+    return {"RouteMsg": RouteMsg, "RuleMsg": fibmsg, "AddrMsg": ifaddrmsg, "LinkMsg": LinkMsg}
 
 
-RuleMsg = fibmsg
-AddrMsg = ifaddrmsg
+def __getattr__(name: str) -> type:
+    """``RouteMsg``, ``RuleMsg``, ``AddrMsg``, ``LinkMsg``: imported on first access (PEP 562)."""
+    if name in ("RouteMsg", "RuleMsg", "AddrMsg", "LinkMsg"):
+        globals().update(_pyroute2_classes())
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class LinkMsg(nlmsg):
-    """ifinfomsg decoding only the name: all we need links for is index -> name."""
-
-    __slots__ = ()
-    prefix = "IFLA_"
-    fields = (
-        ("family", "B"),
-        ("__align", "x"),
-        ("ifi_type", "H"),
-        ("index", "i"),
-        ("flags", "I"),
-        ("change", "I"),
-    )
-    nla_map = ((0, "IFLA_UNSPEC", "none"), (3, "IFLA_IFNAME", "asciiz"))
+def encode_payload(msg: Any) -> bytes:
+    """The payload (after the netlink header) of a pyroute2 message, as it would send it."""
+    msg.encode()
+    return bytes(msg.data[16:])
 
 
-_MSG_CLASSES = {
-    RTM_NEWROUTE: RouteMsg, RTM_DELROUTE: RouteMsg,
-    RTM_NEWRULE: RuleMsg, RTM_DELRULE: RuleMsg,
-    RTM_NEWADDR: AddrMsg, RTM_DELADDR: AddrMsg,
-    RTM_NEWLINK: LinkMsg, RTM_DELLINK: LinkMsg,
-}
+# --- struct decoding shared by the families ---
 
-# A dump the kernel flags as interrupted (the table changed under it) is retried.
-DUMP_ATTEMPTS = 5
+NLA = struct.Struct("=HH")
+U8 = struct.Struct("=B")
+U32 = struct.Struct("=I")
+IFLA_IFNAME = 3
+_IFINFOMSG_SIZE = 16
+_IFINDEX = struct.Struct("=i")              # ifinfomsg.ifi_index, at offset 4
+
+
+def iter_attrs(buf: bytes, off: int, end: int, what: str) -> Iterator[tuple[int, int, int]]:
+    """(type, payload start, payload end) of each attribute in BUF[off:end]; KernelError if malformed."""
+    while off + 4 <= end:
+        length, attr_type = NLA.unpack_from(buf, off)
+        if length < 4 or off + length > end:
+            raise KernelError(f"cannot {what}: malformed attribute (length {length}) in a kernel message")
+        yield attr_type & NLA_TYPE_MASK, off + 4, off + length
+        off += (length + 3) & ~3
+
+
+def first_attrs(buf: bytes, off: int, end: int, what: str) -> dict[int, tuple[int, int]]:
+    """{type: (start, end)} of the attributes in BUF[off:end]; the first of a type counts,
+    as with pyroute2's get_attr()."""
+    found: dict[int, tuple[int, int]] = {}
+    for attr_type, s, e in iter_attrs(buf, off, end, what):
+        if attr_type not in found:
+            found[attr_type] = (s, e)
+    return found
+
+
+def attr_string(buf: bytes, span: tuple[int, int]) -> str:
+    """A NUL-terminated string attribute."""
+    return bytes(buf[span[0]:span[1]]).split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def attr_address(buf: bytes, span: tuple[int, int]) -> str:
+    """An address attribute; its length tells the family (as pyroute2's "ipaddr" decodes)."""
+    raw = bytes(buf[span[0]:span[1]])
+    return socket.inet_ntop(socket.AF_INET6 if len(raw) > 8 else socket.AF_INET, raw)
+
+
+def link_at(buf: bytes, off: int, end: int, what: str) -> tuple[int, str | None]:
+    """(index, name or None) of the RTM_NEWLINK/DELLINK payload BUF[off:end]."""
+    if end - off < _IFINFOMSG_SIZE:
+        raise KernelError(f"cannot {what}: a {end - off}-byte link message is too short")
+    (index,) = _IFINDEX.unpack_from(buf, off + 4)
+    for attr_type, s, e in iter_attrs(buf, off + _IFINFOMSG_SIZE, end, what):
+        if attr_type == IFLA_IFNAME:
+            return index, attr_string(buf, (s, e))
+    return index, None
 
 
 # --- request socket ---
@@ -143,36 +188,25 @@ class Rtnl:
     """
 
     def __init__(self) -> None:
-        try:
-            # groups=0: a request socket must not also collect multicast traffic.
-            ipr = IPRoute(groups=0, strict_check=True)
-        except OSError as exc:
-            raise KernelError(f"cannot open an rtnetlink socket: {exc.strerror or exc}",
-                              errno=exc.errno) from None
-        try:
-            # pyroute2 0.9.7: nlm_request() raises KeyError('nlm_generator') without this.
-            ipr.asyncore.status["nlm_generator"] = False
-            ipr.asyncore.marshal.msg_map.update(_MSG_CLASSES)
-            # Bind now (kernel-chosen port) so port_id is known before the first request.
-            ipr.asyncore.socket.bind((0, 0))
-            self._port_id = ipr.asyncore.socket.getsockname()[0]
-        except OSError as exc:
-            ipr.close()
-            raise KernelError(f"cannot bind an rtnetlink socket: {exc.strerror or exc}",
-                              errno=exc.errno) from None
-        except BaseException:
-            ipr.close()
-            raise
-        self._ipr: IPRoute | None = ipr
+        # strict checking: the kernel filters dumps by the request (a table, an interface).
+        self._sock: NetlinkSocket | None = NetlinkSocket(NETLINK_ROUTE, strict_check=True)
+        self._port_id = self._sock.port_id
 
     @property
     def port_id(self) -> int:
         return self._port_id
 
+    @property
+    def sock(self) -> NetlinkSocket:
+        """The raw socket (requests sent on it carry this Rtnl's port id)."""
+        if self._sock is None:
+            raise KernelError("rtnetlink socket already closed (programming error)")
+        return self._sock
+
     def close(self) -> None:
-        if self._ipr is not None:
-            ipr, self._ipr = self._ipr, None
-            ipr.close()
+        if self._sock is not None:
+            sock, self._sock = self._sock, None
+            sock.close()
 
     def __enter__(self) -> "Rtnl":
         return self
@@ -180,45 +214,21 @@ class Rtnl:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _live(self) -> IPRoute:
-        if self._ipr is None:
-            raise KernelError("rtnetlink socket already closed (programming error)")
-        return self._ipr
+    def dump_raw(self, msg_type: int, payload: bytes, what: str) -> list[bytes]:
+        """A complete dump as the kernel's datagrams (see ``NetlinkSocket.dump_raw``)."""
+        return self.sock.dump_raw(msg_type, payload, what)
 
-    def dump(self, make_request: Callable[[], nlmsg], msg_type: int, what: str) -> list[nlmsg]:
-        """Run a dump request and return the reply messages; raises KernelError, never returns short."""
-        reply_type = msg_type - 2  # RTM_GET* -> RTM_NEW*
-        for _ in range(DUMP_ATTEMPTS):
-            try:
-                replies = self._live().nlm_request(
-                    make_request(), msg_type=msg_type, msg_flags=NLM_F_REQUEST | NLM_F_DUMP)
-            except NetlinkError as exc:
-                raise KernelError(f"cannot dump {what}: {os.strerror(exc.code)}", errno=exc.code) from None
-            except OSError as exc:
-                raise KernelError(f"cannot dump {what}: {exc.strerror or exc}", errno=exc.errno) from None
-            if any(msg["header"]["flags"] & NLM_F_DUMP_INTR for msg in replies):
-                continue
-            result = []
-            for msg in replies:
-                if msg["header"].get("error") is not None:
-                    raise KernelError(f"cannot dump {what}: undecodable reply ({msg['header']['error']})")
-                if msg["header"]["type"] == reply_type:
-                    result.append(msg)
-            return result
-        raise KernelError(f"cannot dump {what}: the kernel reported {DUMP_ATTEMPTS} dumps in a row "
-                          "as interrupted (the table keeps changing); retry later", errno=errno.EINTR)
-
-    def request(self, msg: nlmsg, msg_type: int, flags: int) -> int:
-        """Send one request and wait for its ack: 0, or the errno the kernel answered with."""
+    def request(self, msg: Any, msg_type: int, flags: int) -> int:
+        """Send one request (a payload, or a pyroute2 message) and wait for its ack: 0, or the
+        errno the kernel answered with."""
+        payload = msg if isinstance(msg, (bytes, bytearray)) else encode_payload(msg)
         try:
-            self._live().nlm_request(msg, msg_type=msg_type, msg_flags=NLM_F_REQUEST | NLM_F_ACK | flags)
-        except NetlinkError as exc:
-            return exc.code
-        except OSError as exc:
+            self.sock.request(msg_type, flags, bytes(payload))
+        except KernelError as exc:
             return exc.errno or errno.EIO
         return 0
 
-    def delete(self, msg: nlmsg, msg_type: int, what: str, gone: frozenset[int]) -> DeleteResult:
+    def delete(self, msg: Any, msg_type: int, what: str, gone: frozenset[int]) -> DeleteResult:
         """Send a delete: DELETED, ALREADY_GONE when the kernel answers with an errno in GONE."""
         code = self.request(msg, msg_type, 0)
         if code == 0:
@@ -227,7 +237,7 @@ class Rtnl:
             return DeleteResult.ALREADY_GONE
         raise KernelError(f"cannot delete {what}: {os.strerror(code)}", errno=code)
 
-    def add(self, msg: nlmsg, msg_type: int, what: str, *, replace: bool = False,
+    def add(self, msg: Any, msg_type: int, what: str, *, replace: bool = False,
             append: bool = False) -> None:
         """Send a create (exclusive unless REPLACE or APPEND); raises KernelError, EEXIST included."""
         flags = NLM_F_CREATE | (NLM_F_REPLACE if replace else NLM_F_APPEND if append else NLM_F_EXCL)
@@ -259,17 +269,16 @@ def using(rtnl: Rtnl | None) -> _Borrowed:
     return _Borrowed(rtnl)
 
 
-def interface_names(rtnl: Rtnl) -> dict[int, str]:
-    """Interface index -> name in RTNL's namespace."""
-    def request() -> nlmsg:
-        msg = LinkMsg()
-        msg["family"] = socket.AF_UNSPEC
-        return msg
+def interface_names(sock: Rtnl | NetlinkSocket) -> dict[int, str]:
+    """Interface index -> name in SOCK's namespace."""
+    what = "dump network interfaces"
     names = {}
-    for msg in rtnl.dump(request, RTM_GETLINK, "network interfaces"):
-        name = msg.get_attr("IFLA_IFNAME")
-        if name is not None:
-            names[msg["index"]] = name
+    for data in sock.dump_raw(RTM_GETLINK, bytes(_IFINFOMSG_SIZE), what):
+        for off, length, msg_type, _flags, _seq, _pid in walk_messages(data):
+            if msg_type == RTM_NEWLINK:
+                index, name = link_at(data, off + 16, off + length, what)
+                if name is not None:
+                    names[index] = name
     return names
 
 
@@ -365,12 +374,12 @@ class RtnlMonitor:
         # Imported here: the family modules import this one for Rtnl and helpers.
         from . import addresses, routes, rules
         self._decoders = {
-            RTM_NEWROUTE: ("route", routes.route_from_msg),
-            RTM_DELROUTE: ("route", routes.route_from_msg),
-            RTM_NEWRULE: ("rule", rules.rule_from_msg),
-            RTM_DELRULE: ("rule", rules.rule_from_msg),
-            RTM_NEWADDR: ("address", addresses.address_from_msg),
-            RTM_DELADDR: ("address", addresses.address_from_msg),
+            RTM_NEWROUTE: ("route", routes.route_at),
+            RTM_DELROUTE: ("route", routes.route_at),
+            RTM_NEWRULE: ("rule", rules.rule_at),
+            RTM_DELRULE: ("rule", rules.rule_at),
+            RTM_NEWADDR: ("address", addresses.address_at),
+            RTM_DELADDR: ("address", addresses.address_at),
         }
         self._read_limit = read_limit
         self.overruns = 0
@@ -455,29 +464,27 @@ class RtnlMonitor:
                 self._overrun(events)  # truncated: the rest of the datagram is unreadable
                 return
             try:
-                self._decode_one(data, offset, msg_type, flags, seq, port_id, events)
+                self._decode_one(data, offset, length, msg_type, flags, seq, port_id, events)
             except Exception:  # a message we cannot read is a lost event, not a crash
                 self._overrun(events)
             offset += (length + 3) & ~3
 
-    def _decode_one(self, data: bytes, offset: int, msg_type: int, flags: int, seq: int,
-                    port_id: int, events: list[KernelEvent]) -> None:
+    def _decode_one(self, data: bytes, offset: int, length: int, msg_type: int, flags: int,
+                    seq: int, port_id: int, events: list[KernelEvent]) -> None:
+        start, end = offset + _NLMSGHDR.size, offset + length
+        what = "read rtnetlink notifications"
         if msg_type in (RTM_NEWLINK, RTM_DELLINK):
-            msg = LinkMsg(data, offset=offset)
-            msg.decode()
-            name = msg.get_attr("IFLA_IFNAME")
+            index, name = link_at(data, start, end, what)
             # Kept after RTM_DELLINK: IPv6 route deletions for the link may follow it.
             if name is not None:
-                self._names[msg["index"]] = name
+                self._names[index] = name
             return
         decoder = self._decoders.get(msg_type)
         if decoder is None:
             return
-        family, from_msg = decoder
-        msg = _MSG_CLASSES[msg_type](data, offset=offset)
-        msg.decode()
-        record = from_msg(msg, self._names)
-        if record is None:  # other address families, cloned routes
+        family, record_at = decoder
+        record = record_at(data, start, end, self._names, what)
+        if record is None:  # other address families, cached clones
             return
         if msg_type in (RTM_DELROUTE, RTM_DELRULE, RTM_DELADDR):
             action = Action.DELETE

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import errno
 import socket
+import struct
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import KernelError
 from .common import DeleteResult
+from .netlink import walk_messages
 from .rtnl import (
     FAMILY_NAMES,
     FAMILY_NUMBERS,
@@ -21,8 +23,12 @@ from .rtnl import (
     RTM_DELRULE,
     RTM_GETRULE,
     RTM_NEWRULE,
-    RuleMsg,
+    U8,
+    U32,
     Rtnl,
+    attr_address,
+    attr_string,
+    first_attrs,
     json_addr,
     json_family,
     json_int,
@@ -32,6 +38,9 @@ from .rtnl import (
     table_name,
     using,
 )
+
+if TYPE_CHECKING:
+    from .rtnl import RuleMsg
 
 FR_ACT_TO_TBL = 1
 FR_ACT_GOTO = 2
@@ -201,7 +210,8 @@ def _unset_is_none(value: int | None) -> int | None:
 
 
 def rule_from_msg(msg: RuleMsg, names: dict[int, str] | None = None) -> Rule | None:
-    """A Rule from a decoded RTM_NEWRULE/DELRULE; None for families other than IPv4/IPv6."""
+    """A Rule from pyroute2's decoding of RTM_NEWRULE/DELRULE (the reference ``rule_at`` is
+    tested against); None for families other than IPv4/IPv6."""
     family = FAMILY_NAMES.get(msg["family"])
     if family is None:  # RTNL_FAMILY_IPMR/IP6MR multicast rules share the dump
         return None
@@ -235,17 +245,97 @@ def rule_from_msg(msg: RuleMsg, names: dict[int, str] | None = None) -> Rule | N
     )
 
 
-def _dump(r: Rtnl, af: int) -> list[Rule]:
-    def request() -> RuleMsg:
-        msg = RuleMsg()
-        msg["family"] = af
-        return msg
+# --- struct decoding (linux/fib_rules.h), record for record what rule_from_msg makes ---
+
+FRA_DST, FRA_SRC, FRA_IIFNAME, FRA_GOTO, FRA_PRIORITY = 1, 2, 3, 4, 6
+FRA_FWMARK, FRA_FLOW, FRA_TUN_ID, FRA_SUPPRESS_IFGROUP, FRA_SUPPRESS_PREFIXLEN = 10, 11, 12, 13, 14
+FRA_TABLE, FRA_FWMASK, FRA_OIFNAME, FRA_L3MDEV, FRA_UID_RANGE = 15, 16, 17, 19, 20
+FRA_PROTOCOL, FRA_IP_PROTO, FRA_SPORT_RANGE, FRA_DPORT_RANGE = 21, 22, 23, 24
+
+_FIB_RULE_HDR = struct.Struct("=BBBBBBBBI")     # struct fib_rule_hdr
+_BE64 = struct.Struct(">Q")
+_UID_RANGE = struct.Struct("=II")               # struct fib_rule_uid_range
+_PORT_RANGE = struct.Struct("=HH")              # struct fib_rule_port_range
+
+
+def rule_at(buf: bytes, off: int, end: int, names: dict[int, str] | None, what: str) -> Rule | None:
+    """The Rule of the RTM_NEWRULE/DELRULE payload BUF[off:end]; None for other families."""
+    if end - off < _FIB_RULE_HDR.size:
+        raise KernelError(f"cannot {what}: a {end - off}-byte rule message is too short")
+    af, dst_len, src_len, tos, hdr_table, _res1, _res2, action, flags = _FIB_RULE_HDR.unpack_from(buf, off)
+    family = FAMILY_NAMES.get(af)
+    if family is None:  # RTNL_FAMILY_IPMR/IP6MR multicast rules share the dump
+        return None
+    attrs = first_attrs(buf, off + _FIB_RULE_HDR.size, end, what)
+    try:
+        def u32(attr: int) -> int | None:
+            span = attrs.get(attr)
+            return None if span is None else U32.unpack_from(buf, span[0])[0]
+
+        def u8(attr: int) -> int | None:
+            span = attrs.get(attr)
+            return None if span is None else U8.unpack_from(buf, span[0])[0]
+
+        def text(attr: int) -> str | None:
+            span = attrs.get(attr)
+            return None if span is None else attr_string(buf, span)
+
+        def address(attr: int) -> str | None:
+            span = attrs.get(attr)
+            return None if span is None else attr_address(buf, span)
+
+        def pair(attr: int, layout: struct.Struct) -> tuple[int, int] | None:
+            span = attrs.get(attr)
+            return None if span is None else layout.unpack_from(buf, span[0])
+
+        table = u32(FRA_TABLE)
+        tun_id = attrs.get(FRA_TUN_ID)
+        return Rule(
+            family=family,
+            priority=u32(FRA_PRIORITY) or 0,
+            table=table if table is not None else hdr_table,
+            action=action,
+            src=address(FRA_SRC),
+            src_len=src_len,
+            dst=address(FRA_DST),
+            dst_len=dst_len,
+            tos=tos,
+            iif=text(FRA_IIFNAME),
+            oif=text(FRA_OIFNAME),
+            fwmark=u32(FRA_FWMARK),
+            fwmask=u32(FRA_FWMASK),
+            goto=u32(FRA_GOTO),
+            flow=u32(FRA_FLOW),
+            protocol=u8(FRA_PROTOCOL) or 0,
+            flags=flags,
+            suppress_prefixlen=_unset_is_none(u32(FRA_SUPPRESS_PREFIXLEN)),
+            suppress_ifgroup=_unset_is_none(u32(FRA_SUPPRESS_IFGROUP)),
+            l3mdev=u8(FRA_L3MDEV),
+            uid_range=pair(FRA_UID_RANGE, _UID_RANGE),
+            ip_proto=u8(FRA_IP_PROTO),
+            sport_range=pair(FRA_SPORT_RANGE, _PORT_RANGE),
+            dport_range=pair(FRA_DPORT_RANGE, _PORT_RANGE),
+            tun_id=None if tun_id is None else _BE64.unpack_from(buf, tun_id[0])[0],
+        )
+    except (ValueError, struct.error, OSError) as exc:
+        raise KernelError(f"cannot {what}: undecodable rule attribute ({exc})") from None
+
+
+def decode_rules(chunks: list[bytes], what: str = "decode routing rules") -> list[Rule]:
+    """The IPv4/IPv6 rules in the datagrams of an RTM_GETRULE dump, in the kernel's order."""
     rules = []
-    for msg in r.dump(request, RTM_GETRULE, f"{FAMILY_NAMES[af]} routing rules"):
-        rule = rule_from_msg(msg)
-        if rule is not None:
-            rules.append(rule)
+    for data in chunks:
+        for off, length, msg_type, _flags, _seq, _pid in walk_messages(data):
+            if msg_type == RTM_NEWRULE:
+                rule = rule_at(data, off + 16, off + length, None, what)
+                if rule is not None:
+                    rules.append(rule)
     return rules
+
+
+def _dump(r: Rtnl, af: int) -> list[Rule]:
+    what = f"dump {FAMILY_NAMES[af]} routing rules"
+    return decode_rules(r.dump_raw(RTM_GETRULE, _FIB_RULE_HDR.pack(af, 0, 0, 0, 0, 0, 0, 0, 0), what), what)
 
 
 def dump_rules(priority: int | None = None, *, rtnl: Rtnl | None = None) -> list[Rule]:
@@ -300,6 +390,7 @@ def decide_delete(rule: Rule, current: list[Rule]) -> Rule | None:
 
 
 def _rule_msg(rule: Rule) -> RuleMsg:
+    from .rtnl import RuleMsg      # pyroute2, imported by the first add or delete
     msg = RuleMsg()
     msg["family"] = FAMILY_NUMBERS[rule.family]
     msg["dst_len"] = rule.dst_len
