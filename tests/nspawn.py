@@ -78,6 +78,12 @@ class Container:
                  private_network: bool = True, log_path: str | None = None):
         self.machine = f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.binds = list(binds)
+        # The container gets fresh /tmp and /run: a checkout there (CI clones anywhere) and its
+        # .venv must be bound in at the same path, or the unit's ExecStart does not exist inside.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if any(root == top or root.startswith(top + "/") for top in ("/tmp", "/run", "/var/tmp")):
+            if all(host != root for host, _ in self.binds):
+                self.binds.append((root, root))
         self.private_network = private_network
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
