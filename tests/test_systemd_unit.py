@@ -103,6 +103,10 @@ LimitCORE=0
 WatchdogSec=3s
 ProtectHome=read-only
 """
+# The installed unit runs from /opt; a checkout under /tmp (as CI may clone it) would be hidden
+# by the unit's PrivateTmp=yes, so the test copy turns that one setting off there.
+if ROOT.startswith("/tmp/") or ROOT.startswith("/var/tmp/"):
+    DROP_IN += "PrivateTmp=no\n"
 
 SUPERVISOR_YAML = """\
 restart:
