@@ -1,7 +1,7 @@
 # Every target that needs packages runs tools/setup.sh first (idempotent).
 PYTEST := .venv/bin/pytest
 
-.PHONY: setup test test-host test-vm demo bench clean
+.PHONY: setup test test-host test-vm bench clean
 
 setup:
 	bash tools/setup.sh
@@ -17,10 +17,8 @@ test-host: setup
 
 -include tools/vm.mk
 -include tools/install.mk
-
-## make demo: the main job (see README)
-demo: setup
-	.venv/bin/python tools/demo.py
+## make demo: the main job (see README, tools/demo.mk)
+-include tools/demo.mk
 
 bench: setup
 	@for b in bench/bench_*.py; do echo "== $$b"; .venv/bin/python $$b || exit 1; done

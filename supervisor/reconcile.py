@@ -259,12 +259,16 @@ def covered_key(block: XfrmPolicy) -> tuple:
 
 def blocks_to_remove(blocks: Iterable[XfrmPolicy], current_policies: Iterable[XfrmPolicy],
                      now: float, deadline: float,
-                     leftover_indexes: frozenset[int] = frozenset()) -> tuple[RemoveBlockPolicy, ...]:
+                     leftover_indexes: frozenset[int] = frozenset(),
+                     hold: Mapping[tuple, str] | None = None) -> tuple[RemoveBlockPolicy, ...]:
     """The blocks that may go now: charon re-installed a policy for the selector, or time is up.
 
     A policy whose index is in LEFTOVER_INDEXES is the leftover itself (its delete failed),
-    not charon's re-installation. NOW and DEADLINE are on the same (monotonic) clock.
+    not charon's re-installation. NOW and DEADLINE are on the same (monotonic) clock. HOLD maps
+    block keys to the configured child that still wants that traffic: such a block outlives the
+    deadline, since removing it would send that traffic in cleartext.
     """
+    hold = hold or {}
     replacing: dict[tuple, XfrmPolicy] = {}
     for p in current_policies:
         if not p.per_socket and not is_supervisor_block(p) and p.index not in leftover_indexes:
@@ -276,9 +280,10 @@ def blocks_to_remove(blocks: Iterable[XfrmPolicy], current_policies: Iterable[Xf
         mine = replacing.get(covered_key(block))
         if mine is not None:
             out.append(RemoveBlockPolicy(block, f"charon installed {mine.describe()} for this selector"))
-        elif now >= deadline:
+        elif now >= deadline and block.key() not in hold:
             out.append(RemoveBlockPolicy(block, "fail-closed timeout reached before charon "
-                                                "installed a policy for this selector"))
+                                                "installed a policy for this selector, and charon "
+                                                "has no child configured for it"))
     return tuple(out)
 
 

@@ -411,6 +411,7 @@ class KernelRecovery:
         self._blocks: dict[tuple, XfrmPolicy] = {}
         self._unblocking: set[tuple] = set()
         self._stuck: frozenset[int] = frozenset()   # indexes of leftover policies a flush could not delete
+        self._block_initiated: set[str] = set()      # children initiated to replace a held block
         self._block_deadline: float | None = None
         self._carry: list[tuple[Any, Verdict]] = []     # leftovers handed to the next charon
         self._carry_choice: RecoveryChoice | None = None
@@ -699,6 +700,7 @@ class KernelRecovery:
                         self._daemon_name, left)
         self._adoption = None
         self._block_deadline = None
+        self._block_initiated.clear()      # a new charon: initiate again if blocks are held
         self._drain_events()
         with self._lock:
             self._daemon_pid = None         # its sockets are gone; nothing more is attributed to it
@@ -902,10 +904,54 @@ class KernelRecovery:
                     self._blocks.pop(b.key(), None)      # someone removed it already
         blocks = [b for b in blocks if b.key() in present]
         deadline = self._block_deadline if self._block_deadline is not None else float("inf")
-        removable = blocks_to_remove(blocks, policies, now=self._clock(), deadline=deadline,
-                                     leftover_indexes=self._stuck)
+        now = self._clock()
+        hold = self._blocks_still_wanted(blocks) if now >= deadline else {}
+        removable = blocks_to_remove(blocks, policies, now=now, deadline=deadline,
+                                     leftover_indexes=self._stuck, hold=hold)
         if removable:
             self._remove_blocks(removable)
+        if hold:
+            # Look again later: charon may install the policy (events remove the block at once)
+            # or drop the child from its configuration (then the block goes).
+            delay = max(1.0, self.config.recovery.block_timeout)
+            self._in_loop(lambda: self._loop.call_later(delay, lambda: self._submit(
+                self._review_blocks, "block review")))
+
+    def _blocks_still_wanted(self, blocks) -> dict:
+        """Jobs thread: blocks whose traffic a configured child with a known peer covers (key -> child).
+
+        Those stay past the timeout (fail-closed), and the child is initiated once, so the tunnel
+        comes back even where charon was the responder (the peer still uses its stale IKE_SA).
+        """
+        path = self.config.daemon.vici_socket
+        if not path:
+            return {}
+        try:
+            configured = list_conns(path)
+        except ViciError as exc:
+            log.warning("cannot ask charon which children it has configured (%s); fail-closed "
+                        "blocks stay until the next review", exc)
+            return {b.key(): "unknown (VICI failed)" for b in blocks}
+        hold = {}
+        for b in blocks:
+            child = adopt.configured_for(b, configured)
+            # A child with no concrete peer (%any: a responder for road warriors) would hold the
+            # block until some peer connects; a freshly started charon has no policy there either,
+            # so such blocks go at the timeout as before.
+            if child is None or not child.initiable_peer():
+                continue
+            hold[b.key()] = child.name
+            if child.name in self._block_initiated:
+                continue
+            self._block_initiated.add(child.name)
+            peer = next((a for a in child.remote_addrs if adopt._peer_kind(a) in ("address", "hostname")), "")
+            action = adopt.InitiateChild(child.conn, child.child, peer, (), "fail-closed",
+                                         f"{b.describe()} is still blocked and charon has the child configured")
+            result = self._initiate(action, None)
+            (log.info if result.ok else log.warning)(
+                "fail-closed: keeping the block for %s past the timeout (charon has %s configured); "
+                "initiate %s: %s", b.describe(), child.name, child.name, result.message or result.outcome.value)
+        return hold
 
     # -- adoption (jobs thread) --------------------------------------------------------------
     def _queue_adopt_step(self, delay: float) -> None:

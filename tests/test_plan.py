@@ -244,3 +244,22 @@ def test_plan_lines_and_len():
     assert len(plan) == 1
     assert plan.lines()[0].startswith("   1. remove block SPD entry src=10.1.0.0/16")
     assert plan.lines()[0].endswith("[supervisor-block: because]")
+
+
+def test_blocks_still_wanted_by_a_configured_child_outlive_the_timeout():
+    """Past the deadline a block goes only when no configured child wants its traffic."""
+    from supervisor.kernel.xfrm import DIR_OUT, XfrmPolicy, XfrmSelector
+    from supervisor.reconcile import block_policy_for, blocks_to_remove
+
+    def leftover(dst: str) -> XfrmPolicy:
+        return XfrmPolicy(selector=XfrmSelector(family=2, saddr="10.1.0.0", prefixlen_s=16, daddr=dst,
+                                                prefixlen_d=16), dir=DIR_OUT, priority=375423)
+
+    wanted, unwanted = block_policy_for(leftover("10.2.0.0")), block_policy_for(leftover("10.3.0.0"))
+    hold = {wanted.key(): "home/net"}
+    assert blocks_to_remove([wanted, unwanted], [], now=5.0, deadline=10.0, hold=hold) == ()
+    removed = blocks_to_remove([wanted, unwanted], [], now=10.0, deadline=10.0, hold=hold)
+    assert [r.block for r in removed] == [unwanted]
+    # charon re-installing the policy still releases a held block at once
+    removed = blocks_to_remove([wanted], [leftover("10.2.0.0")], now=0.0, deadline=10.0, hold=hold)
+    assert [r.block for r in removed] == [wanted]

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 DEB_PACKAGES=(
   # kernel-state layer and tests
-  iproute2 iptables nftables kmod strace tcpdump
+  iproute2 iptables nftables kmod strace tcpdump iputils-ping
   # systemd-python builds from source
   libsystemd-dev pkg-config gcc python3-dev python3-venv
   # real strongSwan for the integration tests and the demo

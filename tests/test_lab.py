@@ -1,0 +1,193 @@
+"""The lab's pure parts (ping/tcpdump/iproute2 parsing, timelines, configs), and the lab on this host.
+
+The host has no ESP, so here the lab is only built, its charons started (plain, under the
+starter, under the supervisor) and everything removed again; tunnels run in the VM tier
+(tests/test_tunnels_realkernel.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lab import kernel_view, report, traffic  # noqa: E402
+from lab.charon import Charon, LabSettings, ipsec_conf, swanctl_conf  # noqa: E402
+from lab.preflight import missing_tools  # noqa: E402
+from lab.topology import TUNNELS, build_lab, lab_namespaces_left, make_lab, remove_lab  # noqa: E402
+
+PING_OUTPUT = """\
+PING 10.2.1.1 (10.2.1.1) from 10.1.1.1 : 56(84) bytes of data.
+[1000.000000] 64 bytes from 10.2.1.1: icmp_seq=1 ttl=64 time=0.500 ms
+[1000.200000] 64 bytes from 10.2.1.1: icmp_seq=2 ttl=64 time=0.500 ms
+[1000.600000] no answer yet for icmp_seq=3
+[1000.800000] no answer yet for icmp_seq=4
+[1001.000000] 64 bytes from 10.2.1.1: icmp_seq=6 ttl=64 time=0.500 ms
+[1001.200000] 64 bytes from 10.2.1.1: icmp_seq=7 ttl=64 time=0.500 ms
+
+--- 10.2.1.1 ping statistics ---
+8 packets transmitted, 4 received, 50% packet loss, time 1400ms
+"""
+
+
+def test_ping_output_gives_lost_pings_their_send_times_and_outages():
+    r = traffic.parse_ping(PING_OUTPUT, "10.2.1.1", stopped_at=1010.0)
+    assert r.sent == 8
+    assert r.answered == {1, 2, 6, 7}
+    # seq 5 has no line of its own: its time is interpolated; seq 8 was never answered either.
+    assert r.lost == (3, 4, 5, 8)
+    assert r.sent_at[3] == pytest.approx(1000.4)
+    assert r.sent_at[5] == pytest.approx(1000.8, abs=0.01)
+    assert r.outages()[0][2] == 3
+    assert r.longest_outage_s() == pytest.approx(0.6)
+    assert r.lost_between(1000.5) == (4, 5, 8)
+
+
+def test_a_ping_in_flight_when_ping_stopped_is_not_lost():
+    r = traffic.parse_ping(PING_OUTPUT, stopped_at=1001.6)
+    assert 8 not in r.lost and 3 in r.lost
+
+
+def test_tcpdump_lines_become_packets_and_the_filter_names_both_directions():
+    pkts = traffic.parse_tcpdump("1700000000.123456 IP 10.1.2.1 > 10.2.2.1: ICMP echo request, id 1, seq 1\n"
+                                 "tcpdump: listening on out0\n")
+    assert [(p.at, p.line[:20]) for p in pkts] == [(1700000000.123456, "IP 10.1.2.1 > 10.2.2")]
+    f = traffic.plaintext_filter("10.1.0.0/16", "10.2.0.0/16")
+    assert f.startswith("icmp and ") and f.count("src net") == 2
+
+
+XFRM_STATE = """\
+src 192.0.2.1 dst 192.0.2.2
+\tproto esp spi 0xc5fda615 reqid 1 mode tunnel
+\treplay-window 0 flag af-unspec
+\taead rfc4106(gcm(aes)) 0x00 128
+src 192.0.2.2 dst 192.0.2.1
+\tproto esp spi 0xc2613335 reqid 1 mode tunnel
+\treplay-window 32 flag af-unspec
+src 192.0.2.1 dst 198.51.100.7
+\tproto esp spi 0x00007001 reqid 7001 mode tunnel
+src 192.0.2.2 dst 192.0.2.1
+\tproto esp spi 0xce28e718 reqid 0 mode tunnel
+"""
+XFRM_POLICY = """\
+src 10.1.1.0/24 dst 10.2.1.0/24
+\tdir out priority 375423 ptype main
+\ttmpl src 192.0.2.1 dst 192.0.2.2
+\t\tproto esp reqid 1 mode tunnel
+src 10.9.0.0/16 dst 10.8.0.0/16
+\tdir out action block priority 1000 ptype main
+src 0.0.0.0/0 dst 0.0.0.0/0
+\tsocket in priority 0 ptype main
+"""
+
+
+def test_iproute2_listings_parse_into_sas_and_policies_without_socket_policies():
+    view = kernel_view.parse_view(
+        "### sa\n" + XFRM_STATE + "### policy\n" + XFRM_POLICY +
+        "### route220\n10.2.1.0/24 via 192.0.2.2 dev out0 proto static src 10.1.1.1\n"
+        "### route100\n### rule\n0:\tfrom all lookup local\n220:\tfrom all lookup 220\n"
+        "### fw\n-P INPUT ACCEPT\n-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT\n### addr\n")
+    assert [sa.spi for sa in view.sas] == [0xc5fda615, 0xc2613335, 0x7001, 0xce28e718]
+    assert [(p.dir, p.priority, p.action, p.reqid) for p in view.policies] == [
+        ("out", 375423, "allow", 1), ("out", 1000, "block", None)]
+    assert view.counts() == {"SAs": 3, "policies": 1, "table-220 routes": 1, "rule 220": 1, "updown fw rules": 0}
+    assert view.firewall == ("-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT",)
+
+
+def test_stale_sas_are_those_no_charon_reports_except_foreign_and_reserved_spis():
+    view = kernel_view.parse_view("### sa\n" + XFRM_STATE)
+    known = [{"spi_in": 0xc2613335, "spi_out": 0x1}]
+    assert [sa.spi for sa in kernel_view.stale_sas(view, known)] == [0xc5fda615]
+
+
+def test_foreign_changes_name_what_disappeared():
+    before = kernel_view.parse_view("### sa\n" + XFRM_STATE + "### policy\n" + XFRM_POLICY +
+                                    "### route100\n10.8.0.0/16 via 192.0.2.9 dev out0\n### rule\n100:\tfrom all to "
+                                    "10.8.0.0/16 lookup 100\n### fw\n-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT\n"
+                                    "### addr\n1: lo    inet 10.7.7.7/32 scope global lo\n")
+    after = kernel_view.parse_view("### sa\n" + XFRM_STATE.split("src 192.0.2.1 dst 198.51.100.7")[0] +
+                                   "### policy\n" + XFRM_POLICY + "### route100\n10.8.0.0/16 via 192.0.2.9 dev out0\n"
+                                   "### rule\n100:\tfrom all to 10.8.0.0/16 lookup 100\n"
+                                   "### fw\n-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT\n"
+                                   "### addr\n1: lo    inet 10.7.7.7/32 scope global lo\n")
+    assert kernel_view.foreign_changes(before, before) == []
+    changes = kernel_view.foreign_changes(before, after)
+    assert len(changes) == 1 and changes[0].startswith("SAs gone: SA spi=0x00007001")
+
+
+SUPERVISOR_LOG = """\
+2026-11-28 01:32:10.000 INFO supervisor: state running -> running on okay: earlier
+2026-11-28 01:32:11.050 INFO supervisor: state running -> recovering on died: killed by SIGKILL
+2026-11-28 01:32:11.060 INFO supervisor.daemon: charon[9]: 00[DMN] noise
+2026-11-28 01:32:11.600 INFO supervisor.recovery: snapshot of the leftovers written to /x.json
+2026-11-28 01:32:12.000 INFO supervisor.recovery: adopt: initiate resp/resp: charon is establishing it
+2026-11-28 01:32:13.000 INFO supervisor: charon (pid 10) is ready after 1.000s
+"""
+
+
+def test_the_timeline_takes_supervisor_and_recovery_lines_after_the_kill():
+    kill = time.mktime(time.strptime("2026-11-28 01:32:11", "%Y-%m-%d %H:%M:%S"))
+    entries = report.supervisor_timeline(SUPERVISOR_LOG, kill)
+    assert [(round(e.offset, 2), e.what) for e in entries] == [
+        (0.05, "death seen"), (0.6, "snapshot"), (1.0, "adopt"), (2.0, "charon ready")]
+    charon = report.charon_timeline("01:32:12.500 07[IKE] <init|1> CHILD_SA init{1} established with SPIs a_i b_o\n"
+                                    "01:32:10.000 07[IKE] <init|1> CHILD_SA init{1} established earlier\n", kill)
+    assert [(e.offset, e.what) for e in charon] == [(1.5, "charon")]
+
+
+def test_swanctl_and_ipsec_conf_describe_the_same_tunnels():
+    lab = make_lab()
+    settings = LabSettings(child_rekey=50, child_life_time=60)
+    sw = swanctl_conf(lab.moon, lab.tunnels, settings)
+    ic = ipsec_conf(lab.moon, lab.tunnels, settings)
+    for t in TUNNELS.values():
+        assert f"id = moon-{t.name}" in sw and f"leftid = moon-{t.name}" in ic
+        assert f"reqid = {t.index}" in sw and f"reqid = {t.index}" in ic
+    assert "start_action = start" in sw and "auto = start" in ic
+    assert "start_action = trap" in sw and "auto = route" in ic
+    assert "rekey_time = 50s" in sw and "life_time = 60s" in sw
+    assert "lifetime = 60s" in ic and "margintime = 10s" in ic
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
+needs_tools = pytest.mark.skipif(bool(missing_tools()), reason=f"lab tools missing: {missing_tools()}")
+
+
+@needs_root
+@needs_tools
+@pytest.mark.parametrize("kind", ["plain", "starter", "supervisor"])
+def test_the_lab_runs_charon_of_each_kind_privately_and_leaves_nothing(kind):
+    lab = make_lab(("initiator",), prefix="ipsvlabt")
+    work = tempfile.mkdtemp(prefix="ipsv-labtest-")
+    try:
+        build_lab(lab, extra={"moon": "ip addr add 10.7.7.7/32 dev lo\n"})
+        moon = Charon(lab, lab.moon, work, kind, mode="none").start()
+        try:
+            pid = moon.wait_ready(timeout=60)
+            assert moon.charon_pid() == pid
+            assert "init" in moon.loaded_conns()
+            # charon's pid file and sockets live in the tree's private /run only.
+            assert os.path.exists(os.path.join(moon.run_root, "charon.vici"))
+            assert not _names_pid("/run/charon.pid", pid)
+        finally:
+            rc = moon.stop()
+        assert rc == 0, f"{kind} did not stop cleanly on SIGTERM:\n{open(moon.output_log).read()[-2000:]}"
+        assert "10.7.7.7/32" in "".join(kernel_view.read_view(lab.moon.netns).addresses)
+    finally:
+        remove_lab(lab)
+        shutil.rmtree(work, ignore_errors=True)
+    assert not lab_namespaces_left("ipsvlabt")
+
+
+def _names_pid(path: str, pid: int) -> bool:
+    try:
+        with open(path) as fh:
+            return fh.read().strip() == str(pid)
+    except OSError:
+        return False

@@ -1,0 +1,139 @@
+"""Real tunnels in the real-kernel VM: kill -9 of the supervised charon in each recovery mode.
+
+The lab (lab/): namespaces moon and sun joined by a veth pair, Debian's charon in each,
+moon's under ``ipsec-supervisor run``.  Two tunnels run side by side with separate IKE
+identities: moon initiates one (auto=start) and responds on the other (sun initiates).
+One ``kill -9`` per mode therefore crashes moon once as initiator and once as responder;
+the outcome is computed once per mode and each test below checks one promise of it.
+Pings cross both tunnels at 5/s; tcpdump on each outer interface counts ICMP between the
+inner subnets, which can only be plaintext (protected packets leave as ESP).
+
+Run in one VM boot: tools/vm-run -- .venv/bin/pytest -m realkernel tests/test_tunnels_realkernel.py
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+
+import pytest
+
+# lab/ is a top-level folder of the checkout, not part of the installed package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lab.charon import LabSettings  # noqa: E402
+from lab.preflight import config_mode, missing_tools, recovery_settings  # noqa: E402
+from lab.report import charon_lines  # noqa: E402
+from lab.scenario import Outcome, Scenario, describe_failure, run_crashes  # noqa: E402
+from lab.topology import lab_namespaces_left  # noqa: E402
+
+pytestmark = [
+    pytest.mark.realkernel,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
+    pytest.mark.skipif(bool(missing_tools()), reason=f"lab tools missing: {missing_tools()}"),
+]
+
+MODES = ("keep", "flush", "adopt")
+ROLES = ("initiator", "responder")
+PREFIX = "ipsvtun"
+
+
+def _settings() -> LabSettings:
+    # Short grace and block timeouts: the stale-SA check waits for them.  Lifetimes stay long,
+    # so no rekeying blurs which SAs are stale.
+    return LabSettings(recovery=recovery_settings({"adopt_grace": "5s", "block_timeout": "10s"}))
+
+
+@pytest.fixture(scope="module")
+def crash():
+    """crash(mode) -> the Outcome of one kill -9 in that mode.
+
+    The first call runs all three modes, each in its own lab, side by side (one VM boot, and
+    the waits for tunnels and grace periods overlap); IPSV_LAB_SERIAL=1 runs them in turn."""
+    done: dict[str, Outcome | Exception] = {}
+    workdir = tempfile.mkdtemp(prefix="ipsv-tunnels-")
+
+    def get(mode: str) -> Outcome:
+        if not done:
+            scenarios = {m: Scenario(moon="supervisor", mode=config_mode(m), roles=ROLES, settings=_settings(),
+                                     warmup=2.0, min_observe=6.0, settle=2.0, max_observe=60.0,
+                                     until_no_stale=m != "keep", prefix=PREFIX)
+                         for m in MODES}
+            done.update(run_crashes(scenarios, workdir, parallel=os.environ.get("IPSV_LAB_SERIAL") != "1",
+                                    say=_progress))
+        result = done[mode]
+        if isinstance(result, Exception):
+            pytest.fail(f"the {mode} lab failed: {result}", pytrace=False)
+        return result
+
+    yield get
+    shutil.rmtree(workdir, ignore_errors=True)
+    assert not lab_namespaces_left(PREFIX), "the lab left namespaces behind"
+
+
+def _progress(msg: str) -> None:
+    # Shown with -s, and in the captured output of the first test otherwise.
+    print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_plaintext_leaves_either_namespace(crash, mode):
+    out = crash(mode)
+    leaked = {site: [p.line for p in pkts[:5]] for site, pkts in out.plaintext.items() if pkts}
+    assert not leaked, f"plaintext ICMP on the outer link in {mode} mode: {leaked}"
+    assert set(out.plaintext) == {"moon", "sun"}
+
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("mode", MODES)
+def test_traffic_crosses_the_tunnel_again_after_the_kill(crash, mode, role):
+    out = crash(mode)
+    p = out.pings[role]
+    assert p.sent > 0 and p.answered, f"no ping answered at all on the {role} tunnel"
+    assert not (set(p.lost) - set(out.lost_after_kill(role))), f"pings lost before the kill: {p.lost}"
+    assert out.recovered(role), (
+        f"{mode}: the tunnel where moon is {role} did not carry traffic again within {out.observed_s:.0f}s "
+        f"of the kill: lost {len(out.lost_after_kill(role))} pings, outages {p.outages()}\n"
+        + describe_failure(out))
+
+
+@pytest.mark.parametrize("mode", ("flush", "adopt"))
+def test_no_stale_sas_remain_after_the_grace_period(crash, mode):
+    out = crash(mode)
+    for site in ("moon", "sun"):
+        stale = [sa.describe() for sa in out.stale_after[site]]
+        assert not stale, f"{mode}: SAs in {site} no running charon knows: {stale}\n" + describe_failure(out)
+
+
+def test_keep_leaves_the_replaced_sas_behind_like_the_old_starter(crash):
+    # keep is the old starter's behaviour: the restarted charon initiates a new CHILD_SA and the
+    # dead one's SAs stay until their hard lifetime.  Also shows the stale-SA check sees them.
+    out = crash("keep")
+    reqid = 1   # the initiator tunnel (lab.topology.TUNNELS["initiator"].index)
+    stale = [sa for sa in out.stale_after["moon"] if sa.reqid == reqid]
+    assert len(stale) >= 2, f"expected the initiator tunnel's replaced SAs to stay in keep mode: {stale}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_foreign_state_in_moon_is_untouched(crash, mode):
+    out = crash(mode)
+    assert out.foreign == [], f"{mode}: another tool's state in moon changed: {out.foreign}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_requested_stop_leaves_no_charon_state_behind(crash, mode):
+    out = crash(mode)
+    left = {k: n for k, n in out.left_after_stop.counts().items() if n}
+    assert out.stop_rc == 0, f"the supervisor exited {out.stop_rc} on SIGTERM\n" + describe_failure(out)
+    assert not left, f"{mode}: after SIGTERM to the supervisor moon still holds {left} (recovery.on_stop flush)"
+
+
+def test_flush_gives_the_restarted_charon_a_clean_slate(crash):
+    out = crash("flush")
+    clashes = [msg for _, msg in charon_lines(out.moon_charon_log, out.kill_at)
+               if re.search(r"policy already exists|unable to create .*routing table rule", msg)]
+    assert not clashes, f"the restarted charon met leftovers in flush mode: {clashes}"
