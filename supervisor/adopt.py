@@ -20,7 +20,7 @@ ledger, what charon reports, and the clock, never from remembered events):
   re-installs routes with NLM_F_REPLACE, and replacing an identical IPv4 route
   raises no notification), charon's routing rule (it tries to create it at every
   start, EEXIST here, and deletes it when it stops), virtual IPs and SPIs charon
-  reports, updown rules of a reqid charon uses again;
+  reports (updown rules of a reqid charon uses again are deleted: its updown adds its own copy);
 - when ``recovery.adopt_grace`` has passed, whatever is still unclaimed goes:
   out/fwd policies for selectors charon still has configured behind fail-closed
   blocks, the rest directly.
@@ -740,10 +740,17 @@ def _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, 
         elif family == "address":
             if record.address in vips:
                 return f"charon reports {record.address} as a virtual IP"
-        elif family == "firewall":
-            reqid = record.updown.reqid if record.updown is not None else None
-            if reqid in live_reqids:
-                return f"updown rule for reqid {reqid}, which charon's {live_reqids[reqid].describe()} uses again"
+        return None
+
+    def superseded(record: Any) -> str | None:
+        """Why a leftover updown rule is a duplicate now (None: it is not)."""
+        reqid = record.updown.reqid if record.FAMILY == "firewall" and record.updown is not None else None
+        if reqid in live_reqids:
+            # charon's updown script runs for that CHILD_SA and inserts the identical rule: keeping
+            # the leftover would leave two copies, and down-client removes only one. `-D` removes one
+            # copy of an identical rule, so exactly charon's stays.
+            return (f"updown rule for reqid {reqid}, which charon's {live_reqids[reqid].describe()} uses "
+                    "again: its updown script installs its own copy")
         return None
 
     blocks: list = []
@@ -751,6 +758,10 @@ def _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, 
     for record, verdict, status in pending:
         key = leftover_key(record)
         if key in decided:
+            continue
+        why = superseded(record)
+        if why is not None:
+            decide_delete(record, why)
             continue
         why = claim(record)
         if why is not None:

@@ -366,13 +366,14 @@ def test_nothing_is_initiated_when_adopt_initiate_is_off(tunnels):
     assert not [a for a in plan_for(tunnels, initiate=False).actions if isinstance(a, InitiateChild)]
 
 
-def test_a_static_reqid_keeps_its_updown_rules_and_spis_charon_reports_are_never_deleted(tunnels):
+def test_a_static_reqid_drops_the_leftover_updown_copy_and_spis_charon_reports_are_never_deleted(tunnels):
     same_reqid = [ike("site-a", "ESTABLISHED", "192.0.2.2", children=[
         ("net", 1, "INSTALLED", 0xC1234567, 0x00AA0001, ["10.1.0.0/16"], ["10.2.0.0/16"])])]
     plan = plan_for(tunnels, reinstalled=True, active=same_reqid, now=61.0)
     got = {summary(a): a.reason for a in plan.actions}
     for rule in FW_1:
-        assert "uses again" in got[rule.replace("delete", "keep")]
+        # charon's updown inserts the identical rule for that CHILD_SA: the leftover copy goes
+        assert "installs its own copy" in got[rule]
     assert got["keep sa 0xc1234567"] == "charon reports SPI c1234567 as its own"
     # that child shares an SPI with the leftovers, so it replaces none of them: the grace decides
     assert got["delete sa 0xbadf00d"] == "recovery.adopt_grace ended and charon did not claim it"
