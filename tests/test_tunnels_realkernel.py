@@ -109,6 +109,17 @@ def test_no_stale_sas_remain_after_the_grace_period(crash, mode):
         assert not stale, f"{mode}: SAs in {site} no running charon knows: {stale}\n" + describe_failure(out)
 
 
+@pytest.mark.parametrize("mode", ("flush", "adopt"))
+def test_updown_firewall_rules_are_not_duplicated(crash, mode):
+    # charon's updown inserts its rules again for the new CHILD_SAs: the dead charon's copies
+    # must be gone (flush) or dropped as superseded (adopt), not left next to them.
+    out = crash(mode)
+    before = out.before["moon"].counts()["updown fw rules"]
+    after = out.after["moon"].counts()["updown fw rules"]
+    assert before and after == before, f"{mode}: {before} updown rules at the kill, {after} at the end\n" \
+        + describe_failure(out)
+
+
 def test_keep_leaves_the_replaced_sas_behind_like_the_old_starter(crash):
     # keep is the old starter's behaviour: the restarted charon initiates a new CHILD_SA and the
     # dead one's SAs stay until their hard lifetime.  Also shows the stale-SA check sees them.
