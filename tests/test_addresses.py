@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
 import json
 
@@ -36,33 +34,7 @@ FLAG_WORDS = {0x02: "nodad", 0x04: "optimistic", 0x08: "dadfailed", 0x10: "home"
 SCOPES = {0: "global", 200: "site", 253: "link", 254: "host"}
 FOREVER = 4294967295
 
-CAP_NET_ADMIN = 12
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
-
-
-@contextlib.contextmanager
-def without_net_admin():
-    """This thread without CAP_NET_ADMIN in its effective set (capabilities are per thread)."""
-    header = _CapHeader(0x20080522, 0)
-    data = (_CapData * 2)()
-    assert _libc.capget(ctypes.byref(header), data) == 0
-    saved = data[0].effective
-    data[0].effective = saved & ~(1 << CAP_NET_ADMIN)
-    assert _libc.capset(ctypes.byref(header), data) == 0
-    try:
-        yield
-    finally:
-        data[0].effective = saved
-        assert _libc.capset(ctypes.byref(header), data) == 0
+from caps import without_net_admin
 
 
 def ip_addresses(ns) -> dict[str, list[dict]]:
