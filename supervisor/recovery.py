@@ -886,7 +886,8 @@ class KernelRecovery:
         self._submit(work, "remove blocks")
 
     def _review_blocks(self) -> None:
-        """Jobs thread: compare the blocks with the kernel's policies; past the deadline all go."""
+        """Jobs thread: compare the blocks with the kernel's policies; past the deadline those no
+        configured child with a known peer wants go (and such children are initiated)."""
         with self._lock:
             blocks = [b for k, b in self._blocks.items() if k not in self._unblocking]
         if not blocks:
@@ -905,13 +906,13 @@ class KernelRecovery:
         blocks = [b for b in blocks if b.key() in present]
         deadline = self._block_deadline if self._block_deadline is not None else float("inf")
         now = self._clock()
-        hold = self._blocks_still_wanted(blocks) if now >= deadline else {}
+        hold = self._blocks_still_wanted(blocks)
         removable = blocks_to_remove(blocks, policies, now=now, deadline=deadline,
                                      leftover_indexes=self._stuck, hold=hold)
         if removable:
             self._remove_blocks(removable)
-        if hold:
-            # Look again later: charon may install the policy (events remove the block at once)
+        if hold and now >= deadline:
+            # Past the timeout (before it, the timeout's own review is already scheduled): look again later: charon may install the policy (events remove the block at once)
             # or drop the child from its configuration (then the block goes).
             delay = max(1.0, self.config.recovery.block_timeout)
             self._in_loop(lambda: self._loop.call_later(delay, lambda: self._submit(
@@ -932,6 +933,13 @@ class KernelRecovery:
             log.warning("cannot ask charon which children it has configured (%s); fail-closed "
                         "blocks stay until the next review", exc)
             return {b.key(): "unknown (VICI failed)" for b in blocks}
+        try:
+            # A conn with an IKE_SA is charon's own business already (start_action, the peer):
+            # initiating next to it would only make a second IKE_SA.
+            busy = {ike.conn for ike in list_sas(path)}
+        except ViciError as exc:
+            log.debug("fail-closed review: no list-sas (%s)", exc)
+            busy = set()
         hold = {}
         for b in blocks:
             child = adopt.configured_for(b, configured)
@@ -941,7 +949,7 @@ class KernelRecovery:
             if child is None or not child.initiable_peer():
                 continue
             hold[b.key()] = child.name
-            if child.name in self._block_initiated:
+            if child.name in self._block_initiated or child.conn in busy:
                 continue
             self._block_initiated.add(child.name)
             peer = next((a for a in child.remote_addrs if adopt._peer_kind(a) in ("address", "hostname")), "")
@@ -949,8 +957,8 @@ class KernelRecovery:
                                          f"{b.describe()} is still blocked and charon has the child configured")
             result = self._initiate(action, None)
             (log.info if result.ok else log.warning)(
-                "fail-closed: keeping the block for %s past the timeout (charon has %s configured); "
-                "initiate %s: %s", b.describe(), child.name, child.name, result.message or result.outcome.value)
+                "fail-closed: keeping the block for %s until charon installs its policy (it has %s "
+                "configured); initiate %s: %s", b.describe(), child.name, child.name, result.message or result.outcome.value)
         return hold
 
     # -- adoption (jobs thread) --------------------------------------------------------------
