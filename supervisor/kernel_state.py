@@ -69,10 +69,18 @@ class KernelState:
 
 
 def read_state(options: ReadOptions = ReadOptions(),
-               families: Iterable[str] | None = None) -> KernelState:
-    """Dump the families (all by default) of the current namespace; any failed dump raises."""
+               families: Iterable[str] | None = None,
+               progress: Callable[[Family, int], None] | None = None) -> KernelState:
+    """Dump the families (all by default) of the current namespace; any failed dump raises.
+
+    PROGRESS, if given, is called after each family with its record count.
+    """
     names = list(FAMILIES) if families is None else list(families)
-    objects = {name: tuple(FAMILIES[name].dump(options)) for name in names}
+    objects = {}
+    for name in names:
+        objects[name] = tuple(FAMILIES[name].dump(options))
+        if progress is not None:
+            progress(FAMILIES[name], len(objects[name]))
     defaults = xfrm.get_default_policies() if "xfrm_policy" in objects else None
     return KernelState(objects=objects, netns=current_identity(), options=options,
                        default_policies=defaults)

@@ -157,3 +157,32 @@ def test_not_root_is_refused_with_exit_code_4(tmp_path):
                        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == ExitCode.NOT_ROOT, r.stderr
     assert "root" in r.stderr
+
+
+def test_snapshot_shows_progress_on_a_terminal_only(netns, tmp_path):
+    netns.sh(CHARON_LIKE)
+    import pty
+    out = str(tmp_path / "t.json")
+    main, sub = pty.openpty()
+    try:
+        r = subprocess.run([sys.executable, "-m", "supervisor.cli", "snapshot", "--netns", netns.name,
+                            "-o", out], stdout=subprocess.PIPE, stderr=sub, text=True, timeout=60)
+        os.close(sub)
+        sub = -1
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(main, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        if sub >= 0:
+            os.close(sub)
+        os.close(main)
+    assert r.returncode == 0
+    assert b"read 3 XFRM policies" in seen and b"writing" in seen
+    r = run_cli("snapshot", "--netns", netns.name, "-o", out)
+    assert r.returncode == 0 and r.stderr == ""          # not a terminal: no progress

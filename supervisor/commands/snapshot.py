@@ -55,11 +55,23 @@ def cmd_take(args) -> int:
         os.makedirs(DEFAULT_SNAPSHOT_DIR, mode=0o700, exist_ok=True)
         output = os.path.join(DEFAULT_SNAPSHOT_DIR,
                               time.strftime("manual-%Y%m%dT%H%M%SZ.json", time.gmtime()))
+    # On a terminal, say what is being read: tens of thousands of objects take a moment.
+    tty = sys.stderr.isatty()
+
+    def progress(family, count: int) -> None:
+        print(f"\r\033[Kread {count} {family.title}", end="", file=sys.stderr, flush=True)
+
     with netns.enter(args.netns):
         state = read_state(ReadOptions(route_table=args.route_table,
-                                       rule_priority=args.rule_priority))
+                                       rule_priority=args.rule_priority),
+                           progress=progress if tty else None)
     snap = take_snapshot(state, include_keys=args.include_keys)
+    if tty:
+        print(f"\r\033[Kwriting {sum(snap.counts().values())} objects to {output}", end="",
+              file=sys.stderr, flush=True)
     write_snapshot(output, snap)
+    if tty:
+        print("\r\033[K", end="", file=sys.stderr, flush=True)
     counts = snap.counts()
     if args.json:
         json.dump({"path": output, "counts": counts, "keys_included": args.include_keys},
