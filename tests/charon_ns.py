@@ -93,6 +93,25 @@ swanctl {{
 {include}"""
 
 
+def wait_for_status(status: Callable[[], dict], proc, pred: Callable[[dict], bool], timeout: float,
+                    what: str, log: Callable[[], str], poll: float = 0.05) -> dict:
+    """Poll a supervisor's status until PRED holds; fail at once if the supervisor process exits."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"supervisor exited ({proc.returncode}) waiting for {what}:\n{log()}")
+        try:
+            last = status()
+            if pred(last):
+                return last
+        except SupervisorError:
+            pass
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}; last status {json.dumps(last, indent=1)}\n"
+                         f"{log()[-6000:]}")
+
+
 def _deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
@@ -273,20 +292,7 @@ class SupervisedCharon(_Namespaced, _CharonFiles):
         return control.request(self.p("run"), "status", timeout=5)["status"]
 
     def wait(self, pred: Callable[[dict], bool], timeout: float = 30.0, what: str = "condition") -> dict:
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"supervisor exited ({self.proc.returncode}) waiting for {what}:\n{self.log()}")
-            try:
-                last = self.status()
-                if pred(last):
-                    return last
-            except SupervisorError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}; last status {json.dumps(last, indent=1)}\n"
-                             f"{self.log()[-6000:]}")
+        return wait_for_status(self.status, self.proc, pred, timeout, what, self.log, poll=0.05)
 
     def wait_running(self, restarts: int | None = None, timeout: float = 60.0) -> dict:
         """charon ready and its configuration loaded (after RESTARTS restarts, if given)."""

@@ -7,7 +7,6 @@ through /proc/<supervisor pid>/root.  The control socket and state live in a tem
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import shutil
@@ -22,8 +21,9 @@ import pytest
 import vici
 import yaml
 
+from charon_ns import wait_for_status
 from supervisor import control, crashreport
-from supervisor.errors import ExitCode, SupervisorError
+from supervisor.errors import ExitCode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHARON = "/usr/lib/ipsec/charon"
@@ -109,19 +109,7 @@ class Charon:
         return control.request(self.p("run"), "status", timeout=3)["status"]
 
     def wait(self, pred, timeout: float = 20.0, what: str = "condition") -> dict:
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"supervisor exited ({self.proc.returncode}) waiting for {what}:\n{self.log()}")
-            try:
-                last = self.status()
-                if pred(last):
-                    return last
-            except SupervisorError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}; last status {json.dumps(last, indent=1)}\n{self.log()}")
+        return wait_for_status(self.status, self.proc, pred, timeout, what, self.log, poll=0.05)
 
     def wait_running(self, restarts: int | None = None, timeout: float = 20.0) -> dict:
         return self.wait(lambda s: s["state"] == "running" and (restarts is None or s["restarts"] == restarts),

@@ -23,8 +23,8 @@ import time
 import pytest
 import yaml
 
+from charon_ns import wait_for_status
 from supervisor import control, crashreport
-from supervisor.errors import SupervisorError
 from supervisor.kernel import xfrm
 from supervisor.kernel.addresses import Address
 from supervisor.kernel.common import Action as KAction
@@ -296,20 +296,7 @@ class Sup:
         return control.request(self.p("run"), "status", timeout=5)["status"]
 
     def wait(self, pred, timeout: float = 20.0, what: str = "condition") -> dict:
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"supervisor exited ({self.proc.returncode}) waiting for {what}:\n{self.log()}")
-            try:
-                last = self.status()
-                if pred(last):
-                    return last
-            except SupervisorError:
-                pass
-            time.sleep(0.03)
-        raise AssertionError(f"timed out waiting for {what}; last status {json.dumps(last, indent=1)}\n"
-                             f"{self.log()[-5000:]}")
+        return wait_for_status(self.status, self.proc, pred, timeout, what, self.log, poll=0.03)
 
     def wait_running(self, restarts: int | None = None) -> dict:
         return self.wait(lambda s: s["state"] == "running" and (restarts is None or s["restarts"] == restarts),

@@ -17,9 +17,10 @@ import time
 import pytest
 import yaml
 
+from charon_ns import wait_for_status
 from supervisor import control, crashreport
 from supervisor.config import parse_config
-from supervisor.errors import ExitCode, SupervisorError
+from supervisor.errors import ExitCode
 from supervisor.notify import Notifier, configure_logging, journal_stream_matches
 from supervisor.policy import Action, Cause, ExitClass
 from supervisor.starter import Supervisor
@@ -90,19 +91,7 @@ class Harness:
         return control.request(self.run_dir, "status", timeout=2)["status"]
 
     def wait(self, pred, timeout: float = 10.0, what: str = "condition") -> dict:
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            if self.proc and self.proc.poll() is not None:
-                raise AssertionError(f"supervisor exited ({self.proc.returncode}) waiting for {what}:\n{self.log()}")
-            try:
-                last = self.status()
-                if pred(last):
-                    return last
-            except SupervisorError:
-                pass
-            time.sleep(0.02)
-        raise AssertionError(f"timed out waiting for {what}; last status: {json.dumps(last, indent=1)}\n{self.log()}")
+        return wait_for_status(self.status, self.proc, pred, timeout, what, self.log, poll=0.02)
 
     def wait_running(self, restarts: int | None = None, timeout: float = 10.0) -> dict:
         return self.wait(lambda s: s["state"] == "running" and (restarts is None or s["restarts"] == restarts),
