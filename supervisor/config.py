@@ -400,8 +400,11 @@ class RecoveryConfig:
     fail_closed: bool = _key(boolean(), True, "block policies stand in for removed out/fwd policies")
     block_timeout: float = _key(duration(positive=True), 30.0,
                                 "blocks charon did not replace are removed this long after it is ready")
-    adopt_grace: float = _key(duration(), 60.0, "time charon has to claim leftovers once ready (adopt)")
+    adopt_grace: float = _key(duration(), 60.0,
+                              "time charon has to claim leftovers once ready or since the last initiation (adopt)")
     adopt_initiate: bool = _key(boolean(), True, "initiate matched children with a known peer (adopt)")
+    adopt_initiate_parallel: int = _key(number(1, 10000, integer=True), 1,
+                                        "IKE_SAs being established at once while adopting (adopt)")
     on_stop: str = _key(choice(STOP_ACTIONS), "flush", "after a requested stop: remove what charon left behind")
     any_daemon: bool = _key(boolean(), False,
                             "recover for a daemon.command not named charon/charon-systemd (a wrapper)")

@@ -367,7 +367,8 @@ class _Adoption:
     started: float
     deadline: float
     resolved: set = dataclasses.field(default_factory=set)
-    initiated: set = dataclasses.field(default_factory=set)
+    initiated: dict = dataclasses.field(default_factory=dict)        # (conn, child) -> when
+    connecting_since: dict = dataclasses.field(default_factory=dict)  # conn -> first seen being established
     configured: tuple | None = None
     done: bool = False
     steps: int = 0
@@ -993,16 +994,23 @@ class KernelRecovery:
             except ViciError as exc:
                 a.last_error = str(exc)
                 log.warning("adopt: %s", exc)
+        if active is not None:
+            busy = {ike.conn for ike in active if ike.state in adopt.BUSY_IKE_STATES}
+            a.connecting_since = {conn: a.connecting_since.get(conn, now) for conn in busy}
         with self._lock:
             ledger = self._ledger
-        if not grace_over and ledger is a.last_ledger and active == a.last_active:
+        # A place among adopt_initiate_parallel's may free up by the clock alone (INITIATE_WINDOW).
+        places_ageing = any(now - t < adopt.INITIATE_WINDOW
+                            for t in (*a.initiated.values(), *a.connecting_since.values()))
+        if not grace_over and ledger is a.last_ledger and active == a.last_active and not places_ageing:
             # nothing changed since the last step (the ledger is replaced on every change)
             self._queue_adopt_step(min(ADOPT_POLL, max(0.0, a.deadline - now) + 0.01))
             return
         a.last_ledger, a.last_active = ledger, active
         todo = adopt.plan_adopt(a.leftovers, ledger=ledger, configured=a.configured, active=active, now=now,
-                                deadline=a.deadline, resolved=frozenset(a.resolved),
-                                initiated=frozenset(a.initiated), local_addresses=self._local_addresses,
+                                deadline=a.deadline, resolved=frozenset(a.resolved), initiated=dict(a.initiated),
+                                connecting_since=dict(a.connecting_since), parallel=rc.adopt_initiate_parallel,
+                                local_addresses=self._local_addresses,
                                 markers=self._markers, fail_closed=rc.fail_closed, initiate=rc.adopt_initiate,
                                 explain=False)
         a.steps += 1
@@ -1013,7 +1021,9 @@ class KernelRecovery:
                                                                                 0) + 1
                 action = r.action
                 if isinstance(action, adopt.InitiateChild):
-                    a.initiated.add((action.conn, action.child))
+                    a.initiated[(action.conn, action.child)] = self._clock()
+                    # leftovers may wait adopt_grace for what this initiation brings
+                    a.deadline = max(a.deadline, self._clock() + rc.adopt_grace)
                     (log.info if r.ok else log.warning)("adopt: initiate %s/%s: %s (%s)", action.conn, action.child,
                                                         r.message or r.outcome.value, action.reason)
                 elif isinstance(action, InstallBlockPolicy):

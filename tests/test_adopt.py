@@ -281,7 +281,7 @@ def plan_for(tunnels, *, reinstalled=False, active=(), now=0.0, deadline=60.0, r
 
 
 def test_right_after_the_restart_matched_children_are_initiated_and_everything_else_waits(tunnels):
-    plan = plan_for(tunnels)
+    plan = plan_for(tunnels, parallel=2)
     got = [summary(a) for a in plan.actions]
     assert {g for g in got if not g.startswith("wait")} == RULES | {
         "initiate site-a/net [1]", "initiate site-a6/net6 [2]"}        # road/hosts: peer %any
@@ -356,10 +356,84 @@ def test_without_charons_configuration_every_protecting_policy_goes_fail_closed(
 ])
 def test_initiation_is_asked_for_once_and_never_next_to_charons_own(tunnels, case, active, initiated,
                                                                     expect_initiate, expect):
-    plan = plan_for(tunnels, active=active, initiated=initiated)
+    plan = plan_for(tunnels, active=active, initiated=initiated, parallel=2)
     assert {f"{a.conn}/{a.child}" for a in plan.actions if isinstance(a, InitiateChild)} == expect_initiate, case
     if expect:
         assert any(expect in a.reason for a in plan.actions if isinstance(a, WaitFor)), case
+
+
+def _initiations(plan):
+    return [f"{a.conn}/{a.child}" for a in plan.actions if isinstance(a, InitiateChild)]
+
+
+def _waits(plan):
+    return {a.reason for a in plan.actions if isinstance(a, WaitFor)}
+
+
+def _expiring(tunnels, soon_reqid):
+    """TUNNELS with the SAs of SOON_REQID reaching their soft lifetime first."""
+    snap, owned = tunnels
+    def lifetime(record):
+        if record.FAMILY != "xfrm_sa":
+            return record
+        soft = 100 if record.reqid == soon_reqid else 5000
+        return dataclasses.replace(record, curlft=dataclasses.replace(record.curlft, add_time=1_000_000),
+                                   lifetime=dataclasses.replace(record.lifetime, soft_add_expires_seconds=soft))
+    return snap, [(lifetime(r), v) for r, v in owned]
+
+
+@pytest.mark.parametrize("soon_reqid, first", [(1, "site-a/net"), (2, "site-a6/net6")])
+def test_one_connection_at_a_time_the_one_whose_sas_expire_first_goes_first(tunnels, soon_reqid, first):
+    # The peer drops the old SAs when INITIAL_CONTACT arrives; an exchange next to another
+    # (whose updown script holds charon's bus lock) would stretch the hole that leaves.
+    tunnels = _expiring(tunnels, soon_reqid)
+    plan = plan_for(tunnels)
+    assert _initiations(plan) == [first]
+    assert any(w.startswith(f"waiting its turn: {first.split('/')[0]} being established "
+                            "(recovery.adopt_initiate_parallel is 1)") for w in _waits(plan))
+    second = {"site-a/net", "site-a6/net6"} - {first}
+    conn = first.split("/")[0]
+    # charon establishes it (CONNECTING): still its turn
+    connecting = [ike(conn, "CONNECTING", "192.0.2.2")]
+    assert _initiations(plan_for(tunnels, active=connecting, initiated={tuple(first.split("/")): 0.0},
+                                 connecting_since={conn: 0.0}, now=5.0)) == []
+    # its CHILD_SA is installed: the next one goes
+    up = [ike(conn, "ESTABLISHED", "192.0.2.2", children=[(first.split("/")[1], 7, "INSTALLED", 0xC9999999,
+                                                            0x00AA0001, [], [])])]
+    assert _initiations(plan_for(tunnels, active=up, initiated={tuple(first.split("/")): 0.0}, now=5.0)) == \
+        sorted(second)
+    # both at once when two places are configured (ordered by expiry)
+    assert _initiations(plan_for(tunnels, parallel=2)) == [first] + sorted(second)
+
+
+@pytest.mark.parametrize("case, active, since, initiated_at, now, next_goes", [
+    ("initiated a moment ago, not reported yet (charon queues it)", [], {}, 0.0, 0.5, False),
+    ("initiated, failed at once (nothing reported after a second)", [], {}, 0.0, 1.5, True),
+    ("being established for 9 s", [("site-a", "CONNECTING")], {"site-a": 0.0}, 0.0, 9.0, False),
+    ("being established for 10 s: the peer does not answer, the next goes",
+     [("site-a", "CONNECTING")], {"site-a": 0.0}, 0.0, 10.0, True),
+    ("charon's own start_action initiation holds a place too", [("site-a", "CONNECTING")], {"site-a": 3.0},
+     None, 4.0, False),
+    ("charon's own, for 10 s", [("site-a", "CONNECTING")], {"site-a": 3.0}, None, 13.0, True),
+    ("a CHILD_SA being created in an established IKE_SA", [("site-a", "ESTABLISHED", "CREATED")], {}, 0.0, 5.0,
+     False),
+])
+def test_a_place_is_held_while_an_exchange_is_under_way_and_at_most_ten_seconds(
+        tunnels, case, active, since, initiated_at, now, next_goes):
+    tunnels = _expiring(tunnels, 1)          # site-a first, then site-a6
+    sas = [ike(a[0], a[1], "192.0.2.2", children=[("net", 7, a[2], 0xC9999999, 0x00AA0001, [], [])] if len(a) > 2
+               else ()) for a in active]
+    initiated = {} if initiated_at is None else {("site-a", "net"): initiated_at}
+    plan = plan_for(tunnels, active=sas, initiated=initiated, connecting_since=since, now=now)
+    assert _initiations(plan) == (["site-a6/net6"] if next_goes else []), case
+    if active and not next_goes:
+        assert any(w.startswith("waiting its turn: site-a being established") for w in _waits(plan)), case
+
+
+def test_initiations_come_after_the_clean_up_in_a_step(tunnels):
+    plan = plan_for(tunnels, reinstalled=True, active=SITE_A_UP, initiated=frozenset({("site-a", "net")}))
+    kinds = [type(a).__name__ for a in plan.actions if not isinstance(a, WaitFor)]
+    assert kinds.index("InitiateChild") > max(i for i, k in enumerate(kinds) if k == "DeleteObject")
 
 
 def test_nothing_is_initiated_when_adopt_initiate_is_off(tunnels):

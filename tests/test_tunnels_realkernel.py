@@ -148,3 +148,19 @@ def test_flush_gives_the_restarted_charon_a_clean_slate(crash):
     clashes = [msg for _, msg in charon_lines(out.moon_charon_log, out.kill_at)
                if re.search(r"policy already exists|unable to create .*routing table rule", msg)]
     assert not clashes, f"the restarted charon met leftovers in flush mode: {clashes}"
+
+
+def test_adopt_establishes_one_connection_at_a_time(crash):
+    # recovery.adopt_initiate_parallel 1: the restarted charon initiates the initiator tunnel
+    # itself (start_action); the supervisor initiates the responder tunnel's child only once
+    # that CHILD_SA is installed.  Side by side, charon would process one exchange's answer
+    # only after the other child's updown script (it holds charon's bus lock), while the peer
+    # has already dropped the old SAs on INITIAL_CONTACT.
+    out = crash("adopt")
+    lines = charon_lines(out.moon_charon_log, out.kill_at)
+    installed = [at for at, msg in lines if re.search(r"CHILD_SA init\{\d+\} established", msg)]
+    asked = [at for at, msg in lines if "vici initiate CHILD_SA 'resp'" in msg]
+    assert installed and asked, f"expected charon's own init and the supervisor's resp initiation:\n" \
+        + describe_failure(out)
+    assert asked[0] >= installed[0], (f"resp was initiated {installed[0] - asked[0]:.3f}s before init's "
+                                      "CHILD_SA was installed\n" + describe_failure(out))

@@ -281,7 +281,8 @@ def cmd_reconcile(args) -> int:
             else:
                 common = dict(ledger=ledger, configured=configured, active=active,
                               local_addresses=frozenset(a.address for a in state.objects.get("address", ())),
-                              markers=markers, fail_closed=rc.fail_closed, initiate=rc.adopt_initiate)
+                              markers=markers, fail_closed=rc.fail_closed, initiate=rc.adopt_initiate,
+                              parallel=rc.adopt_initiate_parallel)
                 now = _time.monotonic()
                 plan = adopt.plan_adopt(inherited, now=now, deadline=now + rc.adopt_grace, **common)
                 grace_plan = adopt.plan_adopt(inherited, now=now, deadline=now, **common)
