@@ -53,6 +53,26 @@ PLUGINS = ("random nonce openssl pem pkcs1 x509 revocation constraints pubkey ae
            "kernel-netlink socket-default vici updown")
 
 
+def psk_swanctl_conf(name: str, *, start_action: str | None = "trap") -> str:
+    """swanctl.conf of one PSK connection NAME (moon to sun at 192.0.2.2, child net to 10.1.0.0/16):
+    what the real-charon tests load; with START_ACTION trap charon installs trap policies at once."""
+    start = f"\n                     start_action = {start_action}" if start_action else ""
+    return f"""\
+connections {{
+  {name} {{
+    remote_addrs = 192.0.2.2
+    local {{ auth = psk
+            id = moon }}
+    remote {{ auth = psk
+             id = sun }}
+    children {{ net {{ remote_ts = 10.1.0.0/16{start} }} }}
+  }}
+}}
+secrets {{ ike-sun {{ id = sun
+                    secret = 0sFpZAZqEN6Ti9sqt4ZP5EWcqx }} }}
+"""
+
+
 def strongswan_conf(log_path: str, *, ike_port: int = 500, nat_port: int = 4500, snippet: bool = True,
                     debug: int = 2, extra: str = "") -> str:
     """strongswan.conf for a test charon: explicit plugins, a file log, VICI under the private /run."""

@@ -21,7 +21,7 @@ import pytest
 import vici
 import yaml
 
-from charon_ns import wait_for_status
+from charon_ns import psk_swanctl_conf, wait_for_status
 from supervisor import control, crashreport
 from supervisor.errors import ExitCode
 
@@ -36,20 +36,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
 ]
 
-SWANCTL_CONF = """\
-connections {
-  %(name)s {
-    remote_addrs = 192.0.2.2
-    local { auth = psk
-            id = moon }
-    remote { auth = psk
-             id = sun }
-    children { net { remote_ts = 10.1.0.0/16 } }
-  }
-}
-secrets { ike-sun { id = sun
-                    secret = 0sFpZAZqEN6Ti9sqt4ZP5EWcqx } }
-"""
 
 
 class Charon:
@@ -76,7 +62,7 @@ class Charon:
         self.log_file = None
 
     def write_swanctl(self, *names: str, broken: bool = False) -> None:
-        text = "".join(SWANCTL_CONF % {"name": n} for n in names[:1])
+        text = "".join(psk_swanctl_conf(n, start_action=None) for n in names[:1])
         if len(names) > 1:  # extra connections next to the first
             extra = "".join(f"  {n} {{\n    remote_addrs = 192.0.2.3\n    local {{ auth = psk }}\n"
                             f"    remote {{ auth = psk }}\n  }}\n" for n in names[1:])

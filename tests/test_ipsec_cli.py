@@ -20,6 +20,7 @@ import time
 import pytest
 import yaml
 
+from charon_ns import psk_swanctl_conf
 from supervisor import control, ipsec_cli
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.frontend import forward, lifecycle
@@ -679,21 +680,7 @@ def test_leftovers_and_flush_with_progress_in_a_namespace(netns, monkeypatch):
 # ---------------------------------------------------------------------------
 # A real charon in a network namespace
 
-SWANCTL_CONF = """\
-connections {
-  home {
-    remote_addrs = 192.0.2.2
-    local { auth = psk
-            id = moon }
-    remote { auth = psk
-             id = sun }
-    children { net { remote_ts = 10.1.0.0/16
-                     start_action = trap } }
-  }
-}
-secrets { ike-sun { id = sun
-                    secret = 0sFpZAZqEN6Ti9sqt4ZP5EWcqx } }
-"""
+SWANCTL_CONF = psk_swanctl_conf("home")
 
 
 class RealCharon:

@@ -18,6 +18,7 @@ import time
 import pytest
 
 import nspawn
+from charon_ns import psk_swanctl_conf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNIT = os.path.join(ROOT, "etc", "ipsec-supervisor.service")
@@ -116,21 +117,7 @@ health:
   timeout: 1s
 """
 
-SWANCTL_CONF = """\
-connections {
-  ipsv-test {
-    remote_addrs = 192.0.2.2
-    local { auth = psk
-            id = moon }
-    remote { auth = psk
-             id = sun }
-    children { net { remote_ts = 10.1.0.0/16
-                     start_action = trap } }
-  }
-}
-secrets { ike-sun { id = sun
-                    secret = 0sFpZAZqEN6Ti9sqt4ZP5EWcqx } }
-"""
+SWANCTL_CONF = psk_swanctl_conf("ipsv-test")
 
 SECOND_CONN = """\
 connections {
