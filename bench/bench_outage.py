@@ -12,7 +12,10 @@ target gets its own lab and one kill -9 of moon's charon:
 and is watched until every tunnel carries traffic again and the dead charon's SAs have
 passed their hard lifetime (or --max-window).  Printed per target and tunnel: pings lost
 after the kill, the longest gap, when it started (seconds after the kill), stale SAs (no
-running charon knows them) 20 s after the kill and at the end, plaintext packets seen;
+running charon knows them) 20 s after the kill and at the end, plaintext packets seen on
+either outer link, and what sun's own guard stopped (lab.topology.peer_guard_script: a
+strongSwan peer leaks for a moment on every INITIAL_CONTACT; "unexpl." counts stopped
+packets outside those moments of sun's, which would be a leak of someone else's making);
 then the ratios of each mode's losses to the starter's, measured in the same run.
 
 Needs a kernel with ESP: without one it re-runs itself in the real-kernel VM (tools/vm-run).
@@ -66,6 +69,8 @@ def summarize(out) -> dict:
     res = {"charon_back_s": None if out.ready_again_at is None else round(out.ready_again_at - out.kill_at, 2),
            "observed_s": round(out.observed_s, 1),
            "plaintext": {site: len(p) for site, p in out.plaintext.items()},
+           "peer_guard_stopped": len(out.guard_stopped),
+           "peer_guard_unexplained": len(_unexplained(out)),
            "stale_at_probe": None if out.stale_probe is None else len(out.stale_probe),
            "stale_at_end": len(out.stale_after.get("moon", ())),
            "tunnels": {}}
@@ -87,6 +92,12 @@ def summarize(out) -> dict:
     return res
 
 
+def _unexplained(out) -> list:
+    from lab.report import guard_hits_outside_windows, initial_contact_windows
+    windows = initial_contact_windows(out.sun_charon_log, out.kill_at - 0.5)
+    return guard_hits_outside_windows(out.guard_stopped, windows, out.lab.tunnels)
+
+
 def _reqid(out, role: str) -> int:
     return out.lab.tunnel(role).index
 
@@ -94,7 +105,7 @@ def _reqid(out, role: str) -> int:
 def print_table(results: dict, max_window: float) -> None:
     print(f"\nkill -9 of moon's charon; pings at 5/s; CHILD_SA rekey {CHILD_REKEY} s, hard lifetime {CHILD_LIFE} s")
     head = (f"{'target':<9} {'tunnel':<10} {'lost':>5} {'gap s':>6} {'gap at':>7} {'back?':>5} "
-            f"{'stale@20s':>9} {'plain':>5} {'charon back':>11}")
+            f"{'stale@20s':>9} {'plain':>5} {'guard':>5} {'unexpl.':>7} {'charon back':>11}")
     print(head)
     print("-" * len(head))
     for target, r in results.items():
@@ -102,17 +113,21 @@ def print_table(results: dict, max_window: float) -> None:
             print(f"{target:<9} FAILED: {r['error']}")
             continue
         plain = sum(r["plaintext"].values())
+        guard, unexplained = r["peer_guard_stopped"], r["peer_guard_unexplained"]
         for i, (role, t) in enumerate(r["tunnels"].items()):
             at = "-" if t["gap_starts_at_s"] is None else f"+{t['gap_starts_at_s']:.1f}"
             back = "yes" if t["recovered"] else "NO"
             charon = f"{r['charon_back_s']:.1f} s" if (i == 0 and r["charon_back_s"] is not None) else ""
             gap = f"{t['longest_gap_s']:.1f}" + ("+" if t.get("gap_open_at_end") else "")
             print(f"{target if i == 0 else '':<9} {role:<10} {t['lost']:>5} {gap:>6} {at:>7} "
-                  f"{back:>5} {t['stale_at_probe']:>9} {plain if i == 0 else '':>5} {charon:>11}")
+                  f"{back:>5} {t['stale_at_probe']:>9} {plain if i == 0 else '':>5} "
+                  f"{guard if i == 0 else '':>5} {unexplained if i == 0 else '':>7} {charon:>11}")
     print(f"(gap s: longest run of lost pings, '+' = still open when the window ended; "
           f"gap at: its start, seconds after the kill; back?: traffic flowing at the end of the "
           f"window, which ends when all tunnels are back and settled, at most {max_window:.0f} s; "
-          f"stale@20s: SAs of that tunnel in moon no running charon knows, 20 s after the kill)")
+          f"stale@20s: SAs of that tunnel in moon no running charon knows, 20 s after the kill; "
+          f"plain: ICMP between the subnets on either outer link; guard: packets sun's own guard "
+          f"stopped, unexpl.: of those, outside sun's INITIAL_CONTACT gaps)")
     base = results.get("starter")
     if base and "error" not in base:
         print("\nlost pings, mode / starter (same run; < 1 is better):")

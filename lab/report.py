@@ -7,11 +7,14 @@ crash report, snapshot and reconcile lines) and charon's log, relative to the ki
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import time
 from dataclasses import dataclass
 
 from .scenario import Outcome
+from .topology import Tunnel
+from .traffic import CapturedPacket
 
 # Supervisor log line: "2026-11-28 01:03:29.727 INFO supervisor: message"
 _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\.(\d{3}) (\w+) ([\w.]+): (.*)$")
@@ -70,6 +73,9 @@ class RecoveryReport:
     traffic: tuple[TunnelTraffic, ...]
     plaintext: dict                     # site -> packets
     plaintext_samples: tuple[str, ...]
+    guard_stopped: int | None           # packets sun's own guard dropped (None: the lab ran without it)
+    guard_unexplained: tuple[str, ...]  # ... of those, the ones no INITIAL_CONTACT window of sun explains
+    peer_windows: tuple[PeerWindow, ...]
     at_kill: dict                       # moon's charon-installed state just before the kill
     at_end: dict
     stale_after: dict                   # site -> stale SA descriptions
@@ -117,6 +123,58 @@ def charon_lines(log_text: str, since: float, until: float | None = None) -> lis
     return out
 
 
+_DUPLICATE_DESTROYED = re.compile(r"^<([^|>]+)\|\d+> destroying duplicate IKE_SA for peer .*received INITIAL_CONTACT")
+_CHILD_ESTABLISHED = re.compile(r"CHILD_SA ([^{\s]+)\{\d+\} established")
+_PACKET_SOURCE = re.compile(r"^IP (\d+\.\d+\.\d+\.\d+) > ")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerWindow:
+    """A time when the peer's charon had no CHILD_SA for a connection: it destroyed the old one on
+    INITIAL_CONTACT and had not yet installed the new one (lab.topology.peer_guard_script says why)."""
+
+    conn: str
+    start: float
+    end: float          # inf: the connection was not established again in the log
+
+
+def initial_contact_windows(log_text: str, since: float) -> list[PeerWindow]:
+    """The windows in a charon file log from ``since`` on: each 'destroying duplicate IKE_SA ...
+    received INITIAL_CONTACT' line up to that connection's next 'CHILD_SA ... established' line
+    (in the lab every connection has one child of the same name)."""
+    opened: dict[str, float] = {}
+    out = []
+    for at, msg in charon_lines(log_text, since):
+        m = _DUPLICATE_DESTROYED.match(msg)
+        if m:
+            opened.setdefault(m.group(1), at)
+            continue
+        m = _CHILD_ESTABLISHED.search(msg)
+        if m and m.group(1) in opened:
+            out.append(PeerWindow(m.group(1), opened.pop(m.group(1)), at))
+    out.extend(PeerWindow(conn, start, float("inf")) for conn, start in opened.items())
+    return sorted(out, key=lambda w: w.start)
+
+
+def guard_hits_outside_windows(packets: list[CapturedPacket], windows: list[PeerWindow],
+                               tunnels: tuple[Tunnel, ...], late: float = 0.5) -> list[CapturedPacket]:
+    """The packets the peer guard stopped that no window of their own tunnel explains.
+
+    A packet belongs to the tunnel whose sun-side subnet holds its source.  Its time is when
+    tcpdump read the NFLOG copy: never before the packet, possibly a little after (``late``);
+    the log times are when charon wrote the line, before the destroy and after the install."""
+    def explained(pkt: CapturedPacket) -> bool:
+        m = _PACKET_SOURCE.match(pkt.line)
+        if not m:
+            return False
+        src = ipaddress.ip_address(m.group(1))
+        for t in tunnels:
+            if src in ipaddress.ip_network(t.sun_net):
+                return any(w.conn == t.name and w.start <= pkt.at <= w.end + late for w in windows)
+        return False
+    return [p for p in packets if not explained(p)]
+
+
 def charon_timeline(log_text: str, kill_at: float, until: float | None = None) -> list[TimelineEntry]:
     """Key lines of charon's file log from the kill on."""
     out = []
@@ -154,12 +212,17 @@ def build_report(out: Outcome) -> RecoveryReport:
         traffic.append(TunnelTraffic(role, p.target, p.sent, len(p.lost) - len(after), len(after),
                                      out.outage_s(role)))
     samples = tuple(f"{site}: {pkt.line}" for site, pkts in out.plaintext.items() for pkt in pkts[:3])
+    windows = initial_contact_windows(out.sun_charon_log, out.kill_at - 0.5)
+    unexplained = guard_hits_outside_windows(out.guard_stopped, windows, out.lab.tunnels)
     return RecoveryReport(
         label=out.scenario.label, killed_pid=out.killed_pid, restarted_pid=out.restarted_pid,
         kill_at=out.kill_at,
         ready_after_s=None if out.ready_again_at is None else out.ready_again_at - out.kill_at,
         timeline=tuple(timeline), traffic=tuple(traffic),
         plaintext={site: len(p) for site, p in out.plaintext.items()}, plaintext_samples=samples,
+        guard_stopped=len(out.guard_stopped) if out.scenario.peer_guard else None,
+        guard_unexplained=tuple(f"{p.at - out.kill_at:+.3f}s {p.line}" for p in unexplained),
+        peer_windows=tuple(windows),
         at_kill=out.before["moon"].counts() if "moon" in out.before else {},
         at_end=out.after["moon"].counts() if "moon" in out.after else {},
         stale_after={site: tuple(sa.describe() for sa in sas) for site, sas in out.stale_after.items()},
@@ -206,6 +269,14 @@ def format_report(r: RecoveryReport, max_timeline: int = 40, detail_width: int =
                  + ", ".join(f"{site} {n}" for site, n in r.plaintext.items())
                  + ("  (none: every packet left as ESP or was dropped)" if total_plain == 0 else "  <-- LEAK"))
     lines.extend(f"    {s}" for s in r.plaintext_samples)
+    if r.guard_stopped is not None:
+        shown = ", ".join(f"{w.conn} {(w.end - w.start) * 1000:.0f} ms" for w in r.peer_windows
+                          if w.end != float("inf"))
+        lines.append(f"sun's own guard (drops what would leave it unprotected) stopped {r.guard_stopped} packet(s)"
+                     + (f"; sun was without a CHILD_SA after INITIAL_CONTACT for: {shown}" if shown else "")
+                     + ("" if not r.guard_unexplained else
+                        f"  <-- {len(r.guard_unexplained)} outside those windows"))
+        lines.extend(f"    {s}" for s in r.guard_unexplained[:3])
     lines.append("")
     lines.append("Kernel state in moon (charon's kinds; foreign objects not counted):")
     lines.append(f"  at the kill (what the dead charon left): {_counts(r.at_kill)}")

@@ -15,8 +15,8 @@ from typing import Callable
 from .charon import Charon, LabSettings, tail
 from .kernel_view import (FOREIGN_SCRIPT, SA, SiteView, add_lookalike_state, foreign_changes, read_view,
                           stale_sas)
-from .topology import Lab, LabError, build_lab, make_lab, remove_lab
-from .traffic import Capture, CapturedPacket, Pinger, PingResult, ping_until_answered
+from .topology import PEER_GUARD_GROUP, Lab, LabError, build_lab, make_lab, peer_guard_script, remove_lab
+from .traffic import Capture, CapturedPacket, GuardLog, Pinger, PingResult, ping_until_answered
 
 MOON_KINDS = ("supervisor", "starter", "plain")
 
@@ -28,6 +28,7 @@ class Scenario:
     roles: tuple[str, ...] = ("initiator",)
     settings: LabSettings = field(default_factory=LabSettings)
     foreign: bool = True                  # another tool's state in moon, checked at the end
+    peer_guard: bool = True               # sun drops (and logs) what would leave unprotected (topology)
     warmup: float = 3.0                   # seconds of traffic before the kill
     min_observe: float = 10.0             # watch at least this long after the kill
     settle: float = 3.0                   # ... and until every tunnel answered this long after its last loss
@@ -54,6 +55,7 @@ class Outcome:
     ready_again_at: float | None = None     # the new charon answered VICI with every connection loaded
     pings: dict[str, PingResult] = field(default_factory=dict)     # by moon's role
     plaintext: dict[str, list[CapturedPacket]] = field(default_factory=dict)   # by site
+    guard_stopped: list[CapturedPacket] = field(default_factory=list)   # what sun's peer guard dropped
     capture_stats: dict[str, str] = field(default_factory=dict)
     before: dict[str, SiteView] = field(default_factory=dict)      # just before the kill
     after: dict[str, SiteView] = field(default_factory=dict)       # at the end
@@ -66,6 +68,7 @@ class Outcome:
     crash_reports: list[dict] = field(default_factory=list)
     moon_output: str = ""                                          # supervisor log / starter output
     moon_charon_log: str = ""
+    sun_charon_log: str = ""
     stop_rc: int | None = None
     left_after_stop: SiteView | None = None                        # moon after a requested stop
     setup_s: float = 0.0
@@ -105,7 +108,9 @@ def run_crash(sc: Scenario, workdir: str, say: Callable[[str], None] = _say_noth
     try:
         say(f"building the lab: namespaces {lab.moon.netns} and {lab.sun.netns}, "
             f"tunnels {', '.join(f'{t.name} (moon {t.role})' for t in lab.tunnels)}")
-        build_lab(lab, extra={"moon": FOREIGN_SCRIPT} if sc.foreign else None)
+        extra = {"moon": FOREIGN_SCRIPT if sc.foreign else "",
+                 "sun": peer_guard_script(lab.sun) if sc.peer_guard else ""}
+        build_lab(lab, extra=extra)
         foreign_before = read_view(lab.moon.netns) if sc.foreign else None
         sun = Charon(lab, lab.sun, workdir, "plain", settings=sc.settings).start()
         moon = Charon(lab, lab.moon, workdir, sc.moon, settings=sc.settings, mode=sc.mode)
@@ -126,6 +131,9 @@ def run_crash(sc: Scenario, workdir: str, say: Callable[[str], None] = _say_noth
         for site in lab.sites:
             captures[site.name] = Capture(site.netns, site.local_nets, site.remote_nets,
                                           os.path.join(workdir, f"capture-{site.name}.txt")).start()
+        if sc.peer_guard:
+            captures["sun-guard"] = GuardLog(lab.sun.netns, PEER_GUARD_GROUP,
+                                             os.path.join(workdir, "guard-sun.txt")).start()
         for t in lab.tunnels:
             pingers[t.role] = Pinger(lab.moon.netns, t.moon_host, t.sun_host,
                                      os.path.join(workdir, f"ping-{t.role}.txt")).start()
@@ -143,8 +151,12 @@ def run_crash(sc: Scenario, workdir: str, say: Callable[[str], None] = _say_noth
             p.stop()
         time.sleep(0.5)   # the last replies' packets have left; let tcpdump see them
         for name, c in captures.items():
-            out.plaintext[name] = c.stop()
+            packets = c.stop()
             out.capture_stats[name] = c.summary()
+            if name == "sun-guard":
+                out.guard_stopped = packets
+            else:
+                out.plaintext[name] = packets
         out.pings = {role: p.read() for role, p in pingers.items()}
         out.after = {s.name: read_view(s.netns) for s in lab.sites}
         for site, daemon in (("moon", moon), ("sun", sun)):
@@ -164,6 +176,7 @@ def run_crash(sc: Scenario, workdir: str, say: Callable[[str], None] = _say_noth
         out.left_after_stop = read_view(lab.moon.netns)
         out.moon_output = _read(moon_stopped.output_log)
         out.moon_charon_log = _read(moon_stopped.charon_log)
+        out.sun_charon_log = _read(sun.charon_log)
         return out
     finally:
         for p in pingers.values():

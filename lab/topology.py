@@ -146,6 +146,28 @@ def site_script(lab: Lab, site: Site) -> str:
     return "\n".join(lines) + "\n"
 
 
+PEER_GUARD_GROUP = 7   # NFLOG group of the peer guard's copies (lab.traffic.GuardLog reads them)
+
+
+def peer_guard_script(site: Site) -> str:
+    """Shell commands giving ``site`` its own fail-closed guard, the iptables rule strongSwan
+    recommends against leaks: a packet between the two sides' subnets that leaves without an IPsec
+    policy is dropped (a copy goes to NFLOG group PEER_GUARD_GROUP first, so the lab sees what the
+    guard stopped, and when).
+
+    sun gets it because a strongSwan responder leaks by itself whenever moon's charon comes back:
+    on an IKE_AUTH with INITIAL_CONTACT it destroys the old IKE_SA with its CHILD_SAs, policies
+    included (ike_sa_manager's check_uniqueness, from the ike_auth task), and installs the new
+    CHILD_SA only afterwards (the child_create task of the same exchange).  For those 10-25 ms a
+    packet sun sends into the tunnel takes the plain route.  Whatever restarts moon (strongSwan's
+    own starter too) makes sun go through it; moon's supervisor cannot reach into sun's kernel.
+    The tests check that the guard stopped nothing but packets of those windows
+    (lab.report.guard_hits_outside_windows), so it hides no other leak."""
+    match = f"-s {site.local_nets} -d {site.remote_nets} -m policy --dir out --pol none"
+    return (f"iptables -w -A OUTPUT {match} -j NFLOG --nflog-group {PEER_GUARD_GROUP} --nflog-threshold 1\n"
+            f"iptables -w -A OUTPUT {match} -j DROP\n")
+
+
 def build_lab(lab: Lab, extra: dict[str, str] | None = None) -> None:
     """Create both namespaces, the veth pair between them, addresses and routes.
 

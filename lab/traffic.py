@@ -191,14 +191,18 @@ class Capture:
         self.proc: subprocess.Popen | None = None
         self._out = self._err = None
 
+    def _tcpdump_args(self) -> list[str]:
+        """Interface, direction and filter (the filter last): -Q out, packets leaving only."""
+        return ["-i", self.interface, "-Q", "out", self.filter]
+
     def start(self, timeout: float = 60.0) -> "Capture":
         """Start tcpdump and wait until it listens (its 'listening on' line)."""
         self._out = open(self.logfile, "w")
         self._err = open(self.logfile + ".err", "w+")
-        # -Q out: packets leaving this namespace only; --immediate-mode -l: no buffering, so a
-        # stop right after the traffic loses nothing; -Z root: keep writing our files.
-        argv = in_netns(self.netns, "tcpdump", "-i", self.interface, "-Q", "out", "-n", "-l", "-tt",
-                        "--immediate-mode", "-Z", "root", self.filter)
+        # --immediate-mode -l: no buffering, so a stop right after the traffic loses nothing;
+        # -Z root: keep writing our files.
+        argv = in_netns(self.netns, "tcpdump", "-n", "-l", "-tt", "--immediate-mode", "-Z", "root",
+                        *self._tcpdump_args())
         self.proc = subprocess.Popen(argv, stdout=self._out, stderr=self._err, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -239,6 +243,19 @@ class Capture:
                 return " ".join(l.strip() for l in fh if "packets" in l)
         except OSError:
             return ""
+
+
+class GuardLog(Capture):
+    """The packets a guard rule stopped: its NFLOG copies (``-j NFLOG --nflog-group N``), read by
+    tcpdump on the ``nflog:N`` pseudo-interface.  The rule itself chooses the packets, so no
+    filter; with ``--nflog-threshold 1`` each copy arrives at once, so its time is the packet's
+    to within a few milliseconds."""
+
+    def __init__(self, netns: str, group: int, logfile: str):
+        super().__init__(netns, "0.0.0.0/0", "0.0.0.0/0", logfile, interface=f"nflog:{group}")
+
+    def _tcpdump_args(self) -> list[str]:
+        return ["-i", self.interface]
 
 
 def ping_until_answered(netns: str, src: str, dst: str, timeout: float = 60.0) -> float:

@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lab import kernel_view, report, traffic  # noqa: E402
+from lab import kernel_view, report, topology, traffic  # noqa: E402
 from lab.charon import Charon, LabSettings, ipsec_conf, swanctl_conf  # noqa: E402
 from lab.preflight import missing_tools  # noqa: E402
 from lab.topology import TUNNELS, build_lab, lab_namespaces_left, make_lab, remove_lab  # noqa: E402
@@ -141,6 +141,50 @@ def test_the_timeline_takes_supervisor_and_recovery_lines_after_the_kill():
     assert [(e.offset, e.what) for e in charon] == [(1.5, "charon")]
 
 
+SUN_LOG = """\
+01:32:10.000 07[IKE] <init|1> CHILD_SA init{1} established with SPIs a_i b_o and TS 10.2.1.0/24 === 10.1.1.0/24
+01:32:12.500 12[IKE] <init|1> destroying duplicate IKE_SA for peer 'moon-init', received INITIAL_CONTACT
+01:32:12.520 12[IKE] <init|5> CHILD_SA init{5} established with SPIs c_i d_o and TS 10.2.1.0/24 === 10.1.1.0/24
+01:32:13.000 07[IKE] <resp|3> destroying duplicate IKE_SA for peer 'moon-resp', received INITIAL_CONTACT
+01:32:13.010 07[IKE] <init|5> CHILD_SA init{6} established with SPIs e_i f_o and TS 10.2.1.0/24 === 10.1.1.0/24
+"""
+
+
+def test_the_peers_initial_contact_windows_explain_only_packets_of_their_own_tunnel():
+    kill = time.mktime(time.strptime("2026-11-28 01:32:11", "%Y-%m-%d %H:%M:%S"))
+    windows = report.initial_contact_windows(SUN_LOG, kill)
+    # init: from the destroy to its next established line; resp never came back in this log.
+    assert [(w.conn, round(w.start - kill, 3), round(w.end - kill, 3)) for w in windows] == [
+        ("init", 1.5, 1.52), ("resp", 2.0, float("inf"))]
+    lab = make_lab()
+
+    def pkt(offset: float, src: str, dst: str) -> traffic.CapturedPacket:
+        return traffic.CapturedPacket(kill + offset, f"IP {src} > {dst}: ICMP echo reply, id 1, seq 1, length 64")
+
+    inside = pkt(1.51, "10.2.1.1", "10.1.1.1")
+    read_late = pkt(1.9, "10.2.1.1", "10.1.1.1")         # the NFLOG copy read 0.38 s after the window
+    before = pkt(1.49, "10.2.1.1", "10.1.1.1")           # a copy is never read before its packet
+    long_after = pkt(2.1, "10.2.1.1", "10.1.1.1")
+    other_tunnel = pkt(1.51, "10.2.3.1", "10.1.3.1")    # trap's subnet, in init's window only
+    resp_open = pkt(9.0, "10.2.2.1", "10.1.2.1")         # resp's window is still open
+    unparsable = traffic.CapturedPacket(kill + 1.51, "ARP, Request who-has 10.1.1.1")
+    got = report.guard_hits_outside_windows(
+        [inside, read_late, before, long_after, other_tunnel, resp_open, unparsable], windows, lab.tunnels)
+    assert got == [before, long_after, other_tunnel, unparsable]
+
+
+def test_the_peer_guard_drops_what_leaves_without_a_policy_and_logs_it_to_its_nflog_group():
+    script = topology.peer_guard_script(make_lab().sun)
+    match = "-s 10.2.0.0/16 -d 10.1.0.0/16 -m policy --dir out --pol none"
+    assert script.splitlines() == [
+        f"iptables -w -A OUTPUT {match} -j NFLOG --nflog-group {topology.PEER_GUARD_GROUP} --nflog-threshold 1",
+        f"iptables -w -A OUTPUT {match} -j DROP"]
+    log = traffic.GuardLog("ns", 7, "/nowhere")
+    assert log._tcpdump_args() == ["-i", "nflog:7"]
+    assert traffic.Capture("ns", "10.1.0.0/16", "10.2.0.0/16", "/nowhere")._tcpdump_args()[:4] == \
+        ["-i", "out0", "-Q", "out"]
+
+
 def test_swanctl_and_ipsec_conf_describe_the_same_tunnels():
     lab = make_lab()
     settings = LabSettings(child_rekey=50, child_life_time=60)
@@ -191,3 +235,33 @@ def _names_pid(path: str, pid: int) -> bool:
             return fh.read().strip() == str(pid)
     except OSError:
         return False
+
+
+@needs_root
+@needs_tools
+def test_the_peer_guard_in_a_namespace_stops_unprotected_tunnel_traffic_and_nothing_else():
+    # No IPsec policy in this lab: every packet between the subnets is unprotected, so sun's guard
+    # must stop it before the wire and hand a copy to its NFLOG group; other traffic passes.
+    lab = make_lab(("initiator",), prefix="ipsvlabg")
+    work = tempfile.mkdtemp(prefix="ipsv-labguard-")
+    t = lab.tunnel("initiator")
+    try:
+        build_lab(lab, extra={"sun": topology.peer_guard_script(lab.sun)})
+        wire = traffic.Capture(lab.sun.netns, lab.sun.local_nets, lab.sun.remote_nets,
+                               os.path.join(work, "wire.txt")).start()
+        guard = traffic.GuardLog(lab.sun.netns, topology.PEER_GUARD_GROUP, os.path.join(work, "guard.txt")).start()
+        try:
+            blocked = topology.run_in(lab.sun.netns, "ping", "-n", "-c", "2", "-i", "0.2", "-W", "1",
+                                      "-I", t.sun_host, t.moon_host, check=False)
+            outer = topology.run_in(lab.sun.netns, "ping", "-n", "-c", "1", "-W", "5", lab.moon.outer,
+                                    check=False)
+        finally:
+            on_wire, stopped = wire.stop(), guard.stop()
+        assert blocked.returncode != 0, blocked.stdout
+        assert outer.returncode == 0, f"the guard must not touch other traffic: {outer.stdout}{outer.stderr}"
+        assert on_wire == []
+        assert [p.line.split(":")[0] for p in stopped] == [f"IP {t.sun_host} > {t.moon_host}"] * 2
+    finally:
+        remove_lab(lab)
+        shutil.rmtree(work, ignore_errors=True)
+    assert not lab_namespaces_left("ipsvlabg")

@@ -6,7 +6,10 @@ identities: moon initiates one (auto=start) and responds on the other (sun initi
 One ``kill -9`` per mode therefore crashes moon once as initiator and once as responder;
 the outcome is computed once per mode and each test below checks one promise of it.
 Pings cross both tunnels at 5/s; tcpdump on each outer interface counts ICMP between the
-inner subnets, which can only be plaintext (protected packets leave as ESP).
+inner subnets, which can only be plaintext (protected packets leave as ESP).  sun has its own
+fail-closed guard (lab.topology.peer_guard_script: strongSwan as a responder leaks for a few
+milliseconds on every INITIAL_CONTACT, whoever restarts moon); what the guard stops is logged
+and must fall into those windows of sun's own.
 
 Run in one VM boot: tools/vm-run -- .venv/bin/pytest -m realkernel tests/test_tunnels_realkernel.py
 """
@@ -27,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lab.charon import LabSettings  # noqa: E402
 from lab.preflight import config_mode, missing_tools, recovery_settings  # noqa: E402
-from lab.report import charon_lines  # noqa: E402
+from lab.report import charon_lines, guard_hits_outside_windows, initial_contact_windows  # noqa: E402
 from lab.scenario import Outcome, Scenario, describe_failure, run_crashes  # noqa: E402
 from lab.topology import lab_namespaces_left  # noqa: E402
 
@@ -86,6 +89,25 @@ def test_no_plaintext_leaves_either_namespace(crash, mode):
     leaked = {site: [p.line for p in pkts[:5]] for site, pkts in out.plaintext.items() if pkts}
     assert not leaked, f"plaintext ICMP on the outer link in {mode} mode: {leaked}"
     assert set(out.plaintext) == {"moon", "sun"}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sun_s_guard_stopped_nothing_but_its_own_initial_contact_gaps(crash, mode):
+    # sun (plain strongSwan) destroys a tunnel's old CHILD_SA on moon's INITIAL_CONTACT before it
+    # installs the new one; its guard drops what it sends meanwhile (lab.topology.peer_guard_script).
+    # Anything else the guard stopped would be a leak the plaintext check above cannot see.
+    out = crash(mode)
+    windows = initial_contact_windows(out.sun_charon_log, out.kill_at - 0.5)
+    # In every mode moon's new charon initiates the initiator tunnel (start_action) with
+    # INITIAL_CONTACT, and sun installs the new CHILD_SA: the log reading must find that.
+    init = out.lab.tunnel("initiator").name
+    assert any(w.conn == init and w.end != float("inf") for w in windows), \
+        f"{mode}: no completed INITIAL_CONTACT replacement of {init} in sun's log: {windows}"
+    unexplained = guard_hits_outside_windows(out.guard_stopped, windows, out.lab.tunnels)
+    assert not unexplained, (
+        f"{mode}: sun's guard stopped packets outside sun's INITIAL_CONTACT windows "
+        f"{[(w.conn, round(w.start - out.kill_at, 3), round(w.end - out.kill_at, 3)) for w in windows]}: "
+        f"{[(round(p.at - out.kill_at, 3), p.line) for p in unexplained[:5]]}\n" + describe_failure(out))
 
 
 @pytest.mark.parametrize("role", ROLES)
