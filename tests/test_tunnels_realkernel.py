@@ -182,7 +182,7 @@ def test_adopt_establishes_one_connection_at_a_time(crash):
     lines = charon_lines(out.moon_charon_log, out.kill_at)
     installed = [at for at, msg in lines if re.search(r"CHILD_SA init\{\d+\} established", msg)]
     asked = [at for at, msg in lines if "vici initiate CHILD_SA 'resp'" in msg]
-    assert installed and asked, f"expected charon's own init and the supervisor's resp initiation:\n" \
+    assert installed and asked, "expected charon's own init and the supervisor's resp initiation:\n" \
         + describe_failure(out)
     assert asked[0] >= installed[0], (f"resp was initiated {installed[0] - asked[0]:.3f}s before init's "
                                       "CHILD_SA was installed\n" + describe_failure(out))

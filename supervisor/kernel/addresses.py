@@ -17,6 +17,7 @@ from ..errors import KernelError
 from .common import DeleteResult
 from .netlink import walk_messages
 from .rtnl import (
+    AttrReader,
     FAMILY_NAMES,
     FAMILY_NUMBERS,
     PROTOCOL_NAMES,
@@ -24,12 +25,7 @@ from .rtnl import (
     RTM_GETADDR,
     RTM_NEWADDR,
     SCOPE_NAMES,
-    U8,
-    U32,
     Rtnl,
-    attr_address,
-    attr_string,
-    first_attrs,
     interface_index,
     interface_names,
     json_addr,
@@ -191,25 +187,16 @@ def address_at(buf: bytes, off: int, end: int, names: dict[int, str], what: str)
     family = FAMILY_NAMES.get(af)
     if family is None:
         return None
-    attrs = first_attrs(buf, off + _IFADDRMSG.size, end, what)
+    attrs = AttrReader(buf, off + _IFADDRMSG.size, end, what)
     try:
-        def u32(attr: int) -> int | None:
-            span = attrs.get(attr)
-            return None if span is None else U32.unpack_from(buf, span[0])[0]
-
-        def address(attr: int) -> str | None:
-            span = attrs.get(attr)
-            return None if span is None else attr_address(buf, span)
-
-        local = address(IFA_LOCAL)
-        remote = address(IFA_ADDRESS)
-        flags = u32(IFA_FLAGS)
+        local = attrs.address(IFA_LOCAL)
+        remote = attrs.address(IFA_ADDRESS)
+        flags = attrs.u32(IFA_FLAGS)
         valid = preferred = None
-        if IFA_CACHEINFO in attrs:
-            raw_preferred, raw_valid = _IFA_CACHEINFO.unpack_from(buf, attrs[IFA_CACHEINFO][0])
+        cacheinfo = attrs.unpack(IFA_CACHEINFO, _IFA_CACHEINFO)
+        if cacheinfo is not None:
+            raw_preferred, raw_valid = cacheinfo
             valid, preferred = _lifetime(raw_valid), _lifetime(raw_preferred)
-        label = attrs.get(IFA_LABEL)
-        proto = attrs.get(IFA_PROTO)
         return Address(
             family=family,
             address=local if local is not None else remote,
@@ -219,10 +206,10 @@ def address_at(buf: bytes, off: int, end: int, names: dict[int, str], what: str)
             peer=remote if local is not None and remote is not None and remote != local else None,
             scope=scope,
             flags=flags if flags is not None else hdr_flags,
-            label=None if label is None else attr_string(buf, label),
-            broadcast=address(IFA_BROADCAST),
-            proto=None if proto is None else U8.unpack_from(buf, proto[0])[0],
-            rt_priority=u32(IFA_RT_PRIORITY),
+            label=attrs.text(IFA_LABEL),
+            broadcast=attrs.address(IFA_BROADCAST),
+            proto=attrs.u8(IFA_PROTO),
+            rt_priority=attrs.u32(IFA_RT_PRIORITY),
             valid_lft=valid,
             preferred_lft=preferred,
         )

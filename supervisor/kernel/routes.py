@@ -34,6 +34,7 @@ from .rtnl import (
     address_version,
     interface_index,
     interface_names,
+    iter_attrs,
     json_addr,
     json_family,
     json_int,
@@ -324,15 +325,6 @@ def _socket(rtnl: Rtnl | None) -> Iterator[NetlinkSocket]:
         sock.close()
 
 
-def _attrs(buf: bytes, off: int, end: int, what: str) -> Iterator[tuple[int, int, int]]:
-    while off + 4 <= end:
-        length, attr_type = _NLA.unpack_from(buf, off)
-        if length < 4 or off + length > end:
-            raise KernelError(f"cannot {what}: malformed attribute (length {length}) in a kernel message")
-        yield attr_type & NLA_TYPE_MASK, off + 4, off + length
-        off += (length + 3) & ~3
-
-
 def _ntop(family: int, raw: bytes) -> str:
     return socket.inet_ntop(family, raw[:_ADDR_LEN[family]])
 
@@ -348,7 +340,7 @@ def _via(raw: bytes) -> str:
 
 def _gateway_in(buf: bytes, start: int, end: int, family: int, what: str) -> str | None:
     gateway = via = None
-    for attr_type, s, e in _attrs(buf, start, end, what):
+    for attr_type, s, e in iter_attrs(buf, start, end, what):
         if attr_type == RTA_GATEWAY and gateway is None:
             gateway = _ntop(family, buf[s:e])
         elif attr_type == RTA_VIA and via is None:
@@ -418,7 +410,7 @@ def route_at(buf: bytes, off: int, end: int, names: dict[int, str], what: str) -
         metrics: tuple = ()
         if metrics_at is not None:
             found = []
-            for attr_type, s, e in _attrs(buf, *metrics_at, what):
+            for attr_type, s, e in iter_attrs(buf, *metrics_at, what):
                 if 0 < attr_type <= len(METRIC_NAMES):
                     value: int | str = (bytes(buf[s:e]).split(b"\0", 1)[0].decode("utf-8", "replace")
                                         if attr_type == RTAX_CC_ALGO else u32(buf, s)[0])

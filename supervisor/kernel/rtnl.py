@@ -167,6 +167,40 @@ def attr_address(buf: bytes, span: tuple[int, int]) -> str:
     return socket.inet_ntop(socket.AF_INET6 if len(raw) > 8 else socket.AF_INET, raw)
 
 
+class AttrReader:
+    """The attributes of BUF[off:end], read by kind: the first of a type counts (as with
+    pyroute2's get_attr()), a missing one reads as None."""
+
+    __slots__ = ("buf", "spans")
+
+    def __init__(self, buf: bytes, off: int, end: int, what: str):
+        self.buf = buf
+        self.spans = first_attrs(buf, off, end, what)
+
+    def __contains__(self, attr: int) -> bool:
+        return attr in self.spans
+
+    def unpack(self, attr: int, layout: struct.Struct) -> tuple | None:
+        span = self.spans.get(attr)
+        return None if span is None else layout.unpack_from(self.buf, span[0])
+
+    def u8(self, attr: int) -> int | None:
+        value = self.unpack(attr, U8)
+        return None if value is None else value[0]
+
+    def u32(self, attr: int) -> int | None:
+        value = self.unpack(attr, U32)
+        return None if value is None else value[0]
+
+    def text(self, attr: int) -> str | None:
+        span = self.spans.get(attr)
+        return None if span is None else attr_string(self.buf, span)
+
+    def address(self, attr: int) -> str | None:
+        span = self.spans.get(attr)
+        return None if span is None else attr_address(self.buf, span)
+
+
 def link_at(buf: bytes, off: int, end: int, what: str) -> tuple[int, str | None]:
     """(index, name or None) of the RTM_NEWLINK/DELLINK payload BUF[off:end]."""
     if end - off < _IFINFOMSG_SIZE:

@@ -17,18 +17,14 @@ from ..errors import KernelError
 from .common import DeleteResult
 from .netlink import walk_messages
 from .rtnl import (
+    AttrReader,
     FAMILY_NAMES,
     FAMILY_NUMBERS,
     PROTOCOL_NAMES,
     RTM_DELRULE,
     RTM_GETRULE,
     RTM_NEWRULE,
-    U8,
-    U32,
     Rtnl,
-    attr_address,
-    attr_string,
-    first_attrs,
     json_addr,
     json_family,
     json_int,
@@ -266,30 +262,11 @@ def rule_at(buf: bytes, off: int, end: int, names: dict[int, str] | None, what: 
     family = FAMILY_NAMES.get(af)
     if family is None:  # RTNL_FAMILY_IPMR/IP6MR multicast rules share the dump
         return None
-    attrs = first_attrs(buf, off + _FIB_RULE_HDR.size, end, what)
+    attrs = AttrReader(buf, off + _FIB_RULE_HDR.size, end, what)
     try:
-        def u32(attr: int) -> int | None:
-            span = attrs.get(attr)
-            return None if span is None else U32.unpack_from(buf, span[0])[0]
-
-        def u8(attr: int) -> int | None:
-            span = attrs.get(attr)
-            return None if span is None else U8.unpack_from(buf, span[0])[0]
-
-        def text(attr: int) -> str | None:
-            span = attrs.get(attr)
-            return None if span is None else attr_string(buf, span)
-
-        def address(attr: int) -> str | None:
-            span = attrs.get(attr)
-            return None if span is None else attr_address(buf, span)
-
-        def pair(attr: int, layout: struct.Struct) -> tuple[int, int] | None:
-            span = attrs.get(attr)
-            return None if span is None else layout.unpack_from(buf, span[0])
-
+        u32, u8, text, address, pair = attrs.u32, attrs.u8, attrs.text, attrs.address, attrs.unpack
         table = u32(FRA_TABLE)
-        tun_id = attrs.get(FRA_TUN_ID)
+        tun_id = attrs.unpack(FRA_TUN_ID, _BE64)
         return Rule(
             family=family,
             priority=u32(FRA_PRIORITY) or 0,
@@ -315,7 +292,7 @@ def rule_at(buf: bytes, off: int, end: int, names: dict[int, str] | None, what: 
             ip_proto=u8(FRA_IP_PROTO),
             sport_range=pair(FRA_SPORT_RANGE, _PORT_RANGE),
             dport_range=pair(FRA_DPORT_RANGE, _PORT_RANGE),
-            tun_id=None if tun_id is None else _BE64.unpack_from(buf, tun_id[0])[0],
+            tun_id=None if tun_id is None else tun_id[0],
         )
     except (ValueError, struct.error, OSError) as exc:
         raise KernelError(f"cannot {what}: undecodable rule attribute ({exc})") from None
