@@ -66,11 +66,12 @@ def scenario_for(target: str, max_window: float):
 
 def summarize(out) -> dict:
     """Per tunnel numbers of one target (JSON-safe)."""
+    from lab.report import peer_guard_check
     res = {"charon_back_s": None if out.ready_again_at is None else round(out.ready_again_at - out.kill_at, 2),
            "observed_s": round(out.observed_s, 1),
            "plaintext": {site: len(p) for site, p in out.plaintext.items()},
            "peer_guard_stopped": len(out.guard_stopped),
-           "peer_guard_unexplained": len(_unexplained(out)),
+           "peer_guard_unexplained": len(peer_guard_check(out)[1]),
            "stale_at_probe": None if out.stale_probe is None else len(out.stale_probe),
            "stale_at_end": len(out.stale_after.get("moon", ())),
            "tunnels": {}}
@@ -90,12 +91,6 @@ def summarize(out) -> dict:
             "stale_at_probe": len(stale),
         }
     return res
-
-
-def _unexplained(out) -> list:
-    from lab.report import guard_hits_outside_windows, initial_contact_windows
-    windows = initial_contact_windows(out.sun_charon_log, out.kill_at - 0.5)
-    return guard_hits_outside_windows(out.guard_stopped, windows, out.lab.tunnels)
 
 
 def _reqid(out, role: str) -> int:

@@ -175,6 +175,12 @@ def guard_hits_outside_windows(packets: list[CapturedPacket], windows: list[Peer
     return [p for p in packets if not explained(p)]
 
 
+def peer_guard_check(out: Outcome) -> tuple[list[PeerWindow], list[CapturedPacket]]:
+    """sun's INITIAL_CONTACT windows from the kill on, and what its guard stopped outside them."""
+    windows = initial_contact_windows(out.sun_charon_log, out.kill_at - 0.5)
+    return windows, guard_hits_outside_windows(out.guard_stopped, windows, out.lab.tunnels)
+
+
 def charon_timeline(log_text: str, kill_at: float, until: float | None = None) -> list[TimelineEntry]:
     """Key lines of charon's file log from the kill on."""
     out = []
@@ -212,8 +218,7 @@ def build_report(out: Outcome) -> RecoveryReport:
         traffic.append(TunnelTraffic(role, p.target, p.sent, len(p.lost) - len(after), len(after),
                                      out.outage_s(role)))
     samples = tuple(f"{site}: {pkt.line}" for site, pkts in out.plaintext.items() for pkt in pkts[:3])
-    windows = initial_contact_windows(out.sun_charon_log, out.kill_at - 0.5)
-    unexplained = guard_hits_outside_windows(out.guard_stopped, windows, out.lab.tunnels)
+    windows, unexplained = peer_guard_check(out)
     return RecoveryReport(
         label=out.scenario.label, killed_pid=out.killed_pid, restarted_pid=out.restarted_pid,
         kill_at=out.kill_at,

@@ -158,8 +158,9 @@ def peer_guard_script(site: Site) -> str:
     sun gets it because a strongSwan responder leaks by itself whenever moon's charon comes back:
     on an IKE_AUTH with INITIAL_CONTACT it destroys the old IKE_SA with its CHILD_SAs, policies
     included (ike_sa_manager's check_uniqueness, from the ike_auth task), and installs the new
-    CHILD_SA only afterwards (the child_create task of the same exchange).  For those 10-25 ms a
-    packet sun sends into the tunnel takes the plain route.  Whatever restarts moon (strongSwan's
+    CHILD_SA only afterwards (the child_create task of the same exchange).  Of those 10-25 ms,
+    the moment between removing the policies and the inbound SA (child_sa's destroy does them in
+    that order) is a leak: a reply to a packet sun still decrypted takes the plain route.  Whatever restarts moon (strongSwan's
     own starter too) makes sun go through it; moon's supervisor cannot reach into sun's kernel.
     The tests check that the guard stopped nothing but packets of those windows
     (lab.report.guard_hits_outside_windows), so it hides no other leak."""

@@ -182,27 +182,23 @@ def plaintext_filter(nets_a: str, nets_b: str) -> str:
             f"(src net {nets_b} and dst net {nets_a}))")
 
 
-class Capture:
-    """tcpdump of plaintext ICMP leaving ``netns`` through its outer interface."""
+class Tcpdump:
+    """A tcpdump process inside ``netns`` writing one line per packet to ``logfile``.
 
-    def __init__(self, netns: str, nets_a: str, nets_b: str, logfile: str, interface: str = OUTER_IF):
-        self.netns, self.logfile, self.interface = netns, logfile, interface
-        self.filter = plaintext_filter(nets_a, nets_b)
+    ``args``: interface, direction and filter (the filter last)."""
+
+    def __init__(self, netns: str, logfile: str, args: list[str]):
+        self.netns, self.logfile, self.args = netns, logfile, args
         self.proc: subprocess.Popen | None = None
         self._out = self._err = None
 
-    def _tcpdump_args(self) -> list[str]:
-        """Interface, direction and filter (the filter last): -Q out, packets leaving only."""
-        return ["-i", self.interface, "-Q", "out", self.filter]
-
-    def start(self, timeout: float = 60.0) -> "Capture":
+    def start(self, timeout: float = 60.0) -> "Tcpdump":
         """Start tcpdump and wait until it listens (its 'listening on' line)."""
         self._out = open(self.logfile, "w")
         self._err = open(self.logfile + ".err", "w+")
         # --immediate-mode -l: no buffering, so a stop right after the traffic loses nothing;
         # -Z root: keep writing our files.
-        argv = in_netns(self.netns, "tcpdump", "-n", "-l", "-tt", "--immediate-mode", "-Z", "root",
-                        *self._tcpdump_args())
+        argv = in_netns(self.netns, "tcpdump", "-n", "-l", "-tt", "--immediate-mode", "-Z", "root", *self.args)
         self.proc = subprocess.Popen(argv, stdout=self._out, stderr=self._err, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -245,17 +241,22 @@ class Capture:
             return ""
 
 
-class GuardLog(Capture):
+class Capture(Tcpdump):
+    """Plaintext ICMP between the two sides' subnets leaving ``netns`` through ``interface``
+    (-Q out: packets leaving only)."""
+
+    def __init__(self, netns: str, nets_a: str, nets_b: str, logfile: str, interface: str = OUTER_IF):
+        super().__init__(netns, logfile, ["-i", interface, "-Q", "out", plaintext_filter(nets_a, nets_b)])
+
+
+class GuardLog(Tcpdump):
     """The packets a guard rule stopped: its NFLOG copies (``-j NFLOG --nflog-group N``), read by
     tcpdump on the ``nflog:N`` pseudo-interface.  The rule itself chooses the packets, so no
     filter; with ``--nflog-threshold 1`` each copy arrives at once, so its time is the packet's
     to within a few milliseconds."""
 
     def __init__(self, netns: str, group: int, logfile: str):
-        super().__init__(netns, "0.0.0.0/0", "0.0.0.0/0", logfile, interface=f"nflog:{group}")
-
-    def _tcpdump_args(self) -> list[str]:
-        return ["-i", self.interface]
+        super().__init__(netns, logfile, ["-i", f"nflog:{group}"])
 
 
 def ping_until_answered(netns: str, src: str, dst: str, timeout: float = 60.0) -> float:

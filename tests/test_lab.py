@@ -179,10 +179,8 @@ def test_the_peer_guard_drops_what_leaves_without_a_policy_and_logs_it_to_its_nf
     assert script.splitlines() == [
         f"iptables -w -A OUTPUT {match} -j NFLOG --nflog-group {topology.PEER_GUARD_GROUP} --nflog-threshold 1",
         f"iptables -w -A OUTPUT {match} -j DROP"]
-    log = traffic.GuardLog("ns", 7, "/nowhere")
-    assert log._tcpdump_args() == ["-i", "nflog:7"]
-    assert traffic.Capture("ns", "10.1.0.0/16", "10.2.0.0/16", "/nowhere")._tcpdump_args()[:4] == \
-        ["-i", "out0", "-Q", "out"]
+    assert traffic.GuardLog("ns", 7, "/nowhere").args == ["-i", "nflog:7"]
+    assert traffic.Capture("ns", "10.1.0.0/16", "10.2.0.0/16", "/nowhere").args[:4] == ["-i", "out0", "-Q", "out"]
 
 
 def test_swanctl_and_ipsec_conf_describe_the_same_tunnels():

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lab.charon import LabSettings  # noqa: E402
 from lab.preflight import config_mode, missing_tools, recovery_settings  # noqa: E402
-from lab.report import charon_lines, guard_hits_outside_windows, initial_contact_windows  # noqa: E402
+from lab.report import charon_lines, peer_guard_check  # noqa: E402
 from lab.scenario import Outcome, Scenario, describe_failure, run_crashes  # noqa: E402
 from lab.topology import lab_namespaces_left  # noqa: E402
 
@@ -97,13 +97,12 @@ def test_sun_s_guard_stopped_nothing_but_its_own_initial_contact_gaps(crash, mod
     # installs the new one; its guard drops what it sends meanwhile (lab.topology.peer_guard_script).
     # Anything else the guard stopped would be a leak the plaintext check above cannot see.
     out = crash(mode)
-    windows = initial_contact_windows(out.sun_charon_log, out.kill_at - 0.5)
+    windows, unexplained = peer_guard_check(out)
     # In every mode moon's new charon initiates the initiator tunnel (start_action) with
     # INITIAL_CONTACT, and sun installs the new CHILD_SA: the log reading must find that.
     init = out.lab.tunnel("initiator").name
     assert any(w.conn == init and w.end != float("inf") for w in windows), \
         f"{mode}: no completed INITIAL_CONTACT replacement of {init} in sun's log: {windows}"
-    unexplained = guard_hits_outside_windows(out.guard_stopped, windows, out.lab.tunnels)
     assert not unexplained, (
         f"{mode}: sun's guard stopped packets outside sun's INITIAL_CONTACT windows "
         f"{[(w.conn, round(w.start - out.kill_at, 3), round(w.end - out.kill_at, 3)) for w in windows]}: "
