@@ -316,7 +316,7 @@ class DaemonConfig:
         "null: by daemon.config")
     load_timeout: float = _key(duration(positive=True), 30.0, "time limit of each load command")
     reload_commands: tuple[tuple[str, ...], ...] | None = _key(
-        commands(nullable=True), None, "run on SIGUSR1; null: the load commands")
+        commands(nullable=True), None, "run by ipsec reload/update (SIGUSR1/SIGHUP); null: the load commands")
     log_lines: int = _key(number(0, 100000, integer=True), 200, "daemon output lines kept for crash reports")
 
 
@@ -440,10 +440,10 @@ class Config:
             kind = "ipsec.conf" if has_loadable_conns(self.daemon.ipsec_conf) else "swanctl"
         return kind
 
-    def _ipsec_conf_loader(self, mode: str) -> tuple[str, ...]:
+    def ipsec_conf_loader(self, mode: str, state_file: str) -> tuple[str, ...]:
+        """The ipsec.conf loader's argv; STATE_FILE records what it loaded into one charon."""
         argv = [sys.executable, "-m", "supervisor.cli", "load-ipsec-conf", "--mode", mode,
-                "--file", self.daemon.ipsec_conf,
-                "--state", os.path.join(self.paths.run_dir, "ipsec-conf.state")]
+                "--file", self.daemon.ipsec_conf, "--state", state_file]
         argv += ["--secrets", self.daemon.ipsec_secrets] if self.daemon.ipsec_secrets else ["--no-secrets"]
         if self.daemon.vici_socket:
             argv += ["--vici", self.daemon.vici_socket]
@@ -451,21 +451,12 @@ class Config:
 
     @property
     def effective_load_commands(self) -> tuple[tuple[str, ...], ...]:
+        """The commands of a load after a start, as decided now (see loads.choose_load)."""
         if self.daemon.load_commands is not None:
             return self.daemon.load_commands
         if self.config_kind == "ipsec.conf":
-            return (self._ipsec_conf_loader("load"),)
+            return (self.ipsec_conf_loader("load", os.path.join(self.paths.run_dir, "ipsec-conf.PID.state")),)
         return (SWANCTL_LOAD_ALL,)
-
-    @property
-    def effective_reload_commands(self) -> tuple[tuple[str, ...], ...]:
-        r = self.daemon.reload_commands
-        if r is not None:
-            return r
-        if self.daemon.load_commands is None and self.config_kind == "ipsec.conf":
-            # ipsec.conf: what changed since the last load (strongSwan's `ipsec update`).
-            return (self._ipsec_conf_loader("update"),)
-        return self.effective_load_commands
 
     @property
     def effective_daemon_command(self) -> tuple[str, ...]:
@@ -642,10 +633,19 @@ def _cross_check(cfg: Config, root: yaml.Node | None, problems: _Problems):
                      "true", _line_of(root, "health.enabled"))
 
 
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
 def parse_config(text: str, source: str = "<string>") -> Config:
     """A validated Config from YAML text; ConfigError lists every problem with its line."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source} is {len(text)} characters long; a configuration file is at most "
+                          f"{MAX_CONFIG_BYTES} (nothing was applied)")
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise ConfigError(f"cannot parse {source}: nested too deeply (a configuration is a few levels of "
+                          "mappings; nothing was applied)") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1} column {mark.column + 1}" if mark else "unknown position"

@@ -51,6 +51,29 @@ def lock_run_dir(run_dir: str) -> int:
     return fd
 
 
+class Deferred:
+    """An answer that comes later: a handler returns it and calls ``answer`` once, within ``timeout``."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self._client: "_Client | None" = None
+        self._answer: dict | None = None
+
+    def answer(self, answer: dict) -> None:
+        if self._client is not None:
+            self._client.answer(answer)
+            self._client = None
+        else:
+            self._answer = answer       # answered before the client was bound
+
+    def _bind(self, client: "_Client") -> None:
+        if self._answer is not None:
+            client.answer(self._answer)
+        else:
+            self._client = client
+            client.wait(self.timeout)
+
+
 def peer_uid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
@@ -110,9 +133,14 @@ class ControlServer:
             answer = self._handler(request)
         except ValueError as exc:
             answer = {"ok": False, "error": str(exc)}
+        except RecursionError:
+            answer = {"ok": False, "error": "a request is a flat JSON object: this one is nested too deeply"}
         except Exception as exc:  # a bug in a handler must not kill the supervisor
             answer = {"ok": False, "error": f"internal error: {exc!r}"}
-        client.answer(answer)
+        if isinstance(answer, Deferred):
+            answer._bind(client)
+        else:
+            client.answer(answer)
 
     def _drop(self, client: "_Client") -> None:
         self._clients.pop(client.fd, None)
@@ -158,7 +186,14 @@ class _Client:
         elif len(self.buf) > MAX_REQUEST:
             self.answer({"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"})
 
+    def wait(self, timeout: float) -> None:
+        """The answer comes later: keep the connection open up to TIMEOUT."""
+        self.timer.cancel()
+        self.timer = self.server._loop.call_later(timeout, self.close)
+
     def answer(self, answer: dict) -> None:
+        if self.conn is None:
+            return          # the client gave up (or timed out) meanwhile
         self.out = (json.dumps(answer, sort_keys=False) + "\n").encode()
         self.server._loop.forget(self.fd)
         self.server._loop.add_writer(self.fd, self.writable)

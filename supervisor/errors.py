@@ -22,6 +22,7 @@ class ExitCode(enum.IntEnum):
     NOT_RUNNING = 7     # the supervisor/daemon is not running (control commands)
     NO_DAEMON = 8       # the daemon binary is missing or not executable
     GAVE_UP = 9         # crash-loop limit reached: the supervisor gave up (fail-closed)
+    PARTIAL = 10        # load-ipsec-conf: loaded, but charon refused some conns (listed as "refused: ...")
 
 
 class SupervisorError(Exception):
@@ -65,3 +66,11 @@ class KernelError(SupervisorError):
 
 class FirewallError(KernelError):
     """iptables/ip6tables/nft failed."""
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in range(32) if c not in (9,)} | {127: "\\x7f"}
+
+
+def printable(text: str) -> str:
+    """TEXT with control characters escaped (\\x1b...): safe to print when it came from a file."""
+    return text.translate(_CONTROL)

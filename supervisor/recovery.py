@@ -621,6 +621,10 @@ class KernelRecovery:
         self._save_now()
 
     # -- hooks (supervisor's recovery worker) ------------------------------------------------
+    def on_config(self, config: Config) -> None:
+        """A reload applied CONFIG: the next recovery decides with it (not only after a restart)."""
+        self.config = config
+
     def before_start(self, context) -> None:
         """PREPARING: leftovers of an earlier supervisor (first start only), then the baseline."""
         self.config = context.config

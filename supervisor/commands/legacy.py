@@ -20,8 +20,9 @@ def register(sub) -> None:
                     "the stroke plugin would, and load them into charon over its VICI socket: install "
                     "auto=route conns, initiate auto=start ones.  Conns that cannot be parsed or "
                     "translated are skipped with an error naming file:line, conn and option; the "
-                    "others load.  Exit status: 0 all loaded, 1 some conn or request failed, 3 the "
-                    "file as a whole is unusable (nothing sent).")
+                    "others load.  Exit status: 0 all loaded; 10 loaded, but some conn or request failed "
+                    "(each named on a line 'refused: ...'); 1 nothing could be applied (e.g. charon "
+                    "does not answer); 3 the file as a whole is unusable (nothing sent).")
     p.add_argument("--file", default=DEFAULT_IPSEC_CONF, metavar="PATH", help="ipsec.conf (default %(default)s)")
     p.add_argument("--secrets", default=DEFAULT_IPSEC_SECRETS, metavar="PATH",
                    help="ipsec.secrets (default %(default)s)")
@@ -106,4 +107,14 @@ def cmd_load_ipsec_conf(args) -> int:
             print(line + (f": {r.message}" if r.message and r.status != "skipped" else ""))
         for f in report.failures:
             print(f"failed: {f}", file=sys.stderr)
-    return ExitCode.OK if report.ok else ExitCode.FAILED
+    if report.ok:
+        return ExitCode.OK
+    # One line each for the supervisor (jobs.REFUSED_PREFIX): what did not load, the rest did.
+    for r in report.results:
+        if not r.ok:
+            print(f"refused: {r.name}: {r.status}" + (f": {r.message}" if r.message else ""))
+    for f in report.failures:
+        print(f"refused: {f}")
+    for d in report.errors:
+        print(f"refused: {d}")
+    return ExitCode.PARTIAL

@@ -10,6 +10,7 @@ import sys
 
 import psutil
 
+from . import uint32
 from ..errors import ExitCode, NotRootError, SupervisorError
 from ..kernel import netns
 from ..kernel_state import DEFAULT_ROUTE_TABLE, DEFAULT_RULE_PRIORITY, FAMILIES, ReadOptions, read_state
@@ -70,9 +71,9 @@ def _common_parser():
     p.add_argument("--no-ledger", action="store_true", help="judge by the markers only")
     p.add_argument("--virtual-ip", action="append", default=[], metavar="ADDR",
                    help="an address charon installed as a virtual IP (repeatable)")
-    p.add_argument("--route-table", type=int, default=DEFAULT_ROUTE_TABLE, metavar="N",
+    p.add_argument("--route-table", type=uint32, default=DEFAULT_ROUTE_TABLE, metavar="N",
                    help="charon's routing table (default %(default)s)")
-    p.add_argument("--rule-priority", type=int, default=DEFAULT_RULE_PRIORITY, metavar="N",
+    p.add_argument("--rule-priority", type=uint32, default=DEFAULT_RULE_PRIORITY, metavar="N",
                    help="priority of charon's routing rule (default %(default)s)")
     return p
 

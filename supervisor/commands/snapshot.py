@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+from . import uint32
 from ..errors import NotRootError, ExitCode
 from ..kernel import netns
 from ..kernel_state import DEFAULT_ROUTE_TABLE, DEFAULT_RULE_PRIORITY, FAMILIES, ReadOptions, read_state
@@ -26,9 +27,9 @@ def register(sub) -> None:
                    help="keep SA key material in the file (redacted by default)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--netns", metavar="NAME", help="read this network namespace (/run/netns/NAME)")
-    p.add_argument("--route-table", type=int, default=DEFAULT_ROUTE_TABLE, metavar="N",
+    p.add_argument("--route-table", type=uint32, default=DEFAULT_ROUTE_TABLE, metavar="N",
                    help="charon's routing table (default %(default)s)")
-    p.add_argument("--rule-priority", type=int, default=DEFAULT_RULE_PRIORITY, metavar="N",
+    p.add_argument("--rule-priority", type=uint32, default=DEFAULT_RULE_PRIORITY, metavar="N",
                    help="priority of charon's routing rule (default %(default)s)")
     p.set_defaults(func=cmd_take)
     actions = p.add_subparsers(dest="snapshot_action", metavar="ACTION")
