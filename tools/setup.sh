@@ -16,6 +16,8 @@ DEB_PACKAGES=(
   qemu-system-x86 busybox-static
   # the real-systemd tier
   systemd-container
+  # real clients of `ipsec`: Open vSwitch's IPsec monitor (tests/test_real_clients.py)
+  openvswitch-switch openvswitch-ipsec
 )
 
 missing=()
@@ -25,6 +27,14 @@ done
 if ((${#missing[@]})); then
   echo "setup: installing Debian packages: ${missing[*]}"
   apt-get update -q
+  # Packages such as openvswitch-switch start their daemons from postinst; on this machine
+  # nothing of theirs may run (tests start their own, in namespaces): deny service starts
+  # during the install unless the machine already has a policy.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   # --no-install-recommends: systemd-container recommends libnss-mymachines, which edits nsswitch.conf
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
