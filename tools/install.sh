@@ -112,6 +112,9 @@ else
 fi
 install -d -m 0755 "$DESTDIR$DOCDIR"
 install -m 0644 "$SRC/README.md" "$DESTDIR$DOCDIR/README.md"
+# Not enabled: only for charon.user in strongswan.conf (README "Security").
+install -m 0644 "$SRC/etc/ipsec-supervisor.service.d/charon-user.conf" "$DESTDIR$DOCDIR/charon-user.conf"
+say "drop-in for charon.user: $DOCDIR/charon-user.conf (not enabled; see its header)"
 
 if [ -z "$DESTDIR" ] && [ -d /run/systemd/system ]; then
   systemctl daemon-reload
