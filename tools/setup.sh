@@ -16,6 +16,8 @@ DEB_PACKAGES=(
   qemu-system-x86 busybox-static
   # the real-systemd tier
   systemd-container
+  # the metrics tests: a real Prometheus server scraping the supervisor, promtool for the alert rules
+  prometheus
 )
 
 missing=()
