@@ -49,8 +49,11 @@ def names(samples: dict, name: str) -> list[dict]:
     return [dict(k[1]) for k in samples if k[0] == name]
 
 
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def scrape(port: int, timeout: float = 10.0) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as resp:
+    with NO_PROXY.open(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as resp:
         return parse(resp.read().decode())
 
 
@@ -354,6 +357,16 @@ def test_reader_caches_and_does_not_ask_a_stopped_charon():
     assert CharonReader(None, 1.0, 0.0).read().error.startswith("no VICI socket")
 
 
+@pytest.mark.parametrize("last, adoption, stale", [
+    (None, None, 0),
+    ({"action": "flush", "results": {"done": 3, "failed": 2}}, None, 2),
+    ({"action": "adopt"}, {"state": "waiting", "pending": 4, "results": {}}, 0),
+    ({"action": "adopt"}, {"state": "done", "pending": 1, "results": {"delete failed": 2, "delete done": 5}}, 3),
+])
+def test_stale_leftovers_are_what_recovery_failed_to_clear(last, adoption, stale):
+    assert fam.stale_leftovers(last, adoption) == stale
+
+
 @pytest.mark.parametrize("section, expected", [
     ({"action": "flush", "results": {"done": 5}}, ("flush", "ok")),
     ({"action": "flush", "results": {"done": 4, "failed": 1}}, ("flush", "failed")),
@@ -370,12 +383,13 @@ def test_adoption_results_become_claimed_removed_kept_pending():
         "results": {"delete done": 2, "keep done": 1, "initiate done": 1, "delete failed": 1}}}
     m = {(s.name, tuple(sorted(s.labels.items()))): s.value
          for f in fam.recovery_families(rec, None, {"xfrm_policy": 3}) for s in f.samples}
-    assert value(m, "ipsec_supervisor_adopt_leftovers", result="claimed") == 7
+    assert value(m, "ipsec_supervisor_adopt_leftovers", result="claimed") == 1 + 7     # re-installed + gone
     assert value(m, "ipsec_supervisor_adopt_leftovers", result="removed") == 2
-    assert value(m, "ipsec_supervisor_adopt_leftovers", result="kept") == 1
+    assert value(m, "ipsec_supervisor_adopt_leftovers", result="pending") == 0
     assert value(m, "ipsec_supervisor_adopt_initiated_children") == 1
     assert value(m, "ipsec_supervisor_adopt_in_progress") == 0
     assert value(m, "ipsec_supervisor_adopt_actions", action="delete", outcome="failed") == 1
+    assert value(m, "ipsec_supervisor_stale_leftovers") == 1
     assert value(m, "ipsec_supervisor_fail_closed_blocks") == 2
     assert value(m, "ipsec_supervisor_leftovers", family="xfrm_policy") == 3
     assert value(m, "ipsec_supervisor_leftovers", family="route") == 0

@@ -49,8 +49,9 @@ def fetch(cfg) -> str:
     m = cfg.metrics
     if m.listen:
         url = scrape_url(m.listen)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))   # never through a proxy
         try:
-            with urllib.request.urlopen(url, timeout=m.vici_timeout + 5.0) as resp:
+            with opener.open(url, timeout=m.vici_timeout + 5.0) as resp:
                 return resp.read().decode("utf-8", "replace")
         except urllib.error.HTTPError as exc:
             raise SupervisorError(f"{url} answered {exc.code} {exc.reason}") from None

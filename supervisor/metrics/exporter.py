@@ -130,8 +130,9 @@ class MetricsObserver:
                                "result", ["result"], registry=r)
         for result in ("success", "failure"):
             self.reloads.labels(result)
-        self.recoveries = Counter(P + "recoveries", "Recovery runs by the action taken and their outcome (ok; "
-                                  "failed: some action failed; error: the kernel state could not be read)",
+        self.recoveries = Counter(P + "recoveries", "Recovery runs (after an abnormal exit, or that found "
+                                  "leftovers) by the action taken and their outcome (ok; failed: some action "
+                                  "failed; error: the kernel state could not be read)",
                                   ["action", "outcome"], registry=r)
         for action in RECOVERY_ACTIONS:
             for outcome in RECOVERY_OUTCOMES:
@@ -256,8 +257,10 @@ class MetricsObserver:
     # -- KernelRecovery hooks (its threads) -------------------------------------------------
     def recovered(self, section: dict, took: float, abnormal: bool) -> None:
         action, outcome = recovery_outcome(section)
-        self.recoveries.labels(action, outcome).inc()
-        self.recovery_seconds.labels(action).observe(took)
+        if abnormal or section.get("leftover_total") or outcome != "ok":
+            # a clean stop or a supervisor start that found nothing is not worth a count
+            self.recoveries.labels(action, outcome).inc()
+            self.recovery_seconds.labels(action).observe(took)
         if abnormal:
             counts = section.get("leftovers") or {}
             with self._lock:

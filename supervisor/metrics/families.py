@@ -125,6 +125,9 @@ def recovery_families(rec: Mapping[str, Any], ledger: Any, last_leftovers: Mappi
         g.add_metric([family], float((last_leftovers or {}).get(family, 0)))
     out.append(g)
     a = rec.get("adoption")
+    out.append(_gauge(P + "stale_leftovers", "Leftovers the last recovery could not remove (failed deletes of "
+                      "a flush, or of an adoption after recovery.adopt_grace; undecided when the adoption ended)",
+                      stale_leftovers(rec.get("last"), a)))
     out.append(_gauge(P + "adopt_in_progress", "1 while leftovers wait to be adopted by the restarted "
                       "charon (adopt mode, within recovery.adopt_grace), else 0",
                       1 if a and a.get("state") != "done" else 0))
@@ -133,11 +136,12 @@ def recovery_families(rec: Mapping[str, Any], ledger: Any, last_leftovers: Mappi
         removed = sum(n for k, n in results.items() if k.startswith("delete ") and not k.endswith(" failed"))
         kept = sum(n for k, n in results.items() if k.startswith("keep ") and not k.endswith(" failed"))
         total, resolved, pending = a.get("leftovers", 0), a.get("resolved", 0), a.get("pending") or 0
-        claimed = max(0, total - resolved - pending)
+        # kept: charon installed it again (or a larval SA); the rest not resolved nor pending went away
+        claimed = kept + max(0, total - resolved - pending)
         g = GaugeMetricFamily(P + "adopt_leftovers", "The last adoption's leftovers by result: claimed (charon "
-                              "took them over or they went away), removed (deleted after the grace period), "
-                              "kept, pending", labels=["result"])
-        for result, value in (("claimed", claimed), ("removed", removed), ("kept", kept), ("pending", pending)):
+                              "installed them again, or they went away), removed (deleted: replaced, or "
+                              "unclaimed after recovery.adopt_grace), pending (still waiting)", labels=["result"])
+        for result, value in (("claimed", claimed), ("removed", removed), ("pending", pending)):
             g.add_metric([result], float(value))
         out.append(g)
         out.append(_gauge(P + "adopt_initiated_children", "Children the last adoption initiated (their new "
@@ -152,27 +156,34 @@ def recovery_families(rec: Mapping[str, Any], ledger: Any, last_leftovers: Mappi
     return out
 
 
+def stale_leftovers(last: Mapping[str, Any] | None, adoption: Mapping[str, Any] | None) -> int:
+    """Leftovers the last recovery run and the last adoption failed to clear."""
+    stale = 0
+    if last and last.get("action") == "flush":
+        stale += (last.get("results") or {}).get("failed", 0)
+    if adoption:
+        stale += sum(n for k, n in (adoption.get("results") or {}).items() if k == "delete failed")
+        if adoption.get("state") == "done":
+            stale += adoption.get("pending") or 0
+    return stale
+
+
 def ledger_families(ledger: Any) -> list:
     """The ownership ledger: objects by family, owner and how their owner was decided."""
     if ledger is None:
         return []
     tally: _Tally = _Tally()
-    stale = 0
     for family in LEDGER_FAMILIES:
         for entry in (ledger.entries.get(family) or {}).values():
             how = entry.how if entry.how != "added" else "port-id"
             tally[(family, entry.owner, how)] += 1
-            if entry.owner == "daemon" and entry.how == "inherited":
-                stale += 1
     g = GaugeMetricFamily(P + "ledger_objects", "Kernel objects in the ownership ledger by family, owner "
                           "(daemon: charon's; foreign) and attribution (port-id: seen added through that "
                           "netlink port; baseline: there when charon started; inherited: left by an earlier "
                           "charon)", labels=["family", "owner", "attribution"])
     for (family, owner, how), n in sorted(tally.items()):
         g.add_metric([family, owner, how], float(n))
-    return [g, _gauge(P + "stale_leftovers", "Objects an earlier charon left that neither the running charon "
-                      "claimed nor recovery removed yet", stale),
-            _gauge(P + "ledger_stale_families", "Families whose kernel notifications were lost and wait for a "
+    return [g, _gauge(P + "ledger_stale_families", "Families whose kernel notifications were lost and wait for a "
                    "re-read", len(ledger.stale))]
 
 
