@@ -244,6 +244,17 @@ def test_many_child_sas_are_summed_per_connection_within_the_label_bound(harness
     assert value(m, "ipsec_charon_child_sas", connection="gw", child="", state="INSTALLED") == 300
 
 
+def test_a_taken_port_is_logged_and_supervision_goes_on_with_the_textfile(harness):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        h = metrics_harness(harness, [{}], port).start()
+        h.wait_running()
+        assert f"cannot listen on 127.0.0.1:{port} for Prometheus metrics" in h.log()
+        wait_for(lambda: os.path.exists(h.p("supervisor.prom")), what="the textfile")
+
+
 def test_metrics_command_prints_text_and_json(harness):
     port = free_port()
     h = metrics_harness(harness, [{}], port).start()
@@ -414,3 +425,31 @@ def test_metrics_configuration_errors(text, expected):
 @pytest.mark.parametrize("listen", ["127.0.0.1:9089", "[::1]:9089", ":9089", "0.0.0.0:9089", "localhost:9089"])
 def test_metrics_listen_forms(listen):
     assert parse_config(f"metrics: {{listen: '{listen}'}}", "x").metrics.listen == listen
+
+
+def test_kernel_recovery_tells_the_observer_of_monitor_overruns():
+    from supervisor.config import default_config
+    from supervisor.kernel.common import Action, KernelEvent
+    from supervisor.recovery import KernelRecovery
+
+    class Watch:
+        def __init__(self, batches):
+            self.batches = list(batches)
+
+        def read_events(self):
+            return self.batches.pop(0)
+
+    seen = []
+
+    class Observer:
+        def overrun(self, monitor):
+            seen.append(monitor)
+
+    rec = KernelRecovery(default_config())
+    rec.observer = Observer()
+    rec._watch = Watch([[KernelEvent("xfrm", Action.FLUSH, None, 0), KernelEvent("rtnl", Action.FLUSH, None, 0),
+                         KernelEvent("xfrm", Action.FLUSH, None, 0)], []])
+    rec._schedule_resync = lambda: None
+    rec._on_kernel()
+    rec._on_kernel()
+    assert sorted(seen) == ["rtnl", "xfrm"]          # one count per monitor and batch

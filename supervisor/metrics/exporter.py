@@ -186,8 +186,9 @@ class MetricsObserver:
             self._writer.dirty()
 
     def exposition(self, http: bool = True) -> bytes:
-        """The text exposition (HTTP: everything; else the textfile's part), as a scrape would get it."""
-        self.scraping.value = True
+        """The text exposition: HTTP, what a scrape gets (fresh snapshot, charon's view); else the
+        textfile's part from the last snapshot (taken at the change that asked for the write)."""
+        self.scraping.value = http
         try:
             return generate_latest(self.http_registry if http else self.core)
         finally:
@@ -276,6 +277,8 @@ class MetricsObserver:
 # ---------------------------------------------------------------------------------------------
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = 30          # a client that connects and sends nothing does not keep its thread forever
+
     def log_message(self, format, *args):  # noqa: A002 - scrapes are not worth a log line each
         pass
 
