@@ -1,7 +1,8 @@
 """The metrics observer: counts the supervisor's events, serves /metrics, writes the textfile.
 
-Threads: the Supervisor calls the observer's hooks in its loop thread (they only count and take
-a status snapshot: cheap, never blocking); KernelRecovery calls ``recovered``/``overrun`` from its
+Threads: the Supervisor calls the observer's hooks in its loop thread (they only count, and
+schedule one status snapshot for the textfile after a burst of changes: never blocking, nothing
+on the restart path); KernelRecovery calls ``recovered``/``overrun`` from its
 own threads; the HTTP listener answers scrapes in threads of its own and reads charon over VICI
 there; the textfile is written by one writer thread. Collectors read only immutable snapshots:
 a scrape asks the loop for a fresh one (bounded wait), and falls back to the last one.
@@ -34,6 +35,7 @@ log = logging.getLogger("supervisor.metrics")
 disable_created_metrics()
 
 SNAPSHOT_WAIT = 0.5          # a scrape waits this long for the loop's fresh snapshot
+TEXTFILE_DELAY = 0.1         # changes within this time make one textfile write
 RECOVERY_ACTIONS = ("flush", "adopt", "keep")
 RECOVERY_OUTCOMES = ("ok", "failed", "error")
 MONITORS = ("xfrm", "rtnl", "read-error")
@@ -100,7 +102,9 @@ class MetricsObserver:
         self._wall = wall
         self._lock = threading.Lock()
         self._sup: Any = None
+        self._loop = None
         self._wakeup = None
+        self._write_pending = False
         self._snap = Snapshot({"state": State.STOPPED.value}, clock(), wall())
         self._last_leftovers: dict[str, int] | None = None
         self._death_seen_at: float | None = None
@@ -180,10 +184,21 @@ class MetricsObserver:
         return self._snap
 
     def _changed(self) -> None:
-        """Loop thread: something changed: new snapshot, rewrite the textfile."""
-        self._take()
-        if self._writer is not None:
-            self._writer.dirty()
+        """Loop thread: something changed: rewrite the textfile from a new snapshot, TEXTFILE_DELAY later.
+
+        status() walks the ledger: a burst of transitions (a restart) costs one snapshot after it,
+        not one per transition on the restart path. Scrapes take their own snapshot anyway.
+        """
+        if self._writer is None or self._loop is None or self._write_pending:
+            return
+        self._write_pending = True
+
+        def write() -> None:
+            self._write_pending = False
+            if self._writer is not None:
+                self._take()
+                self._writer.dirty()
+        self._loop.call_later(TEXTFILE_DELAY, write)
 
     def exposition(self, http: bool = True) -> bytes:
         """The text exposition: HTTP, what a scrape gets (fresh snapshot, charon's view); else the
@@ -198,6 +213,7 @@ class MetricsObserver:
     def attach(self, loop, supervisor) -> None:
         from ..eventloop import ThreadWakeup
         self._sup = supervisor
+        self._loop = loop
         self.clock = loop.clock
         self._wakeup = ThreadWakeup(loop)
         self._take()
@@ -221,8 +237,8 @@ class MetricsObserver:
             self._server = None
         if self._writer is not None:
             self._take()
-            self._writer.close()          # writes the final state once more
-            self._writer = None
+            writer, self._writer = self._writer, None
+            writer.close()                # writes the final state once more
         if wakeup is not None:
             wakeup.close()
 
