@@ -119,6 +119,14 @@ def leftover_counts(owned: Iterable[tuple[Any, Verdict]]) -> dict[str, int]:
     return counts
 
 
+def tally_rules(verdicts: Iterable[Verdict]) -> dict[str, int]:
+    """How many leftovers each ownership rule made charon's (ledger:* by port id, marker:* by markers)."""
+    out: dict[str, int] = {}
+    for v in verdicts:
+        out[v.rule] = out.get(v.rule, 0) + 1
+    return out
+
+
 def tally(results: Iterable[ActionResult]) -> dict[str, int]:
     out: dict[str, int] = {}
     for r in results:
@@ -761,7 +769,7 @@ class KernelRecovery:
         counts = leftover_counts(owned)
         total = sum(counts.values())
         section.update(leftovers=counts, leftover_total=total, judged_by="ledger and markers" if ledger
-                       else "markers only (no ledger)")
+                       else "markers only (no ledger)", by_rule=tally_rules(v for _, v in owned))
         snapshot = None
         if self.config.snapshots.enabled and (total or abnormal):
             snapshot = self._write_snapshot(state, ownership, choice, why, pid, reason, daemon)

@@ -159,6 +159,9 @@ def test_prometheus_sees_the_restart_and_the_adoption_after_kill_9(supervised, n
         # what charon left (a trap: in/out/fwd policy, its route in table 220, the rules for v4 and v6) ...
         assert prom.scalar('ipsec_supervisor_leftovers{family="xfrm_policy"}') == 3
         assert prom.scalar('ipsec_supervisor_leftovers{family="rule"}') == 2
+        # all attributed through charon's netlink ports (the ledger), none by markers alone
+        assert prom.scalar('sum(ipsec_supervisor_leftovers_by_rule{rule=~"ledger:.*"})') >= 6
+        assert prom.scalar('sum(ipsec_supervisor_leftovers_by_rule{rule=~"marker:.*"})') is None
         # ... was claimed by the restarted charon: nothing removed, nothing pending, nothing stale
         prom.wait_for("ipsec_supervisor_adopt_in_progress", lambda v: v == 0)
         prom.wait_for('ipsec_supervisor_adopt_leftovers{result="claimed"}', lambda v: v >= 3)

@@ -107,6 +107,7 @@ class MetricsObserver:
         self._write_pending = False
         self._snap = Snapshot({"state": State.STOPPED.value}, clock(), wall())
         self._last_leftovers: dict[str, int] | None = None
+        self._last_rules: dict[str, int] = {}
         self._death_seen_at: float | None = None
         self.scraping = _Flag()
         m = config.metrics
@@ -164,7 +165,8 @@ class MetricsObserver:
         ledger = getattr(self._sup.recovery, "ledger", None)
         with self._lock:
             leftovers = dict(self._last_leftovers) if self._last_leftovers is not None else None
-        self._snap = Snapshot(status, self.clock(), self._wall(), ledger, leftovers)
+            rules = dict(self._last_rules)
+        self._snap = Snapshot(status, self.clock(), self._wall(), ledger, leftovers, rules)
 
     def snapshot(self, fresh: bool = False) -> Snapshot:
         """The last snapshot; FRESH: ask the loop for a new one first (waits at most SNAPSHOT_WAIT)."""
@@ -282,6 +284,7 @@ class MetricsObserver:
             counts = section.get("leftovers") or {}
             with self._lock:
                 self._last_leftovers = {f: int(counts.get(f, 0)) for f in LEFTOVER_FAMILIES}
+                self._last_rules = dict(section.get("by_rule") or {})
         wakeup = self._wakeup
         if wakeup is not None:
             wakeup.post(self._changed)

@@ -39,6 +39,7 @@ class Snapshot:
     taken_wall: float
     ledger: Any = None                       # supervisor.ledger.Ledger or None
     last_leftovers: Mapping[str, int] | None = None   # by family, at the last abnormal exit
+    last_rules: Mapping[str, int] | None = None       # by ownership rule, at the last abnormal exit
 
 
 def _gauge(name: str, doc: str, value: float | None = None, labels: Iterable[str] = ()) -> GaugeMetricFamily:
@@ -108,11 +109,12 @@ def supervisor_families(snap: Snapshot, now_mono: float) -> list:
     info.add_metric([], {"version": str((st.get("supervisor") or {}).get("version", "")),
                          "recovery_mode": str(rec.get("mode", "none"))})
     out.append(info)
-    out += recovery_families(rec, snap.ledger, snap.last_leftovers)
+    out += recovery_families(rec, snap.ledger, snap.last_leftovers, snap.last_rules)
     return out
 
 
-def recovery_families(rec: Mapping[str, Any], ledger: Any, last_leftovers: Mapping[str, int] | None) -> list:
+def recovery_families(rec: Mapping[str, Any], ledger: Any, last_leftovers: Mapping[str, int] | None,
+                      last_rules: Mapping[str, int] | None = None) -> list:
     """Blocks, adoption, leftovers and the ownership ledger (recovery.mode other than none)."""
     out = []
     if not rec:
@@ -123,6 +125,12 @@ def recovery_families(rec: Mapping[str, Any], ledger: Any, last_leftovers: Mappi
                           "abnormal exit, by family", labels=["family"])
     for family in LEFTOVER_FAMILIES:
         g.add_metric([family], float((last_leftovers or {}).get(family, 0)))
+    out.append(g)
+    g = GaugeMetricFamily(P + "leftovers_by_rule", "The same leftovers by the ownership rule that made them "
+                          "charon's (ledger:*: attributed by charon's netlink port id; marker:*: by charon's "
+                          "markers, without a ledger)", labels=["rule"])
+    for rule, n in sorted((last_rules or {}).items()):
+        g.add_metric([rule], float(n))
     out.append(g)
     a = rec.get("adoption")
     out.append(_gauge(P + "stale_leftovers", "Leftovers the last recovery could not remove (failed deletes of "
