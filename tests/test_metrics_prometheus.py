@@ -147,6 +147,7 @@ def test_prometheus_sees_the_restart_and_the_adoption_after_kill_9(supervised, n
                       lambda v: v >= 3)
         assert prom.scalar("ipsec_charon_trap_policies") == 1
         assert prom.scalar("ipsec_supervisor_charon_up") == 1
+        assert prom.scalar('ipsec_supervisor_build_info{recovery_mode="adopt"}') == 1
         pid = sup.kill_charon()
         st = sup.wait_running(restarts=1)
         assert st["daemon"]["pid"] != pid
