@@ -172,6 +172,34 @@ def abs_path(nullable: bool = False) -> Rule:
     return Rule(parse, nullable)
 
 
+def listen_address(nullable: bool = False) -> Rule:
+    """HOST:PORT for a TCP listener: an IPv4 address, [IPv6], localhost, or empty (all addresses)."""
+    def parse(value):
+        text = value if isinstance(value, str) else ""
+        m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[0-9.]*|localhost):(\d{1,5})", text.strip())
+        if not m or not 1 <= int(m.group(2)) <= 65535:
+            raise _Invalid("must be HOST:PORT (e.g. 127.0.0.1:9089, [::1]:9089, :9089 for all addresses)")
+        host = m.group(1).strip("[]")
+        if host and host != "localhost":
+            import ipaddress
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise _Invalid("must be HOST:PORT with an IP address as HOST") from None
+        return text.strip()
+    return Rule(parse, nullable)
+
+
+def prom_file(nullable: bool = False) -> Rule:
+    def parse(value):
+        path = abs_path()(value)
+        if not path.endswith(".prom"):
+            raise _Invalid("must be an absolute path ending in .prom (node_exporter's textfile collector "
+                           "reads only *.prom)")
+        return path
+    return Rule(parse, nullable)
+
+
 def _argv(value) -> tuple[str, ...]:
     if isinstance(value, str):
         raise _Invalid("must be a command as a list of strings (no shell), e.g. [swanctl, --load-all]")
@@ -411,6 +439,18 @@ class RecoveryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    listen: str | None = _key(listen_address(nullable=True), None,
+                              "HOST:PORT serving /metrics for Prometheus (e.g. 127.0.0.1:9089); null: off")
+    textfile: str | None = _key(prom_file(nullable=True), None,
+                                "*.prom file for node_exporter's textfile collector, rewritten after every change")
+    vici_timeout: float = _key(duration(0.05, 30.0), 2.0, "time charon's VICI answers may take during a scrape")
+    vici_cache: float = _key(duration(0.0, 300.0), 1.0, "charon's VICI view is reused this long between scrapes")
+    max_children: int = _key(number(1, 100000, integer=True), 100,
+                             "above this many CHILD_SAs, per-child series are summed per connection")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     daemon: DaemonConfig = _section(DaemonConfig, "the supervised IKE daemon")
     restart: RestartConfig = _section(RestartConfig, "restart policy")
@@ -421,6 +461,7 @@ class Config:
     crash_reports: CrashReportsConfig = _section(CrashReportsConfig, "crash reports")
     recovery: RecoveryConfig = _section(RecoveryConfig, "kernel state recovery")
     snapshots: SnapshotsConfig = _section(SnapshotsConfig, "snapshots of leftover kernel state")
+    metrics: MetricsConfig = _section(MetricsConfig, "Prometheus metrics")
     source: str = field(default=BUILTIN, compare=False, metadata={"internal": True})
 
     @property

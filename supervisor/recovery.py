@@ -119,6 +119,14 @@ def leftover_counts(owned: Iterable[tuple[Any, Verdict]]) -> dict[str, int]:
     return counts
 
 
+def tally_rules(verdicts: Iterable[Verdict]) -> dict[str, int]:
+    """How many leftovers each ownership rule made charon's (ledger:* by port id, marker:* by markers)."""
+    out: dict[str, int] = {}
+    for v in verdicts:
+        out[v.rule] = out.get(v.rule, 0) + 1
+    return out
+
+
 def tally(results: Iterable[ActionResult]) -> dict[str, int]:
     out: dict[str, int] = {}
     for r in results:
@@ -377,12 +385,14 @@ class _Adoption:
     step_queued: bool = False
     last_ledger: Any = None
     last_active: Any = None
+    pending: int | None = None      # leftovers still undecided after the last step
 
     def to_json(self, now: float) -> dict:
         return {"state": "done" if self.done else "waiting", "leftovers": len(self.leftovers),
                 "resolved": len(self.resolved), "initiated": sorted("/".join(k) for k in self.initiated),
                 "grace_left_s": None if self.done else round(max(0.0, self.deadline - now), 3),
-                "steps": self.steps, "results": dict(self.counts), "last_error": self.last_error}
+                "steps": self.steps, "results": dict(self.counts), "last_error": self.last_error,
+                "pending": self.pending}
 
 
 class KernelRecovery:
@@ -424,6 +434,7 @@ class KernelRecovery:
         self._last: dict | None = None
         self._capability: AdoptCapability | None = None
         self._warned: set[str] = set()
+        self.observer = None        # metrics: recovered(section, took, abnormal), overrun(monitor)
 
     # -- wiring (loop thread) ------------------------------------------------------------
     def attach(self, loop) -> None:
@@ -478,6 +489,19 @@ class KernelRecovery:
             return fn()
         return self._jobs.call(fn)
 
+    def _observe(self, name: str, *args) -> None:
+        hook = getattr(self.observer, name, None)
+        if hook is not None:
+            try:
+                hook(*args)
+            except Exception:  # noqa: BLE001 - metrics must never disturb recovery
+                log.exception("metrics observer %s failed; going on", name)
+
+    @property
+    def ledger(self) -> Ledger | None:
+        """The current ownership ledger (immutable: safe to read from any thread)."""
+        return self._ledger
+
     # -- notifications (loop thread) -------------------------------------------------------
     def _on_kernel(self) -> None:
         if self._watch is None:
@@ -485,6 +509,7 @@ class KernelRecovery:
         try:
             events = self._watch.read_events()
         except KernelError as exc:
+            self._observe("overrun", "read-error")
             log.warning("reading kernel notifications failed (%s); re-reading the state", exc)
             with self._lock:
                 if self._ledger is not None:
@@ -494,6 +519,8 @@ class KernelRecovery:
             return
         if not events:
             return
+        for monitor in {e.family for e in events if e.family in ("xfrm", "rtnl")}:   # overrun markers
+            self._observe("overrun", monitor)
         with self._lock:
             if self._buffer is not None:
                 self._buffer.extend(events)
@@ -726,12 +753,14 @@ class KernelRecovery:
         section: dict[str, Any] = {"mode": self.config.recovery.mode, **choice.to_json()}
         if choice.action == NONE:
             return section
+        started = self._clock()
         try:
             state = self._read(self._options)
         except KernelError as exc:
             log.error("cannot read the kernel state after %s: %s; nothing recovered (the next start "
                       "tries again)", why, exc)
             section["error"] = str(exc)
+            self._observe("recovered", section, self._clock() - started, abnormal)
             return section
         with self._lock:
             ledger = prior if prior is not None else self._ledger
@@ -744,7 +773,7 @@ class KernelRecovery:
         counts = leftover_counts(owned)
         total = sum(counts.values())
         section.update(leftovers=counts, leftover_total=total, judged_by="ledger and markers" if ledger
-                       else "markers only (no ledger)")
+                       else "markers only (no ledger)", by_rule=tally_rules(v for _, v in owned))
         snapshot = None
         if self.config.snapshots.enabled and (total or abnormal):
             snapshot = self._write_snapshot(state, ownership, choice, why, pid, reason, daemon)
@@ -782,6 +811,7 @@ class KernelRecovery:
         self._last = {"at": _dt.datetime.fromtimestamp(self._wall(), _dt.timezone.utc)
                       .isoformat(timespec="seconds"), "after": why, **section}
         self._save_now()
+        self._observe("recovered", section, self._clock() - started, abnormal)
         return section
 
     def _write_snapshot(self, state, ownership, choice, why, pid, reason, daemon) -> str | None:
@@ -1040,6 +1070,7 @@ class KernelRecovery:
                     if isinstance(action, Keep):
                         log.info("adopt: keeping %s: %s", action.record.describe(), action.reason)
         pending = adopt.pending_leftovers(a.leftovers, ledger, frozenset(a.resolved))
+        a.pending = len(pending)
         if grace_over or not pending:
             self._save_now()        # what charon claimed is on disk before anyone asks (reconcile)
             a.done = True

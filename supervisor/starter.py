@@ -262,8 +262,11 @@ class Supervisor:
     def __init__(self, config: Config, *, config_path: str | None = None, recovery: Recovery | None = None,
                  notifier: Notifier | None = None, clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time, rand: Callable[[], float] = random.random,
-                 reload_config: Callable[[], Config] | None = None, environ: dict[str, str] | None = None):
+                 reload_config: Callable[[], Config] | None = None, environ: dict[str, str] | None = None,
+                 observer: object | None = None):
         self.config = config
+        # Metrics (supervisor.metrics.MetricsObserver): told of events through _observe, never decides.
+        self.observer = observer
         self.recovery: Recovery = recovery or NoRecovery()
         self.notifier = notifier or Notifier()
         self._clock = clock
@@ -336,6 +339,7 @@ class Supervisor:
                                       daemon_name=lambda: self._daemon_name, changed=self._publish_status,
                                       wall_clock=self._wall)
             self._recovery_hook("attach", loop)
+            self._observe("attach", loop, self)
             control = ControlServer(loop, run_dir, self._control)
             try:
                 control.start()
@@ -370,6 +374,7 @@ class Supervisor:
                 control.close()
             if self._dirwatch:
                 self._dirwatch.close()
+            self._observe("detach")
             self._recovery_hook("detach")
             for worker in (self._worker, self._reports):
                 if worker:
@@ -432,6 +437,7 @@ class Supervisor:
                 self._leave(old, new)
                 getattr(self, f"_enter_{new.name.lower()}")()
                 self._publish_status()
+                self._observe("transition", old, new)
         finally:
             self._stepping = False
 
@@ -634,6 +640,7 @@ class Supervisor:
 
     def _health_done(self, result: ProbeResult) -> None:
         self._probe = None
+        self._observe("probe", result)
         if self.state not in (State.SETTLING, State.RUNNING):
             return
         h = self.config.health
@@ -700,6 +707,7 @@ class Supervisor:
         self._history = prune_history(self.config.restart, self._history, now)
         decision = decide(self.config.restart, self._history, now, self._rand, stopping=self._stop_requested)
         self._last_exit, self._decision = info, decision
+        self._observe("death", info, decision)
         level = logging.WARNING if info.classification.abnormal else logging.INFO
         log.log(level, "%s (pid %d) %s [%s], up %.3fs; %s", self._daemon_name, info.pid, info.describe(),
                 info.classification.value, info.uptime, decision.describe(),
@@ -932,6 +940,7 @@ class Supervisor:
             return True, msg
         finally:
             self._publish_status()
+            self._observe("reload", self._reload_error is None)
             self.notifier.reloaded()
 
     def reload_daemon(self, source: str, trigger: str = RELOAD,
@@ -1075,6 +1084,15 @@ class Supervisor:
             hook(*args)
         except Exception:  # noqa: BLE001 - recovery trouble must not stop supervision
             log.exception("recovery.%s failed; going on", name)
+
+    def _observe(self, name: str, *args) -> None:
+        """Tell the metrics observer (if any) about an event; its errors are logged, never raised."""
+        hook = getattr(self.observer, name, None)
+        if hook is not None:
+            try:
+                hook(*args)
+            except Exception:  # noqa: BLE001 - metrics must never disturb supervision
+                log.exception("metrics observer %s failed; going on", name)
 
     def _status_line(self) -> str:
         name = self._daemon_name

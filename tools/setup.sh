@@ -18,6 +18,8 @@ DEB_PACKAGES=(
   systemd-container
   # real clients of `ipsec`: Open vSwitch's IPsec monitor (tests/test_real_clients.py)
   openvswitch-switch openvswitch-ipsec
+  # the metrics tests: a real Prometheus server scraping the supervisor, promtool for the alert rules
+  prometheus
 )
 
 missing=()
