@@ -34,10 +34,13 @@ def register(sub) -> None:
 
     f = sub.add_parser("flush", parents=[common], help="remove the kernel state charon left behind",
                        description="Remove every object judged charon's (and nothing else). Refuses "
-                                   "while a charon process runs in the namespace, unless --force. "
-                                   "Exit status 1 when any action failed.")
+                                   "while charon (/usr/lib/ipsec/charon or charon-systemd, run as root) "
+                                   "runs in the namespace, unless --force; while another IKE daemon "
+                                   "(charon-nm, pluto, ...) holds IKE sockets there, keeps what only "
+                                   "charon's markers claim. Exit status 1 when any action failed.")
     f.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
-    f.add_argument("--force", action="store_true", help="flush even while charon runs there")
+    f.add_argument("--force", action="store_true",
+                   help="flush even while charon runs there (other IKE daemons are still respected)")
     f.add_argument("--fail-closed", action="store_true",
                    help="first install block policies for charon's out/fwd policies; they stay "
                         "until a later flush without this option (or the supervisor) removes them")
