@@ -325,8 +325,9 @@ def test_flush_keeps_a_marker_only_band_policy_while_a_foreign_ike_daemon_runs(n
     assert r.returncode == 0, r.stderr
     assert f"note: charon-nm pid {pid}" in r.stdout and "holds an XFRM netlink socket and UDP port 4500" \
         in r.stdout
-    assert "summary: 2 done" in r.stdout and "delete" not in r.stdout.replace("deleted", "")
-    assert f"keep SPD entry src=10.1.0.0/16" in r.stdout
+    assert "summary: 2 kept" in r.stdout and "delete" not in r.stdout.replace("deleted", "")
+    assert "kept         keep SPD entry src=10.1.0.0/16 dst=10.2.0.0/16 dir=out priority=383615" in r.stdout
+    assert f": marker-only: charon-nm pid {pid} holds an XFRM netlink socket and UDP port 4500 here" in r.stdout
     assert kernel_text(netns) == before                 # no block either
     stop_foreign(pid)
     r = run_cli("flush", "--netns", netns.name, "--no-ledger")

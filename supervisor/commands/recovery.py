@@ -188,12 +188,17 @@ def cmd_flush(args) -> int:
         for d in others:
             print(f"note: {d.describe()} ({d.exe or 'exe unknown'}) holds {d.holds()} here: what only "
                   "charon's markers claim is kept")
+        labels = []
         for i, r in enumerate(results, 1):
-            label = r.outcome.value.upper() if not r.ok else r.outcome.value
-            tail = f": {r.message}" if r.message and r.outcome is not Outcome.DONE else ""
+            kept = r.action.KIND == "keep"      # what no flush may delete (ownership.deletion_hold)
+            label = "kept" if kept else r.outcome.value.upper() if not r.ok else r.outcome.value
+            labels.append(label)
+            tail = (f": {r.action.reason}" if kept else
+                    f": {r.message}" if r.message and r.outcome is not Outcome.DONE else "")
             print(f"{i:>4}. {label:<12} {r.action.describe()}{tail}")
-        tally = {o: sum(1 for r in results if r.outcome is o) for o in Outcome}
-        print("summary: " + ", ".join(f"{n} {o.value}" for o, n in tally.items() if n) if results
+        order = [o.value for o in Outcome] + ["kept"]
+        tally = {name: labels.count(name) + labels.count(name.upper()) for name in order}
+        print("summary: " + ", ".join(f"{n} {name}" for name, n in tally.items() if n) if results
               else "summary: nothing to do")
         if plan.fail_closed and any(r.ok for r in results if r.action.KIND == "install-block"):
             print("fail-closed blocks stay until charon re-installs its policies and they are removed "
