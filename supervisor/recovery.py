@@ -710,11 +710,20 @@ class KernelRecovery:
         with self._lock:
             self._daemon_pid = None         # its sockets are gone; nothing more is attributed to it
             self._ports = None
+        why = f"{self._daemon_name} pid {info.pid} {info.describe()}"
+        running = [d for d in self._ike_daemons(self._netns_inode(), exclude=(info.pid,)) if d.ours]
+        if running:
+            # e.g. a start that failed because it runs already (charon exits 66): not a dead charon's leftovers
+            reason = (f"{daemons.describe_all(running)} runs in this network namespace, not started by this "
+                      "supervisor: the state is its own, no recovery")
+            log.warning("after %s: %s", why, reason)
+            self._carry, self._carry_choice = [], None
+            return {"mode": rc.mode, "action": NONE, "fail_closed": False, "reason": reason,
+                    "other_daemons": [d.to_json() for d in running]}
         can_adopt = self._capability.can_adopt if self._capability is not None else True
         choice = choose_recovery(rc.mode, fail_closed=rc.fail_closed, on_stop=rc.on_stop,
                                  exit_class=info.classification, decision=decision.action,
                                  can_adopt=can_adopt)
-        why = f"{self._daemon_name} pid {info.pid} {info.describe()}"
         return self._recover(choice, why, info.pid, info.classification.abnormal, "exit",
                              {"pid": info.pid, "exit": {"code": info.exit_code, "signal": signal_name(info.signal),
                                                         "classification": info.classification.value,

@@ -262,17 +262,18 @@ ip xfrm policy add src 10.1.0.0/16 dst 10.2.0.0/16 dir out priority 383615 \
 
 @pytest.fixture
 def foreign_daemon():
-    """Start a charon-nm-like daemon in a namespace: another binary (a copy of this Python named charon-nm)."""
+    """Start a charon-nm-like daemon in a namespace: another binary (a copy of this Python named charon-nm),
+    or PROGRAM (this Python itself: a daemon of ours for a supervisor of the fake daemon)."""
     home = Path(tempfile.mkdtemp(prefix="charon-nm-"))
     home.chmod(0o755)
     binary = home / "charon-nm"
     shutil.copy(os.path.realpath(sys.executable), binary)
     started: list[tuple[subprocess.Popen, int]] = []
 
-    def start(ns) -> int:
+    def start(ns, program: str | None = None) -> int:
         # Through a shell, so that it is no child of ours (our children are never counted)
-        proc = subprocess.Popen(["sh", "-c", 'ip netns exec "$0" "$1" -I -c "$2" & wait', ns.name, str(binary),
-                                 FOREIGN_DAEMON], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(["sh", "-c", 'ip netns exec "$0" "$1" -I -c "$2" & wait', ns.name,
+                                 program or str(binary), FOREIGN_DAEMON], stdout=subprocess.PIPE, text=True)
         word, pid = proc.stdout.readline().split()
         assert word == "ready"
         started.append((proc, int(pid)))
@@ -384,6 +385,59 @@ def test_a_real_charon_is_ours_by_its_exe_and_flush_refuses_to_pull_its_state(ne
         assert f"charon pid {charon.pid} ({CHARON}, uid 0, holds" in r.stderr and "--force" in r.stderr
         assert kernel_text(netns) == before
     finally:
+        charon.cleanup()
+
+
+@needs_root
+def test_a_daemon_of_ours_started_behind_the_supervisors_back_is_never_flushed_nor_doubled(
+        netns, foreign_daemon, sup):
+    # The fake daemon's binary is this Python: another root Python holding an XFRM socket and UDP
+    # 4500 here is "a charon of ours not started by this supervisor" (as after a kill -9 of a supervisor).
+    from test_recovery import DAEMON_RUN, kernel_of
+    from test_flush import SETUP
+    netns.sh(SETUP)
+    s = sup(netns, [DAEMON_RUN, {}], {"mode": "flush", "block_timeout": "1s"}).start()
+    pid = s.wait_running()["daemon"]["pid"]
+    before = kernel_of(netns).objects["xfrm_policy"]
+    other = foreign_daemon(netns, os.path.realpath(sys.executable))
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while "not started a second time" not in s.log():
+        assert time.monotonic() < deadline, s.log()
+        time.sleep(0.05)
+    log = s.log()
+    assert f"runs in this network namespace, not started by this supervisor: the state is its own, no recovery" \
+        in log and f"pid {other} (" in log
+    assert kernel_of(netns).objects["xfrm_policy"] == before            # no flush, no block
+    assert len(s.events("start")) == 1                                  # no second daemon
+    stop_foreign(other)
+    s.wait_running()                                                    # the next try starts one again
+    assert len(s.events("start")) == 2
+    assert s.stop() == 0
+
+
+@pytest.mark.skipif(not os.path.exists(CHARON) or os.geteuid() != 0, reason="needs root and strongSwan's charon")
+def test_the_supervisor_refuses_to_start_next_to_a_running_charon_and_leaves_its_state(netns, tmp_path):
+    from charon_ns import SupervisedCharon, psk_swanctl_conf, start_charon
+    from test_flush import SETUP, kernel_text
+    netns.sh(SETUP)
+    charon = start_charon(netns.name, str(tmp_path / "plain"), swanctl_conf=psk_swanctl_conf("moon"))
+    sup = None
+    try:
+        before = kernel_text(netns)
+        assert "priority" in before["xfrm policy"]
+        sup = SupervisedCharon(netns.name, str(tmp_path / "sup"), swanctl_conf=psk_swanctl_conf("moon"),
+                               mode="flush").start()
+        assert sup.proc.wait(60) == ExitCode.FAILED
+        log = sup.log()
+        assert (f"not starting charon: charon pid {charon.pid} ({CHARON}, uid 0, holds" in log
+                and "already runs in this network namespace, not started by this supervisor" in log), log
+        assert "Traceback" not in log and "leftover" not in log
+        assert kernel_text(netns) == before
+        assert charon.vici("version")[0]["daemon"] == "charon"             # still reachable, still running
+    finally:
+        if sup is not None:
+            sup.cleanup()
         charon.cleanup()
 
 
