@@ -6,7 +6,8 @@ socket on port 500 or 4500 (IKE). Each one found is either *ours*, the configure
 daemon binary run by root, or an *other* IKE daemon: NetworkManager's charon-nm,
 pluto, a charon of another container, anything else. A process name is never
 evidence: anyone can call a ``sleep`` "charon", only root can run our binary as
-root. Our own process and its children that are not daemons are never counted.
+root. Our own process, its children that are not daemons, and ipsec-supervisor processes
+(whose kernel monitor holds an XFRM socket) are never counted.
 
 The socket tables (/proc/PID/net/netlink, udp, udp6) are read through a process
 of that namespace, so this works from any namespace; socket inodes are matched to
@@ -16,11 +17,12 @@ of that namespace, so this works from any namespace; socket inodes are matched t
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from .errors import SupervisorError
-from .ledger import NETLINK_XFRM, parse_proc_netlink
+from .ledger import NETLINK_XFRM, LedgerError, parse_proc_netlink, socket_inodes
 
 IKE_PORTS = (500, 4500)
 CAP_NET_ADMIN = 12
@@ -47,6 +49,7 @@ class ProcessFacts:
     start_time: int             # clock ticks after boot (/proc/PID/stat field 22)
     xfrm_sockets: int           # XFRM netlink sockets it holds in this namespace
     ike_ports: tuple[int, ...]  # UDP ports among IKE_PORTS it has bound in this namespace
+    argv: tuple[str, ...] = ()  # /proc/PID/cmdline
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,14 +137,23 @@ def runs_binary(facts: ProcessFacts, binary: Binary) -> bool:
     return deleted or (facts.exe_id is not None and facts.exe_id == binary.file_id)
 
 
-def classify(facts: ProcessFacts, binaries: Sequence[Binary], *, self_pid: int) -> IkeDaemon | None:
+def is_supervisor(facts: ProcessFacts, interpreter: tuple[int, int] | None) -> bool:
+    """An ipsec-supervisor process (root, our own interpreter, running our program): its kernel
+    monitor holds an XFRM socket, but it installs nothing."""
+    return (facts.uid == 0 and interpreter is not None and facts.exe_id == interpreter
+            and any(os.path.basename(a) == "ipsec-supervisor" or a == "supervisor.cli" for a in facts.argv[1:4]))
+
+
+def classify(facts: ProcessFacts, binaries: Sequence[Binary], *, self_pid: int,
+             interpreter: tuple[int, int] | None = None) -> IkeDaemon | None:
     """FACTS as an IKE daemon (ours or other), or None: it holds no IKE socket, or it is us
-    (SELF_PID) or a child of ours that is not one of our daemons."""
-    if facts.pid == self_pid or not (facts.xfrm_sockets or facts.ike_ports):
+    (SELF_PID), a child of ours that is not one of our daemons, or a supervisor (``is_supervisor``;
+    INTERPRETER is the file identity of the Python running us)."""
+    if facts.pid == self_pid or not (facts.xfrm_sockets or facts.ike_ports) or is_supervisor(facts, interpreter):
         return None
     # Root, or a daemon run with charon.user (it keeps CAP_NET_ADMIN in our user namespace).
     ours = (facts.uid == 0 or facts.net_admin) and any(runs_binary(facts, b) for b in binaries)
-    if facts.ppid == self_pid and not ours:
+    if not ours and facts.ppid == self_pid:
         return None         # e.g. a load command or a hook of ours
     return IkeDaemon(pid=facts.pid, name=facts.name, exe=facts.exe, uid=facts.uid,
                      start_time=facts.start_time, xfrm_sockets=facts.xfrm_sockets,
@@ -189,7 +201,7 @@ def describe_all(daemons: Iterable[IkeDaemon]) -> str:
 
 def _read(path: str) -> str | None:
     try:
-        with open(path) as f:
+        with open(path, errors="replace") as f:
             return f.read()
     except OSError:
         return None
@@ -201,22 +213,6 @@ def _status_fields(text: str) -> dict[str, str]:
         key, _, value = line.partition(":")
         out[key] = value.strip()
     return out
-
-
-def _socket_inodes(fd_dir: str) -> set[int]:
-    inodes = set()
-    try:
-        names = os.listdir(fd_dir)
-    except OSError:
-        return inodes       # gone meanwhile, or no access
-    for name in names:
-        try:
-            target = os.readlink(os.path.join(fd_dir, name))
-        except OSError:
-            continue
-        if target.startswith("socket:[") and target.endswith("]"):
-            inodes.add(int(target[8:-1]))
-    return inodes
 
 
 def _sockets_of_namespace(pid: int, proc: str) -> tuple[set[int], dict[int, int]] | None:
@@ -261,9 +257,13 @@ def _facts(pid: int, proc: str, xfrm: set[int], udp: dict[int, int], user_ns: in
         same_user_ns = user_ns is not None and os.stat(os.path.join(d, "ns", "user")).st_ino == user_ns
     except OSError:
         same_user_ns = False
-    inodes = _socket_inodes(os.path.join(d, "fd"))
+    try:
+        inodes = socket_inodes(pid, proc)
+    except LedgerError:
+        inodes = frozenset()        # gone meanwhile
     name = (_read(os.path.join(d, "comm")) or "?").strip()
-    return ProcessFacts(pid=pid, ppid=ppid, name=name, exe=exe, exe_id=exe_id, uid=uid,
+    argv = tuple((_read(os.path.join(d, "cmdline")) or "").split("\0")[:4])
+    return ProcessFacts(pid=pid, ppid=ppid, name=name, exe=exe, exe_id=exe_id, uid=uid, argv=argv,
                         net_admin=same_user_ns and bool(cap_eff >> CAP_NET_ADMIN & 1),
                         start_time=start_time, xfrm_sockets=len(inodes & xfrm),
                         ike_ports=tuple(sorted({udp[i] for i in inodes if i in udp})))
@@ -274,6 +274,7 @@ def detect(netns_inode: int, binaries: Iterable[str] = DEFAULT_DAEMON_BINARIES, 
     """The IKE daemons in the network namespace with NETNS_INODE, ours (BINARIES run as root) first."""
     me = os.getpid() if self_pid is None else self_pid
     wanted = [Binary.of(b) for b in binaries]
+    interpreter = Binary.of(sys.executable).file_id
     try:
         user_ns: int | None = os.stat(os.path.join(proc, str(me), "ns", "user")).st_ino
     except OSError:
@@ -303,7 +304,7 @@ def detect(netns_inode: int, binaries: Iterable[str] = DEFAULT_DAEMON_BINARIES, 
         facts = _facts(pid, proc, *tables, user_ns)
         if facts is None:
             continue
-        daemon = classify(facts, wanted, self_pid=me)
+        daemon = classify(facts, wanted, self_pid=me, interpreter=interpreter)
         if daemon is not None:
             found.append(daemon)
     found.sort(key=lambda d: (not d.ours, d.pid))

@@ -46,9 +46,13 @@ BIN = Binary("/usr/lib/ipsec/charon", (8, 42))
 # --- who is a daemon (pure) --------------------------------------------------------------------
 
 def facts(pid=812, *, ppid=1, name="charon", exe="/usr/lib/ipsec/charon", exe_id=(8, 42), uid=0,
-          net_admin=False, xfrm_sockets=1, ike_ports=(500, 4500)) -> ProcessFacts:
+          net_admin=False, xfrm_sockets=1, ike_ports=(500, 4500), argv=()) -> ProcessFacts:
     return ProcessFacts(pid=pid, ppid=ppid, name=name, exe=exe, exe_id=exe_id, uid=uid, net_admin=net_admin,
-                        start_time=4242, xfrm_sockets=xfrm_sockets, ike_ports=ike_ports)
+                        start_time=4242, xfrm_sockets=xfrm_sockets, ike_ports=ike_ports, argv=argv)
+
+
+PY = (8, 7)         # our interpreter's file identity
+SUP = dict(name="python3", exe="/usr/bin/python3.11", exe_id=PY, ike_ports=())
 
 
 @pytest.mark.parametrize("case, f, expected", [
@@ -69,9 +73,15 @@ def facts(pid=812, *, ppid=1, name="charon", exe="/usr/lib/ipsec/charon", exe_id
     ("ourselves", facts(pid=ME, name="python3", exe="/usr/bin/python3.11"), None),
     ("a child of ours that is no daemon", facts(ppid=ME, name="ip", exe="/usr/bin/ip", ike_ports=()), None),
     ("our charon, our child", facts(ppid=ME), "ours"),
+    ("a supervisor (its monitor)", facts(**SUP, argv=("python3", "-m", "supervisor.cli", "run")), None),
+    ("an installed supervisor", facts(**SUP, argv=("python3", "/usr/local/bin/ipsec-supervisor", "run")), None),
+    ("a supervisor's look-alike run by a user", facts(**SUP, uid=1000, argv=("python3", "-m", "supervisor.cli")),
+     "other"),
+    ("another Python program", facts(**SUP, argv=("python3", "/opt/ike.py")), "other"),
+    ("another interpreter", facts(**{**SUP, "exe_id": (8, 9)}, argv=("python3", "-m", "supervisor.cli")), "other"),
 ])
 def test_a_daemon_is_known_by_the_sockets_it_holds_and_ours_by_exe_and_uid(case, f, expected):
-    d = classify(f, [BIN], self_pid=ME)
+    d = classify(f, [BIN], self_pid=ME, interpreter=PY)
     assert (None if d is None else "ours" if d.ours else "other") == expected, case
     if d is not None:
         assert (d.pid, d.name, d.start_time, d.ike_ports) == (f.pid, f.name, 4242, f.ike_ports)
@@ -317,7 +327,7 @@ def test_a_foreign_ike_daemon_is_found_by_its_sockets_and_we_are_not(netns, fore
 
 
 @needs_root
-def test_flush_keeps_a_marker_only_band_policy_while_a_foreign_ike_daemon_runs(netns, foreign_daemon):
+def test_flush_keeps_a_marker_only_band_policy_while_a_foreign_ike_daemon_runs(netns, foreign_daemon, tmp_path):
     from test_flush import SETUP, kernel_text
     netns.sh(SETUP + BAND_POLICY + "ip rule add priority 220 table 220\n")
     pid = foreign_daemon(netns)
@@ -330,6 +340,12 @@ def test_flush_keeps_a_marker_only_band_policy_while_a_foreign_ike_daemon_runs(n
     assert "kept         keep SPD entry src=10.1.0.0/16 dst=10.2.0.0/16 dir=out priority=383615" in r.stdout
     assert f": marker-only: charon-nm pid {pid} holds an XFRM netlink socket and UDP port 4500 here" in r.stdout
     assert kernel_text(netns) == before                 # no block either
+    cfg = tmp_path / "flush.yaml"
+    cfg.write_text(f"paths: {{run_dir: {tmp_path / 'run'}, state_dir: {tmp_path}}}\nrecovery: {{mode: flush}}\n")
+    r = run_cli("reconcile", "--dry-run", "--config", str(cfg), "--netns", netns.name)
+    assert r.returncode == 0, r.stderr
+    assert "keep SPD entry src=10.1.0.0/16" in r.stdout and f"[marker:priority-band: marker-only: charon-nm pid " \
+        f"{pid} holds" in r.stdout and "install block" not in r.stdout
     stop_foreign(pid)
     r = run_cli("flush", "--netns", netns.name, "--no-ledger")
     assert r.returncode == 0 and "summary: 2 done" in r.stdout      # now they go
