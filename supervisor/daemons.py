@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .errors import SupervisorError
+from .errors import SupervisorError, printable
 from .ledger import NETLINK_XFRM, LedgerError, parse_proc_netlink, socket_inodes
 
 IKE_PORTS = (500, 4500)
@@ -248,7 +248,7 @@ def _facts(pid: int, proc: str, xfrm: set[int], udp: dict[int, int], user_ns: in
     exe: str | None = None
     exe_id: tuple[int, int] | None = None
     try:
-        exe = os.readlink(os.path.join(d, "exe"))
+        exe = printable(os.readlink(os.path.join(d, "exe")))
         st = os.stat(os.path.join(d, "exe"))
         exe_id = (st.st_dev, st.st_ino)
     except OSError:
@@ -261,7 +261,7 @@ def _facts(pid: int, proc: str, xfrm: set[int], udp: dict[int, int], user_ns: in
         inodes = socket_inodes(pid, proc)
     except LedgerError:
         inodes = frozenset()        # gone meanwhile
-    name = (_read(os.path.join(d, "comm")) or "?").strip()
+    name = printable((_read(os.path.join(d, "comm")) or "?").strip())     # any user names its processes
     argv = tuple((_read(os.path.join(d, "cmdline")) or "").split("\0")[:4])
     return ProcessFacts(pid=pid, ppid=ppid, name=name, exe=exe, exe_id=exe_id, uid=uid, argv=argv,
                         net_admin=same_user_ns and bool(cap_eff >> CAP_NET_ADMIN & 1),
