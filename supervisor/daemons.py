@@ -232,7 +232,16 @@ def _sockets_of_namespace(pid: int, proc: str) -> tuple[set[int], dict[int, int]
 
 
 def _facts(pid: int, proc: str, xfrm: set[int], udp: dict[int, int], user_ns: int | None) -> ProcessFacts | None:
+    """What /proc says about PID; None when it holds no IKE socket (the rest is not read) or is gone."""
     d = os.path.join(proc, str(pid))
+    try:
+        inodes = socket_inodes(pid, proc)
+    except LedgerError:
+        return None         # gone meanwhile
+    xfrm_sockets = len(inodes & xfrm)
+    ike_ports = tuple(sorted({udp[i] for i in inodes if i in udp}))
+    if not xfrm_sockets and not ike_ports:
+        return None
     stat = _read(os.path.join(d, "stat"))
     status = _read(os.path.join(d, "status"))
     if stat is None or status is None:
@@ -257,16 +266,11 @@ def _facts(pid: int, proc: str, xfrm: set[int], udp: dict[int, int], user_ns: in
         same_user_ns = user_ns is not None and os.stat(os.path.join(d, "ns", "user")).st_ino == user_ns
     except OSError:
         same_user_ns = False
-    try:
-        inodes = socket_inodes(pid, proc)
-    except LedgerError:
-        inodes = frozenset()        # gone meanwhile
     name = printable((_read(os.path.join(d, "comm")) or "?").strip())     # any user names its processes
     argv = tuple((_read(os.path.join(d, "cmdline")) or "").split("\0")[:4])
     return ProcessFacts(pid=pid, ppid=ppid, name=name, exe=exe, exe_id=exe_id, uid=uid, argv=argv,
                         net_admin=same_user_ns and bool(cap_eff >> CAP_NET_ADMIN & 1),
-                        start_time=start_time, xfrm_sockets=len(inodes & xfrm),
-                        ike_ports=tuple(sorted({udp[i] for i in inodes if i in udp})))
+                        start_time=start_time, xfrm_sockets=xfrm_sockets, ike_ports=ike_ports)
 
 
 def detect(netns_inode: int, binaries: Iterable[str] = DEFAULT_DAEMON_BINARIES, *, proc: str = "/proc",
