@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from vici.protocol import Message, Packet
 
-from . import adopt
+from . import adopt, daemons
 from .config import Config, format_duration
 from .errors import KernelError, SupervisorError
 from .kernel.common import Action as KAction
@@ -60,7 +60,6 @@ SAVE_DELAY = 1.0            # ledger writes are debounced: at most one per secon
 ADOPT_POLL = 0.5            # list-sas polling while adopting (kernel events make it sooner)
 DRAIN_WAIT = 2.0            # how long on_daemon_exit waits for the loop to read pending events
 VICI_TIMEOUT = 5.0
-DAEMON_NAMES = ("charon", "charon-systemd")
 
 # What recovery does with the leftovers of one daemon run (choose_recovery).
 FLUSH, ADOPT, KEEP, NONE = "flush", "adopt", "keep", "none"
@@ -134,10 +133,11 @@ def tally(results: Iterable[ActionResult]) -> dict[str, int]:
     return out
 
 
-def recovery_plan(choice: RecoveryChoice, state: Any, ownership: Any) -> Plan:
-    """The plan for CHOICE over STATE (KernelState or Snapshot) as judged by OWNERSHIP."""
+def recovery_plan(choice: RecoveryChoice, state: Any, ownership: Any, others: Iterable[Any] = ()) -> Plan:
+    """The plan for CHOICE over STATE (KernelState or Snapshot) as judged by OWNERSHIP;
+    OTHERS are the other IKE daemons in the namespace (``ownership.deletion_hold``)."""
     if choice.action == FLUSH:
-        return plan_flush(state, ownership, fail_closed=choice.fail_closed)
+        return plan_flush(state, ownership, fail_closed=choice.fail_closed, others=tuple(others))
     if choice.action == ADOPT:
         return adopt.plan_wait(ownership.owned(), "adopt: left in place while charon restarts; charon "
                                                   "claims it once ready, the rest goes after "
@@ -737,11 +737,20 @@ class KernelRecovery:
         with self._lock:
             self._daemon_pid = None         # its sockets are gone; nothing more is attributed to it
             self._ports = None
+        why = f"{self._daemon_name} pid {info.pid} {info.describe()}"
+        running = [d for d in self._ike_daemons(self._netns_inode(), exclude=(info.pid,)) if d.ours]
+        if running:
+            # e.g. a start that failed because it runs already (charon exits 66): not a dead charon's leftovers
+            reason = (f"{daemons.describe_all(running)} runs in this network namespace, not started by this "
+                      "supervisor: the state is its own, no recovery")
+            log.warning("after %s: %s", why, reason)
+            self._carry, self._carry_choice = [], None
+            return {"mode": rc.mode, "action": NONE, "fail_closed": False, "reason": reason,
+                    "other_daemons": [d.to_json() for d in running]}
         can_adopt = self._capability.can_adopt if self._capability is not None else True
         choice = choose_recovery(rc.mode, fail_closed=rc.fail_closed, on_stop=rc.on_stop,
                                  exit_class=info.classification, decision=decision.action,
                                  can_adopt=can_adopt)
-        why = f"{self._daemon_name} pid {info.pid} {info.describe()}"
         return self._recover(choice, why, info.pid, info.classification.abnormal, "exit",
                              {"pid": info.pid, "exit": {"code": info.exit_code, "signal": signal_name(info.signal),
                                                         "classification": info.classification.value,
@@ -749,7 +758,7 @@ class KernelRecovery:
 
     # -- the recovery itself (jobs thread) -----------------------------------------------------
     def _recover(self, choice: RecoveryChoice, why: str, pid: int | None, abnormal: bool, reason: str,
-                 daemon: dict | None, prior: Ledger | None = None) -> dict:
+                 daemon: dict | None, prior: Ledger | None = None, others: tuple | None = None) -> dict:
         section: dict[str, Any] = {"mode": self.config.recovery.mode, **choice.to_json()}
         if choice.action == NONE:
             return section
@@ -781,7 +790,16 @@ class KernelRecovery:
         if total:
             log.warning("%s left %d owned object(s): %s; %s", why, total,
                         ", ".join(f"{n} {f}" for f, n in counts.items() if n), choice.reason)
-        plan = recovery_plan(choice, state, ownership)
+        if others is None:
+            others = self._ike_daemons(state.netns.inode, exclude=(pid,))
+        if others:
+            section["other_daemons"] = [d.to_json() for d in others]
+            log.warning("other IKE daemon(s) in this network namespace: %s; what only charon's markers "
+                        "claim is left to them", daemons.describe_all(others))
+        plan = recovery_plan(choice, state, ownership, others)
+        held = [a for a in plan.actions if isinstance(a, Keep) and choice.action == FLUSH]
+        for a in held:
+            log.info("keeping %s: %s", a.record.describe(), a.reason)
         carry: list[tuple[Any, Verdict]] = []
         if choice.action == FLUSH and len(plan):
             results = execute(plan)
@@ -854,13 +872,11 @@ class KernelRecovery:
                 log.warning("ledger %s belongs to another network namespace (inode %d, this one %d); "
                             "judging by charon's markers", path, prior.netns_inode, inode)
                 prior = None
-        from .commands.recovery import running_daemons
-        names = tuple(dict.fromkeys((self._daemon_name,) + DAEMON_NAMES))
-        daemons = [(p, n) for p, n in running_daemons(inode, names) if p != os.getpid()]
-        if daemons:
-            pids = ", ".join(f"{n} pid {p}" for p, n in daemons)
+        found = self._ike_daemons(inode)
+        ours = [d for d in found if d.ours]
+        if ours:
             log.warning("%s already runs in this network namespace (not started by this supervisor); its "
-                        "kernel state is left alone", pids)
+                        "kernel state is left alone", daemons.describe_all(ours))
             if prior is not None:
                 # still the running daemon's: carried so a later recovery knows it as charon's
                 self._carry = [(e.record, e.verdict()) for e in prior.owned()]
@@ -875,9 +891,23 @@ class KernelRecovery:
                if prior is not None and prior.daemon_pid else f"an earlier {self._daemon_name}")
         section = self._recover(choice, f"{who} (found at supervisor start)", prior.daemon_pid if prior else None,
                                 False, "startup", {"pid": prior.daemon_pid if prior else None, "exit": None},
-                                prior=prior)
+                                prior=prior, others=found)
         if prior is None and section.get("leftover_total"):
             log.info("no ledger at %s: leftovers judged by charon's markers", path)
+
+    @staticmethod
+    def _netns_inode() -> int:
+        return os.stat("/proc/thread-self/ns/net").st_ino
+
+    def _ike_daemons(self, inode: int, exclude: Iterable[int | None] = ()) -> tuple:
+        """The IKE daemons in the namespace besides our own process and the pids in EXCLUDE (ours
+        first); when that cannot be told, one stand-in, so that nothing marker-only goes."""
+        try:
+            found = daemons.detect(inode, (self.config.daemon.command[0],))
+        except (daemons.DetectionError, OSError) as exc:
+            log.warning("%s; leaving what only charon's markers claim in place", exc)
+            return (daemons.Undetected(str(exc)),)
+        return daemons.others(found, exclude=exclude)
 
     def _note_capability(self, capability: AdoptCapability) -> None:
         self._capability = capability
@@ -1041,12 +1071,13 @@ class KernelRecovery:
             self._queue_adopt_step(min(ADOPT_POLL, max(0.0, a.deadline - now) + 0.01))
             return
         a.last_ledger, a.last_active = ledger, active
+        others = self._ike_daemons(self._netns_inode(), exclude=(self._daemon_pid,))
         todo = adopt.plan_adopt(a.leftovers, ledger=ledger, configured=a.configured, active=active, now=now,
                                 deadline=a.deadline, resolved=frozenset(a.resolved), initiated=dict(a.initiated),
                                 connecting_since=dict(a.connecting_since), parallel=rc.adopt_initiate_parallel,
                                 local_addresses=self._local_addresses,
                                 markers=self._markers, fail_closed=rc.fail_closed, initiate=rc.adopt_initiate,
-                                explain=False)
+                                explain=False, others=others)
         a.steps += 1
         if todo.actions:
             results = execute(todo, handlers={adopt.InitiateChild: self._initiate})

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 from . import __version__
-from . import crashreport
+from . import crashreport, daemons
 from .config import Config, Hook, changed_keys, format_duration, load_config
 from .control import ControlServer, Deferred, lock_run_dir
 from .errors import ConfigError, ExitCode, SupervisorError, printable
@@ -312,6 +312,11 @@ class Supervisor:
     def run(self) -> int:
         """Start the daemon and supervise it until stopped or given up; returns the exit code."""
         self._check_daemon_binary()
+        running = self._daemon_already_running()
+        if running:
+            raise SupervisorError(f"not starting {self._daemon_name}: {running}; a second one would take over "
+                                  "the running one's control sockets and then fail. Nothing was changed; stop "
+                                  "it first, then start the supervisor", ExitCode.FAILED)
         run_dir = self.config.paths.run_dir
         try:
             lock_fd = lock_run_dir(run_dir)
@@ -403,6 +408,24 @@ class Supervisor:
                                   f"{self.config.source}); install strongSwan or fix the path",
                                   ExitCode.NO_DAEMON)
 
+    def _daemon_already_running(self) -> str | None:
+        """Which daemon of ours (the configured binary, as root) runs in our network namespace without
+        being our child, in words; None when there is none (or it cannot be told: the daemon refuses
+        to run twice itself)."""
+        argv0 = self.config.daemon.command[0]
+        binary = argv0 if "/" in argv0 else shutil.which(argv0, path=self._environ.get("PATH")) or argv0
+        try:
+            found = daemons.detect(os.stat("/proc/self/ns/net").st_ino, (binary,))
+        except (daemons.DetectionError, OSError) as exc:
+            log.warning("cannot tell whether %s already runs here: %s", self._daemon_name, exc)
+            return None
+        mine = self._run.child.pid if self._run is not None else None
+        running = [d for d in found if d.ours and d.pid != mine]
+        if not running:
+            return None
+        return (f"{daemons.describe_all(running)} already runs in this network namespace, not started by this "
+                "supervisor")
+
     @property
     def _daemon_name(self) -> str:
         return os.path.basename(self.config.daemon.command[0])
@@ -470,9 +493,17 @@ class Supervisor:
         if self.state is not State.PREPARING:
             return
         cfg = self.config.daemon
+        now = self._now()
+        running = self._daemon_already_running()
+        if running:
+            # Never a second one: it would replace the running one's charon.vici before it exits.
+            reason = f"{running}; not started a second time"
+            log.error("cannot start %s: %s", self._daemon_name, reason)
+            self._record_death(exit_info(self.config.restart, pid=0, wait_status=None, cause=Cause.NONE,
+                                         started_at=now, died_at=now, spawn_error=reason))
+            return
         self._clear_stale_pid_file()
         self._ring = collections.deque(maxlen=cfg.log_lines)
-        now = self._now()
         try:
             argv = self.config.effective_daemon_command
         except SupervisorError as exc:   # ipsec.conf mode: charondebug unreadable

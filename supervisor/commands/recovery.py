@@ -8,9 +8,8 @@ import logging
 import os
 import sys
 
-import psutil
-
 from . import uint32
+from .. import daemons as ike_daemons
 from ..errors import ExitCode, NotRootError, SupervisorError
 from ..kernel import netns
 from ..kernel_state import DEFAULT_ROUTE_TABLE, DEFAULT_RULE_PRIORITY, FAMILIES, ReadOptions, read_state
@@ -21,7 +20,6 @@ from ..reconcile import Outcome, execute, plan_flush
 log = logging.getLogger(__name__)
 
 DEFAULT_RUN_DIR = "/run/ipsec-supervisor"
-DAEMON_NAMES = ("charon", "charon-systemd")
 
 
 def register(sub) -> None:
@@ -36,10 +34,13 @@ def register(sub) -> None:
 
     f = sub.add_parser("flush", parents=[common], help="remove the kernel state charon left behind",
                        description="Remove every object judged charon's (and nothing else). Refuses "
-                                   "while a charon process runs in the namespace, unless --force. "
-                                   "Exit status 1 when any action failed.")
+                                   "while charon (/usr/lib/ipsec/charon or charon-systemd, run as root) "
+                                   "runs in the namespace, unless --force; while another IKE daemon "
+                                   "(charon-nm, pluto, ...) holds IKE sockets there, keeps what only "
+                                   "charon's markers claim. Exit status 1 when any action failed.")
     f.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
-    f.add_argument("--force", action="store_true", help="flush even while charon runs there")
+    f.add_argument("--force", action="store_true",
+                   help="flush even while charon runs there (other IKE daemons are still respected)")
     f.add_argument("--fail-closed", action="store_true",
                    help="first install block policies for charon's out/fwd policies; they stay "
                         "until a later flush without this option (or the supervisor) removes them")
@@ -144,40 +145,32 @@ def cmd_leftovers(args) -> int:
     return ExitCode.OK
 
 
-def running_daemons(inode: int, names: tuple[str, ...] = DAEMON_NAMES) -> list[tuple[int, str]]:
-    """(pid, name) of the IKE daemons running in the network namespace with INODE."""
-    found = []
-    for proc in psutil.process_iter(["pid", "name"]):
-        if proc.info["name"] not in names:
-            continue
-        try:
-            if os.stat(f"/proc/{proc.info['pid']}/ns/net").st_ino == inode:
-                found.append((proc.info["pid"], proc.info["name"]))
-        except OSError:
-            continue        # gone meanwhile
-    return found
-
-
 def cmd_flush(args) -> int:
     _require_root()
     state, ownership, path, where = _judge(args)
-    daemons = running_daemons(state.netns.inode)
-    if daemons and not args.force and not args.dry_run:
-        pids = ", ".join(f"{name} pid {pid}" for pid, name in daemons)
-        raise SupervisorError(f"not flushing network namespace {where}: {pids} is running there and "
-                              "owns this state; stop it first, or pass --force to pull the state "
-                              "from under it", ExitCode.FAILED)
-    plan = plan_flush(state, ownership, fail_closed=args.fail_closed)
+    found = ike_daemons.detect(state.netns.inode, ike_daemons.DEFAULT_DAEMON_BINARIES)
+    ours = [d for d in found if d.ours]
+    if ours and not args.force and not args.dry_run:
+        raise SupervisorError(f"not flushing network namespace {where}: {ike_daemons.describe_all(ours)} is "
+                              "running there and owns this state; stop it first, or pass --force to pull "
+                              "the state from under it", ExitCode.FAILED)
+    # --force overrides our daemon only: what other IKE daemons may own stays theirs
+    others = tuple(d for d in found if not d.ours)
+    plan = plan_flush(state, ownership, fail_closed=args.fail_closed, others=others)
     head = (f"flush of network namespace {where}: {len(plan)} action(s), {plan.foreign} foreign "
             f"object(s) left alone" + (", fail-closed" if plan.fail_closed else ""))
     if args.dry_run:
         if args.json:
-            json.dump({"plan": plan.to_json(), "ledger": path}, sys.stdout, indent=1)
+            json.dump({"plan": plan.to_json(), "ledger": path, "ike_daemons": [d.to_json() for d in found]},
+                      sys.stdout, indent=1)
             print()
         else:
             print(head + " (dry run: nothing changed)")
-            for pid, name in daemons:
-                print(f"note: {name} pid {pid} is running there: a real flush refuses without --force")
+            for d in ours:
+                print(f"note: {d.describe()} ({d.exe}) is running there: a real flush refuses without --force")
+            for d in others:
+                print(f"note: {d.describe()} ({d.exe or 'exe unknown'}) holds {d.holds()} there: what only "
+                      "charon's markers claim is kept")
             for line in plan.lines():
                 print(line)
         return ExitCode.OK
@@ -185,19 +178,27 @@ def cmd_flush(args) -> int:
         results = execute(plan)
     bad = [r for r in results if not r.ok]
     if args.json:
-        json.dump({"plan": plan.to_json(), "ledger": path,
+        json.dump({"plan": plan.to_json(), "ledger": path, "ike_daemons": [d.to_json() for d in found],
                    "results": [{"outcome": r.outcome.value, "message": r.message,
                                 "action": r.action.describe()} for r in results]},
                   sys.stdout, indent=1)
         print()
     else:
         print(head)
+        for d in others:
+            print(f"note: {d.describe()} ({d.exe or 'exe unknown'}) holds {d.holds()} here: what only "
+                  "charon's markers claim is kept")
+        labels = []
         for i, r in enumerate(results, 1):
-            label = r.outcome.value.upper() if not r.ok else r.outcome.value
-            tail = f": {r.message}" if r.message and r.outcome is not Outcome.DONE else ""
+            kept = r.action.KIND == "keep"      # what no flush may delete (ownership.deletion_hold)
+            label = "kept" if kept else r.outcome.value.upper() if not r.ok else r.outcome.value
+            labels.append(label)
+            tail = (f": {r.action.reason}" if kept else
+                    f": {r.message}" if r.message and r.outcome is not Outcome.DONE else "")
             print(f"{i:>4}. {label:<12} {r.action.describe()}{tail}")
-        tally = {o: sum(1 for r in results if r.outcome is o) for o in Outcome}
-        print("summary: " + ", ".join(f"{n} {o.value}" for o, n in tally.items() if n) if results
+        order = [o.value for o in Outcome] + ["kept"]
+        tally = {name: labels.count(name) + labels.count(name.upper()) for name in order}
+        print("summary: " + ", ".join(f"{n} {name}" for name, n in tally.items() if n) if results
               else "summary: nothing to do")
         if plan.fail_closed and any(r.ok for r in results if r.action.KIND == "install-block"):
             print("fail-closed blocks stay until charon re-installs its policies and they are removed "
@@ -241,22 +242,23 @@ def cmd_reconcile(args) -> int:
         state = read_state(options)
     where = state.netns.name or f"inode {state.netns.inode}"
     ledger, path, why_not = _reconcile_ledger(args, cfg.paths.run_dir, state.netns.inode)
-    names = tuple(dict.fromkeys((os.path.basename(cfg.daemon.command[0]),) + DAEMON_NAMES))
-    daemons = running_daemons(state.netns.inode, names)
+    found = ike_daemons.detect(state.netns.inode, (cfg.daemon.command[0],))
+    running = [d for d in found if d.ours]
     doc: dict = {"netns": state.netns.to_json(), "mode": rc.mode, "ledger": path, "ledger_note": why_not,
-                 "daemon": None, "plan": None, "at_grace": None, "notes": []}
+                 "daemon": None, "ike_daemons": [d.to_json() for d in found], "plan": None, "at_grace": None,
+                 "notes": []}
     notes: list[str] = doc["notes"]
     ownership = decide_ownership(state.objects, markers, ledger, args.virtual_ip)
     plan = grace_plan = None
     if rc.mode == NONE:
         notes.append("recovery.mode is none: the supervisor leaves all kernel state alone")
-    elif not daemons:
+    elif not running:
         choice = choose_recovery(rc.mode, fail_closed=rc.fail_closed, on_stop=rc.on_stop, exit_class=None,
                                  decision=Action.RESTART)
-        plan = recovery_plan(choice, state, ownership)
+        plan = recovery_plan(choice, state, ownership, found)
         notes.append(f"no charon runs here: before charon starts, {choice.reason}")
     else:
-        pid, name = daemons[0]
+        pid, name = running[0].pid, running[0].name
         doc["daemon"] = {"pid": pid, "name": name}
         if ledger is None:
             notes.append(f"{name} pid {pid} runs; without a ledger every object the markers claim is the "
@@ -283,7 +285,7 @@ def cmd_reconcile(args) -> int:
                 common = dict(ledger=ledger, configured=configured, active=active,
                               local_addresses=frozenset(a.address for a in state.objects.get("address", ())),
                               markers=markers, fail_closed=rc.fail_closed, initiate=rc.adopt_initiate,
-                              parallel=rc.adopt_initiate_parallel)
+                              parallel=rc.adopt_initiate_parallel, others=ike_daemons.others(found, exclude=(pid,)))
                 now = _time.monotonic()
                 plan = adopt.plan_adopt(inherited, now=now, deadline=now + rc.adopt_grace, **common)
                 grace_plan = adopt.plan_adopt(inherited, now=now, deadline=now, **common)
