@@ -241,7 +241,8 @@ class ConfigLoads:
             log.warning("%s refused %d conn(s), the others are loaded: %s", name, len(outcome.refused),
                         "; ".join(outcome.refused))
         else:
-            log.info("%s's configuration loaded (%s)", name, running.plan.describe())
+            log.info("%s's configuration %s (%s)", name, "loaded" if running.plan.trigger == START else "reloaded",
+                     running.plan.describe())
         for w in running.waiters:
             _reply(w, load_answer(outcome, w.source))
         if running.on_done is not None:

@@ -459,3 +459,26 @@ def test_the_supervisor_refuses_to_start_next_to_a_running_charon_and_leaves_its
 
 from test_flush import fake_charon  # noqa: E402,F401 - fixture
 from test_recovery import sup  # noqa: E402,F401 - fixture
+
+
+@needs_root
+@pytest.mark.skipif(not shutil.which("setpriv"), reason="needs setpriv (util-linux)")
+def test_a_daemon_we_may_not_inspect_still_counts_as_another_ike_daemon(netns, foreign_daemon):
+    """The hardened unit keeps three capabilities: the /proc entries of a process with more (charon-nm,
+    pluto) cannot be read. Its sockets are in the namespace's tables all the same."""
+    pid = foreign_daemon(netns)
+    code = ("import sys; from supervisor import daemons; "
+            f"found = daemons.detect({inode_of(netns)}, ({CHARON!r},)); "
+            "print(repr([(type(d).__name__, d.ours, d.describe(), d.holds()) for d in found]))")
+    res = subprocess.run(["ip", "netns", "exec", netns.name, "setpriv",
+                          "--bounding-set=-all,+net_admin,+net_raw,+net_bind_service", "--inh-caps=-all",
+                          sys.executable, "-c", code],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    found = eval(res.stdout)
+    assert found == [("Undetected", False, "an unknown process",
+                      "IKE sockets for all we know (2 IKE socket(s) in this namespace held by a process whose "
+                      "/proc entries cannot be read)")], (pid, found)
+    # With every capability the same process is named.
+    [d] = daemons.detect(inode_of(netns), (CHARON,))
+    assert (d.pid, d.name) == (pid, "charon-nm")
