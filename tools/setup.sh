@@ -16,6 +16,8 @@ DEB_PACKAGES=(
   qemu-system-x86 busybox-static
   # the real-systemd tier
   systemd-container
+  # `make deb`'s checks (lintian) and what the .deb depends on, for dpkg -i in the container tier
+  lintian python3-psutil python3-systemd python3-yaml
 )
 
 missing=()
