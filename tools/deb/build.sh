@@ -125,6 +125,9 @@ printf '%s\n' /etc/ipsec-supervisor/supervisor.yaml /etc/strongswan.d/ipsec-supe
 DOC=$STAGE/usr/share/doc/ipsec-supervisor
 install -D -m 0644 "$SRC/README.md" "$DOC/README.md"
 install -m 0644 "$HERE/copyright" "$DOC/copyright"
+for dropin in "$SRC"/etc/ipsec-supervisor.service.d/*.conf; do   # optional drop-ins, to copy by hand
+  [ ! -e "$dropin" ] || install -m 0644 "$dropin" "$DOC/"
+done
 {
   echo "ipsec-supervisor ($DEB_VERSION) unstable; urgency=medium"
   echo
