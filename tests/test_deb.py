@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import tarfile
 import time
+import tomllib
 
 import pytest
 
@@ -29,6 +30,8 @@ UNIT = "ipsec-supervisor.service"
 STARTER = "strongswan-starter.service"
 SBIN_IPSEC = "/usr/sbin/ipsec"
 DIVERTED = "/usr/sbin/ipsec.strongswan"
+with open(os.path.join(ROOT, "pyproject.toml"), "rb") as _fh:
+    VERSION = tomllib.load(_fh)["project"]["version"]
 
 needs_dpkg = pytest.mark.skipif(shutil.which("dpkg-deb") is None or not os.path.exists("/usr/bin/python3"),
                                 reason="needs Debian's dpkg-deb and /usr/bin/python3")
@@ -194,7 +197,7 @@ def test_dpkg_install_diverts_ipsec_and_remove_gives_it_back(box, deb):
     # /usr/sbin/ipsec is ours, on Debian's python3 and its python3-psutil/-systemd/-yaml.
     r = box.run([SBIN_IPSEC, "--help"], check=False)
     assert r.returncode == 0 and "exit codes:" in r.stdout
-    assert "ipsec-supervisor 0.1.0" in box.run([SBIN_IPSEC, "version"]).stdout
+    assert f"ipsec-supervisor {VERSION} " in box.run([SBIN_IPSEC, "version"]).stdout
     where = box.run([f"{PREFIX}/bin/python3", "-c", "import psutil, systemd.journal, yaml, pyroute2, supervisor; "
                      "print(psutil.__file__, systemd.journal.__file__, yaml.__file__, pyroute2.__file__, "
                      "supervisor.__file__)"]).stdout.split()
@@ -234,6 +237,19 @@ def test_first_install_without_strongswan_units_enables_and_starts_it(box, deb):
     assert box.systemctl("is-active", UNIT, check=False).stdout.strip() == "active"
     charon = _wait(lambda: _charon_pid(box), what="charon")
     assert "ipsvdeb" in _conns(box)
+
+    # Installing it again (an upgrade, for dpkg): the diversion stays, the running supervisor
+    # is restarted on the new files, the operator's enablement is kept.
+    main = box.show(UNIT, "MainPID")["MainPID"]
+    _dpkg(box, "-i", deb)
+    assert _diversion(box) == f"diversion of {SBIN_IPSEC} to {DIVERTED} by ipsec-supervisor"
+    p = box.show(UNIT, "ActiveState", "MainPID")
+    assert p["ActiveState"] == "active" and p["MainPID"] not in ("0", main), p
+    charon = _wait(lambda: _charon_pid(box), what="charon after the upgrade")
+    box.systemctl("disable", UNIT)
+    _dpkg(box, "-i", deb)
+    assert box.systemctl("is-enabled", UNIT, check=False).stdout.strip() == "disabled"
+
     _dpkg(box, "--purge", "ipsec-supervisor")
     assert box.run(["kill", "-0", str(charon)], check=False).returncode != 0
     assert box.systemctl("is-enabled", UNIT, check=False).stdout.strip() in ("", "not-found")
@@ -305,6 +321,16 @@ def test_debians_strongswan_starter_unit_runs_our_ipsec(box, deb):
 
 
 @container_tier
+def test_removal_stops_a_supervisor_that_debians_strongswan_starter_runs(box, deb):
+    _main, charon = _start_debians_unit(box, deb)
+    r = _dpkg(box, "-r", "ipsec-supervisor")
+    assert "/usr/sbin/ipsec is strongSwan's again" in r.stdout
+    assert box.run(["kill", "-0", str(charon)], check=False).returncode != 0
+    assert box.systemctl("is-active", STARTER, check=False).stdout.strip() == "inactive"
+    assert _sha(box, SBIN_IPSEC) == box.original_ipsec
+
+
+@container_tier
 @pytest.mark.xfail(strict=False, reason="issue 10 point 5 (/run left clean after a stop) is built on another "
                                         "branch (cooldown); passes once merged")
 def test_debians_strongswan_starter_stop_leaves_nothing_of_ours_in_run(box, deb):
@@ -340,6 +366,23 @@ def test_make_install_ipsec_divert_replaces_usr_sbin_ipsec_and_uninstall_restore
     assert not os.path.exists(box.path("/opt/ipsec-supervisor"))
     assert not os.path.lexists(box.path("/usr/local/sbin/ipsec-supervisor"))
     assert os.path.exists(box.path("/etc/ipsec-supervisor/supervisor.yaml"))      # configuration kept
+
+
+@container_tier
+def test_make_install_ipsec_divert_without_dpkg_renames_and_uninstall_renames_back(box, tmp_path):
+    wheel = build_wheel(tmp_path / "wheels")
+    inside = f"/var/tmp/{os.path.basename(wheel)}"
+    shutil.copy(wheel, box.path(inside))
+    box.run(["mv", "/usr/bin/dpkg-divert", "/usr/bin/dpkg-divert.hidden"])     # a system without dpkg
+    make = ["make", "--no-print-directory", "-C", ROOT, "-f", "tools/install.mk"]
+    r = box.run([*make, "install", "IPSEC_DIVERT=yes", f"INSTALL_FROM={inside}", "PIP_ARGS=--no-deps --no-index"],
+                check=False, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert os.readlink(box.path(SBIN_IPSEC)) == "/opt/ipsec-supervisor/bin/ipsec"
+    assert _sha(box, DIVERTED) == box.original_ipsec
+    r = box.run([*make, "uninstall"], check=False, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _sha(box, SBIN_IPSEC) == box.original_ipsec and not os.path.lexists(box.path(DIVERTED))
 
 
 @container_tier
