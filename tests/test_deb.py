@@ -170,11 +170,25 @@ def box(tmp_path):
         c.run(["rm", "-rf", "/etc/ipsec-supervisor", "/var/lib/ipsec-supervisor", "/run/ipsec-supervisor",
                "/usr/sbin/policy-rc.d"])
         c.write("/etc/swanctl/conf.d/ipsvdeb.conf", psk_swanctl_conf("ipsvdeb"), 0o600)
+        c.write("/etc/ipsec.conf", "config setup\n")          # no conn: daemon.config auto loads swanctl
         c.original_ipsec = _sha(c, SBIN_IPSEC)                   # type: ignore[attr-defined]
         assert c.original_ipsec and _diversion(c) == ""
         yield c
     finally:
         c.poweroff()
+
+
+IPSEC_CONF = """\
+config setup
+
+conn ipsvdeb-legacy
+    right=192.0.2.4
+    leftid=moon
+    rightid=sun
+    authby=psk
+    keyexchange=ikev2
+    auto=add
+"""
 
 
 def _dpkg(c: nspawn.Container, *args: str) -> subprocess.CompletedProcess:
@@ -213,6 +227,12 @@ def test_dpkg_install_diverts_ipsec_and_remove_gives_it_back(box, deb):
     assert charon and "ipsvdeb" in _conns(box)
     r = box.run([SBIN_IPSEC, "status"], check=False)
     assert r.returncode == 0 and f"charon running (pid {charon})" in r.stdout and "ROUTED" in r.stdout
+    # ipsec.conf gets a conn (as ovs-monitor-ipsec writes it): the package's loader, a
+    # `python -m supervisor.cli` child of the sandboxed service, loads it.
+    box.write("/etc/ipsec.conf", IPSEC_CONF)
+    r = box.run([SBIN_IPSEC, "update"], check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ipsvdeb-legacy" in _conns(box)
 
     # Removal stops it and gives /usr/sbin/ipsec back to strongSwan.
     _dpkg(box, "-r", "ipsec-supervisor")
