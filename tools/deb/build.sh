@@ -32,7 +32,7 @@ die() { echo "deb: $*" >&2; exit 1; }
 command -v dpkg-deb >/dev/null || die "no dpkg-deb: the .deb is built on Debian"
 
 # Project metadata: version, dependencies split into Debian's and bundled, console scripts.
-eval "$("$DEV_PYTHON" - "$SRC/pyproject.toml" <<'PY'
+meta=$("$DEV_PYTHON" - "$SRC/pyproject.toml" <<'PY'
 import re, shlex, sys, tomllib
 from importlib.metadata import version
 project = tomllib.load(open(sys.argv[1], "rb"))["project"]
@@ -53,7 +53,8 @@ print(f"PY_DEPENDS={shlex.quote(', '.join(depends))}")
 print(f"BUNDLED=({' '.join(shlex.quote(b) for b in bundled)})")
 print(f"SCRIPTS=({' '.join(shlex.quote(f'{k}={v}') for k, v in project['scripts'].items())})")
 PY
-)"
+) || die "cannot read pyproject.toml's metadata (above)"
+eval "$meta"
 DEB_VERSION=${DEB_VERSION:-$VERSION}
 PYVER=$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 PYNEXT=$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1] + 1}")')
