@@ -811,15 +811,12 @@ class KernelRecovery:
             return
         inode = state.netns.inode
         prior = None
-        if os.path.exists(path):
+        if os.path.lexists(path):
             try:
-                prior = load_ledger(path)
+                # Trusted only if root's, not writable by others, and naming this namespace.
+                prior = load_ledger(path, netns_inode=inode)
             except LedgerError as exc:
-                log.warning("%s", exc)
-            if prior is not None and prior.netns_inode is not None and prior.netns_inode != inode:
-                log.warning("ledger %s belongs to another network namespace (inode %d, this one %d); "
-                            "judging by charon's markers", path, prior.netns_inode, inode)
-                prior = None
+                log.warning("%s; judging by charon's markers", exc)
         from .commands.recovery import running_daemons
         names = tuple(dict.fromkeys((self._daemon_name,) + DAEMON_NAMES))
         daemons = [(p, n) for p, n in running_daemons(inode, names) if p != os.getpid()]

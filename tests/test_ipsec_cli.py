@@ -53,22 +53,26 @@ def test_supervisor_command_lines_are_recognised(argv, ours):
     assert is_supervisor_cmdline(argv) is ours
 
 
-@pytest.mark.parametrize("text, cmdline, state, pid", [
-    (None, None, PidState.ABSENT, None),
-    ("", None, PidState.GARBAGE, None),
-    ("abc\n", None, PidState.GARBAGE, None),
-    ("-5\n", None, PidState.GARBAGE, None),
-    ("4242\n", None, PidState.GONE, 4242),                       # no such process
-    ("4242\n", [], PidState.GONE, 4242),                         # a zombie
-    ("4242\n", ["sleep", "100"], PidState.REUSED, 4242),         # pid reused by another program
-    ("4242\n", ["python3", "-m", "supervisor.cli", "run"], PidState.RUNNING, 4242),
-])
-def test_pid_file_verdicts(text, cmdline, state, pid):
-    judged = judge_pid("/run/x/supervisor.pid", text, cmdline)
+@pytest.mark.parametrize("text, cmdline, locked, state, pid", [
+    (None, None, False, PidState.ABSENT, None),
+    ("", None, False, PidState.GARBAGE, None),
+    ("abc\n", None, False, PidState.GARBAGE, None),
+    ("-5\n", None, False, PidState.GARBAGE, None),
+    ("4242\n", None, False, PidState.GONE, 4242),                       # no such process
+    ("4242\n", [], False, PidState.GONE, 4242),                         # a zombie
+    ("4242\n", ["sleep", "100"], False, PidState.REUSED, 4242),         # pid reused by another program
+    # argv says supervisor, but no lock is held: not a running supervisor (issue 11 point 6)
+    ("4242\n", ["python3", "-m", "supervisor.cli", "run"], False, PidState.REUSED, 4242),
+    ("4242\n", None, True, PidState.RUNNING, 4242),                     # the lock decides, not argv
+    ("abc\n", None, True, PidState.RUNNING, None),
+], ids=["absent", "empty", "text", "negative", "gone", "zombie", "reused", "lookalike-without-lock",
+        "locked", "locked-garbage"])
+def test_pid_file_verdicts_follow_the_supervisor_lock(text, cmdline, locked, state, pid):
+    judged = judge_pid("/run/x/supervisor.pid", text, cmdline, locked)
     assert (judged.state, judged.pid) == (state, pid)
     assert judged.state.stale is (state in (PidState.GONE, PidState.REUSED, PidState.GARBAGE))
     if state is PidState.REUSED:
-        assert "sleep 100" in judged.describe()
+        assert " ".join(cmdline) in judged.describe() and "holds no supervisor lock" in judged.describe()
 
 
 def _status(state="running", ready=True, load_ok=True, last_exit=None):
