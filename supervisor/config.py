@@ -148,6 +148,22 @@ def number(minimum: float | None = None, maximum: float | None = None, *, intege
     return Rule(parse)
 
 
+_SIZE = re.compile(r"(\d+)\s*([kKMGT]?)i?B?")
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def size() -> Rule:
+    """Bytes: an integer, or a number with k, M, G or T (powers of 1024)."""
+    def parse(value):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        m = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
+        if m is None:
+            raise _Invalid("must be a size in bytes (an integer, or a number with k, M, G or T)")
+        return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    return Rule(parse)
+
+
 def boolean() -> Rule:
     def parse(value):
         if not isinstance(value, bool):
@@ -391,6 +407,8 @@ class SnapshotsConfig:
     enabled: bool = _key(boolean(), True, "snapshot the kernel state a dead daemon left, before recovery acts")
     keep: int = _key(number(1, 100000, integer=True), 50, "newest snapshots kept; older ones are removed")
     max_age: float = _key(duration(), 30 * 86400.0, "snapshots older than this are removed; 0: no age limit")
+    max_bytes: int = _key(size(), 1 << 30, "total size of the snapshots, and of the crash reports, each kept "
+                                           "below this (oldest removed first, the newest always kept); 0: no limit")
 
 
 @dataclass(frozen=True, slots=True)

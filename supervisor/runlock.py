@@ -50,8 +50,8 @@ def acquire_lock(run: TrustedDir) -> int:
     except BlockingIOError:
         os.close(fd)
         holder = find_lock_holder(run.path)
-        who = f" (pid {holder.pid})" if holder.pid else ""
-        raise SupervisorError(f"another ipsec-supervisor{who} is running (it holds {run.join(LOCK_NAME)}); "
+        who = f"pid {holder.pid}, " if holder.pid else ""
+        raise SupervisorError(f"another ipsec-supervisor is running ({who}it holds {run.join(LOCK_NAME)}); "
                               f"use 'ipsec-supervisor status' to see it") from None
     except BaseException:
         os.close(fd)

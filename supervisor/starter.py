@@ -955,6 +955,7 @@ class Supervisor:
                 info, decision, list(self._ring), daemon_command=self.config.daemon.command,
                 restarts=self._restarts, mono_now=now, wall_now=self._wall(), health_failures=self._health_failures)
             directory, wall, keep = self.config.crash_dir, self._wall(), self.config.crash_reports.keep
+            max_bytes = self.config.snapshots.max_bytes
             section = getattr(self.recovery, "crash_report_section", None)
 
             def work() -> None:
@@ -965,7 +966,8 @@ class Supervisor:
                         extra = {"error": f"{type(exc).__name__}: {exc}"}
                     if extra is not None:
                         report["recovery"] = extra
-                written.append(crashreport.write_crash_report(directory, report, wall, keep=keep))
+                written.append(crashreport.write_crash_report(directory, report, wall, keep=keep,
+                                                                   max_bytes=max_bytes))
         else:
             work = lambda: None
 
@@ -1261,6 +1263,8 @@ class Supervisor:
                        .isoformat(timespec="seconds"),
                        "last_reload_error": self._reload_error},
             "last_crash_report": self._last_report,
+            # Exceptions in event-loop callbacks, logged with their tracebacks; the loop went on.
+            "callback_errors": self._loop.callback_errors if self._loop is not None else 0,
             "recovery": self._recovery_status(),
             "summary": self._status_line(),
         }

@@ -20,7 +20,7 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from .atomicfile import write_atomic_at
 from .errors import UnsafePathError
@@ -134,8 +134,8 @@ class TrustedDir:
 
     def subdir(self, name: str, *, create: bool = True) -> "TrustedDir":
         """NAME in this directory, checked like its parent (created 0700 when missing)."""
-        fd = _open_child_dir(self.fd, name, self.join(name), create=create, what=self.what)
-        return TrustedDir(self.join(name), fd, self.what)
+        fd = _open_child_dir(self.fd, name, self.join(name), create=create, what="")
+        return TrustedDir(self.join(name), fd)
 
     def open(self, name: str, flags: int, mode: int = 0o600, *, check: bool = True) -> int:
         """os.open of NAME relative to this directory, never through a symlink; CHECK: ours, regular."""
@@ -207,6 +207,37 @@ class TrustedDir:
         return sorted(out, key=lambda e: e.name)
 
 
+def files_to_prune(files: Sequence[DirEntry], *, keep: int | None, max_age: float = 0.0,
+                   max_bytes: int = 0, now: float = 0.0) -> list[str]:
+    """Pure: the names to remove, oldest first (names sort by age): beyond the newest KEEP, older
+    than MAX_AGE seconds (0: no limit), then the oldest until the rest total at most MAX_BYTES
+    (0: no limit); the newest file is never removed for its size."""
+    ordered = sorted(files, key=lambda f: f.name)
+    doomed = {f.name for f in ordered[:max(0, len(ordered) - keep)]} if keep is not None else set()
+    if max_age > 0:
+        doomed |= {f.name for f in ordered if now - f.mtime > max_age}
+    if max_bytes > 0:
+        left = [f for f in ordered if f.name not in doomed]
+        total = sum(f.size for f in left)
+        for f in left[:-1]:
+            if total <= max_bytes:
+                break
+            doomed.add(f.name)
+            total -= f.size
+    return [f.name for f in ordered if f.name in doomed]
+
+
+def prune_files(d: TrustedDir, suffix: str, *, keep: int | None, max_age: float = 0.0, max_bytes: int = 0,
+                now: float = 0.0) -> list[str]:
+    """Remove what ``files_to_prune`` picks among D's regular SUFFIX files (by name in D's fd,
+    never through a link); returns the removed paths, oldest first."""
+    removed = []
+    for name in files_to_prune(d.files(suffix), keep=keep, max_age=max_age, max_bytes=max_bytes, now=now):
+        if d.unlink(name):
+            removed.append(d.join(name))
+    return removed
+
+
 def _open_child_dir(parent_fd: int, name: str, path: str, *, create: bool, what: str) -> int:
     """Open (creating it 0700 if allowed) directory NAME in PARENT_FD, refusing what is not trustworthy."""
     for _ in range(3):      # mkdir/open races with another creator: try again
@@ -272,3 +303,11 @@ def open_trusted_dir(path: str, *, create: bool = True, what: str = "", tighten:
         os.close(fd)
         raise
     return TrustedDir(path, fd, what)
+
+
+def open_own_subdir(path: str, *, create: bool = True, what: str = "") -> TrustedDir:
+    """PATH, a directory of ours inside another of ours (STATE_DIR/crashes): both checked as ours."""
+    parent, name = os.path.split(os.path.abspath(path))
+    with open_trusted_dir(parent, create=create, what=what) as up:
+        d = up.subdir(name, create=create)
+    return d

@@ -52,7 +52,8 @@ def cmd_take(args) -> int:
     require_root()
     output = args.output
     if output is None:
-        os.makedirs(DEFAULT_SNAPSHOT_DIR, mode=0o700, exist_ok=True)
+        from ..trusted_paths import open_own_subdir
+        open_own_subdir(DEFAULT_SNAPSHOT_DIR, what="the state directory").close()   # checked, created 0700
         output = os.path.join(DEFAULT_SNAPSHOT_DIR,
                               time.strftime("manual-%Y%m%dT%H%M%SZ.json", time.gmtime()))
     # On a terminal, say what is being read: tens of thousands of objects take a moment.

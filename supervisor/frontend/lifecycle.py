@@ -365,7 +365,11 @@ def tail_of(path: str, offset: int, lines: int) -> list[str]:
 def crash_reports_since(cfg: Config, wall: float) -> list[dict]:
     """Crash reports written after WALL (a start's own), oldest first."""
     out = []
-    for path, report in read_crash_reports(cfg.crash_dir):
+    try:
+        reports = read_crash_reports(cfg.crash_dir)
+    except SupervisorError:     # an unsafe directory: the start's own error says more
+        return out
+    for path, report in reports:
         try:
             if os.path.getmtime(path) >= wall - 1.0:
                 out.append(report)
