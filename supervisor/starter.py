@@ -35,6 +35,7 @@ from . import __version__
 from . import crashreport
 from .config import Config, Hook, changed_keys, format_duration, load_config
 from .control import ControlServer, lock_run_dir
+from .trusted_paths import open_trusted_dir
 from .errors import ConfigError, ExitCode, SupervisorError
 from .eventloop import Loop, SignalWakeup, ThreadWakeup, Timer
 from .notify import PRIVATE_ENV, Notifier, fields
@@ -553,6 +554,16 @@ class Supervisor:
         except OSError as exc:
             raise SupervisorError(f"cannot use the run directory {run_dir}: {exc.strerror or exc} "
                                   f"(paths.run_dir in {self.config.source})") from None
+        try:
+            # Checked (and created 0700) now, so an unsafe one is refused before charon starts,
+            # not found out when the first crash report cannot be written.
+            open_trusted_dir(self.config.paths.state_dir, what="paths.state_dir").close()
+        except BaseException as exc:
+            os.close(lock_fd)
+            if isinstance(exc, OSError):
+                raise SupervisorError(f"cannot use the state directory {self.config.paths.state_dir}: "
+                                      f"{exc.strerror or exc} (paths.state_dir in {self.config.source})") from None
+            raise
         # Children inherit the spawning thread's signal mask: make sure it is empty.  SIGCHLD
         # inherited as SIG_IGN would make the kernel reap our children before waitpid() can.
         signal.pthread_sigmask(signal.SIG_SETMASK, set())

@@ -524,6 +524,33 @@ def test_stale_pid_files_are_detected_reported_and_replaced(fake):
 
 
 @root_only
+def test_a_pid_file_naming_a_lookalike_process_is_stale_the_lock_decides(fake):
+    """Issue 11 point 6: argv saying ipsec-supervisor is not a running supervisor; the lock is."""
+    s = fake()
+    os.makedirs(s.p("run"), mode=0o700)
+    lookalike = subprocess.Popen(["bash", "-c", "exec -a ipsec-supervisor sleep 60"])
+    try:
+        _wait(lambda: is_supervisor_cmdline(open(f"/proc/{lookalike.pid}/cmdline").read().split("\0")),
+              what="lookalike argv")
+        with open(s.pid_file, "w") as fh:
+            fh.write(f"{lookalike.pid}\n")
+        r = s.ipsec("status")
+        assert r.returncode == 1 and "holds no supervisor lock" in r.stderr, r.stdout + r.stderr
+        r = s.ipsec("start")
+        assert r.returncode == 0 and "removed stale pid file" in r.stderr and "already running" not in r.stderr
+        pid = s.pid()
+        assert pid != lookalike.pid and s.status()["supervisor"]["pid"] == pid
+        r = s.ipsec("status")
+        assert r.returncode == 0 and f"(pid {pid})" in r.stdout
+        assert s.ipsec("stop").returncode == 0
+        _wait(lambda: not _alive(pid), what="supervisor gone")
+        assert _alive(lookalike.pid)                                 # never signalled
+    finally:
+        lookalike.kill()
+        lookalike.wait()
+
+
+@root_only
 def test_killed_supervisor_leaves_a_stale_pid_file_and_stop_ends_the_orphaned_daemon(fake):
     s = fake()
     assert s.ipsec("start").returncode == 0

@@ -78,6 +78,7 @@ def describe_run_exit(code: int) -> str:
         3: "the supervisor's configuration file is invalid",
         8: "the daemon binary is missing or not executable",
         9: "charon kept dying: the crash-loop limit was reached and the supervisor gave up",
+        10: "a directory or file of the supervisor is unsafe to use (see its log)",
     }.get(code, f"the supervisor exited with code {code}")
 
 
@@ -443,6 +444,7 @@ def start_detached(cfg: Config, config_path: str | None, *, timeout: float, verb
             _say_already_running(found, err)
             return START_OK
         _clear_stale(found.pid_file, err)
+        open_trusted_dir(cfg.paths.state_dir, what="paths.state_dir").close()   # unsafe: exit 10, said here
         orphan = unsupervised_daemon(cfg)
         if orphan is not None:
             name = os.path.basename(cfg.daemon.command[0])
