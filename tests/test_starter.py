@@ -728,13 +728,16 @@ def test_a_raising_event_loop_callback_is_logged_counted_and_charon_keeps_runnin
             control.request(h.run_dir, "stop")
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
-            os.kill(os.getpid(), signal.SIGTERM)
+            if not finished.is_set():
+                os.kill(os.getpid(), signal.SIGTERM)     # make run() return whatever happened
 
+    finished = threading.Event()
     t = threading.Thread(target=drive)
     t.start()
     try:
-        rc = sup.run()
+        rc = sup.run()          # before the guard: RuntimeError("timer broke on purpose"), charon killed
     finally:
+        finished.set()
         t.join(20)
         os.close(r)
         os.close(w)
