@@ -693,11 +693,30 @@ def resolve_path(explicit: str | None, environ: dict[str, str] | None = None) ->
     return DEFAULT_PATH, False
 
 
+def per_netns_paths(cfg: Config, instance: str | None) -> Config:
+    """CFG with default paths.run_dir/state_dir moved to DIR/netns/INSTANCE (None: unchanged), so that
+    supervisors in different network namespaces never share a lock, pid file, ledger or crash report."""
+    from .trusted_paths import instance_dir
+    default = PathsConfig()
+    paths = dataclasses.replace(
+        cfg.paths,
+        run_dir=instance_dir(cfg.paths.run_dir, instance) if cfg.paths.run_dir == default.run_dir else cfg.paths.run_dir,
+        state_dir=(instance_dir(cfg.paths.state_dir, instance) if cfg.paths.state_dir == default.state_dir
+                   else cfg.paths.state_dir))
+    return dataclasses.replace(cfg, paths=paths)
+
+
 def load_config(explicit: str | None = None, environ: dict[str, str] | None = None) -> Config:
     """Load the configuration the command line / environment / default path names.
 
     A missing default file means built-in defaults; a missing named file is an error.
+    Outside the initial network namespace, default paths are per namespace (``per_netns_paths``).
     """
+    from .trusted_paths import current_netns_instance
+    return per_netns_paths(_load_config(explicit, environ), current_netns_instance())
+
+
+def _load_config(explicit: str | None, environ: dict[str, str] | None) -> Config:
     path, required = resolve_path(explicit, environ)
     try:
         with open(path, encoding="utf-8") as fh:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import stat
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -28,6 +29,9 @@ from .errors import UnsafePathError
 log = logging.getLogger(__name__)
 
 DIR_MODE = 0o700
+# The names the supervisor gives its crash reports and snapshots (UTC stamp, pid, reason):
+# pruning removes only these, never a file someone else put there (a manual snapshot).
+STAMPED_NAME = re.compile(r"\d{8}T\d{6}\.\d{6}Z-\d+-[A-Za-z0-9_.-]+\.json")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
@@ -229,10 +233,11 @@ def files_to_prune(files: Sequence[DirEntry], *, keep: int | None, max_age: floa
 
 def prune_files(d: TrustedDir, suffix: str, *, keep: int | None, max_age: float = 0.0, max_bytes: int = 0,
                 now: float = 0.0) -> list[str]:
-    """Remove what ``files_to_prune`` picks among D's regular SUFFIX files (by name in D's fd,
-    never through a link); returns the removed paths, oldest first."""
+    """Remove what ``files_to_prune`` picks among D's regular SUFFIX files named by us (STAMPED_NAME),
+    by name in D's fd, never through a link; returns the removed paths, oldest first."""
     removed = []
-    for name in files_to_prune(d.files(suffix), keep=keep, max_age=max_age, max_bytes=max_bytes, now=now):
+    ours = [f for f in d.files(suffix) if STAMPED_NAME.fullmatch(f.name)]
+    for name in files_to_prune(ours, keep=keep, max_age=max_age, max_bytes=max_bytes, now=now):
         if d.unlink(name):
             removed.append(d.join(name))
     return removed
@@ -311,3 +316,40 @@ def open_own_subdir(path: str, *, create: bool = True, what: str = "") -> Truste
     with open_trusted_dir(parent, create=create, what=what) as up:
         d = up.subdir(name, create=create)
     return d
+
+
+# --- one instance per network namespace ---------------------------------------------------
+
+NETNS_SUBDIR = "netns"
+
+
+def netns_instance(inode: int, name: str | None, initial_inode: int | None) -> str | None:
+    """Pure: None for the initial network namespace (pid 1's); else its name under /run/netns
+    (what `ip netns identify` says), or ``inode-N`` for an unnamed one. When pid 1's namespace
+    cannot be read (INITIAL_INODE None), a named namespace is taken for a non-initial one."""
+    usable = name if name and "/" not in name and name not in (".", "..") else None
+    if initial_inode is None:
+        return usable
+    if inode == initial_inode:
+        return None
+    return usable or f"inode-{inode}"
+
+
+def initial_netns_inode(proc: str = "/proc") -> int | None:
+    """Inode of pid 1's network namespace; None when it cannot be read (then we count as initial)."""
+    try:
+        return os.stat(f"{proc}/1/ns/net").st_ino
+    except OSError:
+        return None
+
+
+def current_netns_instance() -> str | None:
+    """This process's instance name (see ``netns_instance``); None in the initial namespace."""
+    from .kernel.netns import current_identity
+    ident = current_identity()
+    return netns_instance(ident.inode, ident.name, initial_netns_inode())
+
+
+def instance_dir(default_dir: str, instance: str | None) -> str:
+    """DEFAULT_DIR/netns/INSTANCE for a supervisor outside the initial namespace (else DEFAULT_DIR)."""
+    return default_dir if instance is None else os.path.join(default_dir, NETNS_SUBDIR, instance)

@@ -219,3 +219,63 @@ def test_run_refuses_an_unsafe_state_dir_with_exit_10(tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 10, r.stderr
     assert f"paths.state_dir {state}: it is writable by its group and others" in r.stderr
+
+
+# --- one instance per network namespace (issue 10 point 4) -----------------------------------
+
+@pytest.mark.parametrize("inode, name, initial, instance", [
+    (5, None, 5, None),                  # the initial namespace keeps the plain paths
+    (5, "x", 5, None),                   # even when someone named it
+    (6, "router1", 5, "router1"),        # named as `ip netns identify` says
+    (6, None, 5, "inode-6"),             # unnamed: by inode
+    (6, "../x", 5, "inode-6"),           # never a path
+    (6, "router1", None, "router1"),     # pid 1's namespace unreadable (a container): named ones
+    (6, None, None, None),               # ... and an unnamed one counts as initial
+], ids=["initial", "initial-named", "named", "unnamed", "bad-name", "no-init-named", "no-init-unnamed"])
+def test_netns_instance_names(inode, name, initial, instance):
+    from supervisor.trusted_paths import netns_instance
+    assert netns_instance(inode, name, initial) == instance
+
+
+def test_default_paths_move_per_namespace_and_explicit_ones_stay():
+    from supervisor.config import parse_config, per_netns_paths
+    cfg = per_netns_paths(parse_config("", "x"), "router1")
+    assert (cfg.paths.run_dir, cfg.paths.state_dir) == ("/run/ipsec-supervisor/netns/router1",
+                                                        "/var/lib/ipsec-supervisor/netns/router1")
+    assert cfg.crash_dir == "/var/lib/ipsec-supervisor/netns/router1/crashes"
+    explicit = parse_config("paths:\n  run_dir: /run/r1\n", "x")
+    cfg = per_netns_paths(explicit, "router1")
+    assert (cfg.paths.run_dir, cfg.paths.state_dir) == ("/run/r1", "/var/lib/ipsec-supervisor/netns/router1")
+    assert per_netns_paths(explicit, None) == explicit
+
+
+@root_only
+def test_two_namespaces_get_two_instances(tmp_path):
+    names = [f"ipsvt-{os.getpid()}-tp{i}" for i in range(2)]
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "from supervisor.config import load_config\n"
+            "c = load_config(%r); print(c.paths.run_dir, c.paths.state_dir)") % (ROOT, str(tmp_path / "none.yaml"))
+    (tmp_path / "none.yaml").write_text("")
+    try:
+        seen = []
+        for name in names:
+            subprocess.run(["ip", "netns", "add", name], check=True)
+            out = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-c", code],
+                                 capture_output=True, text=True, check=True).stdout.split()
+            seen.append(out)
+        assert seen == [[f"/run/ipsec-supervisor/netns/{n}", f"/var/lib/ipsec-supervisor/netns/{n}"] for n in names]
+    finally:
+        for name in names:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def test_pruning_removes_only_files_the_supervisor_named(tmp_path):
+    d = tmp_path / "snapshots"
+    d.mkdir(mode=0o700)
+    ours = [f"2026010{i}T000000.000000Z-1-crash.json" for i in range(3)]
+    others = ["manual-20260101T000000Z.json", "notes.json", "2026-01-01.json"]
+    for n in ours + others:
+        (d / n).write_text("x" * 100)
+    removed = prune_snapshots(str(d), keep=1, max_age=0, now=0.0, max_bytes=1)
+    assert sorted(os.path.basename(p) for p in removed) == ours[:2]
+    assert sorted(os.listdir(d)) == sorted([ours[2]] + others)

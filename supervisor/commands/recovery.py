@@ -14,6 +14,7 @@ from ..errors import ExitCode, NotRootError, SupervisorError
 from ..kernel import netns
 from ..kernel_state import DEFAULT_ROUTE_TABLE, DEFAULT_RULE_PRIORITY, FAMILIES, ReadOptions, read_state
 from ..ledger import Ledger, LedgerError, UntrustedLedger, ledger_path, load_ledger
+from ..trusted_paths import initial_netns_inode, instance_dir, netns_instance
 from ..ownership import MarkerConfig, Ownership, decide_ownership, is_supervisor_block
 from ..reconcile import Outcome, execute, plan_flush
 
@@ -82,11 +83,13 @@ def _require_root() -> None:
         raise NotRootError("reading XFRM state needs root (CAP_NET_ADMIN); run as root")
 
 
-def _load_ledger(args, inode: int) -> tuple[Ledger | None, str | None]:
+def _load_ledger(args, inode: int, name: str | None = None) -> tuple[Ledger | None, str | None]:
     """The ledger to judge with, if one applies to this namespace, and its path."""
     if args.no_ledger:
         return None, None
-    path = args.ledger or ledger_path(DEFAULT_RUN_DIR)
+    # The default: that namespace's own supervisor's (a per-namespace run dir outside the initial one).
+    instance = netns_instance(inode, name, initial_netns_inode())
+    path = args.ledger or ledger_path(instance_dir(DEFAULT_RUN_DIR, instance))
     if args.ledger is None and not os.path.lexists(path):
         return None, None
     try:
@@ -104,7 +107,7 @@ def _judge(args) -> tuple[object, Ownership, str | None, str]:
     markers = MarkerConfig(route_table=args.route_table, rule_priority=args.rule_priority)
     with netns.enter(args.netns):
         state = read_state(options)
-    ledger, path = _load_ledger(args, state.netns.inode)
+    ledger, path = _load_ledger(args, state.netns.inode, state.netns.name)
     ownership = decide_ownership(state.objects, markers, ledger, args.virtual_ip)
     where = state.netns.name or f"inode {state.netns.inode}"
     return state, ownership, path, where
