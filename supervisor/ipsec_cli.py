@@ -465,7 +465,7 @@ def _delegate(ctx: Context, name: str, argv: list[str], progress_module=None) ->
     elif ctx.config_path and "--ledger" in options and not {"--ledger", "--no-ledger"} & set(argv):
         from .ledger import ledger_path
         path = ledger_path(ctx.config().paths.run_dir)
-        if os.path.exists(path):
+        if os.path.isfile(path) and not os.path.islink(path):   # a planted link: markers only, not an error
             argv += ["--ledger", path]
     head = ["--verbose"] if ctx.verbose else []
     if progress_module is None:

@@ -27,7 +27,7 @@ from ..crashreport import read_crash_reports
 from ..errors import ExitCode, NotRootError, SupervisorError
 from ..runlock import LockHolder, find_lock_holder
 from ..trusted_paths import open_trusted_dir
-from .pidfile import (START_LOCK_NAME, PidFile, PidState, inspect_pid_file, is_supervisor_cmdline, pid_file_path,
+from .pidfile import (START_LOCK_NAME, PidFile, inspect_pid_file, is_supervisor_cmdline, pid_file_path,
                       read_cmdline, remove_pid_file, write_pid_file)
 
 # `ipsec start` exit codes (strongSwan's starter: LSB codes).
