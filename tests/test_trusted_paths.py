@@ -279,3 +279,37 @@ def test_pruning_removes_only_files_the_supervisor_named(tmp_path):
     removed = prune_snapshots(str(d), keep=1, max_age=0, now=0.0, max_bytes=1)
     assert sorted(os.path.basename(p) for p in removed) == ours[:2]
     assert sorted(os.listdir(d)) == sorted([ours[2]] + others)
+
+
+@root_only
+def test_a_forged_ledger_never_makes_a_foreign_policy_charons(netns, tmp_path):
+    """The issue's attack: another user's ledger.json (0644, netns_inode null) claimed a foreign policy."""
+    import dataclasses
+
+    from supervisor.kernel_state import ReadOptions, read_state
+    from supervisor.ledger import HOW_ADDED, OWNER_DAEMON, Ledger, LedgerEntry, save_ledger
+    netns.sh("ip xfrm policy add src 10.3.0.0/16 dst 10.4.0.0/16 dir out priority 1000 "
+             "tmpl src 192.0.2.1 dst 192.0.2.3 proto esp reqid 3 mode tunnel")
+    with netns.enter():
+        state = read_state(ReadOptions())
+    (policy,) = state.objects["xfrm_policy"]
+    claim = {"xfrm_policy": {policy.key(): LedgerEntry(OWNER_DAEMON, HOW_ADDED, 4242, policy)}}
+    forged = Ledger(daemon_pid=4242, netns_inode=None, started=0.0, entries=claim)
+
+    def leftovers(path: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "supervisor.cli", "leftovers", "--netns", netns.name,
+                               "--ledger", path, "--json"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+    path = str(tmp_path / "ledger.json")
+    save_ledger(path, forged)
+    os.chown(path, NOBODY, NOBODY)
+    os.chmod(path, 0o644)
+    r = leftovers(path)
+    assert r.returncode == 1 and f"owned by uid {NOBODY}" in r.stderr and "--no-ledger" in r.stderr
+    os.chown(path, 0, 0)                               # root's, but naming no namespace: still not trusted
+    r = leftovers(path)
+    assert r.returncode == 1 and "names no network namespace" in r.stderr
+    save_ledger(path, dataclasses.replace(forged, netns_inode=state.netns.inode))    # control: a real ledger counts
+    r = leftovers(path)
+    assert r.returncode == 0, r.stderr
+    assert [o["rule"] for o in json.loads(r.stdout)["owned"]["xfrm_policy"]] == ["ledger:daemon"]
