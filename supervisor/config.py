@@ -148,6 +148,22 @@ def number(minimum: float | None = None, maximum: float | None = None, *, intege
     return Rule(parse)
 
 
+_SIZE = re.compile(r"(\d+)\s*([kKMGT]?)i?B?")
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def size() -> Rule:
+    """Bytes: an integer, or a number with k, M, G or T (powers of 1024)."""
+    def parse(value):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        m = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
+        if m is None:
+            raise _Invalid("must be a size in bytes (an integer, or a number with k, M, G or T)")
+        return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    return Rule(parse)
+
+
 def boolean() -> Rule:
     def parse(value):
         if not isinstance(value, bool):
@@ -419,6 +435,8 @@ class SnapshotsConfig:
     enabled: bool = _key(boolean(), True, "snapshot the kernel state a dead daemon left, before recovery acts")
     keep: int = _key(number(1, 100000, integer=True), 50, "newest snapshots kept; older ones are removed")
     max_age: float = _key(duration(), 30 * 86400.0, "snapshots older than this are removed; 0: no age limit")
+    max_bytes: int = _key(size(), 1 << 30, "total size of the snapshots, and of the crash reports, each kept "
+                                           "below this (oldest removed first, the newest always kept); 0: no limit")
 
 
 @dataclass(frozen=True, slots=True)
@@ -716,11 +734,30 @@ def resolve_path(explicit: str | None, environ: dict[str, str] | None = None) ->
     return DEFAULT_PATH, False
 
 
+def per_netns_paths(cfg: Config, instance: str | None) -> Config:
+    """CFG with default paths.run_dir/state_dir moved to DIR/netns/INSTANCE (None: unchanged), so that
+    supervisors in different network namespaces never share a lock, pid file, ledger or crash report."""
+    from .trusted_paths import instance_dir
+    default = PathsConfig()
+    paths = dataclasses.replace(
+        cfg.paths,
+        run_dir=instance_dir(cfg.paths.run_dir, instance) if cfg.paths.run_dir == default.run_dir else cfg.paths.run_dir,
+        state_dir=(instance_dir(cfg.paths.state_dir, instance) if cfg.paths.state_dir == default.state_dir
+                   else cfg.paths.state_dir))
+    return dataclasses.replace(cfg, paths=paths)
+
+
 def load_config(explicit: str | None = None, environ: dict[str, str] | None = None) -> Config:
     """Load the configuration the command line / environment / default path names.
 
     A missing default file means built-in defaults; a missing named file is an error.
+    Outside the initial network namespace, default paths are per namespace (``per_netns_paths``).
     """
+    from .trusted_paths import current_netns_instance
+    return per_netns_paths(_load_config(explicit, environ), current_netns_instance())
+
+
+def _load_config(explicit: str | None, environ: dict[str, str] | None) -> Config:
     path, required = resolve_path(explicit, environ)
     try:
         with open(path, encoding="utf-8") as fh:

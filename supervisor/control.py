@@ -8,7 +8,6 @@ Answers: ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``.  The socket
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import socket
@@ -17,9 +16,10 @@ from typing import Callable
 
 from .errors import ExitCode, NotRootError, SupervisorError
 from .eventloop import Loop
+from .runlock import LOCK_NAME, lock_run_dir  # noqa: F401  (re-exported: the lock lives in runlock)
+from .trusted_paths import open_trusted_dir
 
 SOCKET_NAME = "control.sock"
-LOCK_NAME = "supervisor.lock"
 MAX_REQUEST = 64 * 1024
 CLIENT_TIMEOUT = 5.0
 COMMANDS = ("status", "stop", "start", "restart", "reload", "reload-daemon")
@@ -30,25 +30,8 @@ def socket_path(run_dir: str) -> str:
 
 
 def prepare_run_dir(run_dir: str) -> None:
-    """Create the run directory as root-only (0700), or tighten an existing one."""
-    os.makedirs(run_dir, mode=0o700, exist_ok=True)
-    os.chmod(run_dir, 0o700)
-
-
-def lock_run_dir(run_dir: str) -> int:
-    """Hold the run directory's lock for this process's lifetime; one supervisor per run dir."""
-    prepare_run_dir(run_dir)
-    path = os.path.join(run_dir, LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise SupervisorError(f"another ipsec-supervisor is running (it holds {path}); "
-                              f"use 'ipsec-supervisor status' to see it") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
+    """Create the run directory as root-only (0700), or check and tighten an existing one."""
+    open_trusted_dir(run_dir, what="paths.run_dir", tighten=True).close()
 
 
 class Deferred:
@@ -85,23 +68,26 @@ class ControlServer:
 
     def __init__(self, loop: Loop, run_dir: str, handler: Callable[[dict], dict]):
         self._loop = loop
+        self.run_dir = run_dir
         self.path = socket_path(run_dir)
         self._handler = handler
         self._sock: socket.socket | None = None
         self._clients: dict[int, _Client] = {}
 
     def start(self) -> None:
-        try:
-            os.unlink(self.path)  # stale: the run-dir lock proves nobody else serves it
-        except FileNotFoundError:
-            pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)
-        try:
-            sock.bind(self.path)
-        finally:
-            os.umask(old)
-        os.chmod(self.path, 0o600)
+        with open_trusted_dir(self.run_dir, what="paths.run_dir", tighten=True) as run:
+            run.unlink(SOCKET_NAME)     # stale: the run-dir lock proves nobody else serves it
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            old = os.umask(0o177)
+            try:
+                # Bound through the checked directory's fd: a path swapped meanwhile cannot move it.
+                where = f"/proc/self/fd/{run.fd}/{SOCKET_NAME}"
+                sock.bind(where if len(where) < 100 and os.path.isdir(f"/proc/self/fd/{run.fd}") else self.path)
+            except BaseException:
+                sock.close()
+                raise
+            finally:
+                os.umask(old)
         sock.listen(16)
         self._sock = sock
         self._loop.add_reader(sock.fileno(), self._accept)

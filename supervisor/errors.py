@@ -22,7 +22,8 @@ class ExitCode(enum.IntEnum):
     NOT_RUNNING = 7     # the supervisor/daemon is not running (control commands)
     NO_DAEMON = 8       # the daemon binary is missing or not executable
     GAVE_UP = 9         # crash-loop limit reached: the supervisor gave up (fail-closed)
-    PARTIAL = 10        # load-ipsec-conf: loaded, but charon refused some conns (listed as "refused: ...")
+    UNSAFE_PATH = 10    # a directory or file of ours is not trustworthy (owner, mode, symlink)
+    PARTIAL = 11        # load-ipsec-conf: loaded, but charon refused some conns (listed as "refused: ...")
 
 
 class SupervisorError(Exception):
@@ -54,6 +55,12 @@ class NetnsError(SupervisorError):
 
 class SnapshotError(SupervisorError):
     exit_code = ExitCode.BAD_SNAPSHOT
+
+
+class UnsafePathError(SupervisorError):
+    """A directory or file we would use could have been changed by someone other than root."""
+
+    exit_code = ExitCode.UNSAFE_PATH
 
 
 class KernelError(SupervisorError):

@@ -476,7 +476,7 @@ def _delegate(ctx: Context, name: str, argv: list[str], progress_module=None) ->
     elif ctx.config_path and "--ledger" in options and not {"--ledger", "--no-ledger"} & set(argv):
         from .ledger import ledger_path
         path = ledger_path(ctx.config().paths.run_dir)
-        if os.path.exists(path):
+        if os.path.isfile(path) and not os.path.islink(path):   # a planted link: markers only, not an error
             argv += ["--ledger", path]
     head = ["--verbose"] if ctx.verbose else []
     if progress_module is None:
@@ -496,18 +496,14 @@ def snapshot_dir(cfg: Config) -> str:
 
 def list_snapshots(directory: str) -> list[dict]:
     """Snapshot files (oldest first) with id, path, size and modification time."""
+    from .trusted_paths import open_own_subdir
     try:
-        names = [n for n in os.listdir(directory) if n.endswith(".json") and not n.startswith(".")]
+        with open_own_subdir(directory, create=False) as d:    # checked; regular files only
+            files = d.files(".json")
     except FileNotFoundError:
         return []
-    out = []
-    for n in names:
-        path = os.path.join(directory, n)
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        out.append({"id": n[:-5], "path": path, "size": st.st_size, "mtime": st.st_mtime})
+    out = [{"id": f.name[:-5], "path": os.path.join(directory, f.name), "size": f.size, "mtime": f.mtime}
+           for f in files]
     out.sort(key=lambda s: (s["mtime"], s["id"]))
     return out
 

@@ -50,7 +50,8 @@ from .ownership import MarkerConfig, Verdict, decide_ownership, is_supervisor_bl
 from .policy import Action, Decision, ExitClass, ExitInfo, signal_name
 from .reconcile import (ActionResult, DeleteObject, InstallBlockPolicy, Keep, Outcome, Plan,
                         RemoveBlockPolicy, blocks_to_remove, execute, plan_flush, plan_keep)
-from .snapshot import take_snapshot, write_snapshot
+from .snapshot import take_snapshot, write_snapshot_in
+from .trusted_paths import TrustedDir, open_own_subdir, prune_files
 from .strongswan_conf import (DEFAULT_PATH as STRONGSWAN_CONF, POLICY_UPDATE, AdoptCapability, SettingsError,
                               as_bool, check_adopt_capability, lookup, parse_version, read_settings)
 
@@ -155,31 +156,25 @@ def snapshot_name(wall: float, pid: int | None, reason: str) -> str:
 
 
 def snapshot_paths(directory: str) -> list[str]:
-    """Snapshot files, oldest first (names start with a UTC time stamp)."""
+    """Snapshot files (regular files only), oldest first (names start with a UTC time stamp)."""
     try:
-        names = sorted(n for n in os.listdir(directory) if n.endswith(".json") and not n.startswith("."))
+        with open_own_subdir(directory, create=False) as d:
+            return [d.join(f.name) for f in d.files(".json")]
     except FileNotFoundError:
         return []
-    return [os.path.join(directory, n) for n in names]
 
 
-def prune_snapshots(directory: str, keep: int, max_age: float, now: float) -> list[str]:
-    """Remove snapshots beyond the newest KEEP and those older than MAX_AGE seconds (0: no limit)."""
-    paths = snapshot_paths(directory)
-    doomed = paths[:max(0, len(paths) - keep)]
-    if max_age > 0:
-        for p in paths[len(doomed):]:
-            try:
-                if now - os.stat(p).st_mtime > max_age:
-                    doomed.append(p)
-            except FileNotFoundError:
-                continue
-    for p in doomed:
-        try:
-            os.unlink(p)
-        except FileNotFoundError:
-            pass
-    return doomed
+def prune_snapshots(directory: str | TrustedDir, keep: int, max_age: float, now: float,
+                    max_bytes: int = 0) -> list[str]:
+    """Remove snapshots beyond the newest KEEP, those older than MAX_AGE seconds (0: no limit), then the
+    oldest until the rest fit in MAX_BYTES (0: no limit); by name in the checked directory, never via a link."""
+    if isinstance(directory, TrustedDir):
+        return prune_files(directory, ".json", keep=keep, max_age=max_age, max_bytes=max_bytes, now=now)
+    try:
+        with open_own_subdir(directory, create=False) as d:
+            return prune_files(d, ".json", keep=keep, max_age=max_age, max_bytes=max_bytes, now=now)
+    except FileNotFoundError:
+        return []
 
 
 def ownership_context(ownership: Any, state: Any) -> dict:
@@ -838,14 +833,15 @@ class KernelRecovery:
         snap = dataclasses.replace(snap, context={
             **snap.context, "recovery": {"why": why, **choice.to_json()},
             "owned": ownership_context(ownership, state)})
+        sc = self.config.snapshots
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            path = write_snapshot(os.path.join(directory, snapshot_name(self._wall(), pid, reason)), snap)
+            with open_own_subdir(directory, what="paths.state_dir") as d:     # checked, created 0700
+                path = write_snapshot_in(d, snapshot_name(self._wall(), pid, reason), snap)
+                removed = prune_snapshots(d, sc.keep, sc.max_age, self._wall(), sc.max_bytes)
         except (OSError, SupervisorError) as exc:
             log.error("cannot write the snapshot of the leftovers to %s: %s (recovery goes on without it)",
                       directory, getattr(exc, "strerror", None) or exc)
             return None
-        removed = prune_snapshots(directory, self.config.snapshots.keep, self.config.snapshots.max_age, self._wall())
         log.info("snapshot of the leftovers written to %s%s", path,
                  f" ({len(removed)} old snapshot(s) removed)" if removed else "")
         return path
@@ -863,15 +859,12 @@ class KernelRecovery:
             return
         inode = state.netns.inode
         prior = None
-        if os.path.exists(path):
+        if os.path.lexists(path):
             try:
-                prior = load_ledger(path)
+                # Trusted only if root's, not writable by others, and naming this namespace.
+                prior = load_ledger(path, netns_inode=inode)
             except LedgerError as exc:
-                log.warning("%s", exc)
-            if prior is not None and prior.netns_inode is not None and prior.netns_inode != inode:
-                log.warning("ledger %s belongs to another network namespace (inode %d, this one %d); "
-                            "judging by charon's markers", path, prior.netns_inode, inode)
-                prior = None
+                log.warning("%s; judging by charon's markers", exc)
         found = self._ike_daemons(inode)
         ours = [d for d in found if d.ours]
         if ours:

@@ -35,6 +35,7 @@ from . import crashreport, daemons
 from .config import Config, Hook, changed_keys, format_duration, load_config
 from .control import ControlServer, Deferred, lock_run_dir
 from .errors import ConfigError, ExitCode, SupervisorError, printable
+from .trusted_paths import open_trusted_dir
 from .eventloop import Loop, SignalWakeup, ThreadWakeup, Timer
 from .jobs import Child, Job, JobResult
 from .loads import RELOAD, UPDATE, ConfigLoads, LoadOutcome, restarting_answer, split_daemon_keys
@@ -323,6 +324,16 @@ class Supervisor:
         except OSError as exc:
             raise SupervisorError(f"cannot use the run directory {run_dir}: {exc.strerror or exc} "
                                   f"(paths.run_dir in {self.config.source})") from None
+        try:
+            # Checked (and created 0700) now, so an unsafe one is refused before charon starts,
+            # not found out when the first crash report cannot be written.
+            open_trusted_dir(self.config.paths.state_dir, what="paths.state_dir").close()
+        except BaseException as exc:
+            os.close(lock_fd)
+            if isinstance(exc, OSError):
+                raise SupervisorError(f"cannot use the state directory {self.config.paths.state_dir}: "
+                                      f"{exc.strerror or exc} (paths.state_dir in {self.config.source})") from None
+            raise
         # Children inherit the spawning thread's signal mask: make sure it is empty.  SIGCHLD
         # inherited as SIG_IGN would make the kernel reap our children before waitpid() can.
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
@@ -760,6 +771,7 @@ class Supervisor:
                 info, decision, list(self._ring), daemon_command=self.config.daemon.command,
                 restarts=self._restarts, mono_now=now, wall_now=self._wall(), health_failures=self._health_failures)
             directory, wall, keep = self.config.crash_dir, self._wall(), self.config.crash_reports.keep
+            max_bytes = self.config.snapshots.max_bytes
             section = getattr(self.recovery, "crash_report_section", None)
 
             def work() -> None:
@@ -770,7 +782,8 @@ class Supervisor:
                         extra = {"error": f"{type(exc).__name__}: {exc}"}
                     if extra is not None:
                         report["recovery"] = extra
-                written.append(crashreport.write_crash_report(directory, report, wall, keep=keep))
+                written.append(crashreport.write_crash_report(directory, report, wall, keep=keep,
+                                                                   max_bytes=max_bytes))
         else:
             work = lambda: None
 
@@ -1093,6 +1106,8 @@ class Supervisor:
                        .isoformat(timespec="seconds"),
                        "last_reload_error": self._reload_error},
             "last_crash_report": self._last_report,
+            # Exceptions in event-loop callbacks, logged with their tracebacks; the loop went on.
+            "callback_errors": self._loop.callback_errors if self._loop is not None else 0,
             "recovery": self._recovery_status(),
             "summary": self._status_line(),
         }

@@ -698,6 +698,76 @@ def test_a_recovery_step_over_its_time_limit_does_not_block_the_restart(harness)
     assert out and out[0]["state"] == "running"
 
 
+def test_a_raising_event_loop_callback_is_logged_counted_and_charon_keeps_running(harness, caplog):
+    """Issue 11 point 9: a bug in one callback (timer, fd reader) must not end the supervisor and charon."""
+    h = harness([{}])
+    cfg = parse_config(open(h.config_path).read(), h.config_path)
+    r, w = os.pipe()
+
+    class Injecting(RecordingRecovery):
+        def attach(self, loop):             # the optional hook that hands recovery the running loop
+            loop.call_later(0.0, self.timer_breaks)
+            loop.add_reader(r, self.reader_breaks)
+
+        def timer_breaks(self):
+            raise RuntimeError("timer broke on purpose")
+
+        def reader_breaks(self):
+            os.read(r, 1)
+            raise ValueError("reader broke on purpose")
+
+    sup = Supervisor(cfg, recovery=Injecting(), notifier=Notifier(environ={}), environ=dict(os.environ))
+    seen: list[dict] = []
+    errors: list[BaseException] = []
+
+    def drive():
+        try:
+            first = h.wait_running()
+            os.write(w, b"xy")          # two wakeups of the broken reader
+            seen.append(h.wait(lambda st: st["callback_errors"] >= 3, what="3 callback errors"))
+            seen.insert(0, first)
+            control.request(h.run_dir, "stop")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+            if not finished.is_set():
+                os.kill(os.getpid(), signal.SIGTERM)     # make run() return whatever happened
+
+    finished = threading.Event()
+    t = threading.Thread(target=drive)
+    t.start()
+    try:
+        rc = sup.run()          # before the guard: RuntimeError("timer broke on purpose"), charon killed
+    finally:
+        finished.set()
+        t.join(20)
+        os.close(r)
+        os.close(w)
+    if errors:
+        raise errors[0]
+    assert rc == 0
+    before, after = seen
+    assert after["state"] == "running" and after["daemon"]["pid"] == before["daemon"]["pid"]
+    assert after["restarts"] == 0 and after["callback_errors"] == 3
+    assert "timer broke on purpose" in caplog.text and "reader broke on purpose" in caplog.text
+    assert "Traceback" in caplog.text and "the supervisor goes on" in caplog.text
+
+
+def test_one_failing_posted_callback_does_not_drop_the_ones_queued_after_it():
+    from supervisor.eventloop import Loop, ThreadWakeup
+    loop = Loop()
+    wake = ThreadWakeup(loop)
+    ran: list[int] = []
+    try:
+        wake.post(lambda: 1 / 0)
+        wake.post(lambda: ran.append(1))
+        loop.call_soon(lambda: ran.append(2))
+        loop.run_once()     # the wakeup pipe is readable and call_soon makes select() not wait
+    finally:
+        wake.close()
+        loop.close()
+    assert sorted(ran) == [1, 2] and loop.callback_errors == 1
+
+
 # -- crash report files ---------------------------------------------------------------------
 
 def test_crash_reports_are_atomic_0600_and_pruned(tmp_path):

@@ -6,7 +6,8 @@ import json
 import os
 import sys
 
-from ..errors import ConfigError, ExitCode
+from ..atomicfile import write_atomic
+from ..errors import ConfigError, ExitCode, SupervisorError
 from ..legacy import loader
 from ..legacy.ipsec_conf import DEFAULT_IPSEC_CONF
 from ..legacy.secrets import DEFAULT_IPSEC_SECRETS
@@ -20,7 +21,7 @@ def register(sub) -> None:
                     "the stroke plugin would, and load them into charon over its VICI socket: install "
                     "auto=route conns, initiate auto=start ones.  Conns that cannot be parsed or "
                     "translated are skipped with an error naming file:line, conn and option; the "
-                    "others load.  Exit status: 0 all loaded; 10 loaded, but some conn or request failed "
+                    "others load.  Exit status: 0 all loaded; 11 loaded, but some conn or request failed "
                     "(each named on a line 'refused: ...'); 1 nothing could be applied (e.g. charon "
                     "does not answer); 3 the file as a whole is unusable (nothing sent).")
     p.add_argument("--file", default=DEFAULT_IPSEC_CONF, metavar="PATH", help="ipsec.conf (default %(default)s)")
@@ -54,15 +55,17 @@ def _read_state(path: str | None) -> loader.LoadedState | None:
     try:
         with open(path) as fh:
             return loader.LoadedState.from_json(json.load(fh))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise ConfigError(f"cannot use state file {path}: {exc}; remove it and load with --mode reload") from None
 
 
 def _write_state(path: str, state: loader.LoadedState) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(state.to_json(), fh, indent=1)
-    os.replace(tmp, path)
+    """The one atomic writer: a fresh O_EXCL temp file (0600, fsync), renamed over PATH (never followed)."""
+    try:
+        write_atomic(path, json.dumps(state.to_json(), indent=1), mode=0o600, prefix=".ipsec-conf-state-")
+    except OSError as exc:
+        raise SupervisorError(f"cannot write state file {path}: {exc.strerror or exc} (the previous one, if any, "
+                              "is unchanged; the next load compares with it)") from None
 
 
 def cmd_load_ipsec_conf(args) -> int:

@@ -13,7 +13,8 @@ from .. import daemons as ike_daemons
 from ..errors import ExitCode, NotRootError, SupervisorError
 from ..kernel import netns
 from ..kernel_state import DEFAULT_ROUTE_TABLE, DEFAULT_RULE_PRIORITY, FAMILIES, ReadOptions, read_state
-from ..ledger import Ledger, LedgerError, ledger_path, load_ledger
+from ..ledger import Ledger, LedgerError, UntrustedLedger, ledger_path, load_ledger
+from ..trusted_paths import initial_netns_inode, instance_dir, netns_instance
 from ..ownership import MarkerConfig, Ownership, decide_ownership, is_supervisor_block
 from ..reconcile import Outcome, execute, plan_flush
 
@@ -84,22 +85,23 @@ def _require_root() -> None:
         raise NotRootError("reading XFRM state needs root (CAP_NET_ADMIN); run as root")
 
 
-def _load_ledger(args, inode: int) -> tuple[Ledger | None, str | None]:
+def _load_ledger(args, inode: int, name: str | None = None) -> tuple[Ledger | None, str | None]:
     """The ledger to judge with, if one applies to this namespace, and its path."""
     if args.no_ledger:
         return None, None
-    path = args.ledger or ledger_path(DEFAULT_RUN_DIR)
-    if args.ledger is None and not os.path.exists(path):
+    # The default: that namespace's own supervisor's (a per-namespace run dir outside the initial one).
+    instance = netns_instance(inode, name, initial_netns_inode())
+    path = args.ledger or ledger_path(instance_dir(DEFAULT_RUN_DIR, instance))
+    if args.ledger is None and not os.path.lexists(path):
         return None, None
-    ledger = load_ledger(path)          # an explicit or present but broken ledger is an error
-    if ledger.netns_inode is not None and ledger.netns_inode != inode:
+    try:
+        # Root's, not writable by others, naming this namespace; a broken one is an error.
+        return load_ledger(path, netns_inode=inode), path
+    except UntrustedLedger as exc:
         if args.ledger is not None:
-            raise LedgerError(f"ledger {path} belongs to another network namespace (inode "
-                              f"{ledger.netns_inode}, this one is {inode}); give the right file "
-                              "or --no-ledger")
-        log.warning("ledger %s belongs to another network namespace; judging by markers only", path)
+            raise UntrustedLedger(f"{exc}; give the right file or --no-ledger") from None
+        log.warning("%s", exc)
         return None, None
-    return ledger, path
 
 
 def _judge(args) -> tuple[object, Ownership, str | None, str]:
@@ -107,7 +109,7 @@ def _judge(args) -> tuple[object, Ownership, str | None, str]:
     markers = MarkerConfig(route_table=args.route_table, rule_priority=args.rule_priority)
     with netns.enter(args.netns):
         state = read_state(options)
-    ledger, path = _load_ledger(args, state.netns.inode)
+    ledger, path = _load_ledger(args, state.netns.inode, state.netns.name)
     ownership = decide_ownership(state.objects, markers, ledger, args.virtual_ip)
     where = state.netns.name or f"inode {state.netns.inode}"
     return state, ownership, path, where
@@ -213,15 +215,15 @@ def _reconcile_ledger(args, run_dir: str, inode: int) -> tuple[Ledger | None, st
     if args.no_ledger:
         return None, None, "--no-ledger"
     path = args.ledger or ledger_path(run_dir)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         if args.ledger is not None:
             raise LedgerError(f"cannot read ledger {path}: No such file or directory")
         return None, None, f"no ledger at {path}"
-    ledger = load_ledger(path)
-    if ledger.netns_inode is not None and ledger.netns_inode != inode:
-        return None, path, (f"ledger {path} belongs to another network namespace (inode {ledger.netns_inode}, "
-                            f"this one is {inode})")
-    return ledger, path, None
+    try:
+        # Trusted only if root's, not writable by others, and naming this namespace.
+        return load_ledger(path, netns_inode=inode), path, None
+    except LedgerError as exc:
+        return None, path, str(exc)
 
 
 def cmd_reconcile(args) -> int:

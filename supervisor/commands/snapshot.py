@@ -52,10 +52,6 @@ def require_root() -> None:
 def cmd_take(args) -> int:
     require_root()
     output = args.output
-    if output is None:
-        os.makedirs(DEFAULT_SNAPSHOT_DIR, mode=0o700, exist_ok=True)
-        output = os.path.join(DEFAULT_SNAPSHOT_DIR,
-                              time.strftime("manual-%Y%m%dT%H%M%SZ.json", time.gmtime()))
     # On a terminal, say what is being read: tens of thousands of objects take a moment.
     tty = sys.stderr.isatty()
 
@@ -67,6 +63,14 @@ def cmd_take(args) -> int:
                                        rule_priority=args.rule_priority),
                            progress=progress if tty else None)
     snap = take_snapshot(state, include_keys=args.include_keys)
+    if output is None:
+        from ..trusted_paths import initial_netns_inode, instance_dir, netns_instance, open_own_subdir
+        # That namespace's supervisor's snapshot directory (per namespace outside the initial one).
+        instance = netns_instance(state.netns.inode, state.netns.name, initial_netns_inode())
+        directory = os.path.join(instance_dir(os.path.dirname(DEFAULT_SNAPSHOT_DIR), instance),
+                                 os.path.basename(DEFAULT_SNAPSHOT_DIR))
+        open_own_subdir(directory, what="the state directory").close()   # checked, created 0700
+        output = os.path.join(directory, time.strftime("manual-%Y%m%dT%H%M%SZ.json", time.gmtime()))
     if tty:
         print(f"\r\033[Kwriting {sum(snap.counts().values())} objects to {output}", end="",
               file=sys.stderr, flush=True)
