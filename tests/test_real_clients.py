@@ -8,6 +8,7 @@ namespace only). Real charon runs under our supervisor there.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -205,3 +206,111 @@ def test_open_vswitch_s_ipsec_monitor_drives_our_ipsec_unchanged(node):
     wait_for(lambda: ovs.active_conns() == [], "the monitor to see nothing active")
     assert ovs.trap_count() == 0
     assert "failed to update configuration" not in ovs.monitor_log(), ovs.monitor_log()
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenStack neutron-vpnaas: its strongSwan driver, through its netns wrapper and rootwrap
+
+NEUTRON_VENV = os.path.join(ROOT, ".cache", "neutron-venv")
+NEUTRON_PY = os.path.join(NEUTRON_VENV, "bin", "python")
+NEUTRON_DRIVER = os.path.join(ROOT, "tests", "neutron_driver.py")
+
+
+def run_neutron_routers(tmp_path, routers: list[tuple[str, str, list[str]]], ours: bool) -> dict[str, dict]:
+    """One L3-agent-like process per router, all at once, in a mount namespace of their own.
+
+    /etc is a copy-on-write view with rootwrap's vpnaas filters in /etc/neutron (as the
+    package installs them), /var/lib/ipsec-supervisor is a scratch directory shared by all
+    routers (Neutron shares /var/lib), and /usr/sbin/ipsec is ours or strongSwan's script.
+    """
+    work = tmp_path / ("ours" if ours else "strongswan")
+    for d in ("etc-up", "etc-work", "state", "base"):
+        (work / d).mkdir(parents=True)
+    os.makedirs("/var/lib/ipsec-supervisor", mode=0o700, exist_ok=True)   # the mount point
+    bin_dir = os.path.join(NEUTRON_VENV, "bin")
+    script = f"""
+set -e
+mount -t overlay overlay -o lowerdir=/etc,upperdir={work}/etc-up,workdir={work}/etc-work /etc
+mkdir -p /etc/neutron/rootwrap.d
+cp {NEUTRON_VENV}/etc/neutron/rootwrap.d/vpnaas.filters /etc/neutron/rootwrap.d/
+printf '[DEFAULT]\\nfilters_path=/etc/neutron/rootwrap.d\\nexec_dirs=/sbin,/usr/sbin,/bin,/usr/bin,{bin_dir}\\nuse_syslog=False\\n' \
+  > /etc/neutron/rootwrap.conf
+{f'mount --bind {shlex.quote(OUR_IPSEC)} /usr/sbin/ipsec' if ours else ': strongSwan script'}
+mount --bind {work}/state /var/lib/ipsec-supervisor
+pids=
+"""
+    for rid, ext_ip, extra in routers:
+        script += (f"{NEUTRON_PY} {NEUTRON_DRIVER} {rid} {work}/base {ext_ip} 203.0.113.99 {' '.join(extra)} "
+                   f"> {work}/{rid}.json 2> {work}/{rid}.log &\npids=\"$pids $!\"\n")
+    script += "for p in $pids; do wait $p; done\n"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+    # A PID namespace: the netns wrapper compares its network namespace with /proc/1's, which
+    # must be readable (it is not on every machine: here PID 1 is the wrapper's own init).
+    subprocess.run(["unshare", "-m", "-p", "-f", "--mount-proc", "--propagation", "private", "sh", "-c", script],
+                   check=True, env=env, timeout=600)
+    results = {}
+    for rid, _ip, _extra in routers:
+        text = (work / f"{rid}.json").read_text()
+        assert text, (work / f"{rid}.log").read_text()[-3000:]
+        results[rid] = json.loads(text)
+    return results
+
+
+@pytest.fixture
+def routers():
+    made: list[str] = []
+
+    def make(rid: str, ext_ip: str) -> str:
+        ns = f"qrouter-{rid}"
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        made.append(ns)
+        subprocess.run(["ip", "netns", "exec", ns, "sh", "-ec",
+                        f"ip link set lo up; ip link add v0 type veth peer name v1; ip link set v0 up; "
+                        f"ip link set v1 up; ip addr add {ext_ip}/24 dev v0"], check=True)
+        return rid
+    yield make
+    for ns in made:
+        for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def calls(result: dict) -> list[tuple[str, str, int, bool]]:
+    """(step, command without the conn ids' router part, exit code, accepted)."""
+    return [(c["step"], re.sub(r"^(stroke up-nb )\w{8}", r"\1ROUTER", c["cmd"]), c["exit"], c["accepted"])
+            for c in result["calls"]]
+
+
+def statuses(result: dict) -> dict[str, dict[str, str]]:
+    return {s["step"]: {k[9:]: v for k, v in s["connections"].items()} for s in result["steps"] if "connections" in s}
+
+
+@pytest.mark.skipif(not os.path.exists(NEUTRON_PY), reason="needs PyPI's neutron-vpnaas in .cache/neutron-venv "
+                                                           "(tools/setup.sh makes it)")
+def test_neutron_vpnaas_drives_two_routers_at_once_like_strongswans_script(tmp_path, routers):
+    a = routers(f"a{uuid.uuid4().hex[:7]}-1111-4222-8333-444444444444", "203.0.113.10")
+    b = routers(f"b{uuid.uuid4().hex[:7]}-1111-4222-8333-444444444444", "203.0.113.11")
+    base = routers(f"c{uuid.uuid4().hex[:7]}-1111-4222-8333-444444444444", "203.0.113.12")
+    # The baseline: strongSwan's own script and starter, same driver, same sequence.
+    expected = run_neutron_routers(tmp_path, [(base, "203.0.113.12", [])], ours=False)[base]
+    got = run_neutron_routers(tmp_path, [(a, "203.0.113.10", ["kill-charon-after-start"]),
+                                         (b, "203.0.113.11", [])], ours=True)
+    for rid, result in got.items():
+        assert all(s["ok"] for s in result["steps"]), result["steps"]
+        assert result["piddir"] == expected["piddir"] == "/var/run"
+        mine = [c for c in calls(result) if c[0] != "status-after-kill"]
+        assert mine == calls(expected), rid              # same commands, same exit codes, all accepted
+        want = statuses(expected)
+        assert {k: v for k, v in statuses(result).items() if k != "status-after-kill"} == want, rid
+        # the driver's own regex found both sites of this router while charon ran
+        assert len(want["status-after-start"]) == 2 and len(want["status-after-restart"]) == 2
+    # Router a's charon was killed: the supervisor restarted it and the driver saw both sites again.
+    after_kill = statuses(got[a])["status-after-kill"]
+    assert len(after_kill) == 2, got[a]["steps"]
+    # Each router's files are its own, in the one shared /var/lib (Neutron shares it).
+    state = tmp_path / "ours" / "state"
+    crashes = {p.parent.parent.name: p for p in state.glob("*/*/crashes/*.json")}
+    assert set(crashes) == {f"qrouter-{a}"}, sorted(str(p) for p in state.rglob("*"))

@@ -55,3 +55,15 @@ if [ ! -e "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+
+# OpenStack neutron-vpnaas (PyPI) for tests/test_real_clients.py: its real strongSwan driver,
+# netns wrapper and rootwrap, in a virtual environment of its own (its dependency tree pins
+# versions of its own and must not mix with ours).
+NEUTRON_VPNAAS=neutron-vpnaas==29.0.0
+if [ ! -e .cache/neutron-venv/.installed-$NEUTRON_VPNAAS ]; then
+  echo "setup: installing $NEUTRON_VPNAAS into .cache/neutron-venv"
+  rm -rf .cache/neutron-venv
+  "$PY" -m venv .cache/neutron-venv
+  .cache/neutron-venv/bin/pip install -q --disable-pip-version-check "$NEUTRON_VPNAAS"
+  touch ".cache/neutron-venv/.installed-$NEUTRON_VPNAAS"
+fi
