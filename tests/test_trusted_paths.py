@@ -312,4 +312,5 @@ def test_a_forged_ledger_never_makes_a_foreign_policy_charons(netns, tmp_path):
     save_ledger(path, dataclasses.replace(forged, netns_inode=state.netns.inode))    # control: a real ledger counts
     r = leftovers(path)
     assert r.returncode == 0, r.stderr
-    assert [o["rule"] for o in json.loads(r.stdout)["owned"]["xfrm_policy"]] == ["ledger:daemon"]
+    # charon's by the ledger (and, having none of charon's markers, never deleted: issue 11 point 3)
+    assert [o["rule"] for o in json.loads(r.stdout)["owned"]["xfrm_policy"]] == ["ledger:port-id-only"]
