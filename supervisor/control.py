@@ -35,20 +35,52 @@ def prepare_run_dir(run_dir: str) -> None:
     os.chmod(run_dir, 0o700)
 
 
+def try_lock_file(path: str) -> int | None:
+    """An fd holding an exclusive flock on the file PATH (created if missing); None if another holds it.
+
+    Holders remove the file as they let go (``unlock_file``), so a lock taken on a file that is no
+    longer at PATH is worthless: then try again on the one that is there now.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def unlock_file(path: str, fd: int) -> None:
+    """Remove the lock file PATH while still holding it, then let go (nothing stays in /run)."""
+    try:
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            os.unlink(path)
+    except OSError:
+        pass
+    os.close(fd)
+
+
 def lock_run_dir(run_dir: str) -> int:
     """Hold the run directory's lock for this process's lifetime; one supervisor per run dir."""
     prepare_run_dir(run_dir)
     path = os.path.join(run_dir, LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    fd = try_lock_file(path)
+    if fd is None:
         raise SupervisorError(f"another ipsec-supervisor is running (it holds {path}); "
                               f"use 'ipsec-supervisor status' to see it") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
+
+def unlock_run_dir(run_dir: str, fd: int) -> None:
+    unlock_file(os.path.join(run_dir, LOCK_NAME), fd)
 
 
 class Deferred:
@@ -147,6 +179,8 @@ class ControlServer:
 
     def close(self) -> None:
         for client in list(self._clients.values()):
+            if client.out and client.conn is not None:
+                client.writable()   # an answer that is ready (e.g. to a 'stop' that ends us at once) still goes
             client.close()
         if self._sock is not None:
             self._loop.forget(self._sock.fileno())
