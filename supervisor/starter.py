@@ -864,6 +864,10 @@ class Supervisor:
                                          restart_count=self._restarts))
         self._remove_stale_daemon_files()
         self._give_up_hooks()
+        if not self.notifier.ready_sent:
+            # The supervisor is up and doing its job (fail-closed, retrying): systemd must not kill it
+            # at TimeoutStartSec and restart into the same loop; STATUS= says charon is not running.
+            self.notifier.ready(self._status_line())
         self._timer(d.delay, lambda: self._try_again(Event.COOLDOWN_ELAPSED, f"cooldown of {format_duration(d.delay)} over"))
 
         def refresh() -> None:      # STATUS= says how long is left
