@@ -858,9 +858,9 @@ class Supervisor:
         assert self._last_exit is not None and d is not None
         self._cooldowns = d.attempt
         self._next_start_at = self._now() + d.delay
-        log.error("crash loop: %s stays stopped (fail-closed) for %s, cooldown #%d in a row (%s); it tries "
-                  "again then, 'ipsec start' at once", self._daemon_name, format_duration(d.delay), d.attempt,
-                  d.reason, extra=fields(exit_classification=self._last_exit.classification.value,
+        log.error("crash loop: %s stays stopped (%s) for %s, cooldown #%d in a row (%s); it tries again "
+                  "then, 'ipsec start' at once", self._daemon_name, self._down_how, format_duration(d.delay),
+                  d.attempt, d.reason, extra=fields(exit_classification=self._last_exit.classification.value,
                                          restart_count=self._restarts))
         self._remove_stale_daemon_files()
         self._give_up_hooks()
@@ -868,12 +868,23 @@ class Supervisor:
             # The supervisor is up and doing its job (fail-closed, retrying): systemd must not kill it
             # at TimeoutStartSec and restart into the same loop; STATUS= says charon is not running.
             self.notifier.ready(self._status_line())
-        self._timer(d.delay, lambda: self._try_again(Event.COOLDOWN_ELAPSED, f"cooldown of {format_duration(d.delay)} over"))
+        self._timer(d.delay, lambda: self._try_again(Event.COOLDOWN_ELAPSED,
+                                                     f"cooldown of {format_duration(d.delay)} over"))
 
         def refresh() -> None:      # STATUS= says how long is left
             self._publish_status()
             self._timer(STATUS_REFRESH, refresh)
         self._timer(STATUS_REFRESH, refresh)
+
+    @property
+    def _down_how(self) -> str:
+        """What recovery makes of a crash-loop pause (recovery.choose_recovery's rule for COOLDOWN)."""
+        rc = self.config.recovery
+        if isinstance(self.recovery, NoRecovery):
+            return "no kernel-state recovery"
+        if rc.mode not in ("adopt", "flush"):
+            return f"recovery.mode {rc.mode}"
+        return "fail-closed" if rc.fail_closed else "flushed; recovery.fail_closed is false"
 
     def _try_again(self, event: Event, why: str) -> None:
         """Start after a crash-loop pause (its timer, or a start request) with a new crash-loop tally."""
@@ -1155,7 +1166,7 @@ class Supervisor:
             d = self._decision
             return (f"crash loop: {d.deaths} deaths in {format_duration(self.config.restart.crash_loop.window)}; "
                     f"next try in {format_wait(self._next_start_at - self._now())} ({name} stays stopped, "
-                    f"fail-closed; cooldown #{d.attempt}){last}")
+                    f"{self._down_how}; cooldown #{d.attempt}){last}")
         if s in (State.STOPPING, State.KILLING):
             return f"stopping {name}"
         if s is State.ABORTING:

@@ -372,7 +372,9 @@ def test_crash_loop_cooldown_keeps_serving_status_fail_closed_and_tries_again_af
     entered = time.monotonic()
     assert st["supervisor"]["pid"] == h.proc.pid and st["daemon"]["pid"] is None
     assert st["summary"].startswith("crash loop: 3 deaths in 1m; next try in ")
-    assert f"({DNAME} stays stopped, fail-closed; cooldown #1); last exit: exited with code 1" in st["summary"]
+    # (kernel-state recovery is off for a daemon not named charon: nothing to keep fail-closed)
+    assert f"({DNAME} stays stopped, no kernel-state recovery; cooldown #1); last exit: exited with code 1" \
+        in st["summary"]
     assert st["crash_loop"]["cooldown"] == {"number": 1, "duration_s": 1.5, "deaths": 3}
     assert 0 < st["next_restart_in_s"] <= 1.5 and st["last_exit"]["decision"].startswith("crash-loop cooldown #1")
     # The dead daemon's pid file and socket are gone (a crashed charon leaves both), ours stay.
@@ -391,7 +393,7 @@ def test_crash_loop_cooldown_keeps_serving_status_fail_closed_and_tries_again_af
     log = h.log()
     assert len(_lines_with(log, "state recovering -> cooldown on cool-down")) == 1
     assert len(_lines_with(log, "state cooldown -> preparing on cooldown-elapsed: cooldown of 1.5s over")) == 1
-    assert f"crash loop: {DNAME} stays stopped (fail-closed) for 1.5s, cooldown #1 in a row" in log
+    assert f"crash loop: {DNAME} stays stopped (no kernel-state recovery) for 1.5s, cooldown #1 in a row" in log
     h.send(signal.SIGTERM)
     assert h.wait_exit() == 0
 

@@ -59,7 +59,7 @@ def test_a_crash_loop_under_systemd_cools_down_with_the_unit_active_and_status_s
     p = c.show(UNIT_NAME, "ActiveState", "StatusText", "NRestarts", "MainPID")
     assert p["ActiveState"] == "active" and p["NRestarts"] == "0", p
     assert p["StatusText"].startswith("crash loop: 3 deaths in 1m; next try in "), p
-    assert "(false stays stopped, fail-closed; cooldown #1)" in p["StatusText"]
+    assert "(false stays stopped, no kernel-state recovery; cooldown #1)" in p["StatusText"]
 
 
 @container_tier
