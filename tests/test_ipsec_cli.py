@@ -85,6 +85,7 @@ def _status(state="running", ready=True, load_ok=True, last_exit=None):
     (_status("running"), None, 1.0, StartOutcome.READY, 0),
     (_status("running", load_ok=False), None, 1.0, StartOutcome.CONFIG_FAILED, 2),
     (_status("gave-up", ready=False), None, 1.0, StartOutcome.FAILED, 1),
+    (_status("cooldown", ready=False), None, 1.0, StartOutcome.FAILED, 1),    # crash loop: it stays, retries later
     (_status("stopped", ready=False), None, 1.0, StartOutcome.WAITING, None),   # exiting: wait for its code
     (_status("starting", ready=False), None, 30.0, StartOutcome.FAILED, 1),   # time is up
     (None, None, 30.0, StartOutcome.FAILED, 1),

@@ -75,3 +75,19 @@ def test_starter_pid_file_names_us_and_is_removed_only_while_it_still_does(tmp_p
     assert not os.path.exists(path)
     assert runfiles.claim_starter_pid(None, 4242) is None
     assert runfiles.claim_starter_pid(str(tmp_path / "no" / "dir" / "x.pid"), 4242) is None   # logged, not fatal
+
+
+def test_lock_files_are_removed_by_their_holder_and_a_lock_on_a_removed_file_is_not_taken(tmp_path):
+    from supervisor import control
+    path = str(tmp_path / "supervisor.lock")
+    fd = control.try_lock_file(path)
+    assert fd is not None and control.try_lock_file(path) is None           # one holder at a time
+    stale = os.open(path, os.O_RDWR)                 # a waiter that opened the file before it went
+    control.unlock_file(path, fd)
+    assert not os.path.exists(path)                  # nothing stays in /run
+    import fcntl
+    fcntl.flock(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)  # it gets the old inode's lock: worthless...
+    fd2 = control.try_lock_file(path)                # ...because the next one locks the file at PATH
+    assert fd2 is not None and os.fstat(fd2).st_ino == os.stat(path).st_ino
+    os.close(stale)
+    control.unlock_file(path, fd2)
