@@ -16,7 +16,7 @@ from typing import Callable
 
 from .errors import ExitCode, NotRootError, SupervisorError
 from .eventloop import Loop
-from .runlock import LOCK_NAME, lock_run_dir  # noqa: F401  (re-exported: the lock lives in runlock)
+from .runlock import LOCK_NAME, lock_run_dir, unlock_run_dir  # noqa: F401  (re-exported: the lock lives in runlock)
 from .trusted_paths import open_trusted_dir
 
 SOCKET_NAME = "control.sock"
@@ -133,6 +133,8 @@ class ControlServer:
 
     def close(self) -> None:
         for client in list(self._clients.values()):
+            if client.out and client.conn is not None:
+                client.writable()   # an answer that is ready (e.g. to a 'stop' that ends us at once) still goes
             client.close()
         if self._sock is not None:
             self._loop.forget(self._sock.fileno())

@@ -13,7 +13,7 @@ import signal as _signal
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from .config import BackoffConfig, RestartConfig, format_duration
+from .config import BackoffConfig, CrashLoopConfig, RestartConfig, format_duration
 from .errors import ExitCode
 
 
@@ -48,6 +48,7 @@ class Action(enum.Enum):
     RESTART = "restart"
     STOP = "stop"          # stay stopped: the supervisor exits
     GIVE_UP = "give-up"    # crash-loop limit: stay stopped, fail-closed
+    COOLDOWN = "cooldown"  # crash-loop limit: stay stopped, fail-closed, try again after a pause
 
 
 def signal_name(signo: int | None) -> str | None:
@@ -214,6 +215,7 @@ class Decision:
     delay: float = 0.0
     attempt: int = 0
     exit_code: int = ExitCode.OK
+    deaths: int = 0        # COOLDOWN/GIVE_UP: the deaths within the window that reached the limit
 
     def describe(self) -> str:
         if self.action is Action.RESTART:
@@ -221,12 +223,30 @@ class Decision:
             return f"restart #{self.attempt} {when} ({self.reason})"
         if self.action is Action.GIVE_UP:
             return f"giving up ({self.reason})"
+        if self.action is Action.COOLDOWN:
+            return f"crash-loop cooldown #{self.attempt}: next try in {format_duration(self.delay)} ({self.reason})"
         return f"not restarting ({self.reason})"
 
 
+def cooldown_duration(cfg: CrashLoopConfig, number: int) -> float:
+    """Length of cooldown NUMBER in a row (1-based): ``cooldown``, doubled each time, at most ``cooldown_max``."""
+    exponent = min(max(number, 1) - 1, 64)     # 2**64 times any positive cooldown is past every maximum
+    return min(cfg.cooldown * 2.0 ** exponent, max(cfg.cooldown_max, cfg.cooldown))
+
+
+def cooldowns_in_a_row(cfg: RestartConfig, before: int, info: ExitInfo) -> int:
+    """Cooldowns in a row after the death INFO: a stable run (``is_stable``) or a stop starts afresh."""
+    if is_stable(cfg, info) or info.classification is ExitClass.REQUESTED_STOP:
+        return 0
+    return before
+
+
 def decide(cfg: RestartConfig, history: Sequence[ExitInfo], now: float, rand: Callable[[], float],
-           stopping: bool = False) -> Decision:
-    """The decision after the last death in ``history``: restart (with delay), stop, or give up."""
+           stopping: bool = False, cooldowns: int = 0) -> Decision:
+    """The decision after the last death in ``history``: restart (with delay), stop, give up or cool down.
+
+    ``cooldowns``: how many cooldowns in a row came before (``cooldowns_in_a_row``).
+    """
     info = history[-1]
     failed = ExitCode.OK if info.classification in (ExitClass.REQUESTED_STOP, ExitClass.CLEAN) else ExitCode.FAILED
     if stopping:
@@ -239,11 +259,25 @@ def decide(cfg: RestartConfig, history: Sequence[ExitInfo], now: float, rand: Ca
     limit = cfg.crash_loop.max_deaths
     deaths = deaths_in_window(cfg, history, now)
     if limit and deaths >= limit:
-        return Decision(Action.GIVE_UP,
-                        f"{deaths} deaths within {format_duration(cfg.crash_loop.window)}, "
-                        f"restart.crash_loop.max_deaths is {limit}", exit_code=ExitCode.GAVE_UP)
+        reason = (f"{deaths} deaths within {format_duration(cfg.crash_loop.window)}, "
+                  f"restart.crash_loop.max_deaths is {limit}")
+        if cfg.crash_loop.action == "cooldown":
+            number = cooldowns + 1
+            return Decision(Action.COOLDOWN, reason, cooldown_duration(cfg.crash_loop, number), number,
+                            deaths=deaths)
+        return Decision(Action.GIVE_UP, reason, exit_code=ExitCode.GAVE_UP, deaths=deaths)
     attempt = restart_attempt(cfg, history)
     return Decision(Action.RESTART, why, backoff_delay(cfg.backoff, attempt, rand), attempt)
+
+
+def format_wait(seconds: float) -> str:
+    """A time left, rounded up to whole seconds: '45s', '4m12s', '1h00m05s'."""
+    s = max(0, int(-(-seconds // 1)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"
 
 
 def prune_history(cfg: RestartConfig, history: Sequence[ExitInfo], now: float, keep: int = 64) -> list[ExitInfo]:

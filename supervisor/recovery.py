@@ -87,7 +87,8 @@ def choose_recovery(mode: str, *, fail_closed: bool, on_stop: str, exit_class: E
 
     A requested stop follows ``on_stop`` (a flush then mirrors a clean charon stop: no
     blocks); a charon that will not come back (not restarted, crash loop) cannot adopt,
-    so adopt and keep leave the state as it is; a restart follows ``mode``.
+    so adopt and keep leave the state as it is; a crash-loop cooldown flushes fail-closed
+    (unless keep); a restart follows ``mode``.
     """
     if mode == NONE:
         return RecoveryChoice(NONE, False, "recovery.mode is none")
@@ -96,6 +97,13 @@ def choose_recovery(mode: str, *, fail_closed: bool, on_stop: str, exit_class: E
             return RecoveryChoice(FLUSH, False, "requested stop: remove what charon left behind "
                                                 "(recovery.on_stop flush)")
         return RecoveryChoice(KEEP, False, "requested stop: recovery.on_stop is keep")
+    if decision is Action.COOLDOWN:
+        # Down for minutes: the dead charon's SAs must not carry traffic nobody rekeys, and nothing
+        # may leave in cleartext; the retry then starts on a clean slate (keep stays keep).
+        if mode == KEEP:
+            return RecoveryChoice(KEEP, False, "crash-loop cooldown: recovery.mode keep")
+        return RecoveryChoice(FLUSH, fail_closed, f"crash-loop cooldown: charon stays down; flushed "
+                                                  f"{'fail-closed ' if fail_closed else ''}until the next try")
     if decision in (Action.STOP, Action.GIVE_UP):
         why = "gave up (crash loop)" if decision is Action.GIVE_UP else "charon is not restarted"
         if mode == FLUSH:

@@ -31,21 +31,22 @@ from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 from . import __version__
-from . import crashreport, daemons
+from . import crashreport, daemons, runfiles
 from .config import Config, Hook, changed_keys, format_duration, load_config
-from .control import ControlServer, Deferred, lock_run_dir
+from .control import ControlServer, Deferred, lock_run_dir, unlock_run_dir
 from .errors import ConfigError, ExitCode, SupervisorError, printable
 from .trusted_paths import open_trusted_dir
 from .eventloop import Loop, SignalWakeup, ThreadWakeup, Timer
 from .jobs import Child, Job, JobResult
 from .loads import RELOAD, UPDATE, ConfigLoads, LoadOutcome, restarting_answer, split_daemon_keys
 from .notify import PRIVATE_ENV, Notifier, fields
-from .policy import (Action, Cause, Decision, ExitInfo, decide, deaths_in_window, exit_info,
-                     prune_history, signal_name)
+from .policy import (Action, Cause, Decision, ExitInfo, cooldowns_in_a_row, decide, deaths_in_window, exit_info,
+                     format_wait, prune_history, signal_name)
 from .states import DAEMON_ALIVE, Event, State, step
 from .vici_probe import ProbeResult, ViciProbe
 
 log = logging.getLogger("supervisor")
+STATUS_REFRESH = 10.0     # seconds between STATUS= updates while a cooldown counts down
 daemon_log = logging.getLogger("supervisor.daemon")
 job_log = logging.getLogger("supervisor.job")
 
@@ -286,6 +287,8 @@ class Supervisor:
         self._decision: Decision | None = None
         self._restarts = 0
         self._starts = 0
+        self._cooldowns = 0                 # crash-loop cooldowns in a row (policy.cooldowns_in_a_row)
+        self._starter_pid: str | None = None
         self._next_start_at: float | None = None
         self._stop_requested = False
         self._finishing = False
@@ -362,6 +365,8 @@ class Supervisor:
             except OSError as exc:
                 raise SupervisorError(f"cannot listen on {control.path}: {exc.strerror or exc} "
                                       f"(paths.run_dir in {self.config.source})") from None
+            self._starter_pid = runfiles.claim_starter_pid(runfiles.starter_pid_path(self.config.daemon.pid_file),
+                                                           os.getpid())
             interval = self.notifier.watchdog_interval()
             if interval:
                 self._watchdog(interval)
@@ -391,6 +396,9 @@ class Supervisor:
             if self._dirwatch:
                 self._dirwatch.close()
             self._observe("detach")
+            runfiles.release_starter_pid(self._starter_pid, os.getpid())
+            if self._run is None:
+                self._remove_stale_daemon_files()
             self._recovery_hook("detach")
             for worker in (self._worker, self._reports):
                 if worker:
@@ -400,7 +408,7 @@ class Supervisor:
             if signals:
                 signals.close()
             loop.close()
-            os.close(lock_fd)
+            unlock_run_dir(run_dir, lock_fd)
 
     def _sighup(self) -> None:
         """strongSwan's SIGHUP: re-read the configuration, then apply what changed to the daemon."""
@@ -747,7 +755,9 @@ class Supervisor:
         now = self._now()
         self._history.append(info)
         self._history = prune_history(self.config.restart, self._history, now)
-        decision = decide(self.config.restart, self._history, now, self._rand, stopping=self._stop_requested)
+        self._cooldowns = cooldowns_in_a_row(self.config.restart, self._cooldowns, info)
+        decision = decide(self.config.restart, self._history, now, self._rand, stopping=self._stop_requested,
+                          cooldowns=self._cooldowns)
         self._last_exit, self._decision = info, decision
         self._observe("death", info, decision)
         level = logging.WARNING if info.classification.abnormal else logging.INFO
@@ -848,6 +858,8 @@ class Supervisor:
             self._fire(Event.SCHEDULE_RESTART, decision.describe())
         elif decision.action is Action.GIVE_UP:
             self._fire(Event.GIVE_UP, decision.reason)
+        elif decision.action is Action.COOLDOWN:
+            self._fire(Event.COOL_DOWN, decision.describe())
         else:
             self._fire(Event.STAY_STOPPED, decision.reason)
 
@@ -873,9 +885,17 @@ class Supervisor:
                   "; 'start' on the control socket tries again",
                   extra=fields(exit_classification=self._last_exit.classification.value,
                                restart_count=self._restarts))
+        self._remove_stale_daemon_files()
+        self._give_up_hooks()
+        if self.config.restart.crash_loop.action == "exit":
+            self._exit_code = int(ExitCode.GAVE_UP)
+            self._finishing = True
+            self.notifier.stopping(self._status_line())
+
+    def _give_up_hooks(self) -> None:
         info, decision = self._last_exit, self._decision
+        assert info is not None and decision is not None and self._reports is not None
         # Behind the pending crash report in the same queue, so the hooks can read it.
-        assert self._reports is not None
         self._pending_reports += 1
 
         def after_report(exc: BaseException | None) -> None:
@@ -883,10 +903,52 @@ class Supervisor:
             self._run_hooks("on_give_up", "give-up", info, decision, self._last_report or "")
 
         self._reports.submit(lambda: None, after_report)
-        if self.config.restart.crash_loop.action == "exit":
-            self._exit_code = int(ExitCode.GAVE_UP)
-            self._finishing = True
-            self.notifier.stopping(self._status_line())
+
+    # COOLDOWN: the crash-loop limit with action cooldown: stopped and fail-closed for a pause, then again
+    def _enter_cooldown(self) -> None:
+        d = self._decision
+        assert self._last_exit is not None and d is not None
+        self._cooldowns = d.attempt
+        self._next_start_at = self._now() + d.delay
+        log.error("crash loop: %s stays stopped (%s) for %s, cooldown #%d in a row (%s); it tries again "
+                  "then, 'ipsec start' at once", self._daemon_name, self._down_how, format_duration(d.delay),
+                  d.attempt, d.reason, extra=fields(exit_classification=self._last_exit.classification.value,
+                                         restart_count=self._restarts))
+        self._remove_stale_daemon_files()
+        self._give_up_hooks()
+        if not self.notifier.ready_sent:
+            # The supervisor is up and doing its job (fail-closed, retrying): systemd must not kill it
+            # at TimeoutStartSec and restart into the same loop; STATUS= says charon is not running.
+            self.notifier.ready(self._status_line())
+        self._timer(d.delay, lambda: self._try_again(Event.COOLDOWN_ELAPSED,
+                                                     f"cooldown of {format_duration(d.delay)} over"))
+
+        def refresh() -> None:      # STATUS= says how long is left
+            self._publish_status()
+            self._timer(STATUS_REFRESH, refresh)
+        self._timer(STATUS_REFRESH, refresh)
+
+    @property
+    def _down_how(self) -> str:
+        """What recovery makes of a crash-loop pause (recovery.choose_recovery's rule for COOLDOWN)."""
+        rc = self.config.recovery
+        if isinstance(self.recovery, NoRecovery):
+            return "no kernel-state recovery"
+        if rc.mode not in ("adopt", "flush"):
+            return f"recovery.mode {rc.mode}"
+        return "fail-closed" if rc.fail_closed else "flushed; recovery.fail_closed is false"
+
+    def _try_again(self, event: Event, why: str) -> None:
+        """Start after a crash-loop pause (its timer, or a start request) with a new crash-loop tally."""
+        if self.state not in (State.COOLDOWN, State.GAVE_UP) or self._stop_requested:
+            return      # a timer or request that arrives after the state moved on no longer matters
+        self._history.clear()
+        self._fire(event, why)
+
+    def _remove_stale_daemon_files(self) -> None:
+        cfg = self.config.daemon
+        for what in runfiles.remove_stale_daemon_files(cfg.pid_file, cfg.vici_socket, self._daemon_name):
+            log.info("removed stale %s", what)
 
     # Recovery calls in the worker thread
     def _call_recovery(self, name: str, args: tuple, then: Callable[[], None]) -> None:
@@ -933,15 +995,14 @@ class Supervisor:
         if self.state is State.BACKOFF:
             self._fire(Event.BACKOFF_ELAPSED, "restart requested")
             return True, "restarting now"
-        if self.state is State.GAVE_UP:
+        if self.state in (State.GAVE_UP, State.COOLDOWN):
             return self.request_start()
         return False, f"cannot restart in state {self.state.value}"
 
     def request_start(self) -> tuple[bool, str]:
-        if self.state is not State.GAVE_UP or self._stop_requested:
+        if self.state not in (State.GAVE_UP, State.COOLDOWN) or self._stop_requested:
             return False, f"already started (state {self.state.value})"
-        self._history.clear()  # a manual start begins a new crash-loop tally
-        self._fire(Event.START, "start requested")
+        self._try_again(Event.START, "start requested")   # a manual start begins a new crash-loop tally
         return True, "starting"
 
     def reload_config(self, source: str) -> tuple[bool, str]:
@@ -1013,10 +1074,10 @@ class Supervisor:
         """A new daemon is on its way (its own load will read the current files)."""
         if self._stop_requested:
             return False
-        if self.state in (State.PREPARING, State.STARTING, State.BACKOFF):
+        if self.state in (State.PREPARING, State.STARTING, State.BACKOFF, State.COOLDOWN):
             return True
         return self.state is State.RECOVERING and self._decision is not None \
-            and self._decision.action is Action.RESTART
+            and self._decision.action in (Action.RESTART, Action.COOLDOWN)
 
     def _control(self, req: dict) -> dict | Deferred:
         cmd = req["command"]
@@ -1097,7 +1158,12 @@ class Supervisor:
             "next_restart_in_s": None if self._next_start_at is None else round(max(0.0, self._next_start_at - now), 3),
             "crash_loop": {"deaths_in_window": deaths_in_window(self.config.restart, self._history, now),
                            "max_deaths": self.config.restart.crash_loop.max_deaths,
-                           "window_s": self.config.restart.crash_loop.window},
+                           "window_s": self.config.restart.crash_loop.window,
+                           "action": self.config.restart.crash_loop.action,
+                           "cooldowns_in_a_row": self._cooldowns,
+                           "cooldown": None if self.state is not State.COOLDOWN or not self._decision else {
+                               "number": self._decision.attempt, "duration_s": self._decision.delay,
+                               "deaths": self._decision.deaths}},
             "health": {"enabled": self.config.health.enabled and bool(self.config.daemon.vici_socket),
                        "consecutive_failures": self._health_failures,
                        "last_ok_at": self._wall_of(self._last_probe_ok_at)},
@@ -1160,6 +1226,11 @@ class Supervisor:
             return f"{name} restarting in {self._decision.delay:.1f}s{restarts}{last}"
         if s is State.GAVE_UP and self._decision:
             return f"gave up on {name}: {self._decision.reason}{last}"
+        if s is State.COOLDOWN and self._decision and self._next_start_at is not None:
+            d = self._decision
+            return (f"crash loop: {d.deaths} deaths in {format_duration(self.config.restart.crash_loop.window)}; "
+                    f"next try in {format_wait(self._next_start_at - self._now())} ({name} stays stopped, "
+                    f"{self._down_how}; cooldown #{d.attempt}){last}")
         if s in (State.STOPPING, State.KILLING):
             return f"stopping {name}"
         if s is State.ABORTING:

@@ -23,6 +23,7 @@ class State(enum.Enum):
     RECOVERING = "recovering"
     BACKOFF = "backoff"
     GAVE_UP = "gave-up"
+    COOLDOWN = "cooldown"
 
 
 class Event(enum.Enum):
@@ -41,6 +42,8 @@ class Event(enum.Enum):
     STAY_STOPPED = "stay-stopped"
     GIVE_UP = "give-up"
     BACKOFF_ELAPSED = "backoff-elapsed"
+    COOL_DOWN = "cool-down"
+    COOLDOWN_ELAPSED = "cooldown-elapsed"
 
 
 STATE_DOCS: dict[State, str] = {
@@ -56,6 +59,8 @@ STATE_DOCS: dict[State, str] = {
     State.RECOVERING: "daemon gone: exit classified, restart decided, recovery.on_daemon_exit runs",
     State.BACKOFF: "waiting for the restart delay",
     State.GAVE_UP: "crash-loop limit reached; stays stopped (fail-closed) until told to start",
+    State.COOLDOWN: "crash-loop limit reached; stays stopped (fail-closed) for restart.crash_loop.cooldown "
+                    "(doubling in a row), then tries again; `start` tries at once",
 }
 
 _ALIVE = (State.STARTING, State.LOADING, State.SETTLING, State.RUNNING)
@@ -112,6 +117,7 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
         Event.SCHEDULE_RESTART: State.BACKOFF,
         Event.STAY_STOPPED: State.STOPPED,
         Event.GIVE_UP: State.GAVE_UP,
+        Event.COOL_DOWN: State.COOLDOWN,
         Event.STOP: State.RECOVERING,
     },
     State.BACKOFF: {
@@ -119,6 +125,13 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
         Event.STOP: State.STOPPED,
     },
     State.GAVE_UP: {
+        Event.START: State.PREPARING,
+        Event.STOP: State.STOPPED,
+    },
+    # Its own state, not GAVE_UP with a timer: only here may the pause's timer start the daemon,
+    # so a stale one can never restart a supervisor that gave up for good (exit/stay).
+    State.COOLDOWN: {
+        Event.COOLDOWN_ELAPSED: State.PREPARING,
         Event.START: State.PREPARING,
         Event.STOP: State.STOPPED,
     },

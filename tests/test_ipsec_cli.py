@@ -89,6 +89,7 @@ def _status(state="running", ready=True, load_ok=True, last_exit=None):
     (_status("running"), None, 1.0, StartOutcome.READY, 0),
     (_status("running", load_ok=False), None, 1.0, StartOutcome.CONFIG_FAILED, 2),
     (_status("gave-up", ready=False), None, 1.0, StartOutcome.FAILED, 1),
+    (_status("cooldown", ready=False), None, 1.0, StartOutcome.FAILED, 1),    # crash loop: it stays, retries later
     (_status("stopped", ready=False), None, 1.0, StartOutcome.WAITING, None),   # exiting: wait for its code
     (_status("starting", ready=False), None, 30.0, StartOutcome.FAILED, 1),   # time is up
     (None, None, 30.0, StartOutcome.FAILED, 1),
@@ -489,6 +490,33 @@ def test_crash_loop_during_start_fails_with_the_last_exit(fake):
     r = s.ipsec("start")
     assert r.returncode == 1
     assert "crash-loop" in r.stderr and "SIGSEGV" in r.stderr and "about to crash" in r.stderr
+
+
+@root_only
+def test_a_crash_loop_cools_down_and_ipsec_start_then_tries_at_once_and_stop_leaves_run_clean(fake):
+    s = fake([{"signal_after": 0.05, "signal": "SIGSEGV", "pid_file": False, "lines": ["about to crash"]}],
+             {"restart": {"crash_loop": {"cooldown": "1h"}}})
+    r = s.ipsec("start")
+    assert r.returncode == 1, r.stderr
+    assert "crash loop: 3 deaths in 1m; next try in 1h00m00s" in r.stderr or "next try in 59m59s" in r.stderr
+    assert "state cooldown (it keeps to its restart policy; 'ipsec stop' ends it)" in r.stderr
+    [sup] = s.supervisors()                                       # it stays, fail-closed, and tries again later
+    assert s.pid() == sup
+    with open(s.p("starter.fake.pid")) as fh:
+        assert fh.read() == f"{sup}\n"                           # strongSwan's starter file names the starter
+    r = s.ipsec("status")
+    assert r.returncode == 0 and f"ipsec-supervisor (pid {sup}): crash loop: 3 deaths in 1m; next try in " in r.stdout
+    assert not os.path.exists(s.p("fake.pid")) and not os.path.exists(s.p("fake.vici"))   # the dead one's, gone
+    s.set_runs([{}])                                              # charon can run again
+    r = s.ipsec("start")
+    assert r.returncode == 0, r.stderr
+    assert "trying again now" in r.stderr and "charon ready" in r.stdout
+    assert s.status()["state"] in ("settling", "running") and s.supervisors() == [sup]
+    assert s.ipsec("start").returncode == 0                       # running: as before, already running
+    assert s.ipsec("stop").returncode == 0
+    assert os.listdir(s.p("run")) == [], os.listdir(s.p("run"))   # no pid file, socket, lock or record
+    assert not os.path.exists(s.p("starter.fake.pid"))
+    assert not os.path.exists(s.p("fake.vici"))                   # the fake leaves it, as charon does
 
 
 @root_only

@@ -139,7 +139,7 @@ def test_unit_is_a_notify_service_whose_supervisor_stops_charon_itself():
     assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID", "/bin/kill -USR1 $MAINPID"]
     assert s["KillMode"] == ["mixed"] and s["Restart"] == ["on-failure"]
     assert "WatchdogSec" in s and "TimeoutStopSec" in s
-    assert s["RestartPreventExitStatus"] == ["3 8"]
+    assert s["RestartPreventExitStatus"] == ["3 8 9"]
     caps = s["CapabilityBoundingSet"][0].split()
     assert {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_NET_BIND_SERVICE"} <= set(caps)
     assert "AF_NETLINK" in s["RestrictAddressFamilies"][0] and "AF_PACKET" in s["RestrictAddressFamilies"][0]
