@@ -307,3 +307,27 @@ def test_the_run_directory_removed_under_a_running_supervisor_comes_back_and_a_s
     assert charons_in(netns) == [pid]
     assert_converged(sup, netns, "after two wipes")
     assert sup.stop() == 0
+
+
+@needs_charon
+def test_ipsec_status_tells_the_truth_and_ipsec_start_reattaches(ns_charon, netns):
+    sup = ns_charon("flush")
+    pid = sup.wait_recovered()["daemon"]["pid"]
+
+    def ipsec(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["nsenter", "-t", str(pid), "-n", "-m", sys.executable, "-m", "supervisor.ipsec_cli",
+                               "--config", sup.config_path, *args], capture_output=True, text=True, cwd=ROOT,
+                              timeout=60)
+    r = ipsec("status")
+    assert r.returncode == 0 and f"charon running (pid {pid})" in r.stdout, r.stdout + r.stderr
+    kill_supervisor(sup)
+    r = ipsec("status")
+    assert r.returncode == 5 and f"but charon is (pid {pid})" in r.stdout, r.stdout + r.stderr
+    r = ipsec("start")
+    assert r.returncode == 0 and "re-attaches to it" in r.stderr, r.stdout + r.stderr
+    r = ipsec("status")
+    assert r.returncode == 0 and f"re-attached (charon pid {pid}, up " in r.stdout, r.stdout + r.stderr
+    assert charons_in(netns) == [pid]
+    assert_converged(sup, netns, "after ipsec start")
+    r = ipsec("stop")                   # the re-attached charon goes with the supervisor, as a spawned one
+    assert r.returncode == 0 and charons_in(netns) == [], r.stderr

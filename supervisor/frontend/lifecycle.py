@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, TextIO
 
-from .. import control
+from .. import control, presence, reattach
 from ..config import Config
 from ..crashreport import read_crash_reports
 from ..errors import ExitCode, NotRootError, SupervisorError
@@ -122,12 +122,15 @@ class Located:
     status: dict | None
     pid_file: PidFile
     error: str | None = None       # why there is no status (not running / not answering)
+    holder: int | None = None      # a supervisor process holding the run directory's lock (supervisor.presence)
 
     @property
     def pid(self) -> int | None:
         if self.status is not None:
             return self.status.get("supervisor", {}).get("pid")
-        return self.pid_file.pid if self.pid_file.state is PidState.RUNNING else None
+        if self.pid_file.state is PidState.RUNNING:
+            return self.pid_file.pid
+        return self.holder
 
     @property
     def running(self) -> bool:
@@ -139,19 +142,28 @@ class Located:
 
 
 def locate(cfg: Config, timeout: float = 3.0) -> Located:
-    """Ask the control socket; fall back to the pid file.  NotRootError when not allowed."""
+    """Ask the control socket; fall back to the pid file, then to the supervisor's process (its run
+    directory may have been wiped under it).  NotRootError when not allowed."""
     pid_file = inspect_pid_file(pid_file_path(cfg.paths.run_dir))
     try:
         answer = control.request(cfg.paths.run_dir, "status", timeout=timeout)
     except NotRootError:
         raise
     except SupervisorError as exc:
-        return Located(None, pid_file, str(exc))
+        return _without_status(cfg, pid_file, str(exc))
     except OSError as exc:     # it went away while answering
-        return Located(None, pid_file, f"the control socket failed: {exc.strerror or exc}")
+        return _without_status(cfg, pid_file, f"the control socket failed: {exc.strerror or exc}")
     if not answer.get("ok"):
-        return Located(None, pid_file, str(answer.get("error")))
+        return _without_status(cfg, pid_file, str(answer.get("error")))
     return Located(answer["status"], pid_file)
+
+
+def _without_status(cfg: Config, pid_file: PidFile, error: str) -> Located:
+    found = Located(None, pid_file, error)
+    if found.running:
+        return found
+    holders = presence.running_supervisors(cfg.paths.run_dir)
+    return Located(None, pid_file, error, holders[0]) if holders else found
 
 
 def systemd_unit_of(pid: int, proc: str = "/proc") -> str | None:
@@ -432,8 +444,12 @@ def start_detached(cfg: Config, config_path: str | None, *, timeout: float, verb
             return START_OK
         _clear_stale(found.pid_file, err)
         orphan = unsupervised_daemon(cfg)
-        if orphan is not None:
-            name = os.path.basename(cfg.daemon.command[0])
+        verdict = _reattach_verdict(cfg) if orphan is not None else None
+        name = os.path.basename(cfg.daemon.command[0])
+        if verdict is not None and verdict.attach and verdict.pid == orphan:
+            print(f"ipsec start: {name} (pid {orphan}) runs without a supervisor (the one that started it died); "
+                  "the new supervisor re-attaches to it", file=err)
+        elif orphan is not None:
             print(f"ipsec start: {name} (pid {orphan}, {cfg.daemon.pid_file}) is already running without "
                   f"a supervisor (the one that started it died); 'ipsec stop' stops it, then start again",
                   file=err)
@@ -501,6 +517,14 @@ def start_detached(cfg: Config, config_path: str | None, *, timeout: float, verb
         return verdict.exit_code or START_FAILED
     finally:
         lock.close()
+
+
+def _reattach_verdict(cfg: Config) -> reattach.ReattachDecision | None:
+    """Whether the supervisor about to start will re-attach to the charon that runs alone."""
+    try:
+        return reattach.decide_reattach(reattach.gather_facts(cfg))
+    except OSError:
+        return None
 
 
 def _say_already_running(found: Located, err: TextIO) -> None:
