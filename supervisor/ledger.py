@@ -105,6 +105,7 @@ class Ledger:
     daemon_start_time: int | None = None   # /proc/PID/stat starttime of daemon_pid: a reused pid differs
     daemon_loaded: bool = False            # its configuration load finished (a re-attach need not load)
     adoption_deadline: float | None = None  # wall clock: an adoption was in progress until then
+    spawn_tick: int | None = None          # boot tick before this run's daemon was spawned (pid not known yet)
 
     def lookup(self, record: Any) -> LedgerEntry | None:
         family = self.entries.get(record.FAMILY)
@@ -390,6 +391,7 @@ def ledger_to_document(ledger: Ledger) -> dict:
         "rule_priority": ledger.rule_priority, "reqids": sorted(ledger.reqids),
         "stale": sorted(ledger.stale), "daemon_start_time": ledger.daemon_start_time,
         "daemon_loaded": ledger.daemon_loaded, "adoption_deadline_unix": ledger.adoption_deadline,
+        "spawn_tick": ledger.spawn_tick,
         "entries": {family: [e.to_json() for e in ledger.entries.get(family, {}).values()]
                     for family in TRACKED},
     }
@@ -489,4 +491,5 @@ def ledger_from_document(doc: Any, path: str = "<document>") -> Ledger:
                   rule_priority=_opt_int(doc, "rule_priority", path),
                   entries=entries, reqids=frozenset(reqids), stale=frozenset(stale),
                   daemon_start_time=_opt_int(doc, "daemon_start_time", path), daemon_loaded=loaded,
-                  adoption_deadline=None if deadline is None else float(deadline))
+                  adoption_deadline=None if deadline is None else float(deadline),
+                  spawn_tick=_opt_int(doc, "spawn_tick", path))

@@ -45,6 +45,9 @@ class ReattachFacts:
     process: ProcessInfo | None = None      # the process at the ledger's daemon pid (None: no such pid)
     pid_file: str | None = None             # charon's pid file (daemon.pid_file)
     pid_file_pid: int | None = None         # what it names (None: absent or not a pid)
+    # The ledger names no daemon but a spawn had begun (spawn_tick): the processes of this namespace
+    # started since then (read only in that case)
+    spawned: tuple[ProcessInfo, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,12 +77,14 @@ def decide_reattach(f: ReattachFacts) -> ReattachDecision:
     led = f.ledger
     if led is None:
         return ReattachDecision(False, f"no usable ledger ({f.ledger_problem or 'none'})")
-    pid = led.daemon_pid
-    if pid is None:
-        return ReattachDecision(False, "the ledger names no daemon (the earlier supervisor had none running)")
     if led.netns_inode is not None and led.netns_inode != f.netns_inode:
         return ReattachDecision(False, f"the ledger belongs to another network namespace (inode "
                                        f"{led.netns_inode}, this one {f.netns_inode})")
+    pid = led.daemon_pid
+    if pid is None:
+        if led.spawn_tick is None:
+            return ReattachDecision(False, "the ledger names no daemon (the earlier supervisor had none running)")
+        return _just_spawned(f, led.spawn_tick)
     p = f.process
     if p is None or p.zombie:
         return ReattachDecision(False, f"pid {pid} of the ledger is not running")
@@ -100,6 +105,55 @@ def decide_reattach(f: ReattachFacts) -> ReattachDecision:
     return ReattachDecision(True, f"pid {pid} is the {os.path.basename(f.binary)} the earlier supervisor "
                                   "started (ledger pid and start time, binary, root, this network namespace)",
                             pid, p.start_time, led.daemon_loaded)
+
+
+def _just_spawned(f: ReattachFacts, tick: int) -> ReattachDecision:
+    """The supervisor died between spawning the daemon and writing its pid down: the one process of
+    the binary, as root, in this namespace, started since the spawn began, is that daemon."""
+    found = [p for p in f.spawned if not p.zombie and p.netns_inode == f.netns_inode and p.uid == 0
+             and p.start_time is not None and p.start_time >= tick
+             and runs_binary(p.exe, p.exe_id, f.binary, f.binary_id)]
+    if not found:
+        return ReattachDecision(False, f"the earlier supervisor was spawning a daemon (tick {tick}); none runs")
+    if len(found) > 1:
+        return ReattachDecision(False, f"{len(found)} processes of {f.binary} started since the earlier "
+                                       f"supervisor's spawn (tick {tick}): pids {', '.join(str(p.pid) for p in found)}")
+    p = found[0]
+    if f.pid_file_pid is not None and f.pid_file_pid != p.pid:
+        return ReattachDecision(False, f"{f.pid_file} names pid {f.pid_file_pid}, not pid {p.pid} spawned "
+                                       "by the earlier supervisor")
+    return ReattachDecision(True, f"pid {p.pid} is the {os.path.basename(f.binary)} the earlier supervisor "
+                                  f"was spawning when it died (started since tick {tick}, the only one; binary, "
+                                  "root, this network namespace)", p.pid, p.start_time, False)
+
+
+def boot_tick(proc: str = "/proc") -> int | None:
+    """Now, in the clock ticks after boot that /proc/PID/stat's start times count."""
+    text = _read(f"{proc}/uptime")
+    try:
+        return int(float(text.split()[0]) * os.sysconf("SC_CLK_TCK"))
+    except (AttributeError, IndexError, ValueError):
+        return None
+
+
+def processes_since(tick: int, netns_inode: int, proc: str = "/proc") -> tuple[ProcessInfo, ...]:
+    """The processes of network namespace NETNS_INODE started at or after TICK."""
+    out = []
+    for entry in os.listdir(proc):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"{proc}/{entry}/ns/net").st_ino != netns_inode:
+                continue
+        except OSError:
+            continue
+        start = process_start_time(int(entry), proc)
+        if start is None or start < tick:
+            continue
+        info = process_info(int(entry), proc)
+        if info is not None:
+            out.append(info)
+    return tuple(out)
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -203,5 +257,8 @@ def gather_facts(config, *, path_env: str | None = None, proc: str = "/proc") ->
     else:
         problem = f"no {path}"
     process = process_info(ledger.daemon_pid, proc) if ledger is not None and ledger.daemon_pid else None
+    spawned: tuple[ProcessInfo, ...] = ()
+    if ledger is not None and ledger.daemon_pid is None and ledger.spawn_tick is not None:
+        spawned = processes_since(ledger.spawn_tick, netns, proc)
     return ReattachFacts(binary, binary_id, netns, ledger, problem, process, config.daemon.pid_file,
-                         _pid_in(config.daemon.pid_file))
+                         _pid_in(config.daemon.pid_file), spawned)

@@ -48,7 +48,7 @@ from .ledger import (HOW_INHERITED, OWNER_DAEMON, DaemonPorts, Ledger, LedgerErr
                      resync_ledger, save_ledger, start_ledger)
 from .ownership import MarkerConfig, Verdict, decide_ownership, is_supervisor_block
 from .policy import Action, Decision, ExitClass, ExitInfo, signal_name
-from .reattach import process_start_time
+from .reattach import boot_tick, process_start_time
 from .reconcile import (ActionResult, DeleteObject, InstallBlockPolicy, Keep, Outcome, Plan,
                         RemoveBlockPolicy, blocks_to_remove, execute, plan_flush, plan_keep)
 from .snapshot import take_snapshot, write_snapshot
@@ -626,6 +626,9 @@ class KernelRecovery:
             # Normally no daemon runs yet; only a before_start over its time limit lets the spawn
             # overtake the baseline, and then its changes meanwhile are still its own.
             ledger = start_ledger(state, self._daemon_pid, claimed=[r for r, _ in self._carry], now=self._wall())
+            # Saved before the spawn: a supervisor killed between the spawn and writing the pid down
+            # leaves a ledger by which the next one still finds that daemon (reattach._just_spawned).
+            ledger = dataclasses.replace(ledger, spawn_tick=boot_tick())
             buffered, self._buffer = self._buffer or [], None
             ports = self._ports.update(buffered) if self._ports is not None and self._daemon_pid else frozenset()
             self._ledger = apply_events(ledger, buffered, ports)

@@ -50,8 +50,12 @@ def proc(pid=500, exe=BIN, exe_id=BIN_ID, uid=0, start=777, netns=NS, zombie=Fal
     return ProcessInfo(pid, exe, exe_id, uid, start, netns, zombie)
 
 
-def facts(led=ledger(), p=proc(), pid_file_pid=None, problem=None) -> ReattachFacts:
-    return ReattachFacts(BIN, BIN_ID, NS, led, problem, p, "/run/charon.pid", pid_file_pid)
+def spawning(tick=800) -> Ledger:
+    return Ledger(daemon_pid=None, netns_inode=NS, started=1.0, spawn_tick=tick)
+
+
+def facts(led=ledger(), p=proc(), pid_file_pid=None, problem=None, spawned=()) -> ReattachFacts:
+    return ReattachFacts(BIN, BIN_ID, NS, led, problem, p, "/run/charon.pid", pid_file_pid, spawned)
 
 
 @pytest.mark.parametrize("f, attach, why", [
@@ -71,21 +75,35 @@ def facts(led=ledger(), p=proc(), pid_file_pid=None, problem=None) -> ReattachFa
     (facts(p=proc(exe=None)), False, "an unknown program"),
     (facts(p=proc(uid=1000)), False, "uid 1000, not root"),
     (facts(pid_file_pid=501), False, "names pid 501, the ledger pid 500"),
+    # killed between the spawn and writing the pid down: the one charon started since the spawn began
+    (facts(led=spawning(), spawned=(proc(pid=600, start=900),)), True, "was spawning when it died"),
+    (facts(led=spawning(), spawned=(proc(pid=600, start=900),), pid_file_pid=600), True, "was spawning"),
+    (facts(led=spawning(), spawned=()), False, "was spawning a daemon (tick 800); none runs"),
+    (facts(led=spawning(), spawned=(proc(pid=600, start=799),)), False, "none runs"),     # older: not it
+    (facts(led=spawning(), spawned=(proc(pid=600, start=900, uid=7),)), False, "none runs"),
+    (facts(led=spawning(), spawned=(proc(pid=600, start=900, exe="/bin/sh"),)), False, "none runs"),
+    (facts(led=spawning(), spawned=(proc(pid=600, start=900, zombie=True),)), False, "none runs"),
+    (facts(led=spawning(), spawned=(proc(pid=600, start=900), proc(pid=601, start=901))), False,
+     "2 processes of /usr/lib/ipsec/charon started since"),
+    (facts(led=spawning(), spawned=(proc(pid=600, start=900),), pid_file_pid=5), False, "names pid 5, not pid 600"),
 ])
 def test_may_reattach_only_to_the_process_the_ledger_names(f, attach, why):
     d = decide_reattach(f)
     assert d.attach is attach and why in d.reason
-    if attach:
+    if attach and f.ledger.daemon_pid:
         assert (d.pid, d.start_time, d.loaded) == (500, 777, True)
+    elif attach:
+        assert (d.pid, d.start_time, d.loaded) == (600, 900, False)
 
 
 def test_the_ledger_keeps_the_daemon_start_time_and_what_was_pending():
     led = Ledger(daemon_pid=9, netns_inode=NS, started=2.0, daemon_start_time=12345, daemon_loaded=True,
-                 adoption_deadline=1700000000.5)
+                 adoption_deadline=1700000000.5, spawn_tick=12000)
     back = ledger_from_document(ledger_to_document(led))
-    assert (back.daemon_start_time, back.daemon_loaded, back.adoption_deadline) == (12345, True, 1700000000.5)
+    assert (back.daemon_start_time, back.daemon_loaded, back.adoption_deadline, back.spawn_tick) == \
+        (12345, True, 1700000000.5, 12000)
     old = ledger_to_document(led)
-    for key in ("daemon_start_time", "daemon_loaded", "adoption_deadline_unix"):
+    for key in ("daemon_start_time", "daemon_loaded", "adoption_deadline_unix", "spawn_tick"):
         del old[key]        # a ledger of an older version: nothing to re-attach by, still readable
     back = ledger_from_document(old)
     assert (back.daemon_start_time, back.daemon_loaded, back.adoption_deadline) == (None, False, None)
@@ -203,7 +221,8 @@ def ns_charon(netns, tmp_path_factory):
 
     def start(mode: str, load_delay: float = 0.0, wait: bool = True, **kw):
         workdir = str(tmp_path_factory.mktemp(f"reattach-{mode}"))
-        sup = SupervisedCharon(netns.name, workdir, swanctl_conf=SWANCTL_CONF, mode=mode, **kw)
+        kw.setdefault("swanctl_conf", SWANCTL_CONF)
+        sup = SupervisedCharon(netns.name, workdir, mode=mode, **kw)
         made.append(sup)
         if load_delay:      # a slow load widens the window of a kill during it
             sup.config["daemon"]["load_commands"] = [["sh", "-c", f"sleep {load_delay}; exec \"$@\"", "sh"]
@@ -331,3 +350,35 @@ def test_ipsec_status_tells_the_truth_and_ipsec_start_reattaches(ns_charon, netn
     assert_converged(sup, netns, "after ipsec start")
     r = ipsec("stop")                   # the re-attached charon goes with the supervisor, as a spawned one
     assert r.returncode == 0 and charons_in(netns) == [], r.stderr
+
+
+NET2 = """
+      net2 {
+        local_ts = 10.3.0.0/16
+        remote_ts = 10.4.0.0/16
+        start_action = trap
+      }
+"""
+
+
+@needs_charon
+def test_an_adoption_in_progress_is_resumed_by_the_next_supervisor(ns_charon, netns):
+    # charon runs with a second child; the restarted charon's files no longer have it, so its trap
+    # policies are leftovers that wait for adopt_grace; the supervisor is killed meanwhile.
+    with_net2 = SWANCTL_CONF.replace("    children {\n", "    children {\n" + NET2)
+    sup = ns_charon("adopt", swanctl_conf=with_net2, supervisor={"recovery": {"adopt_grace": "6s"}})
+    sup.wait_recovered()
+    sup.write_swanctl(SWANCTL_CONF)
+    os.kill(sup.charon_pid, signal.SIGKILL)
+    st = sup.wait(lambda s: s["restarts"] == 1 and ((s.get("recovery") or {}).get("adoption") or {}).get("state")
+                  == "waiting" and s["state"] == "running", 30, "adopting")
+    pid = st["daemon"]["pid"]
+    kill_supervisor(sup)
+    sup.start(beside=pid)
+    st = sup.wait(lambda s: s["state"] == "running" and (s.get("recovery") or {}).get("adoption") is not None,
+                  30, "adoption resumed")
+    assert st["daemon"]["reattached"] and st["daemon"]["pid"] == pid
+    assert st["recovery"]["adoption"]["leftovers"] == 3, st["recovery"]      # net2's in, out, fwd
+    assert "adoption of 3 leftover(s) resumed" in sup.log()
+    sup.wait_recovered(timeout=30)
+    assert_converged(sup, netns, "after the resumed adoption")     # net2's policies are gone, charon's stay
