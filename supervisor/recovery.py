@@ -736,6 +736,7 @@ class KernelRecovery:
             log.info("adopting %d leftover(s) of the dead %s: grace period %s", len(carry), self._daemon_name,
                      format_duration(rc.adopt_grace))
             self._queue_adopt_step(0.0)
+        self._save_now()        # "loaded" and the adoption on disk now: a supervisor killed next resumes them
 
     def on_daemon_exit(self, exit_info: ExitInfo, decision: Decision) -> None:
         """RECOVERING: snapshot what the dead daemon left, then flush / carry it for adopt or keep."""

