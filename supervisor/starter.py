@@ -38,6 +38,7 @@ from .frontend.pidfile import PID_FILE_NAME, write_pid_file
 from .errors import ConfigError, ExitCode, SupervisorError, printable
 from .eventloop import Loop, SignalWakeup, ThreadWakeup, Timer
 from .jobs import AttachedProcess, Child, Job, JobResult
+from .ledger import LEDGER_FILE
 from .loads import RELOAD, UPDATE, ConfigLoads, LoadOutcome, restarting_answer, split_daemon_keys
 from .notify import PRIVATE_ENV, Notifier, fields
 from .policy import (Action, Cause, Decision, ExitInfo, decide, deaths_in_window, exit_info,
@@ -1031,8 +1032,9 @@ class Supervisor:
             if self._runwatch is not None:
                 self._runwatch.unwatch_all()
                 self._runwatch.watch(run_dir, DirWatch.VANISH)
+        if restored or not os.path.exists(os.path.join(run_dir, LEDGER_FILE)):
+            self._recovery_hook("restore_files")        # (a no-op without a ledger)
         if restored:
-            self._recovery_hook("restore_files")
             log.warning("%s was removed under the running supervisor: restored %s and the ledger", run_dir,
                         ", ".join(restored))
 
