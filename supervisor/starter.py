@@ -354,7 +354,7 @@ class Supervisor:
             raise SupervisorError(f"already running (pid {others[0]}, holding {run_dir}'s lock); nothing was "
                                   "started", ExitCode.OK)
         try:
-            lock_fd = self._lock_fd = lock_run_dir(run_dir)
+            self._lock_fd = lock_run_dir(run_dir)
         except OSError as exc:
             raise SupervisorError(f"cannot use the run directory {run_dir}: {exc.strerror or exc} "
                                   f"(paths.run_dir in {self.config.source})") from None
@@ -1026,12 +1026,12 @@ class Supervisor:
                 write_pid_file(pid_path, os.getpid())
                 restored.append(f"the pid file {PID_FILE_NAME}")
         except (OSError, SupervisorError) as exc:
+            restored.clear()
             log.error("cannot restore the run directory %s: %s (trying again in %s)", run_dir,
                       getattr(exc, "strerror", None) or exc, format_duration(RUN_DIR_CHECK))
-        finally:
-            if self._runwatch is not None:
-                self._runwatch.unwatch_all()
-                self._runwatch.watch(run_dir, DirWatch.VANISH)
+        if restored and self._runwatch is not None:
+            self._runwatch.unwatch_all()        # the old directory's watch died with it
+            self._runwatch.watch(run_dir, DirWatch.VANISH)
         if restored or not os.path.exists(os.path.join(run_dir, LEDGER_FILE)):
             self._recovery_hook("restore_files")        # (a no-op without a ledger)
         if restored:

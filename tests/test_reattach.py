@@ -327,6 +327,10 @@ def test_the_run_directory_removed_under_a_running_supervisor_comes_back_and_a_s
     second = subprocess.run(["nsenter", "-t", str(pid), "-n", "-m", sys.executable, "-m", "supervisor.cli", "run",
                              "--config", sup.config_path], capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert second.returncode == 0 and f"already running (pid {sup.proc.pid}" in second.stderr, second.stderr
+    shutil.rmtree(run_dir, ignore_errors=True)
+    start = subprocess.run(["nsenter", "-t", str(pid), "-n", "-m", sys.executable, "-m", "supervisor.ipsec_cli",
+                            "--config", sup.config_path, "start"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert start.returncode == 0 and f"already running (pid {sup.proc.pid})" in start.stderr, start.stderr
     assert charons_in(netns) == [pid]
     assert_converged(sup, netns, "after two wipes")
     assert sup.stop() == 0
