@@ -390,3 +390,19 @@ def test_an_adoption_in_progress_is_resumed_by_the_next_supervisor(ns_charon, ne
     assert "leftover(s) resumed" in sup.log()
     sup.wait_recovered(timeout=30)
     assert_converged(sup, netns, "after the resumed adoption")     # net2's policies are gone, charon's stay
+
+
+@needs_charon
+def test_a_reattached_charon_that_does_not_answer_within_its_start_timeout_is_handled_as_hung(ns_charon, netns):
+    sup = ns_charon("adopt", supervisor={"daemon": {"start_timeout": "2s"}, "health": {"abort_timeout": "1s"}})
+    pid = sup.wait_recovered()["daemon"]["pid"]
+    kill_supervisor(sup)
+    os.kill(pid, signal.SIGSTOP)
+    sup.start(beside=pid)
+    st = sup.wait(lambda s: s["restarts"] == 1 and s["state"] == "running", 60, "a new charon after the hung one")
+    assert st["daemon"]["pid"] != pid and not st["daemon"]["reattached"]
+    assert st["last_exit"]["classification"] == "hung" and "exit status unknown" in st["last_exit"]["description"]
+    log = sup.log()
+    assert "re-attached charon did not answer" in log and "handled as hung" in log and "sent SIGABRT" in log
+    sup.wait_recovered()
+    assert_converged(sup, netns, "after the hung re-attached charon")
