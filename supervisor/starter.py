@@ -336,6 +336,7 @@ class Supervisor:
         self._pending_reports = 0
         self._dirwatch: DirWatch | None = None
         self._reattach: reattach.ReattachDecision | None = None  # this run's daemon was re-attached
+        self._first_reattach: reattach.ReattachDecision | None = None  # run()'s decision for the first start
         self._lock_fd = -1
         self._control_server: ControlServer | None = None
         self._run_files: dict[str, tuple[int, int]] = {}        # name in run_dir -> (dev, ino) we made
@@ -359,6 +360,9 @@ class Supervisor:
             raise SupervisorError(f"cannot use the run directory {run_dir}: {exc.strerror or exc} "
                                   f"(paths.run_dir in {self.config.source})") from None
         self._pid_file_mine = _read_pid(os.path.join(run_dir, PID_FILE_NAME)) == os.getpid()
+        # Decided once, holding the lock, before anything else looks at a running charon: one that may be
+        # re-attached is ours to take over, not "another daemon" to refuse (the first PREPARING acts on it).
+        self._first_reattach = self._reattach_verdict() if hasattr(self.recovery, "on_daemon_reattached") else None
         # Children inherit the spawning thread's signal mask: make sure it is empty.  SIGCHLD
         # inherited as SIG_IGN would make the kernel reap our children before waitpid() can.
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
@@ -508,8 +512,8 @@ class Supervisor:
         if self._starts > 1:
             self._restarts += 1
         self._reattach = None
-        if self._starts == 1 and hasattr(self.recovery, "on_daemon_reattached"):
-            verdict = self._reattach_verdict()
+        verdict, self._first_reattach = self._first_reattach, None
+        if verdict is not None and self._starts == 1:
             if verdict.attach:
                 self._call_recovery("on_daemon_reattached", (verdict.pid, verdict.start_time),
                                     lambda: self._attach(verdict))
