@@ -131,6 +131,14 @@ class ControlServer:
     def _drop(self, client: "_Client") -> None:
         self._clients.pop(client.fd, None)
 
+    def relisten(self) -> None:
+        """Bind the socket again (its file was removed with the run directory); clients stay connected."""
+        if self._sock is not None:
+            self._loop.forget(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+        self.start()
+
     def close(self) -> None:
         for client in list(self._clients.values()):
             if client.out and client.conn is not None:

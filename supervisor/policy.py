@@ -101,6 +101,7 @@ class ExitInfo:
     ready_at: float | None = None
     okay_at: float | None = None
     spawn_error: str | None = None
+    status_unknown: bool = False      # a re-attached daemon: not our child, its exit status is not ours to read
 
     @property
     def uptime(self) -> float:
@@ -115,6 +116,9 @@ class ExitInfo:
         """One line: how it ended, e.g. 'killed by SIGSEGV (core dumped)'."""
         if self.spawn_error:
             how = f"could not be started: {self.spawn_error}"
+        elif self.status_unknown:
+            how = ("died, exit status unknown (re-attached: not this supervisor's child)"
+                   + ("; counted as a crash" if self.classification is ExitClass.SIGNALED else ""))
         elif self.signal is not None:
             how = f"killed by {signal_name(self.signal)}" + (" (core dumped)" if self.core_dumped else "")
         else:
@@ -130,8 +134,12 @@ class ExitInfo:
 
 def exit_info(cfg: RestartConfig, *, pid: int, wait_status: int | None, cause: Cause, started_at: float,
               died_at: float, ready_at: float | None = None, okay_at: float | None = None,
-              spawn_error: str | None = None) -> ExitInfo:
-    """Build and classify an ExitInfo; a failed spawn is treated like exit code 127 (as shells do)."""
+              spawn_error: str | None = None, status_unknown: bool = False) -> ExitInfo:
+    """Build and classify an ExitInfo; a failed spawn is treated like exit code 127 (as shells do), a
+    death whose status is unknown (STATUS_UNKNOWN: a re-attached daemon) like a crash."""
+    if status_unknown:
+        cls = classify_exit(cfg, None, 0, cause)     # no status: SIGNALED unless the cause says otherwise
+        return ExitInfo(pid, None, None, False, cause, cls, started_at, died_at, ready_at, okay_at, None, True)
     if wait_status is None:
         code, signo, core = 127, None, False
     else:

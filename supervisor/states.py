@@ -29,6 +29,7 @@ class State(enum.Enum):
 class Event(enum.Enum):
     START = "start"
     SPAWNED = "spawned"
+    ATTACHED = "attached"
     ANSWERED = "answered"
     LOADED = "loaded"
     OKAY = "okay"
@@ -48,9 +49,12 @@ class Event(enum.Enum):
 
 STATE_DOCS: dict[State, str] = {
     State.STOPPED: "no daemon and nothing scheduled (initial; the supervisor exits when it gets here)",
-    State.PREPARING: "recovery.before_start runs; then the daemon is spawned",
-    State.STARTING: "daemon spawned; waiting for its pid file and a VICI `version` answer (start timeout)",
-    State.LOADING: "daemon answered; load commands run, then recovery.on_daemon_ready",
+    State.PREPARING: "recovery.before_start runs; then the daemon is spawned (first start: or the daemon an "
+                     "earlier supervisor started is re-attached, see supervisor/reattach.py)",
+    State.STARTING: "daemon spawned; waiting for its pid file and a VICI `version` answer (start timeout; a "
+                    "re-attached daemon: VICI only, and silent past the timeout counts as hung)",
+    State.LOADING: "daemon answered; load commands run (not for a re-attached daemon whose load had "
+                   "finished), then recovery.on_daemon_ready",
     State.SETTLING: "ready (READY=1 sent); the start counts as successful after restart.okay_delay",
     State.RUNNING: "start confirmed; health probes every health.interval",
     State.STOPPING: "stop signal sent; SIGKILL after stop.timeout",
@@ -74,12 +78,14 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
     },
     State.PREPARING: {
         Event.SPAWNED: State.STARTING,
+        Event.ATTACHED: State.STARTING,        # an earlier supervisor's daemon, taken over
         Event.DIED: State.RECOVERING,          # the spawn itself failed
         Event.STOP: State.STOPPED,
     },
     State.STARTING: {
         Event.ANSWERED: State.LOADING,
         Event.START_TIMEOUT: State.KILLING,
+        Event.PROBE_FAILED: State.ABORTING,    # a re-attached daemon that does not answer: hung
         Event.STOP: State.STOPPING,
         Event.DIED: State.RECOVERING,
     },

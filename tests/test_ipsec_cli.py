@@ -607,9 +607,10 @@ def test_killed_supervisor_leaves_a_stale_pid_file_and_stop_ends_the_orphaned_da
     pid, daemon = s.pid(), s.status()["daemon"]["pid"]
     os.kill(pid, signal.SIGKILL)
     _wait(lambda: not _alive(pid), what="supervisor gone")
-    r = s.ipsec("status")
-    assert r.returncode == 1 and f"pid {pid} is not running" in r.stderr
-    r = s.ipsec("start")                                           # refuses: charon runs unsupervised
+    r = s.ipsec("status")                                          # the truth: the daemon runs alone
+    assert r.returncode == 5 and f"pid {pid} is not running" in r.stderr
+    assert f"but {os.path.basename(sys.executable)} is (pid {daemon})" in r.stdout, r.stdout
+    r = s.ipsec("start")      # refuses: the daemon runs unsupervised, and no ledger says whose it is
     assert r.returncode == 1 and "without a supervisor" in r.stderr
     r = s.ipsec("stop", "--strict")
     assert r.returncode == 7 and f"(pid {daemon}) runs without" in r.stderr

@@ -587,9 +587,9 @@ def test_control_socket_is_root_only_and_status_cli_works(harness):
     assert "restarts:      0" in r.stdout and "last exit:     -" in r.stdout
     r = subprocess.run(cli + ["status", "--json", "--config", h.config_path], capture_output=True, text=True, cwd=ROOT)
     assert json.loads(r.stdout)["state"] == "running"
-    # A second supervisor on the same run directory refuses to start.
+    # A second supervisor on the same run directory starts nothing and says which one runs (as `ipsec start`).
     r = subprocess.run(cli + ["run", "--config", h.config_path], capture_output=True, text=True, cwd=ROOT, timeout=20)
-    assert r.returncode == ExitCode.FAILED and "another ipsec-supervisor is running" in r.stderr
+    assert r.returncode == ExitCode.OK and f"already running (pid {h.proc.pid}" in r.stderr, r.stderr
     h.send(signal.SIGTERM)
     assert h.wait_exit() == 0
     r = subprocess.run(cli + ["status", "--config", h.config_path], capture_output=True, text=True, cwd=ROOT)

@@ -339,6 +339,36 @@ def test_stopped_supervisor_is_killed_by_the_watchdog_and_restarted(unit):
 
 
 @container_tier
+def test_systemctl_restart_is_a_stop_and_a_start_not_a_reattach(unit):
+    _start(unit)
+    charon_before = _charon_pid(unit)
+    unit.systemctl("restart", UNIT_NAME)
+    st = _supervisor_status(unit)
+    assert st["daemon"]["pid"] not in (None, charon_before) and not st["daemon"]["reattached"], st["summary"]
+    assert unit.run(["kill", "-0", str(charon_before)], check=False).returncode != 0
+    messages = [e.get("MESSAGE", "") for e in unit.journal("-u", UNIT_NAME)]
+    assert any(f"(pid {charon_before}) exited with code 0 on request" in m for m in messages), messages[-20:]
+    assert len(_charon_policies(unit)) == 3
+
+
+@container_tier
+def test_kill_9_of_the_supervisor_takes_charon_with_it_and_systemd_starts_clean(unit):
+    # KillMode=mixed: nothing of the unit outlives its main process, so there is nothing to re-attach to.
+    _start(unit)
+    before, charon_before = _props(unit, "MainPID")["MainPID"], _charon_pid(unit)
+    unit.run(["kill", "-9", before])
+    p = _wait(lambda: (lambda p: p if p["NRestarts"] == "1" and p["ActiveState"] == "active"
+                       and p["MainPID"] not in ("0", before) else None)(
+        _props(unit, "NRestarts", "MainPID", "ActiveState")), timeout=60, what="systemd restart")
+    st = _wait(lambda: (lambda s: s if s and s["state"] == "running" else None)(_supervisor_status(unit)),
+               what="new supervisor running")
+    assert st["supervisor"]["pid"] == int(p["MainPID"]) and not st["daemon"]["reattached"]
+    assert st["daemon"]["pid"] != charon_before
+    assert unit.run(["kill", "-0", str(charon_before)], check=False).returncode != 0
+    assert len(_charon_policies(unit)) == 3                       # recovered by the ledger, not duplicated
+
+
+@container_tier
 def test_systemctl_stop_is_graceful_and_leaves_no_charon_state(unit):
     _start(unit)
     charon = _charon_pid(unit)

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, TextIO
 
-from .. import control
+from .. import control, presence, reattach
 from ..config import Config
 from ..crashreport import read_crash_reports
 from ..errors import ExitCode, NotRootError, SupervisorError
@@ -126,17 +126,21 @@ class Located:
     pid_file: PidFile
     error: str | None = None       # why there is no status (not running / not answering)
     lock: LockHolder | None = None
+    holder: int | None = None      # a supervisor process holding the lock, found by its process (presence):
+                                   # when the run directory was wiped under it
 
     @property
     def pid(self) -> int | None:
         """The supervisor's pid as its own answer or the kernel's lock table says (never the pid file alone)."""
         if self.status is not None:
             return self.status.get("supervisor", {}).get("pid")
-        return self.lock.pid if self.lock is not None and self.lock.held else None
+        if self.lock is not None and self.lock.held and self.lock.pid is not None:
+            return self.lock.pid
+        return self.holder
 
     @property
     def running(self) -> bool:
-        return self.status is not None or (self.lock is not None and self.lock.held)
+        return self.status is not None or (self.lock is not None and self.lock.held) or self.holder is not None
 
     @property
     def daemon_pid(self) -> int | None:
@@ -144,7 +148,8 @@ class Located:
 
 
 def locate(cfg: Config, timeout: float = 3.0) -> Located:
-    """Ask the control socket; the supervisor lock says whether one runs.  NotRootError when not allowed."""
+    """Ask the control socket; the supervisor lock says whether one runs, else the supervisor's process
+    (its run directory may have been wiped under it).  NotRootError when not allowed."""
     try:
         lock = find_lock_holder(cfg.paths.run_dir)
     except PermissionError:
@@ -155,12 +160,20 @@ def locate(cfg: Config, timeout: float = 3.0) -> Located:
     except NotRootError:
         raise
     except SupervisorError as exc:
-        return Located(None, pid_file, str(exc), lock)
+        return _without_status(cfg, pid_file, str(exc), lock)
     except OSError as exc:     # it went away while answering
-        return Located(None, pid_file, f"the control socket failed: {exc.strerror or exc}", lock)
+        return _without_status(cfg, pid_file, f"the control socket failed: {exc.strerror or exc}", lock)
     if not answer.get("ok"):
-        return Located(None, pid_file, str(answer.get("error")), lock)
+        return _without_status(cfg, pid_file, str(answer.get("error")), lock)
     return Located(answer["status"], pid_file, None, lock)
+
+
+def _without_status(cfg: Config, pid_file: PidFile, error: str, lock: LockHolder) -> Located:
+    found = Located(None, pid_file, error, lock)
+    if found.running:
+        return found
+    holders = presence.running_supervisors(cfg.paths.run_dir)
+    return Located(None, pid_file, error, lock, holders[0]) if holders else found
 
 
 def systemd_unit_of(pid: int, proc: str = "/proc") -> str | None:
@@ -450,8 +463,12 @@ def start_detached(cfg: Config, config_path: str | None, *, timeout: float, verb
         _clear_stale(found.pid_file, err)
         open_trusted_dir(cfg.paths.state_dir, what="paths.state_dir").close()   # unsafe: exit 10, said here
         orphan = unsupervised_daemon(cfg)
-        if orphan is not None:
-            name = os.path.basename(cfg.daemon.command[0])
+        verdict = _reattach_verdict(cfg) if orphan is not None else None
+        name = os.path.basename(cfg.daemon.command[0])
+        if verdict is not None and verdict.attach and verdict.pid == orphan:
+            print(f"ipsec start: {name} (pid {orphan}) runs without a supervisor (the one that started it died); "
+                  "the new supervisor re-attaches to it", file=err)
+        elif orphan is not None:
             print(f"ipsec start: {name} (pid {orphan}, {cfg.daemon.pid_file}) is already running without "
                   f"a supervisor (the one that started it died); 'ipsec stop' stops it, then start again",
                   file=err)
@@ -559,6 +576,14 @@ def _start_again(cfg: Config, found: Located, *, timeout: float, out: TextIO, er
     for line in explain_failure(verdict, last_status, [], [], None, True):
         print(line, file=err)
     return verdict.exit_code or START_FAILED
+
+
+def _reattach_verdict(cfg: Config) -> reattach.ReattachDecision | None:
+    """Whether the supervisor about to start will re-attach to the charon that runs alone."""
+    try:
+        return reattach.decide_reattach(reattach.gather_facts(cfg))
+    except OSError:
+        return None
 
 
 def _say_already_running(found: Located, err: TextIO) -> None:
