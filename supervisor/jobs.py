@@ -35,7 +35,30 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-class Child:
+class _Pidfd:
+    """A process watched and signalled through its pidfd (``pidfd`` < 0 once it is gone)."""
+
+    pid: int
+    pidfd: int
+
+    def send(self, signo: int) -> bool:
+        """Signal it; False when it is gone, or when we may not (logged: e.g. a charon that changed
+        its uid while the unit withholds CAP_KILL)."""
+        if self.pidfd < 0:
+            return False
+        try:
+            signal.pidfd_send_signal(self.pidfd, signo)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            logging.getLogger("supervisor").error(
+                "cannot send %s to pid %d: permission denied (a daemon running as another user needs "
+                "CAP_KILL: see the charon.user drop-in)", signal_name(signo), self.pid)
+            return False
+
+
+class Child(_Pidfd):
     """A process in its own session with a pidfd and its output captured line by line."""
 
     attached = False
@@ -126,15 +149,6 @@ class Child:
         _kill_group(self.pid)
         self._on_exit(status)
 
-    def send(self, signo: int) -> bool:
-        if self.pidfd < 0:
-            return False
-        try:
-            signal.pidfd_send_signal(self.pidfd, signo)
-            return True
-        except ProcessLookupError:
-            return False
-
     def close(self) -> None:
         """Kill and forget (used on supervisor exit and for abandoned jobs)."""
         if not self.exited and self.pidfd >= 0:
@@ -155,7 +169,7 @@ class Child:
             self._out = -1
 
 
-class AttachedProcess:
+class AttachedProcess(_Pidfd):
     """A daemon this supervisor did not start (re-attached): the same interface as ``Child`` for the
     Supervisor, but watched through a pidfd only: no waitpid (not our child), no output (its pty went
     with the supervisor that started it). ``on_exit(None)``: the exit status is unknown."""
@@ -183,15 +197,6 @@ class AttachedProcess:
         os.close(self.pidfd)
         self.pidfd = -1
         self._on_exit(None)
-
-    def send(self, signo: int) -> bool:
-        if self.pidfd < 0:
-            return False
-        try:
-            signal.pidfd_send_signal(self.pidfd, signo)
-            return True
-        except ProcessLookupError:
-            return False
 
     def close(self) -> None:
         """Kill and forget (supervisor failure: never leave the daemon unsupervised)."""

@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import tarfile
-import time
 import tomllib
 
 import pytest
@@ -22,6 +21,7 @@ import pytest
 import nspawn
 from charon_ns import psk_swanctl_conf
 from test_install import build_wheel
+from waiting import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "build", "test-deb")
@@ -145,14 +145,7 @@ def _charon_pid(c: nspawn.Container) -> int | None:
 
 
 def _wait(pred, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+    return wait_for(pred, timeout, what, poll=0.1)
 
 
 def _conns(c: nspawn.Container) -> str:

@@ -27,6 +27,7 @@ from supervisor.frontend import forward, lifecycle
 from supervisor.frontend.lifecycle import StartOutcome, judge_start, map_run_exit
 from supervisor.frontend.pidfile import PidState, is_supervisor_cmdline, judge_pid
 from supervisor.frontend.progress import Progress, executor_progress
+from waiting import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKE = os.path.join(ROOT, "tests", "fake_ikd.py")
@@ -398,13 +399,7 @@ def _alive(pid: int) -> bool:
 
 
 def _wait(pred, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_for(pred, timeout, what, poll=0.02)
 
 
 @pytest.fixture

@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 from supervisor.kernel import xfrm
 
+import waiting
 from charon_ns import CHARON, ROOT, SWANCTL, SupervisedCharon, start_supervised_charon
 
 pytestmark = [
@@ -52,10 +52,7 @@ def trap_selectors(netns) -> set[tuple[str, str]]:
 
 
 def wait_for(pred, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+    return waiting.wait_for(pred, timeout, what)
 
 
 def test_ipsec_conf_is_loaded_over_vici_after_start_and_after_kill_9_and_updated_on_reload(netns, tmp_path):

@@ -24,6 +24,7 @@ from supervisor.metrics.charon import CharonReader, CharonView, ChildSample, par
 from supervisor.metrics.exporter import recovery_outcome
 
 from test_starter import ROOT, Harness, harness  # noqa: F401 - the fixture is used by name
+from waiting import wait_for
 
 
 def free_port() -> int:
@@ -65,15 +66,6 @@ def metrics_harness(make, runs, port: int, **overrides) -> Harness:
     return h
 
 
-def wait_for(pred, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 SA = {"test": {"state": "ESTABLISHED", "child-sas": {

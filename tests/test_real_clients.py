@@ -21,6 +21,7 @@ import uuid
 
 import pytest
 
+import waiting
 from charon_ns import CHARON, ROOT
 
 OVS_MONITOR = "/usr/share/openvswitch/scripts/ovs-monitor-ipsec"
@@ -32,15 +33,8 @@ pytestmark = [
 ]
 
 
-def wait_for(pred, what: str, timeout: float = 20.0, poll: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(poll)
+def wait_for(pred, what: str, timeout: float = 20.0):
+    return waiting.wait_for(pred, timeout, what)
 
 
 class Node:

@@ -19,6 +19,7 @@ import pytest
 
 import nspawn
 from charon_ns import psk_swanctl_conf
+from waiting import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNIT = os.path.join(ROOT, "etc", "ipsec-supervisor.service")
@@ -235,14 +236,7 @@ def _supervisor_status(c) -> dict | None:
 
 
 def _wait(pred, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+    return wait_for(pred, timeout, what, poll=0.1)
 
 
 def _charon_policies(c) -> list[str]:
