@@ -13,10 +13,15 @@ import json
 import os
 import socket
 import struct
-from typing import Callable
 
 from .errors import ExitCode, NotRootError, SupervisorError
-from .eventloop import Loop
+
+# `typing` and the event loop are for type checkers only: the client side (ipsec status) needs neither.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable
+
+    from .eventloop import Loop
 
 SOCKET_NAME = "control.sock"
 LOCK_NAME = "supervisor.lock"

@@ -8,14 +8,15 @@ import logging
 import os
 import sys
 
-import psutil
-
 from ..errors import ExitCode, NotRootError, SupervisorError
-from ..kernel import netns
-from ..kernel_state import DEFAULT_ROUTE_TABLE, DEFAULT_RULE_PRIORITY, FAMILIES, ReadOptions, read_state
-from ..ledger import Ledger, LedgerError, ledger_path, load_ledger
-from ..ownership import MarkerConfig, Ownership, decide_ownership, is_supervisor_block
-from ..reconcile import Outcome, execute, plan_flush
+from . import LEDGER, ROUTE_TABLE, RULE_PRIORITY
+
+# Kernel, ledger and ownership code is imported by the handlers: `ipsec-supervisor --help` registers
+# this module and must not pay for it.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..ledger import Ledger
+    from ..ownership import Ownership
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +62,24 @@ def register(sub) -> None:
     r.set_defaults(func=cmd_reconcile)
 
 
+def execute(plan, handlers=None, on_result=None):
+    """reconcile.execute, imported on first use (a name here, so `ipsec flush` can wrap it with progress)."""
+    from ..reconcile import execute as run
+    return run(plan, handlers, on_result)
+
+
 def _common_parser():
     import argparse
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--netns", metavar="NAME", help="network namespace to work in (/run/netns/NAME)")
     p.add_argument("--ledger", metavar="FILE",
-                   help=f"ownership ledger (default: {ledger_path(DEFAULT_RUN_DIR)} when present)")
+                   help=f"ownership ledger (default: {LEDGER} when present)")
     p.add_argument("--no-ledger", action="store_true", help="judge by the markers only")
     p.add_argument("--virtual-ip", action="append", default=[], metavar="ADDR",
                    help="an address charon installed as a virtual IP (repeatable)")
-    p.add_argument("--route-table", type=int, default=DEFAULT_ROUTE_TABLE, metavar="N",
+    p.add_argument("--route-table", type=int, default=ROUTE_TABLE, metavar="N",
                    help="charon's routing table (default %(default)s)")
-    p.add_argument("--rule-priority", type=int, default=DEFAULT_RULE_PRIORITY, metavar="N",
+    p.add_argument("--rule-priority", type=int, default=RULE_PRIORITY, metavar="N",
                    help="priority of charon's routing rule (default %(default)s)")
     return p
 
@@ -84,6 +91,7 @@ def _require_root() -> None:
 
 def _load_ledger(args, inode: int) -> tuple[Ledger | None, str | None]:
     """The ledger to judge with, if one applies to this namespace, and its path."""
+    from ..ledger import LedgerError, ledger_path, load_ledger
     if args.no_ledger:
         return None, None
     path = args.ledger or ledger_path(DEFAULT_RUN_DIR)
@@ -101,6 +109,9 @@ def _load_ledger(args, inode: int) -> tuple[Ledger | None, str | None]:
 
 
 def _judge(args) -> tuple[object, Ownership, str | None, str]:
+    from ..kernel import netns
+    from ..kernel_state import ReadOptions, read_state
+    from ..ownership import MarkerConfig, decide_ownership
     options = ReadOptions(route_table=args.route_table, rule_priority=args.rule_priority)
     markers = MarkerConfig(route_table=args.route_table, rule_priority=args.rule_priority)
     with netns.enter(args.netns):
@@ -112,6 +123,8 @@ def _judge(args) -> tuple[object, Ownership, str | None, str]:
 
 
 def cmd_leftovers(args) -> int:
+    from ..kernel_state import FAMILIES
+    from ..ownership import is_supervisor_block
     _require_root()
     state, ownership, path, where = _judge(args)
     blocks = [p for p in state.objects.get("xfrm_policy", ()) if is_supervisor_block(p)]
@@ -145,6 +158,7 @@ def cmd_leftovers(args) -> int:
 
 def running_daemons(inode: int, names: tuple[str, ...] = DAEMON_NAMES) -> list[tuple[int, str]]:
     """(pid, name) of the IKE daemons running in the network namespace with INODE."""
+    import psutil
     found = []
     for proc in psutil.process_iter(["pid", "name"]):
         if proc.info["name"] not in names:
@@ -158,6 +172,8 @@ def running_daemons(inode: int, names: tuple[str, ...] = DAEMON_NAMES) -> list[t
 
 
 def cmd_flush(args) -> int:
+    from ..kernel import netns
+    from ..reconcile import Outcome, plan_flush
     _require_root()
     state, ownership, path, where = _judge(args)
     daemons = running_daemons(state.netns.inode)
@@ -208,6 +224,7 @@ def cmd_flush(args) -> int:
 
 def _reconcile_ledger(args, run_dir: str, inode: int) -> tuple[Ledger | None, str | None, str | None]:
     """(ledger, its path, a note why none is used) for the supervisor's run directory."""
+    from ..ledger import LedgerError, ledger_path, load_ledger
     if args.no_ledger:
         return None, None, "--no-ledger"
     path = args.ledger or ledger_path(run_dir)
@@ -227,7 +244,10 @@ def cmd_reconcile(args) -> int:
 
     from .. import adopt
     from ..config import load_config
+    from ..kernel import netns
+    from ..kernel_state import ReadOptions, read_state
     from ..ledger import HOW_INHERITED
+    from ..ownership import MarkerConfig, decide_ownership
     from ..recovery import (ADOPT, NONE, ViciError, choose_recovery, list_conns, list_sas, recovery_plan)
     from ..policy import Action
 

@@ -8,9 +8,7 @@ import sys
 import time
 
 from ..errors import NotRootError, ExitCode
-from ..kernel import netns
-from ..kernel_state import DEFAULT_ROUTE_TABLE, DEFAULT_RULE_PRIORITY, FAMILIES, ReadOptions, read_state
-from ..snapshot import diff_snapshots, load_snapshot, take_snapshot, write_snapshot
+from . import ROUTE_TABLE, RULE_PRIORITY
 
 DEFAULT_SNAPSHOT_DIR = "/var/lib/ipsec-supervisor/snapshots"
 
@@ -26,9 +24,9 @@ def register(sub) -> None:
                    help="keep SA key material in the file (redacted by default)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--netns", metavar="NAME", help="read this network namespace (/run/netns/NAME)")
-    p.add_argument("--route-table", type=int, default=DEFAULT_ROUTE_TABLE, metavar="N",
+    p.add_argument("--route-table", type=int, default=ROUTE_TABLE, metavar="N",
                    help="charon's routing table (default %(default)s)")
-    p.add_argument("--rule-priority", type=int, default=DEFAULT_RULE_PRIORITY, metavar="N",
+    p.add_argument("--rule-priority", type=int, default=RULE_PRIORITY, metavar="N",
                    help="priority of charon's routing rule (default %(default)s)")
     p.set_defaults(func=cmd_take)
     actions = p.add_subparsers(dest="snapshot_action", metavar="ACTION")
@@ -49,6 +47,9 @@ def require_root() -> None:
 
 
 def cmd_take(args) -> int:
+    from ..kernel import netns
+    from ..kernel_state import ReadOptions, read_state
+    from ..snapshot import take_snapshot, write_snapshot
     require_root()
     output = args.output
     if output is None:
@@ -84,11 +85,14 @@ def cmd_take(args) -> int:
 
 
 def _print_counts(counts: dict[str, int]) -> None:
+    from ..kernel_state import FAMILIES
     for name, family in FAMILIES.items():
         print(f"  {family.title:<16} {counts.get(name, 0):>7}")
 
 
 def cmd_show(args) -> int:
+    from ..kernel_state import FAMILIES
+    from ..snapshot import load_snapshot
     snap = load_snapshot(args.file)
     if args.json:
         doc = {"created": snap.created, "host": snap.host, "kernel": snap.kernel,
@@ -114,6 +118,8 @@ def cmd_show(args) -> int:
 
 
 def cmd_diff(args) -> int:
+    from ..kernel_state import FAMILIES
+    from ..snapshot import diff_snapshots, load_snapshot
     a, b = load_snapshot(args.a), load_snapshot(args.b)
     result = diff_snapshots(a, b)
     if args.json:
