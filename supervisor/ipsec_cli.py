@@ -326,16 +326,22 @@ def _vici_uri(cfg: Config) -> str | None:
     return f"unix://{sock}" if sock and sock != "/var/run/charon.vici" else None
 
 
+def _run_helper(argv: list[str]) -> int:
+    """Run stroke or swanctl and wait: subprocess.run's exit code, without importing subprocess
+    (4 ms of every polled `ipsec status`); our descriptors are close-on-exec already."""
+    pid = os.posix_spawnp(argv[0], argv, os.environ)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
 def _run_forward(ctx: Context, plan: forward.Forward) -> int:
     if not plan.commands:
         ctx.say(plan.message)
         return plan.exit_code
-    import subprocess
     rc = 0
     for argv in plan.commands:
         ctx.out.flush()
         try:
-            code = subprocess.run(list(argv)).returncode
+            code = _run_helper(list(argv))
         except OSError as exc:
             ctx.say(f"ipsec: cannot run {argv[0]}: {exc.strerror}")
             code = 1
