@@ -75,7 +75,7 @@ NO_LIMITS_JSON = NO_LIMITS.to_json()
 
 
 @contextlib.contextmanager
-def _no_cycle_collection():
+def no_cycle_collection():
     """Tens of thousands of small acyclic dicts make the cycle collector rescan them over and over."""
     enabled = gc.isenabled()
     gc.disable()
@@ -105,7 +105,7 @@ def _restore(name: str, item: Any) -> Any:
 
 def _family_lines(name: str, records: tuple, include_keys: bool) -> str:
     encode = msgspec.json.Encoder().encode
-    with _no_cycle_collection():
+    with no_cycle_collection():
         lines = b",\n   ".join([encode(record_json(name, r, include_keys)) for r in records])
     return "\n   " + lines.decode() if records else ""
 
@@ -153,7 +153,7 @@ def load_snapshot(path: str) -> Snapshot:
     if not raw.strip():
         raise _bad(path, "the file is empty")
     try:
-        with _no_cycle_collection():
+        with no_cycle_collection():
             doc = msgspec.json.decode(raw)
     except (msgspec.DecodeError, RecursionError):
         doc = _parse_slowly(raw, path)      # the json module says where and what
@@ -202,7 +202,7 @@ def snapshot_from_document(doc: Any, path: str = "<document>") -> Snapshot:
             raise _bad(path, f"objects.{name} is not a list")
         from_json = family.record_type.from_json
         records = []
-        with _no_cycle_collection():
+        with no_cycle_collection():
             for i, item in enumerate(items):
                 try:
                     records.append(from_json(_restore(name, item) if version >= 2 else item))
@@ -244,7 +244,7 @@ def _stable(record: Any) -> dict:
 def diff_snapshots(a: Snapshot, b: Snapshot) -> dict[str, FamilyDiff]:
     """Per family: what B has that A has not, what A had that B lacks, what changed."""
     result = {}
-    with _no_cycle_collection():
+    with no_cycle_collection():
         for name in FAMILIES:
             old = {r.key(): r for r in a.objects.get(name, ())}
             new = {r.key(): r for r in b.objects.get(name, ())}
