@@ -37,7 +37,7 @@ sys.path.insert(0, HERE)
 
 import bench_flush  # noqa: E402
 from supervisor import snapshot as snapshot_module  # noqa: E402
-from supervisor.kernel import netns  # noqa: E402
+from supervisor.kernel import netns, xfrm  # noqa: E402
 from supervisor.kernel_state import FAMILIES, ReadOptions, read_state  # noqa: E402
 from supervisor.snapshot import diff_snapshots, load_snapshot, take_snapshot, write_snapshot  # noqa: E402
 
@@ -162,20 +162,46 @@ def phases(ns: str, workdir: str, env: dict) -> None:
 
 
 def curve(sizes: list[int], workdir: str) -> None:
-    """Snapshot, plan and flush times at each size, via bench_flush.ours (which checks the result)."""
-    print("cost curve (bench_flush phases, one run per size; per tunnel in microseconds):")
-    print(f"  {'tunnels':>8} {'read':>8} {'snapshot':>9} {'ownership':>10} {'plan':>8} {'flush':>8} {'total':>8}"
-          f" {'us/tunnel':>10}")
+    """Snapshot, plan and flush at each size (bench_flush.ours, which checks the result), then on a
+    fresh copy where the time goes: the kernel's part (netlink dump, iproute2 deleting the same
+    objects) against ours (decoding, encoding, writing)."""
+    rows, detail = [], []
     for n in sizes:
+        fw = min(100, n)
         ns = f"ipsv-bsnap-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         try:
-            bench_flush.build(ns, n, min(100, n), workdir)
-            t = bench_flush.ours(ns, n, min(100, n), workdir)
+            bench_flush.build(ns, n, fw, workdir)
+            t = bench_flush.ours(ns, n, fw, workdir)
         finally:
             bench_flush.remove(ns)
-        t.pop("actions")
-        walls = [t[k][0] for k in ("read_state", "write_snapshot", "decide_ownership", "plan_flush", "execute")]
+        rows.append((n, [t[k][0] for k in ("read_state", "write_snapshot", "decide_ownership", "plan_flush",
+                                           "execute")]))
+        ns = f"ipsv-bsnap-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        try:
+            bench_flush.build(ns, n, fw, workdir)
+            with netns.enter(ns), xfrm.open_socket() as sock:
+                t_dump, chunks = best(lambda: sock.dump_raw(xfrm.XFRM_MSG_GETPOLICY))
+                with snapshot_module.no_cycle_collection():
+                    t_decode, _ = best(lambda: xfrm.decode_policies(chunks))
+                state = read_state(ReadOptions())
+            snap = take_snapshot(state)
+            t_encode, chunks = best(lambda: list(snapshot_module._document_chunks(snap)))
+            path = os.path.join(workdir, "curve.json")
+            t_write, _ = best(lambda: snapshot_module.write_atomic(path, chunks, prefix=".snapshot-"))
+            size = os.path.getsize(path)
+            t_ip = bench_flush.baseline(ns, n, fw, workdir)["ip -batch"][0]
+        finally:
+            bench_flush.remove(ns)
+        detail.append((n, [t_dump, t_decode, t_encode, t_write, t_ip], size))
+    print("cost curve (bench_flush phases, one run per size):")
+    print(f"  {'tunnels':>8} {'read':>8} {'snapshot':>9} {'ownership':>9} {'plan':>8} {'flush':>8} {'total':>8}"
+          f" {'us/tunnel':>10}")
+    for n, walls in rows:
         print(f"  {n:>8} " + " ".join(f"{w:8.3f}s" for w in walls) + f" {sum(walls):7.3f}s {sum(walls) / n * 1e6:9.0f}")
+    print("where it goes (best of 3; policies only for dump/decode; kernel = netlink dump and iproute2's deletes):")
+    print(f"  {'tunnels':>8} {'dump':>8} {'decode':>8} {'encode':>8} {'write+fsync':>11} {'MB':>6} {'ip -batch del':>14}")
+    for n, (d, dec, enc, wr, ip), size in detail:
+        print(f"  {n:>8} {d:7.3f}s {dec:7.3f}s {enc:7.3f}s {wr:10.3f}s {size / 1e6:6.1f} {ip:13.3f}s")
 
 
 def main() -> int:
