@@ -22,6 +22,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -47,14 +48,14 @@ GOAL = 3.0
 
 def child_run(argv: list[str], out: str, env: dict) -> tuple[float, float]:
     """(wall, cpu) seconds of one child process writing its stdout to OUT."""
-    t0, c0 = time.perf_counter(), os.times()
+    t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(out, "wb") as fh:
         proc = subprocess.run(argv, stdout=fh, stderr=subprocess.PIPE, env=env, cwd=ROOT)
-    t1, c1 = time.perf_counter(), os.times()
+    t1, c1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"bench_snapshot: {' '.join(argv[:5])} ... failed ({proc.returncode}): "
                          f"{proc.stderr.decode(errors='replace').strip()[:300]}")
-    return t1 - t0, (c1.children_user + c1.children_system) - (c0.children_user + c0.children_system)
+    return t1 - t0, (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime)
 
 
 def rounds(commands: dict[str, tuple[list[str], str]], runs: int, env: dict) -> dict[str, list[tuple[float, float]]]:
