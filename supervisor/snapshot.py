@@ -2,7 +2,7 @@
 
 The document is versioned JSON.  Records are written one per line so that a
 snapshot of tens of thousands of objects stays greppable and cheap to produce.
-Records are encoded and parsed by msgspec (7x faster than the json module for 30,000
+Records are encoded and parsed by msgspec (5-7x faster than the json module for 30,000
 policies, bench/bench_snapshot.py); the json module words the errors of a bad file.
 """
 
