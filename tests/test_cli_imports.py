@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from supervisor import cli, commands
+from test_ipsec_cli import fake  # noqa: F401 - the fixture: a supervisor.yaml running the fake daemon
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,6 +78,16 @@ def test_ipsec_status_of_a_supervisor_that_is_not_running_imports_nothing_heavy(
     assert heavy_in(modules, allowed=("yaml",)) == []
     rc, modules = imported_by("ipsec_cli", ["statusall"], tmp_path)       # no file: no YAML parser either
     assert heavy_in(modules) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_ipsec_status_of_a_running_supervisor_forwarding_to_charon_imports_nothing_heavy(fake, tmp_path):
+    """What Neutron polls: the supervisor answers, charon runs, the status is forwarded to a helper."""
+    s = fake()
+    assert s.ipsec("start").returncode == 0
+    rc, modules = imported_by("ipsec_cli", ["--config", s.config, "status"], tmp_path)
+    assert rc == 0
+    assert heavy_in(modules, allowed=("yaml",)) == []
 
 
 def test_ipsec_supervisor_help_registers_every_command_without_kernel_or_legacy_code(tmp_path):
