@@ -2,8 +2,9 @@
 
 The document is versioned JSON.  Records are written one per line so that a
 snapshot of tens of thousands of objects stays greppable and cheap to produce.
-Records are encoded and parsed by msgspec (5-7x faster than the json module for 30,000
-policies, bench/bench_snapshot.py); the json module words the errors of a bad file.
+Records are encoded and parsed by msgspec when it is installed (5-7x faster than the json
+module for 30,000 policies, bench/bench_snapshot.py), else by the json module: the same
+document either way. The json module words the errors of a bad file.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-import msgspec
+try:
+    import msgspec
+except ImportError:     # Debian 12 packages no msgspec: a .deb without it writes the same files, slower
+    msgspec = None
 
 from .atomicfile import write_atomic
 from .errors import SnapshotError, SupervisorError
@@ -104,10 +108,14 @@ def _restore(name: str, item: Any) -> Any:
 
 
 def _family_lines(name: str, records: tuple, include_keys: bool) -> str:
-    encode = msgspec.json.Encoder().encode
     with no_cycle_collection():
-        lines = b",\n   ".join([encode(record_json(name, r, include_keys)) for r in records])
-    return "\n   " + lines.decode() if records else ""
+        if msgspec is not None:
+            encode = msgspec.json.Encoder().encode
+            lines = b",\n   ".join([encode(record_json(name, r, include_keys)) for r in records]).decode()
+        else:
+            encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+            lines = ",\n   ".join([encode(record_json(name, r, include_keys)) for r in records])
+    return "\n   " + lines if records else ""
 
 
 def _document_chunks(snap: Snapshot) -> Iterator[str]:
@@ -152,6 +160,9 @@ def load_snapshot(path: str) -> Snapshot:
         raise SnapshotError(f"cannot read snapshot {path}: {exc.strerror}") from None
     if not raw.strip():
         raise _bad(path, "the file is empty")
+    if msgspec is None:
+        with no_cycle_collection():
+            return snapshot_from_document(_parse_slowly(raw, path), path)
     try:
         with no_cycle_collection():
             doc = msgspec.json.decode(raw)

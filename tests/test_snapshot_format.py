@@ -109,3 +109,29 @@ def test_a_policy_without_lifetime_is_invalid_in_version_1(tmp_path):
     path.write_text(json.dumps(doc))
     with pytest.raises(SnapshotError, match=r"objects\.xfrm_policy\[2\] is invalid: KeyError"):
         load_snapshot(str(path))
+
+
+def test_without_msgspec_the_same_document_is_written_and_read(tmp_path, monkeypatch):
+    """msgspec is an accelerator: a system without it (Debian 12 packages none) writes the same bytes."""
+    from supervisor import snapshot
+    snap = load_snapshot(os.path.join(FIXTURES, "tunnels-crash.json"))
+    fast, slow = str(tmp_path / "fast.json"), str(tmp_path / "slow.json")
+    write_snapshot(fast, snap)
+    monkeypatch.setattr(snapshot, "msgspec", None)
+    write_snapshot(slow, snap)
+    assert open(fast, "rb").read() == open(slow, "rb").read()
+    assert load_snapshot(fast) == load_snapshot(slow) == snap
+    bad = tmp_path / "deep.json"
+    bad.write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(SnapshotError, match="nested too deeply"):
+        load_snapshot(str(bad))
+
+
+def test_snapshot_show_json_without_msgspec_prints_the_same(tmp_path):
+    path = os.path.join(FIXTURES, "trap-crash.json")
+    hide = "import sys; sys.modules['msgspec'] = None; from supervisor.cli import main; sys.exit(main())"
+    slow = subprocess.run([sys.executable, "-c", hide, "snapshot", "show", path, "--json"], cwd=ROOT,
+                          capture_output=True, text=True)
+    fast = run_cli("snapshot", "show", path, "--json")
+    assert slow.returncode == fast.returncode == 0, slow.stderr
+    assert json.loads(slow.stdout) == json.loads(fast.stdout)

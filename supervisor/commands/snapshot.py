@@ -91,10 +91,13 @@ def _print_counts(counts: dict[str, int]) -> None:
 
 
 def _print_json(doc) -> None:
-    """DOC as json.dump(indent=1) prints it, encoded by msgspec (the json module takes seconds for
-    30,000 records with indentation)."""
-    import msgspec
-    sys.stdout.write(msgspec.json.format(msgspec.json.encode(doc), indent=1).decode())
+    """DOC as json.dump(indent=1) prints it, by msgspec when installed (the json module takes
+    seconds for 30,000 records with indentation)."""
+    from ..snapshot import msgspec
+    if msgspec is None:
+        json.dump(doc, sys.stdout, indent=1, ensure_ascii=False)
+    else:
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(doc), indent=1).decode())
     print()
 
 
