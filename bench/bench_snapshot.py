@@ -163,7 +163,26 @@ def phases(ns: str, workdir: str, env: dict) -> None:
         print(f"  {label:<46} {t * 1000:6.0f}ms  {len(out) / max(1, len(docs)):.0f} bytes per policy")
 
 
-def curve(sizes: list[int], workdir: str) -> None:
+def adopt_step(state, n: int) -> tuple[float, int]:
+    """(seconds, actions) of one adopt planning step right after the restart: every owned leftover,
+    one configured child per tunnel (its selectors and peer, as list-conns shows), nothing active."""
+    from supervisor.adopt import ConfiguredChild, parse_ts, plan_adopt
+    from supervisor.ownership import decide_ownership
+    owned = decide_ownership(state.objects)
+    leftovers = [pair for name in state.objects for pair in owned.owned(name)]
+    configured = []
+    for i in range(n):
+        local, remote, peer = bench_flush.tunnel(i)
+        configured.append(ConfiguredChild(f"t{i}", "net", "TUNNEL", (parse_ts(local),), (parse_ts(remote),),
+                                          (bench_flush.LOCAL,), (peer,)))
+    addresses = frozenset(a.address for a in state.objects["address"])
+    start = time.perf_counter()
+    plan = plan_adopt(leftovers, ledger=None, configured=configured, active=[], now=0.0, deadline=60.0,
+                      local_addresses=addresses)
+    return time.perf_counter() - start, len(plan.actions)
+
+
+def curve(sizes: list[int], workdir: str, adopt_max: int) -> None:
     """Snapshot, plan and flush at each size (bench_flush.ours, which checks the result), then on a
     fresh copy where the time goes: the kernel's part (netlink dump, iproute2 deleting the same
     objects) against ours (decoding, encoding, writing)."""
@@ -194,16 +213,22 @@ def curve(sizes: list[int], workdir: str) -> None:
             t_ip = bench_flush.baseline(ns, n, fw, workdir)["ip -batch"][0]
         finally:
             bench_flush.remove(ns)
-        detail.append((n, [t_dump, t_decode, t_encode, t_write, t_ip], size))
+        t_adopt = adopt_step(state, n)[0] if n <= adopt_max else None
+        detail.append((n, [t_dump, t_decode, t_encode, t_write, t_ip, t_adopt], size))
     print("cost curve (bench_flush phases, one run per size):")
     print(f"  {'tunnels':>8} {'read':>8} {'snapshot':>9} {'ownership':>9} {'plan':>8} {'flush':>8} {'total':>8}"
           f" {'us/tunnel':>10}")
     for n, walls in rows:
         print(f"  {n:>8} " + " ".join(f"{w:8.3f}s" for w in walls) + f" {sum(walls):7.3f}s {sum(walls) / n * 1e6:9.0f}")
     print("where it goes (best of 3; policies only for dump/decode; kernel = netlink dump and iproute2's deletes):")
-    print(f"  {'tunnels':>8} {'dump':>8} {'decode':>8} {'encode':>8} {'write+fsync':>11} {'MB':>6} {'ip -batch del':>14}")
-    for n, (d, dec, enc, wr, ip), size in detail:
-        print(f"  {n:>8} {d:7.3f}s {dec:7.3f}s {enc:7.3f}s {wr:10.3f}s {size / 1e6:6.1f} {ip:13.3f}s")
+    print(f"  {'tunnels':>8} {'dump':>8} {'decode':>8} {'encode':>8} {'write+fsync':>11} {'MB':>6} {'ip -batch del':>14}"
+          f" {'adopt plan':>11}")
+    for n, (d, dec, enc, wr, ip, adopt), size in detail:
+        shown = f"{adopt:10.3f}s" if adopt is not None else f"{'(> ' + str(adopt_max) + ')':>11}"
+        print(f"  {n:>8} {d:7.3f}s {dec:7.3f}s {enc:7.3f}s {wr:10.3f}s {size / 1e6:6.1f} {ip:13.3f}s {shown}")
+    print("adopt plan: one adopt.plan_adopt step right after the restart (no ledger, one configured child per "
+          "tunnel); it matches every leftover against every configured child, so it is only measured up to "
+          "--adopt-max tunnels")
 
 
 def main() -> int:
@@ -214,6 +239,8 @@ def main() -> int:
     parser.add_argument("--dir", help="where the files go (default: a new directory under /var/tmp, on disk "
                                       "like /var/lib/ipsec-supervisor)")
     parser.add_argument("--curve", metavar="N,N,...", help="only the cost curve at these tunnel counts")
+    parser.add_argument("--adopt-max", type=int, default=1000, metavar="N",
+                        help="time adopt planning in the curve up to N tunnels (default %(default)s)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench_snapshot: needs root (creates network namespaces)", file=sys.stderr)
@@ -223,7 +250,7 @@ def main() -> int:
     env["PYTHONPYCACHEPREFIX"] = os.path.join(workdir, "pycache")     # bytecode cached, as installed
     try:
         if args.curve:
-            curve([int(n) for n in args.curve.split(",")], workdir)
+            curve([int(n) for n in args.curve.split(",")], workdir, args.adopt_max)
             return 0
         ns = f"ipsv-bsnap-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         try:
