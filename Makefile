@@ -17,6 +17,7 @@ test-host: setup
 
 -include tools/vm.mk
 -include tools/install.mk
+-include tools/deb.mk
 ## make demo: the main job (see README, tools/demo.mk)
 -include tools/demo.mk
 

@@ -153,6 +153,7 @@ class Target:
 
 class SupervisorTarget(Target):
     label = "supervisor"
+    metrics = False         # --metrics: with metrics.listen and metrics.textfile on (nobody scrapes)
 
     def start(self) -> None:
         conf = os.path.join(self.dir, "swanctl.conf")
@@ -165,6 +166,8 @@ class SupervisorTarget(Target):
             "restart": {"okay_delay": "200ms", "backoff": {"reset_after": "1s"}, "crash_loop": {"max_deaths": 0}},
             "paths": {"run_dir": os.path.join(self.dir, "run"), "state_dir": os.path.join(self.dir, "state")},
         }
+        if self.metrics:
+            cfg["metrics"] = {"listen": "127.0.0.1:9089", "textfile": os.path.join(self.dir, "ipsec-supervisor.prom")}
         path = os.path.join(self.dir, "supervisor.yaml")
         with open(path, "w") as fh:
             yaml.safe_dump(cfg, fh)
@@ -255,6 +258,7 @@ def main() -> int:
     ap.add_argument("--pause", type=float, default=1.5, help="seconds between kills (default 1.5)")
     ap.add_argument("--skip-starter", action="store_true", help="only the supervisor (no ratio)")
     ap.add_argument("--json", action="store_true", help="also print the results as JSON")
+    ap.add_argument("--metrics", action="store_true", help="the supervisor with metrics.listen and .textfile on")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_restart: needs root (network namespaces)", file=sys.stderr)
@@ -264,6 +268,7 @@ def main() -> int:
     results: dict = {}
     targets: list[Target] = []
     try:
+        SupervisorTarget.metrics = args.metrics
         sup = SupervisorTarget(work, args.poll_ms / 1000)
         targets.append(sup)
         sup.start()

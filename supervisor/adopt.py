@@ -46,8 +46,8 @@ from typing import Any, ClassVar, Iterable, Mapping, Sequence
 from .kernel import xfrm
 from .kernel.xfrm import XfrmPolicy, XfrmSA, XfrmSelector
 from .ledger import HOW_ADDED, OWNER_DAEMON, TRACKED, Ledger
-from .ownership import (DEFAULT_MARKERS, MarkerConfig, Verdict, classify_rule, is_supervisor_block,
-                        without_cycle_collection)
+from .ownership import (DEFAULT_MARKERS, MarkerConfig, Verdict, classify_rule, deletion_hold,
+                        is_supervisor_block, without_cycle_collection)
 from .reconcile import (FLUSH_ORDER, DeleteObject, InstallBlockPolicy, Keep, Plan, block_policy_for,
                         needs_block)
 
@@ -641,7 +641,8 @@ def plan_adopt(leftovers: Sequence[tuple[Any, Verdict]], *, ledger: Ledger | Non
                initiated: Mapping[tuple[str, str], float] | frozenset[tuple[str, str]] = frozenset(),
                connecting_since: Mapping[str, float] | None = None, parallel: int = 1,
                local_addresses: frozenset[str] = frozenset(), markers: MarkerConfig = DEFAULT_MARKERS,
-               fail_closed: bool = True, initiate: bool = True, explain: bool = True) -> Plan:
+               fail_closed: bool = True, initiate: bool = True, explain: bool = True,
+               others: Sequence[Any] = ()) -> Plan:
     """One step of adoption: what to keep, initiate, delete now, and (after DEADLINE) sweep.
 
     LEFTOVERS: the dead charon's records with their verdicts. CONFIGURED/ACTIVE: charon's
@@ -652,13 +653,14 @@ def plan_adopt(leftovers: Sequence[tuple[Any, Verdict]], *, ledger: Ledger | Non
     established has been seen so (unknown: since NOW). PARALLEL: connections being
     established at once, at most (see the module docstring). EXPLAIN False leaves out the
     WaitFor actions (what --dry-run shows; the supervisor's steps need only the rest).
+    OTHERS: the other IKE daemons in the namespace; what ``deletion_hold`` protects is kept.
     """
     if not isinstance(initiated, Mapping):
         initiated = dict.fromkeys(initiated, float("-inf"))
     with without_cycle_collection():
         return _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, initiated,
                            connecting_since or {}, max(1, parallel), local_addresses, markers, fail_closed,
-                           initiate, explain)
+                           initiate, explain, tuple(others))
 
 
 def establishing(active: Sequence[ActiveIke], initiated: Mapping[tuple[str, str], float],
@@ -685,7 +687,7 @@ def _expires_first(leftover: LeftoverChild) -> float:
 
 
 def _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, initiated, connecting_since,
-                parallel, local_addresses, markers, fail_closed, initiate, explain) -> Plan:
+                parallel, local_addresses, markers, fail_closed, initiate, explain, others) -> Plan:
     pending = pending_leftovers(leftovers, ledger, resolved)
     verdict_of = {leftover_key(r): v for r, v, _ in pending}
     unclaimed = {leftover_key(r) for r, _, s in pending if s == UNCLAIMED}
@@ -696,7 +698,14 @@ def _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, 
     active = tuple(active or ())
     grace_over = now >= deadline
 
+    def held(record: Any) -> str | None:
+        return deletion_hold(record, verdict_of[leftover_key(record)], others)
+
     def decide_delete(record: Any, reason: str) -> None:
+        hold = held(record)
+        if hold is not None:
+            keep(record, f"{hold}; not deleted although {reason}")
+            return
         deletes[record.FAMILY].append((record, reason))
         decided.add(leftover_key(record))
 
@@ -835,7 +844,8 @@ def _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, 
             keep(record, "larval SA: cannot be deleted, expires by itself")
         elif record.FAMILY == "xfrm_policy":
             owner = configured_for(record, configured)
-            if fail_closed and needs_block(record) and (configured is None or owner is not None):
+            if fail_closed and needs_block(record) and (configured is None or owner is not None) \
+                    and held(record) is None:
                 why = (f"still configured for {owner.name}" if owner is not None
                        else "charon's configuration is unknown")
                 blocks.append(InstallBlockPolicy(block_policy_for(record), record, verdict.rule,

@@ -151,6 +151,22 @@ def number(minimum: float | None = None, maximum: float | None = None, *, intege
     return Rule(parse)
 
 
+_SIZE = re.compile(r"(\d+)\s*([kKMGT]?)i?B?")
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def size() -> Rule:
+    """Bytes: an integer, or a number with k, M, G or T (powers of 1024)."""
+    def parse(value):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        m = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
+        if m is None:
+            raise _Invalid("must be a size in bytes (an integer, or a number with k, M, G or T)")
+        return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    return Rule(parse)
+
+
 def boolean() -> Rule:
     def parse(value):
         if not isinstance(value, bool):
@@ -172,6 +188,34 @@ def abs_path(nullable: bool = False) -> Rule:
         if not isinstance(value, str) or not value.startswith("/"):
             raise _Invalid("must be an absolute path")
         return os.path.normpath(value)
+    return Rule(parse, nullable)
+
+
+def listen_address(nullable: bool = False) -> Rule:
+    """HOST:PORT for a TCP listener: an IPv4 address, [IPv6], localhost, or empty (all addresses)."""
+    def parse(value):
+        text = value if isinstance(value, str) else ""
+        m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[0-9.]*|localhost):(\d{1,5})", text.strip())
+        if not m or not 1 <= int(m.group(2)) <= 65535:
+            raise _Invalid("must be HOST:PORT (e.g. 127.0.0.1:9089, [::1]:9089, :9089 for all addresses)")
+        host = m.group(1).strip("[]")
+        if host and host != "localhost":
+            import ipaddress
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise _Invalid("must be HOST:PORT with an IP address as HOST") from None
+        return text.strip()
+    return Rule(parse, nullable)
+
+
+def prom_file(nullable: bool = False) -> Rule:
+    def parse(value):
+        path = abs_path()(value)
+        if not path.endswith(".prom"):
+            raise _Invalid("must be an absolute path ending in .prom (node_exporter's textfile collector "
+                           "reads only *.prom)")
+        return path
     return Rule(parse, nullable)
 
 
@@ -319,7 +363,7 @@ class DaemonConfig:
         "null: by daemon.config")
     load_timeout: float = _key(duration(positive=True), 30.0, "time limit of each load command")
     reload_commands: tuple[tuple[str, ...], ...] | None = _key(
-        commands(nullable=True), None, "run on SIGUSR1; null: the load commands")
+        commands(nullable=True), None, "run by ipsec reload/update (SIGUSR1/SIGHUP); null: the load commands")
     log_lines: int = _key(number(0, 100000, integer=True), 200, "daemon output lines kept for crash reports")
 
 
@@ -394,6 +438,8 @@ class SnapshotsConfig:
     enabled: bool = _key(boolean(), True, "snapshot the kernel state a dead daemon left, before recovery acts")
     keep: int = _key(number(1, 100000, integer=True), 50, "newest snapshots kept; older ones are removed")
     max_age: float = _key(duration(), 30 * 86400.0, "snapshots older than this are removed; 0: no age limit")
+    max_bytes: int = _key(size(), 1 << 30, "total size of the snapshots, and of the crash reports, each kept "
+                                           "below this (oldest removed first, the newest always kept); 0: no limit")
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,6 +460,18 @@ class RecoveryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    listen: str | None = _key(listen_address(nullable=True), None,
+                              "HOST:PORT serving /metrics for Prometheus (e.g. 127.0.0.1:9089); null: off")
+    textfile: str | None = _key(prom_file(nullable=True), None,
+                                "*.prom file for node_exporter's textfile collector, rewritten after every change")
+    vici_timeout: float = _key(duration(0.05, 30.0), 2.0, "time charon's VICI answers may take during a scrape")
+    vici_cache: float = _key(duration(0.0, 300.0), 1.0, "charon's VICI view is reused this long between scrapes")
+    max_children: int = _key(number(1, 100000, integer=True), 100,
+                             "above this many CHILD_SAs, per-child series are summed per connection")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     daemon: DaemonConfig = _section(DaemonConfig, "the supervised IKE daemon")
     restart: RestartConfig = _section(RestartConfig, "restart policy")
@@ -424,6 +482,7 @@ class Config:
     crash_reports: CrashReportsConfig = _section(CrashReportsConfig, "crash reports")
     recovery: RecoveryConfig = _section(RecoveryConfig, "kernel state recovery")
     snapshots: SnapshotsConfig = _section(SnapshotsConfig, "snapshots of leftover kernel state")
+    metrics: MetricsConfig = _section(MetricsConfig, "Prometheus metrics")
     source: str = field(default=BUILTIN, compare=False, metadata={"internal": True})
 
     @property
@@ -443,10 +502,10 @@ class Config:
             kind = "ipsec.conf" if has_loadable_conns(self.daemon.ipsec_conf) else "swanctl"
         return kind
 
-    def _ipsec_conf_loader(self, mode: str) -> tuple[str, ...]:
+    def ipsec_conf_loader(self, mode: str, state_file: str) -> tuple[str, ...]:
+        """The ipsec.conf loader's argv; STATE_FILE records what it loaded into one charon."""
         argv = [sys.executable, "-m", "supervisor.cli", "load-ipsec-conf", "--mode", mode,
-                "--file", self.daemon.ipsec_conf,
-                "--state", os.path.join(self.paths.run_dir, "ipsec-conf.state")]
+                "--file", self.daemon.ipsec_conf, "--state", state_file]
         argv += ["--secrets", self.daemon.ipsec_secrets] if self.daemon.ipsec_secrets else ["--no-secrets"]
         if self.daemon.vici_socket:
             argv += ["--vici", self.daemon.vici_socket]
@@ -454,21 +513,12 @@ class Config:
 
     @property
     def effective_load_commands(self) -> tuple[tuple[str, ...], ...]:
+        """The commands of a load after a start, as decided now (see loads.choose_load)."""
         if self.daemon.load_commands is not None:
             return self.daemon.load_commands
         if self.config_kind == "ipsec.conf":
-            return (self._ipsec_conf_loader("load"),)
+            return (self.ipsec_conf_loader("load", os.path.join(self.paths.run_dir, "ipsec-conf.PID.state")),)
         return (SWANCTL_LOAD_ALL,)
-
-    @property
-    def effective_reload_commands(self) -> tuple[tuple[str, ...], ...]:
-        r = self.daemon.reload_commands
-        if r is not None:
-            return r
-        if self.daemon.load_commands is None and self.config_kind == "ipsec.conf":
-            # ipsec.conf: what changed since the last load (strongSwan's `ipsec update`).
-            return (self._ipsec_conf_loader("update"),)
-        return self.effective_load_commands
 
     @property
     def effective_daemon_command(self) -> tuple[str, ...]:
@@ -658,11 +708,20 @@ def _compose(text: str) -> yaml.Node | None:
     return yaml.compose(text, Loader=yaml.SafeLoader)
 
 
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
 def parse_config(text: str, source: str = "<string>") -> Config:
     """A validated Config from YAML text; ConfigError lists every problem with its line."""
     import yaml
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source} is {len(text)} characters long; a configuration file is at most "
+                          f"{MAX_CONFIG_BYTES} (nothing was applied)")
     try:
         root = _compose(text)
+    except RecursionError:
+        raise ConfigError(f"cannot parse {source}: nested too deeply (a configuration is a few levels of "
+                          "mappings; nothing was applied)") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1} column {mark.column + 1}" if mark else "unknown position"
@@ -692,11 +751,30 @@ def resolve_path(explicit: str | None, environ: dict[str, str] | None = None) ->
     return DEFAULT_PATH, False
 
 
+def per_netns_paths(cfg: Config, instance: str | None) -> Config:
+    """CFG with default paths.run_dir/state_dir moved to DIR/netns/INSTANCE (None: unchanged), so that
+    supervisors in different network namespaces never share a lock, pid file, ledger or crash report."""
+    from .trusted_paths import instance_dir
+    default = PathsConfig()
+    paths = dataclasses.replace(
+        cfg.paths,
+        run_dir=instance_dir(cfg.paths.run_dir, instance) if cfg.paths.run_dir == default.run_dir else cfg.paths.run_dir,
+        state_dir=(instance_dir(cfg.paths.state_dir, instance) if cfg.paths.state_dir == default.state_dir
+                   else cfg.paths.state_dir))
+    return dataclasses.replace(cfg, paths=paths)
+
+
 def load_config(explicit: str | None = None, environ: dict[str, str] | None = None) -> Config:
     """Load the configuration the command line / environment / default path names.
 
     A missing default file means built-in defaults; a missing named file is an error.
+    Outside the initial network namespace, default paths are per namespace (``per_netns_paths``).
     """
+    from .trusted_paths import current_netns_instance
+    return per_netns_paths(_load_config(explicit, environ), current_netns_instance())
+
+
+def _load_config(explicit: str | None, environ: dict[str, str] | None) -> Config:
     path, required = resolve_path(explicit, environ)
     try:
         with open(path, encoding="utf-8") as fh:

@@ -8,7 +8,6 @@ Answers: ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``.  The socket
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import socket
@@ -23,8 +22,16 @@ if TYPE_CHECKING:
 
     from .eventloop import Loop
 
+
+def __getattr__(name: str):
+    """LOCK_NAME and lock_run_dir, re-exported from runlock on first use (the client needs neither)."""
+    if name in ("LOCK_NAME", "lock_run_dir"):
+        from . import runlock
+        return getattr(runlock, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 SOCKET_NAME = "control.sock"
-LOCK_NAME = "supervisor.lock"
 MAX_REQUEST = 64 * 1024
 CLIENT_TIMEOUT = 5.0
 COMMANDS = ("status", "stop", "start", "restart", "reload", "reload-daemon")
@@ -35,25 +42,32 @@ def socket_path(run_dir: str) -> str:
 
 
 def prepare_run_dir(run_dir: str) -> None:
-    """Create the run directory as root-only (0700), or tighten an existing one."""
-    os.makedirs(run_dir, mode=0o700, exist_ok=True)
-    os.chmod(run_dir, 0o700)
+    """Create the run directory as root-only (0700), or check and tighten an existing one."""
+    from .trusted_paths import open_trusted_dir
+    open_trusted_dir(run_dir, what="paths.run_dir", tighten=True).close()
 
 
-def lock_run_dir(run_dir: str) -> int:
-    """Hold the run directory's lock for this process's lifetime; one supervisor per run dir."""
-    prepare_run_dir(run_dir)
-    path = os.path.join(run_dir, LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise SupervisorError(f"another ipsec-supervisor is running (it holds {path}); "
-                              f"use 'ipsec-supervisor status' to see it") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
+class Deferred:
+    """An answer that comes later: a handler returns it and calls ``answer`` once, within ``timeout``."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self._client: "_Client | None" = None
+        self._answer: dict | None = None
+
+    def answer(self, answer: dict) -> None:
+        if self._client is not None:
+            self._client.answer(answer)
+            self._client = None
+        else:
+            self._answer = answer       # answered before the client was bound
+
+    def _bind(self, client: "_Client") -> None:
+        if self._answer is not None:
+            client.answer(self._answer)
+        else:
+            self._client = client
+            client.wait(self.timeout)
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -67,23 +81,27 @@ class ControlServer:
 
     def __init__(self, loop: Loop, run_dir: str, handler: Callable[[dict], dict]):
         self._loop = loop
+        self.run_dir = run_dir
         self.path = socket_path(run_dir)
         self._handler = handler
         self._sock: socket.socket | None = None
         self._clients: dict[int, _Client] = {}
 
     def start(self) -> None:
-        try:
-            os.unlink(self.path)  # stale: the run-dir lock proves nobody else serves it
-        except FileNotFoundError:
-            pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)
-        try:
-            sock.bind(self.path)
-        finally:
-            os.umask(old)
-        os.chmod(self.path, 0o600)
+        from .trusted_paths import open_trusted_dir
+        with open_trusted_dir(self.run_dir, what="paths.run_dir", tighten=True) as run:
+            run.unlink(SOCKET_NAME)     # stale: the run-dir lock proves nobody else serves it
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            old = os.umask(0o177)
+            try:
+                # Bound through the checked directory's fd: a path swapped meanwhile cannot move it.
+                where = f"/proc/self/fd/{run.fd}/{SOCKET_NAME}"
+                sock.bind(where if len(where) < 100 and os.path.isdir(f"/proc/self/fd/{run.fd}") else self.path)
+            except BaseException:
+                sock.close()
+                raise
+            finally:
+                os.umask(old)
         sock.listen(16)
         self._sock = sock
         self._loop.add_reader(sock.fileno(), self._accept)
@@ -115,9 +133,14 @@ class ControlServer:
             answer = self._handler(request)
         except ValueError as exc:
             answer = {"ok": False, "error": str(exc)}
+        except RecursionError:
+            answer = {"ok": False, "error": "a request is a flat JSON object: this one is nested too deeply"}
         except Exception as exc:  # a bug in a handler must not kill the supervisor
             answer = {"ok": False, "error": f"internal error: {exc!r}"}
-        client.answer(answer)
+        if isinstance(answer, Deferred):
+            answer._bind(client)
+        else:
+            client.answer(answer)
 
     def _drop(self, client: "_Client") -> None:
         self._clients.pop(client.fd, None)
@@ -163,7 +186,14 @@ class _Client:
         elif len(self.buf) > MAX_REQUEST:
             self.answer({"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"})
 
+    def wait(self, timeout: float) -> None:
+        """The answer comes later: keep the connection open up to TIMEOUT."""
+        self.timer.cancel()
+        self.timer = self.server._loop.call_later(timeout, self.close)
+
     def answer(self, answer: dict) -> None:
+        if self.conn is None:
+            return          # the client gave up (or timed out) meanwhile
         self.out = (json.dumps(answer, sort_keys=False) + "\n").encode()
         self.server._loop.forget(self.fd)
         self.server._loop.add_writer(self.fd, self.writable)

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import socket
 from typing import Sequence
 
 from . import __version__
-from .atomicfile import write_atomic
+from .errors import SupervisorError
 from .policy import Decision, ExitInfo, signal_name
+from .trusted_paths import open_own_subdir, prune_files
 
 REPORT_VERSION = 1
 SUFFIX = ".json"
+MAX_REPORT_BYTES = 16 * 1024 * 1024     # ours are a few kB; a bigger file is not read
 
 
 def _iso(wall: float | None) -> str | None:
@@ -63,44 +64,50 @@ def report_name(report: dict, wall_now: float) -> str:
     return f"{stamp}-{report['daemon']['pid']}-{report['classification']}{SUFFIX}"
 
 
-def write_crash_report(directory: str, report: dict, wall_now: float, keep: int | None = None) -> str:
-    """Write ``report`` atomically (temp file, fsync, rename) as 0600; prune to ``keep`` files."""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    path = os.path.join(directory, report_name(report, wall_now))
-    write_atomic(path, json.dumps(report, indent=2, sort_keys=False) + "\n", mode=0o600, prefix=".crash-")
-    if keep is not None:
-        prune_crash_reports(directory, keep)
+def write_crash_report(directory: str, report: dict, wall_now: float, keep: int | None = None,
+                       max_bytes: int = 0) -> str:
+    """Write ``report`` atomically (temp file, fsync, rename) as 0600 in the checked DIRECTORY
+    (STATE_DIR/crashes, created 0700); prune to ``keep`` files and ``max_bytes`` in total."""
+    name = report_name(report, wall_now)
+    with open_own_subdir(directory, what="paths.state_dir") as d:
+        path = d.write_atomic(name, json.dumps(report, indent=2, sort_keys=False) + "\n", mode=0o600,
+                              prefix=".crash-")
+        if keep is not None or max_bytes:
+            prune_files(d, SUFFIX, keep=keep, max_bytes=max_bytes)
     return path
 
 
 def report_paths(directory: str) -> list[str]:
-    """Report files, oldest first (names start with a UTC timestamp)."""
+    """Report files (regular files only), oldest first (names start with a UTC timestamp)."""
     try:
-        names = sorted(n for n in os.listdir(directory) if n.endswith(SUFFIX) and not n.startswith("."))
+        with open_own_subdir(directory, create=False) as d:
+            return [d.join(f.name) for f in d.files(SUFFIX)]
     except FileNotFoundError:
         return []
-    return [os.path.join(directory, n) for n in names]
 
 
-def prune_crash_reports(directory: str, keep: int) -> list[str]:
-    """Remove all but the newest ``keep`` reports; returns the removed paths."""
-    paths = report_paths(directory)
-    removed = paths[:max(0, len(paths) - keep)]
-    for p in removed:
-        try:
-            os.unlink(p)
-        except FileNotFoundError:
-            pass
-    return removed
+def prune_crash_reports(directory: str, keep: int, max_bytes: int = 0) -> list[str]:
+    """Remove all but the newest ``keep`` reports (and the oldest beyond MAX_BYTES); the removed paths."""
+    try:
+        with open_own_subdir(directory, create=False) as d:
+            return prune_files(d, SUFFIX, keep=keep, max_bytes=max_bytes)
+    except FileNotFoundError:
+        return []
 
 
 def read_crash_reports(directory: str) -> list[tuple[str, dict]]:
     """(path, report) for every readable report, oldest first; unreadable files are skipped."""
     out = []
-    for p in report_paths(directory):
-        try:
-            with open(p, encoding="utf-8") as fh:
-                out.append((p, json.load(fh)))
-        except (OSError, ValueError):
-            continue
+    try:
+        d = open_own_subdir(directory, create=False)
+    except FileNotFoundError:
+        return []
+    with d:
+        for f in d.files(SUFFIX):
+            try:
+                report = json.loads(d.read_bytes(f.name, MAX_REPORT_BYTES))
+            except (OSError, ValueError, RecursionError, SupervisorError):
+                continue
+            if isinstance(report, dict):
+                out.append((d.join(f.name), report))
     return out

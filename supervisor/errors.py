@@ -22,6 +22,8 @@ class ExitCode(enum.IntEnum):
     NOT_RUNNING = 7     # the supervisor/daemon is not running (control commands)
     NO_DAEMON = 8       # the daemon binary is missing or not executable
     GAVE_UP = 9         # crash-loop limit reached: the supervisor gave up (fail-closed)
+    UNSAFE_PATH = 10    # a directory or file of ours is not trustworthy (owner, mode, symlink)
+    PARTIAL = 11        # load-ipsec-conf: loaded, but charon refused some conns (listed as "refused: ...")
 
 
 class SupervisorError(Exception):
@@ -55,6 +57,12 @@ class SnapshotError(SupervisorError):
     exit_code = ExitCode.BAD_SNAPSHOT
 
 
+class UnsafePathError(SupervisorError):
+    """A directory or file we would use could have been changed by someone other than root."""
+
+    exit_code = ExitCode.UNSAFE_PATH
+
+
 class KernelError(SupervisorError):
     """A kernel operation (dump, add, delete) failed; never means "nothing there"."""
 
@@ -65,3 +73,11 @@ class KernelError(SupervisorError):
 
 class FirewallError(KernelError):
     """iptables/ip6tables/nft failed."""
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in range(32) if c not in (9,)} | {127: "\\x7f"}
+
+
+def printable(text: str) -> str:
+    """TEXT with control characters escaped (\\x1b...): safe to print when it came from a file."""
+    return text.translate(_CONTROL)

@@ -1,7 +1,9 @@
 """One selectors loop: fds, deadline timers and signals (through a wakeup fd) as callbacks.
 
 Nothing here sleeps or polls: the loop blocks in select() until an fd is ready or the
-earliest timer is due.  Callbacks run in the loop's thread, one at a time.
+earliest timer is due.  Callbacks run in the loop's thread, one at a time. A callback that
+raises is logged with its traceback and counted (``callback_errors``), and the loop goes
+on: a bug in one handler must not end the supervisor, and with it charon.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
+import logging
 import os
 import selectors
 import signal
@@ -18,6 +21,11 @@ import time
 from typing import Callable
 
 Callback = Callable[[], None]
+
+log = logging.getLogger(__name__)
+# Tracebacks logged in full for the first few failures, then one line per LOG_EVERY (a reader
+# that raises on every wakeup must not flood the log).
+LOG_FIRST, LOG_EVERY = 10, 1000
 
 
 class Timer:
@@ -43,6 +51,21 @@ class Loop:
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
         self._soon: collections.deque[Callback] = collections.deque()
+        self.callback_errors = 0
+
+    def guard(self, callback: Callable[..., None], *args) -> None:
+        """Run CALLBACK(*ARGS); an Exception is logged and counted, never raised into the loop."""
+        try:
+            callback(*args)
+        except Exception:   # noqa: BLE001 - KeyboardInterrupt/SystemExit still end the loop
+            self.callback_errors += 1
+            n = self.callback_errors
+            name = getattr(callback, "__qualname__", None) or repr(callback)
+            if n <= LOG_FIRST:
+                log.exception("event-loop callback %s failed (error %d); the supervisor goes on", name, n)
+            elif n % LOG_EVERY == 0:
+                log.error("event-loop callback %s failed (error %d; tracebacks of the first %d were logged); "
+                          "the supervisor goes on", name, n, LOG_FIRST)
 
     # fds -----------------------------------------------------------------
     def _set(self, fd: int, reader: Callback | None, writer: Callback | None) -> None:
@@ -105,18 +128,18 @@ class Loop:
                 continue  # an earlier callback in this batch closed it
             reader, writer = current.data
             if mask & selectors.EVENT_READ and reader:
-                reader()
+                self.guard(reader)
             current = self.selector.get_map().get(key.fd)
             if current is not None and mask & selectors.EVENT_WRITE and current.data[1]:
-                current.data[1]()
+                self.guard(current.data[1])
         now = self.clock()
         while self._timers and (self._timers[0][2].cancelled or self._timers[0][0] <= now):
             _, _, timer = heapq.heappop(self._timers)
             if not timer.cancelled:
                 timer.cancelled = True
-                timer.callback()
+                self.guard(timer.callback)
         for _ in range(len(self._soon)):
-            self._soon.popleft()()
+            self.guard(self._soon.popleft())
 
     def close(self) -> None:
         self.selector.close()
@@ -145,7 +168,7 @@ class SignalWakeup:
         for signo in data:
             handler = self._handlers.get(signo)
             if handler is not None:
-                handler(signo)
+                self._loop.guard(handler, signo)     # one failing handler must not swallow the next signal
 
     def close(self) -> None:
         for sig, old in self._old.items():
@@ -189,7 +212,7 @@ class ThreadWakeup:
         except BlockingIOError:
             pass
         while self._queue:
-            self._queue.popleft()()
+            self._loop.guard(self._queue.popleft())   # one failing callback must not drop the rest
 
     def close(self) -> None:
         with self._lock:

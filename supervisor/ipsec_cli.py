@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from . import __version__, control
 from .config import Config, load_config
-from .errors import ConfigError, ExitCode, NotRootError, SupervisorError
+from .errors import ConfigError, ExitCode, NotRootError, SupervisorError, printable
 from .frontend import forward, lifecycle
 from .frontend.pidfile import PidState, read_cmdline
 
@@ -35,8 +35,10 @@ EXIT_CODES = (
     ("stop", "0 always, as strongSwan's script (what happened is on stderr); with --strict: 1 something "
              "had to be killed, 4 not root, 7 not running"),
     ("restart", "as stop, then as start"),
-    ("reload, update", "0 done; 7 not running; 2 update: supervisor.yaml invalid (the running one is "
-                       "kept); 1 refused"),
+    ("reload, update", "0 loaded (also when charon refused single conns: they are listed on stderr; and "
+                       "while charon restarts: the new charon loads the current files); 1 the load failed, "
+                       "nothing was applied (the reason is on stderr); 2 update: supervisor.yaml invalid (the "
+                       "running one is kept); 7 not running"),
     ("status, statusall", "0 running; 1 not running, a stale pid file is left; 3 not started; "
                           "4 not allowed to ask (not root)"),
     ("up down route unroute NAME, list*, reread*, purge*, leases, ...",
@@ -247,22 +249,31 @@ def cmd_restart(ctx: Context, argv: list[str]) -> int:
 # ---------------------------------------------------------------------------
 # reload / update
 
-def _control(ctx: Context, command: str) -> dict:
+def _control(ctx: Context, command: str, timeout: float = control.CLIENT_TIMEOUT, **args) -> dict:
     run_dir = ctx.config().paths.run_dir
     try:
-        return control.request(run_dir, command)
+        return control.request(run_dir, command, timeout, **args)
     except OSError as exc:      # control.request maps connect errors only
         raise SupervisorError(f"{command}: the control socket in {run_dir} failed: {exc.strerror or exc} "
                               "(the supervisor may be exiting; see 'ipsec status')") from None
 
 
 def _reload_daemon(ctx: Context, what: str) -> int:
-    answer = _control(ctx, "reload-daemon")
+    """Ask for a load of charon's configuration and wait until it has finished."""
+    cfg = ctx.config()
+    # The supervisor answers once the load (or the follow-up it was merged into) finished.
+    timeout = cfg.daemon.load_timeout * 2 + 35.0
+    answer = _control(ctx, "reload-daemon", timeout, mode=what, wait=True)
+    load = answer.get("load") or {}
     if answer.get("ok"):
-        ctx.say("Reloading charon's configuration...")
+        ctx.say(f"ipsec {what}: {answer.get('message')}")
+        for refused in load.get("refused") or ():
+            ctx.say(f"ipsec {what}: charon refused conn {printable(refused)}")
         return 0
-    ctx.say(f"ipsec {what}: {answer.get('error')}")
-    return ExitCode.NOT_RUNNING if answer.get("state") not in lifecycle.READY_STATES else 1
+    ctx.say(f"ipsec {what}: {printable(str(answer.get('error')))}")
+    if answer.get("not_running") or answer.get("state") not in lifecycle.READY_STATES + ("loading",):
+        return ExitCode.NOT_RUNNING
+    return ExitCode.FAILED
 
 
 def cmd_reload(ctx: Context, argv: list[str]) -> int:
@@ -473,7 +484,7 @@ def _delegate(ctx: Context, name: str, argv: list[str], progress_module=None) ->
     elif ctx.config_path and "--ledger" in options and not {"--ledger", "--no-ledger"} & set(argv):
         from .ledger import ledger_path
         path = ledger_path(ctx.config().paths.run_dir)
-        if os.path.exists(path):
+        if os.path.isfile(path) and not os.path.islink(path):   # a planted link: markers only, not an error
             argv += ["--ledger", path]
     head = ["--verbose"] if ctx.verbose else []
     if progress_module is None:
@@ -494,18 +505,14 @@ def snapshot_dir(cfg: Config) -> str:
 
 def list_snapshots(directory: str) -> list[dict]:
     """Snapshot files (oldest first) with id, path, size and modification time."""
+    from .trusted_paths import open_own_subdir
     try:
-        names = [n for n in os.listdir(directory) if n.endswith(".json") and not n.startswith(".")]
+        with open_own_subdir(directory, create=False) as d:    # checked; regular files only
+            files = d.files(".json")
     except FileNotFoundError:
         return []
-    out = []
-    for n in names:
-        path = os.path.join(directory, n)
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        out.append({"id": n[:-5], "path": path, "size": st.st_size, "mtime": st.st_mtime})
+    out = [{"id": f.name[:-5], "path": os.path.join(directory, f.name), "size": f.size, "mtime": f.mtime}
+           for f in files]
     out.sort(key=lambda s: (s["mtime"], s["id"]))
     return out
 

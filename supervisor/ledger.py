@@ -29,16 +29,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from .atomicfile import write_atomic
-from .errors import SupervisorError
+from .errors import SupervisorError, UnsafePathError
 from .kernel.common import Action, KernelEvent
 from .ownership import (RULE_LEDGER_BASELINE, RULE_LEDGER_DAEMON, RULE_LEDGER_FOREIGN,
                         RULE_LEDGER_INHERITED, Verdict)
+from .trusted_paths import open_trusted_dir
 
 SCHEMA = "ipsec-supervisor/ledger"
 VERSION = 1
@@ -55,12 +56,21 @@ TRACKED = ("xfrm_sa", "xfrm_policy", "route", "rule", "address")
 _OVERRUN = {"xfrm": ("xfrm_sa", "xfrm_policy"), "rtnl": ("route", "rule", "address")}
 _RTNL = frozenset(_OVERRUN["rtnl"])
 
+# A ledger of 100k objects is ~50 MB; anything far beyond is not one of ours.
+MAX_LEDGER_BYTES = 256 * 1024 * 1024
+# Every error a malformed document can raise while decoding; all of them become LedgerError.
+_DECODE_ERRORS = (ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError, RecursionError)
+
 NETLINK_ROUTE = 0
 NETLINK_XFRM = 6
 
 
 class LedgerError(SupervisorError):
     """The ledger file or the daemon's netlink sockets cannot be read."""
+
+
+class UntrustedLedger(LedgerError):
+    """A readable ledger that others could have written, or that names another (or no) namespace."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,24 +401,38 @@ def ledger_to_document(ledger: Ledger) -> dict:
 
 
 def save_ledger(path: str, ledger: Ledger) -> str:
-    """Write LEDGER to PATH atomically (temp file, fsync, rename), mode 0600."""
+    """Write LEDGER to PATH atomically (temp file, fsync, rename), mode 0600, in a checked directory."""
     text = json.dumps(ledger_to_document(ledger), separators=(",", ":"))
+    directory, name = os.path.split(os.path.abspath(path))
     try:
-        return write_atomic(path, text, mode=0o600, prefix=".ledger-")
+        with open_trusted_dir(directory, create=False, what="the ledger's directory") as d:
+            d.write_atomic(name, text, mode=0o600, prefix=".ledger-")
+        return path
+    except UnsafePathError as exc:
+        raise LedgerError(f"cannot write ledger {path}: {exc} (nothing was written)") from None
     except OSError as exc:
         raise LedgerError(f"cannot write ledger {path}: {exc.strerror or exc} "
                           "(the previous ledger, if any, is unchanged)") from None
 
 
-def _bad(path: str, problem: str) -> LedgerError:
-    return LedgerError(f"ledger {path} is not usable: {problem} (ownership falls back to markers)")
+def _bad(path: str, problem: str, kind: type[LedgerError] = LedgerError) -> LedgerError:
+    return kind(f"ledger {path} is not usable: {problem} (ownership falls back to markers)")
 
 
-def load_ledger(path: str) -> Ledger:
-    """Read and validate a ledger; every problem raises LedgerError naming the file and the cause."""
+def load_ledger(path: str, *, netns_inode: int | None = None) -> Ledger:
+    """Read, check and validate a ledger; every problem raises LedgerError naming the file and the cause.
+
+    Trusted only in a checked directory, owned by root, not writable by group or others, at most
+    MAX_LEDGER_BYTES; with NETNS_INODE, only if it names that network namespace (null does not).
+    """
+    directory, name = os.path.split(os.path.abspath(path))
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        with open_trusted_dir(directory, create=False) as d:
+            raw = d.read_bytes(name, MAX_LEDGER_BYTES)
+    except UnsafePathError as exc:
+        raise _bad(path, f"not trusted: {exc}", UntrustedLedger) from None
+    except ValueError:
+        raise _bad(path, f"larger than {MAX_LEDGER_BYTES} bytes") from None
     except OSError as exc:
         raise LedgerError(f"cannot read ledger {path}: {exc.strerror}") from None
     try:
@@ -417,7 +441,17 @@ def load_ledger(path: str) -> Ledger:
         raise _bad(path, f"not UTF-8 text (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise _bad(path, f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    return ledger_from_document(doc, path)
+    except RecursionError:
+        raise _bad(path, "JSON nested too deeply") from None
+    ledger = ledger_from_document(doc, path)
+    if netns_inode is not None:
+        if ledger.netns_inode is None:
+            raise _bad(path, f"it names no network namespace (netns_inode is null); only a ledger naming "
+                             f"this one (inode {netns_inode}) is trusted", UntrustedLedger)
+        if ledger.netns_inode != netns_inode:
+            raise _bad(path, f"it belongs to another network namespace (inode {ledger.netns_inode}, "
+                             f"this one is {netns_inode})", UntrustedLedger)
+    return ledger
 
 
 def _opt_int(doc: dict, key: str, path: str) -> int | None:
@@ -428,6 +462,16 @@ def _opt_int(doc: dict, key: str, path: str) -> int | None:
 
 
 def ledger_from_document(doc: Any, path: str = "<document>") -> Ledger:
+    """The Ledger in DOC; every malformed part raises LedgerError (never TypeError, RecursionError...)."""
+    try:
+        return _ledger_from_document(doc, path)
+    except LedgerError:
+        raise
+    except _DECODE_ERRORS as exc:
+        raise _bad(path, f"{type(exc).__name__}: {exc}") from None
+
+
+def _ledger_from_document(doc: Any, path: str) -> Ledger:
     from .kernel_state import FAMILIES      # the record types (kernel_state imports no ledger)
 
     if not isinstance(doc, dict):
@@ -437,13 +481,13 @@ def ledger_from_document(doc: Any, path: str = "<document>") -> Ledger:
     if doc.get("version") != VERSION:
         raise _bad(path, f"version {doc.get('version')!r} is not supported (this build reads {VERSION})")
     started = doc.get("started_unix")
-    if not isinstance(started, (int, float)) or isinstance(started, bool):
-        raise _bad(path, "'started_unix' is missing or not a number")
+    if not isinstance(started, (int, float)) or isinstance(started, bool) or not math.isfinite(started):
+        raise _bad(path, "'started_unix' is missing or not a finite number")
     reqids = doc.get("reqids")
     if not isinstance(reqids, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in reqids):
         raise _bad(path, "'reqids' is not a list of integers")
     stale = doc.get("stale")
-    if not isinstance(stale, list) or not set(stale) <= set(TRACKED):
+    if not isinstance(stale, list) or not all(isinstance(f, str) and f in TRACKED for f in stale):
         raise _bad(path, f"'stale' must list families among {', '.join(TRACKED)}")
     raw_entries = doc.get("entries")
     if not isinstance(raw_entries, dict):
@@ -460,6 +504,8 @@ def ledger_from_document(doc: Any, path: str = "<document>") -> Ledger:
         table = {}
         for i, item in enumerate(items):
             try:
+                if not isinstance(item, dict):
+                    raise TypeError(f"an entry is an object, not a JSON {type(item).__name__}")
                 if item["owner"] not in (OWNER_DAEMON, OWNER_FOREIGN):
                     raise ValueError(f"owner {item['owner']!r} is neither daemon nor foreign")
                 if item["how"] not in (HOW_BASELINE, HOW_INHERITED, HOW_ADDED):
@@ -468,7 +514,7 @@ def ledger_from_document(doc: Any, path: str = "<document>") -> Ledger:
                 if not isinstance(port, int) or isinstance(port, bool):
                     raise TypeError(f"port_id {port!r} is not an integer")
                 record = record_type.from_json(item["record"])
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            except _DECODE_ERRORS as exc:
                 raise _bad(path, f"entries.{family}[{i}] is invalid: {type(exc).__name__}: {exc}") from None
             table[record.key()] = LedgerEntry(item["owner"], item["how"], port, record)
         entries[family] = table

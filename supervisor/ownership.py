@@ -32,7 +32,7 @@ import dataclasses
 import functools
 import gc
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from .kernel import xfrm
 from .kernel.xfrm import XfrmPolicy, XfrmSA
@@ -45,6 +45,7 @@ SUPERVISOR_BLOCK_UID = 0x49505356          # "IPSV"
 
 # Verdict rules. "ledger:*" come from attribution, "marker:*" from the markers.
 RULE_LEDGER_DAEMON = "ledger:daemon"          # charon added it while we watched
+RULE_LEDGER_PORT_ONLY = "ledger:port-id-only"  # XFRM, sent with charon's port id but without its markers
 RULE_LEDGER_INHERITED = "ledger:inherited"    # a previous charon's, carried over at start
 RULE_LEDGER_FOREIGN = "ledger:foreign"        # another process added it while we watched
 RULE_LEDGER_BASELINE = "ledger:baseline"      # it was there before charon started
@@ -58,6 +59,12 @@ RULE_UPDOWN = "marker:updown-reqid"
 RULE_PER_SOCKET = "per-socket"
 RULE_SUPERVISOR_BLOCK = "supervisor-block"
 RULE_NO_MARKER = "no-marker"
+
+# Verdicts that rest on the markers alone: another IKE daemon in the namespace (charon-nm,
+# a container's charon) uses the same ones. Inherited entries count too: they were carried
+# over at a daemon start, possibly judged by the markers then.
+MARKER_ONLY_RULES = frozenset({RULE_SPI_RANGE, RULE_REQID, RULE_PRIORITY_BAND, RULE_ROUTE_TABLE,
+                               RULE_RULE_PRIORITY, RULE_UPDOWN, RULE_LEDGER_INHERITED})
 
 FAMILY_ORDER = ("xfrm_sa", "xfrm_policy", "route", "rule", "address", "firewall")
 
@@ -348,7 +355,9 @@ def decide_ownership(objects: Mapping[str, Iterable[Any]], config: MarkerConfig 
 
     OBJECTS maps family name to records (``KernelState.objects``/``Snapshot.objects``).
     LEDGER is a ``supervisor.ledger.Ledger`` or None. Reqids chain: an SA or updown rule
-    is charon's when its reqid is on a policy or SA judged charon's.
+    is charon's when its reqid is on a policy or SA judged charon's. An SA or policy the
+    ledger gives charon without charon's markers is ``RULE_LEDGER_PORT_ONLY`` (see
+    ``deletion_hold``).
     """
     with without_cycle_collection():
         return _decide(objects, config, ledger, frozenset(virtual_ips))
@@ -358,26 +367,44 @@ def _decide(objects: Mapping[str, Iterable[Any]], config: MarkerConfig, ledger: 
             vips: frozenset[str]) -> Ownership:
     verdicts: dict[str, tuple[tuple[Any, Verdict], ...]] = {}
     owned_reqids: set[int] = set(ledger.reqids) if ledger is not None else set()
+    marked_reqids: set[int] = set()     # on policies and SAs whose markers say charon's too
 
     policies = []
     for p in objects.get("xfrm_policy", ()):
         v = _ledger_verdict(ledger, p)
         if v is None or p.per_socket or is_supervisor_block(p):
             v = classify_policy(p, config)
+        elif v.owned:
+            markers = classify_policy(p, config)
+            v = v if markers.owned else _port_id_only(v, markers)
         policies.append((p, v))
-        if v.owned:
+        if v.owned and v.rule != RULE_LEDGER_PORT_ONLY:     # then its markers say charon's too
             owned_reqids |= policy_reqids(p)
+            marked_reqids |= policy_reqids(p)
     verdicts["xfrm_policy"] = tuple(policies)
 
     sas = list(objects.get("xfrm_sa", ()))
     ledger_sa = [_ledger_verdict(ledger, sa) for sa in sas]
-    # First pass: SAs that are charon's on their own (ledger or SPI range) lend their reqids.
-    for sa, v in zip(sas, ledger_sa):
-        v = v or classify_sa(sa, frozenset(), config)
-        if v.owned and sa.reqid:
+    # First pass: SAs that are charon's on their own (ledger or SPI range) lend their reqids;
+    # one the ledger gives charon lends its reqid only when the markers back it (see _port_id_only).
+    in_range = [classify_sa(sa, frozenset(), config).owned for sa in sas]
+    marked_reqids |= {sa.reqid for sa, v, r in zip(sas, ledger_sa, in_range)
+                      if r and sa.reqid and (v is None or v.owned)}
+    for sa, v, r in zip(sas, ledger_sa, in_range):
+        own = r if v is None else v.owned and (r or sa.reqid in marked_reqids)
+        if own and sa.reqid:
             owned_reqids.add(sa.reqid)
     reqids = frozenset(owned_reqids)
-    verdicts["xfrm_sa"] = tuple((sa, v or classify_sa(sa, reqids, config)) for sa, v in zip(sas, ledger_sa))
+    marked = frozenset(marked_reqids)
+
+    def sa_verdict(sa: Any, v: Verdict | None) -> Verdict:
+        if v is None:
+            return classify_sa(sa, reqids, config)
+        if not v.owned:
+            return v
+        markers = classify_sa(sa, marked, config)
+        return v if markers.owned else _port_id_only(v, markers)
+    verdicts["xfrm_sa"] = tuple((sa, sa_verdict(sa, v)) for sa, v in zip(sas, ledger_sa))
 
     verdicts["route"] = tuple((r, _ledger_verdict(ledger, r) or classify_route(r, config))
                               for r in objects.get("route", ()))
@@ -389,6 +416,33 @@ def _decide(objects: Mapping[str, Iterable[Any]], config: MarkerConfig, ledger: 
     verdicts["firewall"] = tuple((r, classify_firewall_rule(r, reqids))
                                  for r in objects.get("firewall", ()))
     return Ownership(verdicts=verdicts, owned_reqids=reqids)
+
+
+def _port_id_only(ledger: Verdict, markers: Verdict) -> Verdict:
+    """An XFRM object the ledger gives charon by the sender's port id, which its markers do not back.
+
+    XFRM notifications echo the nlmsg_pid the sender wrote, and any root process can write
+    charon's pid there: such an object stays charon's for the record, but no plan deletes it.
+    """
+    return Verdict(True, RULE_LEDGER_PORT_ONLY,
+                   f"{ledger.detail}, but {markers.detail}: a netlink port id alone is what the sender "
+                   "wrote, so it is never deleted without charon's markers as well")
+
+
+def deletion_hold(record: Any, verdict: Verdict, others: Sequence[Any] = ()) -> str | None:
+    """Why no plan may delete the owned RECORD now (None: it may go).
+
+    OTHERS are the other IKE daemons found in the namespace (anything with ``describe()``
+    and ``holds()``, e.g. ``supervisor.daemons.IkeDaemon``): while one is there, what only
+    the markers call charon's may be that daemon's, since it uses the same ones.
+    """
+    if verdict.rule == RULE_LEDGER_PORT_ONLY:
+        return "port-id-only: the ledger's only evidence is the netlink port id the sender wrote"
+    if others and verdict.rule in MARKER_ONLY_RULES:
+        first = others[0]
+        more = f" (and {len(others) - 1} more)" if len(others) > 1 else ""
+        return f"marker-only: {first.describe()} holds {first.holds()} here{more}"
+    return None
 
 
 def replace_selector_user(policy: XfrmPolicy, user: int) -> XfrmPolicy:

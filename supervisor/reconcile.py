@@ -45,7 +45,7 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 from .errors import KernelError
 from .kernel import addresses, firewall, routes, rules, xfrm
@@ -53,7 +53,7 @@ from .kernel.common import DeleteResult
 from .kernel.netlink import AlreadyExists, NetlinkSocket
 from .kernel.rtnl import Rtnl
 from .kernel.xfrm import XfrmPolicy, XfrmSelector
-from .ownership import (SUPERVISOR_BLOCK_UID, Ownership, is_supervisor_block,
+from .ownership import (SUPERVISOR_BLOCK_UID, Ownership, deletion_hold, is_supervisor_block,
                         replace_selector_user, without_cycle_collection)
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class RemoveBlockPolicy:
 
 @dataclass(frozen=True, slots=True)
 class Keep:
-    """Leave one owned object in place (keep mode; adopt mode for what charon claimed)."""
+    """Leave one owned object in place (keep mode; what charon claimed; what no plan may delete)."""
 
     KIND: ClassVar[str] = "keep"
     record: Any
@@ -191,18 +191,20 @@ def _objects_of(state: Any) -> Mapping[str, tuple]:
     return state.objects
 
 
-def plan_flush(state: Any, verdicts: Ownership, fail_closed: bool = True) -> Plan:
+def plan_flush(state: Any, verdicts: Ownership, fail_closed: bool = True, others: Sequence[Any] = ()) -> Plan:
     """Remove every owned object of STATE (a KernelState or Snapshot), fail-closed if asked.
 
     Order: blocks for owned out/fwd leftovers (fail-closed only), then SAs, policies,
     firewall rules, routes, rules, addresses. Deleting a covered policy waits for its
     block. Without fail-closed, blocks already in the kernel are removed at the end.
+    What ``deletion_hold`` protects (OTHERS: other IKE daemons present) is kept, saying why.
     """
     with without_cycle_collection():
-        return _plan_flush(_objects_of(state), verdicts, fail_closed)
+        return _plan_flush(_objects_of(state), verdicts, fail_closed, tuple(others))
 
 
-def _plan_flush(objects: Mapping[str, tuple], verdicts: Ownership, fail_closed: bool) -> Plan:
+def _plan_flush(objects: Mapping[str, tuple], verdicts: Ownership, fail_closed: bool,
+                others: tuple[Any, ...]) -> Plan:
     actions: list[Any] = []
     policies = tuple(objects.get("xfrm_policy", ()))
     existing_blocks = {p.key(): p for p in policies if is_supervisor_block(p)}
@@ -210,7 +212,7 @@ def _plan_flush(objects: Mapping[str, tuple], verdicts: Ownership, fail_closed: 
     if fail_closed:
         for policy in policies:
             v = verdicts.verdict_of(policy)
-            if v is None or not v.owned or not needs_block(policy):
+            if v is None or not v.owned or not needs_block(policy) or deletion_hold(policy, v, others):
                 continue
             block = block_policy_for(policy)
             if existing_blocks and block.key() in existing_blocks:
@@ -225,6 +227,10 @@ def _plan_flush(objects: Mapping[str, tuple], verdicts: Ownership, fail_closed: 
             v = verdicts.verdict_of(record)
             if v is None or not v.owned:
                 foreign += 1
+                continue
+            hold = deletion_hold(record, v, others)
+            if hold is not None:
+                actions.append(Keep(record, v.rule, f"{hold} ({v.detail})"))
                 continue
             blocker = block_index.get(id(record)) if family == "xfrm_policy" else None
             after = () if blocker is None else (blocker,)

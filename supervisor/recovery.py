@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from vici.protocol import Message, Packet
 
-from . import adopt
+from . import adopt, daemons
 from .config import Config, format_duration
 from .errors import KernelError, SupervisorError
 from .kernel.common import Action as KAction
@@ -50,7 +50,8 @@ from .ownership import MarkerConfig, Verdict, decide_ownership, is_supervisor_bl
 from .policy import Action, Decision, ExitClass, ExitInfo, signal_name
 from .reconcile import (ActionResult, DeleteObject, InstallBlockPolicy, Keep, Outcome, Plan,
                         RemoveBlockPolicy, blocks_to_remove, execute, plan_flush, plan_keep)
-from .snapshot import take_snapshot, write_snapshot
+from .snapshot import take_snapshot, write_snapshot_in
+from .trusted_paths import TrustedDir, open_own_subdir, prune_files
 from .strongswan_conf import (DEFAULT_PATH as STRONGSWAN_CONF, POLICY_UPDATE, AdoptCapability, SettingsError,
                               as_bool, check_adopt_capability, lookup, parse_version, read_settings)
 
@@ -60,7 +61,6 @@ SAVE_DELAY = 1.0            # ledger writes are debounced: at most one per secon
 ADOPT_POLL = 0.5            # list-sas polling while adopting (kernel events make it sooner)
 DRAIN_WAIT = 2.0            # how long on_daemon_exit waits for the loop to read pending events
 VICI_TIMEOUT = 5.0
-DAEMON_NAMES = ("charon", "charon-systemd")
 
 # What recovery does with the leftovers of one daemon run (choose_recovery).
 FLUSH, ADOPT, KEEP, NONE = "flush", "adopt", "keep", "none"
@@ -119,6 +119,14 @@ def leftover_counts(owned: Iterable[tuple[Any, Verdict]]) -> dict[str, int]:
     return counts
 
 
+def tally_rules(verdicts: Iterable[Verdict]) -> dict[str, int]:
+    """How many leftovers each ownership rule made charon's (ledger:* by port id, marker:* by markers)."""
+    out: dict[str, int] = {}
+    for v in verdicts:
+        out[v.rule] = out.get(v.rule, 0) + 1
+    return out
+
+
 def tally(results: Iterable[ActionResult]) -> dict[str, int]:
     out: dict[str, int] = {}
     for r in results:
@@ -126,10 +134,11 @@ def tally(results: Iterable[ActionResult]) -> dict[str, int]:
     return out
 
 
-def recovery_plan(choice: RecoveryChoice, state: Any, ownership: Any) -> Plan:
-    """The plan for CHOICE over STATE (KernelState or Snapshot) as judged by OWNERSHIP."""
+def recovery_plan(choice: RecoveryChoice, state: Any, ownership: Any, others: Iterable[Any] = ()) -> Plan:
+    """The plan for CHOICE over STATE (KernelState or Snapshot) as judged by OWNERSHIP;
+    OTHERS are the other IKE daemons in the namespace (``ownership.deletion_hold``)."""
     if choice.action == FLUSH:
-        return plan_flush(state, ownership, fail_closed=choice.fail_closed)
+        return plan_flush(state, ownership, fail_closed=choice.fail_closed, others=tuple(others))
     if choice.action == ADOPT:
         return adopt.plan_wait(ownership.owned(), "adopt: left in place while charon restarts; charon "
                                                   "claims it once ready, the rest goes after "
@@ -147,31 +156,25 @@ def snapshot_name(wall: float, pid: int | None, reason: str) -> str:
 
 
 def snapshot_paths(directory: str) -> list[str]:
-    """Snapshot files, oldest first (names start with a UTC time stamp)."""
+    """Snapshot files (regular files only), oldest first (names start with a UTC time stamp)."""
     try:
-        names = sorted(n for n in os.listdir(directory) if n.endswith(".json") and not n.startswith("."))
+        with open_own_subdir(directory, create=False) as d:
+            return [d.join(f.name) for f in d.files(".json")]
     except FileNotFoundError:
         return []
-    return [os.path.join(directory, n) for n in names]
 
 
-def prune_snapshots(directory: str, keep: int, max_age: float, now: float) -> list[str]:
-    """Remove snapshots beyond the newest KEEP and those older than MAX_AGE seconds (0: no limit)."""
-    paths = snapshot_paths(directory)
-    doomed = paths[:max(0, len(paths) - keep)]
-    if max_age > 0:
-        for p in paths[len(doomed):]:
-            try:
-                if now - os.stat(p).st_mtime > max_age:
-                    doomed.append(p)
-            except FileNotFoundError:
-                continue
-    for p in doomed:
-        try:
-            os.unlink(p)
-        except FileNotFoundError:
-            pass
-    return doomed
+def prune_snapshots(directory: str | TrustedDir, keep: int, max_age: float, now: float,
+                    max_bytes: int = 0) -> list[str]:
+    """Remove snapshots beyond the newest KEEP, those older than MAX_AGE seconds (0: no limit), then the
+    oldest until the rest fit in MAX_BYTES (0: no limit); by name in the checked directory, never via a link."""
+    if isinstance(directory, TrustedDir):
+        return prune_files(directory, ".json", keep=keep, max_age=max_age, max_bytes=max_bytes, now=now)
+    try:
+        with open_own_subdir(directory, create=False) as d:
+            return prune_files(d, ".json", keep=keep, max_age=max_age, max_bytes=max_bytes, now=now)
+    except FileNotFoundError:
+        return []
 
 
 def ownership_context(ownership: Any, state: Any) -> dict:
@@ -377,12 +380,14 @@ class _Adoption:
     step_queued: bool = False
     last_ledger: Any = None
     last_active: Any = None
+    pending: int | None = None      # leftovers still undecided after the last step
 
     def to_json(self, now: float) -> dict:
         return {"state": "done" if self.done else "waiting", "leftovers": len(self.leftovers),
                 "resolved": len(self.resolved), "initiated": sorted("/".join(k) for k in self.initiated),
                 "grace_left_s": None if self.done else round(max(0.0, self.deadline - now), 3),
-                "steps": self.steps, "results": dict(self.counts), "last_error": self.last_error}
+                "steps": self.steps, "results": dict(self.counts), "last_error": self.last_error,
+                "pending": self.pending}
 
 
 class KernelRecovery:
@@ -424,6 +429,7 @@ class KernelRecovery:
         self._last: dict | None = None
         self._capability: AdoptCapability | None = None
         self._warned: set[str] = set()
+        self.observer = None        # metrics: recovered(section, took, abnormal), overrun(monitor)
 
     # -- wiring (loop thread) ------------------------------------------------------------
     def attach(self, loop) -> None:
@@ -478,6 +484,19 @@ class KernelRecovery:
             return fn()
         return self._jobs.call(fn)
 
+    def _observe(self, name: str, *args) -> None:
+        hook = getattr(self.observer, name, None)
+        if hook is not None:
+            try:
+                hook(*args)
+            except Exception:  # noqa: BLE001 - metrics must never disturb recovery
+                log.exception("metrics observer %s failed; going on", name)
+
+    @property
+    def ledger(self) -> Ledger | None:
+        """The current ownership ledger (immutable: safe to read from any thread)."""
+        return self._ledger
+
     # -- notifications (loop thread) -------------------------------------------------------
     def _on_kernel(self) -> None:
         if self._watch is None:
@@ -485,6 +504,7 @@ class KernelRecovery:
         try:
             events = self._watch.read_events()
         except KernelError as exc:
+            self._observe("overrun", "read-error")
             log.warning("reading kernel notifications failed (%s); re-reading the state", exc)
             with self._lock:
                 if self._ledger is not None:
@@ -494,6 +514,8 @@ class KernelRecovery:
             return
         if not events:
             return
+        for monitor in {e.family for e in events if e.family in ("xfrm", "rtnl")}:   # overrun markers
+            self._observe("overrun", monitor)
         with self._lock:
             if self._buffer is not None:
                 self._buffer.extend(events)
@@ -621,6 +643,10 @@ class KernelRecovery:
         self._save_now()
 
     # -- hooks (supervisor's recovery worker) ------------------------------------------------
+    def on_config(self, config: Config) -> None:
+        """A reload applied CONFIG: the next recovery decides with it (not only after a restart)."""
+        self.config = config
+
     def before_start(self, context) -> None:
         """PREPARING: leftovers of an earlier supervisor (first start only), then the baseline."""
         self.config = context.config
@@ -706,11 +732,20 @@ class KernelRecovery:
         with self._lock:
             self._daemon_pid = None         # its sockets are gone; nothing more is attributed to it
             self._ports = None
+        why = f"{self._daemon_name} pid {info.pid} {info.describe()}"
+        running = [d for d in self._ike_daemons(self._netns_inode(), exclude=(info.pid,)) if d.ours]
+        if running:
+            # e.g. a start that failed because it runs already (charon exits 66): not a dead charon's leftovers
+            reason = (f"{daemons.describe_all(running)} runs in this network namespace, not started by this "
+                      "supervisor: the state is its own, no recovery")
+            log.warning("after %s: %s", why, reason)
+            self._carry, self._carry_choice = [], None
+            return {"mode": rc.mode, "action": NONE, "fail_closed": False, "reason": reason,
+                    "other_daemons": [d.to_json() for d in running]}
         can_adopt = self._capability.can_adopt if self._capability is not None else True
         choice = choose_recovery(rc.mode, fail_closed=rc.fail_closed, on_stop=rc.on_stop,
                                  exit_class=info.classification, decision=decision.action,
                                  can_adopt=can_adopt)
-        why = f"{self._daemon_name} pid {info.pid} {info.describe()}"
         return self._recover(choice, why, info.pid, info.classification.abnormal, "exit",
                              {"pid": info.pid, "exit": {"code": info.exit_code, "signal": signal_name(info.signal),
                                                         "classification": info.classification.value,
@@ -718,16 +753,18 @@ class KernelRecovery:
 
     # -- the recovery itself (jobs thread) -----------------------------------------------------
     def _recover(self, choice: RecoveryChoice, why: str, pid: int | None, abnormal: bool, reason: str,
-                 daemon: dict | None, prior: Ledger | None = None) -> dict:
+                 daemon: dict | None, prior: Ledger | None = None, others: tuple | None = None) -> dict:
         section: dict[str, Any] = {"mode": self.config.recovery.mode, **choice.to_json()}
         if choice.action == NONE:
             return section
+        started = self._clock()
         try:
             state = self._read(self._options)
         except KernelError as exc:
             log.error("cannot read the kernel state after %s: %s; nothing recovered (the next start "
                       "tries again)", why, exc)
             section["error"] = str(exc)
+            self._observe("recovered", section, self._clock() - started, abnormal)
             return section
         with self._lock:
             ledger = prior if prior is not None else self._ledger
@@ -740,7 +777,7 @@ class KernelRecovery:
         counts = leftover_counts(owned)
         total = sum(counts.values())
         section.update(leftovers=counts, leftover_total=total, judged_by="ledger and markers" if ledger
-                       else "markers only (no ledger)")
+                       else "markers only (no ledger)", by_rule=tally_rules(v for _, v in owned))
         snapshot = None
         if self.config.snapshots.enabled and (total or abnormal):
             snapshot = self._write_snapshot(state, ownership, choice, why, pid, reason, daemon)
@@ -748,7 +785,16 @@ class KernelRecovery:
         if total:
             log.warning("%s left %d owned object(s): %s; %s", why, total,
                         ", ".join(f"{n} {f}" for f, n in counts.items() if n), choice.reason)
-        plan = recovery_plan(choice, state, ownership)
+        if others is None:
+            others = self._ike_daemons(state.netns.inode, exclude=(pid,))
+        if others:
+            section["other_daemons"] = [d.to_json() for d in others]
+            log.warning("other IKE daemon(s) in this network namespace: %s; what only charon's markers "
+                        "claim is left to them", daemons.describe_all(others))
+        plan = recovery_plan(choice, state, ownership, others)
+        held = [a for a in plan.actions if isinstance(a, Keep) and choice.action == FLUSH]
+        for a in held:
+            log.info("keeping %s: %s", a.record.describe(), a.reason)
         carry: list[tuple[Any, Verdict]] = []
         if choice.action == FLUSH and len(plan):
             results = execute(plan)
@@ -778,6 +824,7 @@ class KernelRecovery:
         self._last = {"at": _dt.datetime.fromtimestamp(self._wall(), _dt.timezone.utc)
                       .isoformat(timespec="seconds"), "after": why, **section}
         self._save_now()
+        self._observe("recovered", section, self._clock() - started, abnormal)
         return section
 
     def _write_snapshot(self, state, ownership, choice, why, pid, reason, daemon) -> str | None:
@@ -786,14 +833,15 @@ class KernelRecovery:
         snap = dataclasses.replace(snap, context={
             **snap.context, "recovery": {"why": why, **choice.to_json()},
             "owned": ownership_context(ownership, state)})
+        sc = self.config.snapshots
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            path = write_snapshot(os.path.join(directory, snapshot_name(self._wall(), pid, reason)), snap)
+            with open_own_subdir(directory, what="paths.state_dir") as d:     # checked, created 0700
+                path = write_snapshot_in(d, snapshot_name(self._wall(), pid, reason), snap)
+                removed = prune_snapshots(d, sc.keep, sc.max_age, self._wall(), sc.max_bytes)
         except (OSError, SupervisorError) as exc:
             log.error("cannot write the snapshot of the leftovers to %s: %s (recovery goes on without it)",
                       directory, getattr(exc, "strerror", None) or exc)
             return None
-        removed = prune_snapshots(directory, self.config.snapshots.keep, self.config.snapshots.max_age, self._wall())
         log.info("snapshot of the leftovers written to %s%s", path,
                  f" ({len(removed)} old snapshot(s) removed)" if removed else "")
         return path
@@ -811,22 +859,17 @@ class KernelRecovery:
             return
         inode = state.netns.inode
         prior = None
-        if os.path.exists(path):
+        if os.path.lexists(path):
             try:
-                prior = load_ledger(path)
+                # Trusted only if root's, not writable by others, and naming this namespace.
+                prior = load_ledger(path, netns_inode=inode)
             except LedgerError as exc:
-                log.warning("%s", exc)
-            if prior is not None and prior.netns_inode is not None and prior.netns_inode != inode:
-                log.warning("ledger %s belongs to another network namespace (inode %d, this one %d); "
-                            "judging by charon's markers", path, prior.netns_inode, inode)
-                prior = None
-        from .commands.recovery import running_daemons
-        names = tuple(dict.fromkeys((self._daemon_name,) + DAEMON_NAMES))
-        daemons = [(p, n) for p, n in running_daemons(inode, names) if p != os.getpid()]
-        if daemons:
-            pids = ", ".join(f"{n} pid {p}" for p, n in daemons)
+                log.warning("%s; judging by charon's markers", exc)
+        found = self._ike_daemons(inode)
+        ours = [d for d in found if d.ours]
+        if ours:
             log.warning("%s already runs in this network namespace (not started by this supervisor); its "
-                        "kernel state is left alone", pids)
+                        "kernel state is left alone", daemons.describe_all(ours))
             if prior is not None:
                 # still the running daemon's: carried so a later recovery knows it as charon's
                 self._carry = [(e.record, e.verdict()) for e in prior.owned()]
@@ -841,9 +884,23 @@ class KernelRecovery:
                if prior is not None and prior.daemon_pid else f"an earlier {self._daemon_name}")
         section = self._recover(choice, f"{who} (found at supervisor start)", prior.daemon_pid if prior else None,
                                 False, "startup", {"pid": prior.daemon_pid if prior else None, "exit": None},
-                                prior=prior)
+                                prior=prior, others=found)
         if prior is None and section.get("leftover_total"):
             log.info("no ledger at %s: leftovers judged by charon's markers", path)
+
+    @staticmethod
+    def _netns_inode() -> int:
+        return os.stat("/proc/thread-self/ns/net").st_ino
+
+    def _ike_daemons(self, inode: int, exclude: Iterable[int | None] = ()) -> tuple:
+        """The IKE daemons in the namespace besides our own process and the pids in EXCLUDE (ours
+        first); when that cannot be told, one stand-in, so that nothing marker-only goes."""
+        try:
+            found = daemons.detect(inode, (self.config.daemon.command[0],))
+        except (daemons.DetectionError, OSError) as exc:
+            log.warning("%s; leaving what only charon's markers claim in place", exc)
+            return (daemons.Undetected(str(exc)),)
+        return daemons.others(found, exclude=exclude)
 
     def _note_capability(self, capability: AdoptCapability) -> None:
         self._capability = capability
@@ -1007,12 +1064,13 @@ class KernelRecovery:
             self._queue_adopt_step(min(ADOPT_POLL, max(0.0, a.deadline - now) + 0.01))
             return
         a.last_ledger, a.last_active = ledger, active
+        others = self._ike_daemons(self._netns_inode(), exclude=(self._daemon_pid,))
         todo = adopt.plan_adopt(a.leftovers, ledger=ledger, configured=a.configured, active=active, now=now,
                                 deadline=a.deadline, resolved=frozenset(a.resolved), initiated=dict(a.initiated),
                                 connecting_since=dict(a.connecting_since), parallel=rc.adopt_initiate_parallel,
                                 local_addresses=self._local_addresses,
                                 markers=self._markers, fail_closed=rc.fail_closed, initiate=rc.adopt_initiate,
-                                explain=False)
+                                explain=False, others=others)
         a.steps += 1
         if todo.actions:
             results = execute(todo, handlers={adopt.InitiateChild: self._initiate})
@@ -1036,6 +1094,7 @@ class KernelRecovery:
                     if isinstance(action, Keep):
                         log.info("adopt: keeping %s: %s", action.record.describe(), action.reason)
         pending = adopt.pending_leftovers(a.leftovers, ledger, frozenset(a.resolved))
+        a.pending = len(pending)
         if grace_over or not pending:
             self._save_now()        # what charon claimed is on disk before anyone asks (reconcile)
             a.done = True

@@ -28,6 +28,7 @@ from .atomicfile import write_atomic
 from .errors import SnapshotError, SupervisorError
 from .kernel.xfrm import NO_LIMITS
 from .kernel_state import FAMILIES, KernelState
+from .trusted_paths import TrustedDir
 
 SCHEMA = "ipsec-supervisor/snapshot"
 VERSION = 2
@@ -135,6 +136,15 @@ def _document_chunks(snap: Snapshot) -> Iterator[str]:
         yield _family_lines(name, records, snap.keys_included)
         yield "\n  ]" if records else "]"
     yield "\n }\n}\n"
+
+
+def write_snapshot_in(d: TrustedDir, name: str, snap: Snapshot) -> str:
+    """Write NAME atomically in the checked directory D (relative to its fd), mode 0600."""
+    try:
+        return d.write_atomic(name, _document_chunks(snap), mode=0o600, prefix=".snapshot-")
+    except OSError as exc:
+        raise SupervisorError(f"cannot write snapshot {d.join(name)}: {exc.strerror or exc} (in {d.path}; "
+                              "nothing was written)") from None
 
 
 def write_snapshot(path: str, snap: Snapshot) -> str:

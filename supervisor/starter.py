@@ -27,16 +27,18 @@ import struct
 import subprocess
 import threading
 import time
-import tty
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 from . import __version__
-from . import crashreport
+from . import crashreport, daemons
 from .config import Config, Hook, changed_keys, format_duration, load_config
-from .control import ControlServer, lock_run_dir
-from .errors import ConfigError, ExitCode, SupervisorError
+from .control import ControlServer, Deferred, lock_run_dir
+from .errors import ConfigError, ExitCode, SupervisorError, printable
+from .trusted_paths import open_trusted_dir
 from .eventloop import Loop, SignalWakeup, ThreadWakeup, Timer
+from .jobs import Child, Job, JobResult
+from .loads import RELOAD, UPDATE, ConfigLoads, LoadOutcome, restarting_answer, split_daemon_keys
 from .notify import PRIVATE_ENV, Notifier, fields
 from .policy import (Action, Cause, Decision, ExitInfo, decide, deaths_in_window, exit_info,
                      prune_history, signal_name)
@@ -46,8 +48,6 @@ from .vici_probe import ProbeResult, ViciProbe
 log = logging.getLogger("supervisor")
 daemon_log = logging.getLogger("supervisor.daemon")
 job_log = logging.getLogger("supervisor.job")
-
-MAX_LINE = 8192
 
 
 # ---------------------------------------------------------------------------
@@ -100,7 +100,7 @@ class Recovery(Protocol):
 #   crash_report_section(info)     reports thread, before a crash report for INFO is written; may
 #                                  wait (bounded) for on_daemon_exit; its dict goes under "recovery"
 #   status()                       loop thread, for the control socket's status; must be quick
-OPTIONAL_RECOVERY_HOOKS = ("attach", "detach", "on_daemon_spawned", "crash_report_section", "status")
+OPTIONAL_RECOVERY_HOOKS = ("attach", "detach", "on_daemon_spawned", "on_config", "crash_report_section", "status")
 
 
 class NoRecovery:
@@ -143,240 +143,6 @@ class _Worker:
 
     def close(self) -> None:
         self._queue.put(None)
-
-
-# ---------------------------------------------------------------------------
-# Child processes (the daemon, load/reload commands, hooks).
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-class Child:
-    """A process in its own session with a pidfd and its output captured line by line."""
-
-    def __init__(self, loop: Loop, argv: Sequence[str], env: dict[str, str], *, on_line: Callable[[str], None],
-                 on_exit: Callable[[int], None], cwd: str = "/", pty: bool = False):
-        self._loop = loop
-        self._on_line = on_line
-        self._on_exit = on_exit
-        if pty:
-            # A terminal makes C stdio flush every line; raw mode keeps the bytes as written.
-            r, w = os.openpty()
-            tty.setraw(w)
-        else:
-            r, w = os.pipe2(os.O_CLOEXEC)
-        try:
-            # start_new_session: own session and process group (and no controlling terminal);
-            # close_fds: nothing but 0-2; restore_signals: SIGPIPE & co back to default.  The
-            # signal mask is inherited from the loop thread, which clears its own (Supervisor.run).
-            self.popen = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=w, stderr=w, cwd=cwd,
-                                          env=env, close_fds=True, start_new_session=True,
-                                          restore_signals=True)
-        except BaseException:
-            os.close(r)
-            os.close(w)
-            raise
-        os.close(w)
-        self.pid = self.popen.pid
-        self.pidfd = os.pidfd_open(self.pid)
-        self._out = r
-        self._partial = b""
-        self.exited = False
-        self.exited_at: float | None = None
-        os.set_blocking(r, False)
-        loop.add_reader(r, self._read)
-        loop.add_reader(self.pidfd, self._reap)
-
-    def _read(self) -> bool:
-        """Read one chunk; False when nothing more is there right now or at end of file."""
-        if self._out < 0:
-            return False
-        try:
-            chunk = os.read(self._out, 65536)
-        except BlockingIOError:
-            return False  # nothing more for now (EOF comes later through the reader)
-        except OSError:
-            chunk = b""  # EIO: a pty whose other side is closed for good
-        if not chunk:
-            if self._partial:
-                self._emit(self._partial)
-                self._partial = b""
-            self._loop.forget(self._out)
-            os.close(self._out)
-            self._out = -1
-            return False
-        data = self._partial + chunk
-        *lines, self._partial = data.split(b"\n")
-        for line in lines:
-            self._emit(line)
-        while len(self._partial) > MAX_LINE:
-            self._emit(self._partial[:MAX_LINE])
-            self._partial = self._partial[MAX_LINE:]
-        return True
-
-    def _emit(self, raw: bytes) -> None:
-        self._on_line(raw.decode("utf-8", "replace").rstrip("\r"))
-
-    def _reap(self) -> None:
-        self.exited_at = self._loop.clock()  # the moment the pidfd woke us: when death was seen
-        # The process is gone; everything it wrote is already in the pipe: read it first so
-        # the crash report has its last words.
-        for _ in range(64):
-            if not self._read():
-                break
-        try:
-            _, status = os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            logging.getLogger("supervisor").error(
-                "pid %d was reaped by someone else; its exit status is lost (counted as exit code 255)", self.pid)
-            status = 255 << 8
-        self.popen.returncode = status  # keeps subprocess from waiting for it again
-        self.exited = True
-        self._loop.forget(self.pidfd)
-        os.close(self.pidfd)
-        self.pidfd = -1
-        # Whatever the process left in its session (e.g. an updown script) goes with it; the
-        # pgid cannot be reused while any member is alive, so this cannot hit a stranger.
-        _kill_group(self.pid)
-        self._on_exit(status)
-
-    def send(self, signo: int) -> bool:
-        if self.pidfd < 0:
-            return False
-        try:
-            signal.pidfd_send_signal(self.pidfd, signo)
-            return True
-        except ProcessLookupError:
-            return False
-
-    def close(self) -> None:
-        """Kill and forget (used on supervisor exit and for abandoned jobs)."""
-        if not self.exited and self.pidfd >= 0:
-            self.send(signal.SIGKILL)
-            _kill_group(self.pid)
-            try:
-                os.waitpid(self.pid, 0)
-            except ChildProcessError:
-                pass
-            self.popen.returncode = -9
-            self._loop.forget(self.pidfd)
-            os.close(self.pidfd)
-            self.pidfd = -1
-            self.exited = True
-        if self._out >= 0:
-            self._loop.forget(self._out)
-            os.close(self._out)
-            self._out = -1
-
-
-@dataclass(frozen=True, slots=True)
-class JobResult:
-    ok: bool
-    detail: str     # "exited with code 1", "killed after 30s (time limit)"
-
-
-class Job:
-    """A command with a time limit (load, reload, hook); ``on_done(JobResult)`` once."""
-
-    def __init__(self, loop: Loop, label: str, argv: Sequence[str], env: dict[str, str], timeout: float,
-                 on_done: Callable[[JobResult], None]):
-        self.label = label
-        self.done = False
-        self._loop = loop
-        self._on_done = on_done
-        self._timed_out = False
-        self._timeout_s = timeout
-        self._started = loop.clock()
-        self._timer: Timer | None = None
-        self.child: Child | None = None
-        try:
-            self.child = Child(loop, argv, env, on_line=self._line, on_exit=self._exited)
-        except (OSError, subprocess.SubprocessError) as exc:
-            why = getattr(exc, "strerror", None) or str(exc)
-            loop.call_soon(lambda: self._finish(JobResult(False, f"cannot run {argv[0]}: {why}")))
-            return
-        job_log.info("%s: running %s (pid %d, time limit %s)", label, " ".join(argv), self.child.pid,
-                     format_duration(timeout))
-        self._timer = loop.call_later(timeout, self._timeout)
-
-    def _line(self, line: str) -> None:
-        pid = self.child.pid if self.child else 0
-        job_log.info("%s[%d]: %s", self.label, pid, line)
-
-    def _timeout(self) -> None:
-        if self.child and not self.child.exited:
-            self._timed_out = True
-            job_log.warning("%s: still running after its time limit of %s; killing it", self.label,
-                            format_duration(self._timeout_s))
-            self.child.send(signal.SIGKILL)
-            _kill_group(self.child.pid)
-
-    def _exited(self, status: int) -> None:
-        if self._timer:
-            self._timer.cancel()
-        took = self._loop.clock() - self._started
-        if self._timed_out:
-            self._finish(JobResult(False, f"killed after {took:.1f}s (time limit)"))
-        elif os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
-            self._finish(JobResult(True, f"succeeded in {took:.2f}s"))
-        elif os.WIFEXITED(status):
-            self._finish(JobResult(False, f"exited with code {os.WEXITSTATUS(status)}"))
-        else:
-            self._finish(JobResult(False, f"killed by {signal_name(os.WTERMSIG(status))}"))
-
-    def _finish(self, result: JobResult) -> None:
-        if self.done:
-            return
-        self.done = True
-        self._on_done(result)
-
-    def cancel(self) -> None:
-        """Kill it; on_done is not called."""
-        self.done = True
-        if self._timer:
-            self._timer.cancel()
-        if self.child:
-            self.child.close()
-
-
-class CommandSequence:
-    """Commands run one after another; stops at the first failure; ``on_done(ok, detail)``."""
-
-    def __init__(self, loop: Loop, label: str, commands: Sequence[Sequence[str]], env: dict[str, str],
-                 timeout: float, on_done: Callable[[bool, str], None]):
-        self._loop, self._label, self._env, self._timeout = loop, label, env, timeout
-        self._todo = list(commands)
-        self._on_done = on_done
-        self._job: Job | None = None
-        self.cancelled = False
-        self._loop.call_soon(self._next)
-
-    def _next(self) -> None:
-        if self.cancelled:
-            return
-        if not self._todo:
-            self._on_done(True, "")
-            return
-        argv = self._todo.pop(0)
-        self._job = Job(self._loop, self._label, argv, self._env, self._timeout,
-                        lambda r, argv=argv: self._after(argv, r))
-
-    def _after(self, argv: Sequence[str], result: JobResult) -> None:
-        if self.cancelled:
-            return
-        if result.ok:
-            self._next()
-        else:
-            self._on_done(False, f"{' '.join(argv)} {result.detail}")
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        if self._job:
-            self._job.cancel()
 
 
 # ---------------------------------------------------------------------------
@@ -497,8 +263,11 @@ class Supervisor:
     def __init__(self, config: Config, *, config_path: str | None = None, recovery: Recovery | None = None,
                  notifier: Notifier | None = None, clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time, rand: Callable[[], float] = random.random,
-                 reload_config: Callable[[], Config] | None = None, environ: dict[str, str] | None = None):
+                 reload_config: Callable[[], Config] | None = None, environ: dict[str, str] | None = None,
+                 observer: object | None = None):
         self.config = config
+        # Metrics (supervisor.metrics.MetricsObserver): told of events through _observe, never decides.
+        self.observer = observer
         self.recovery: Recovery = recovery or NoRecovery()
         self.notifier = notifier or Notifier()
         self._clock = clock
@@ -522,10 +291,7 @@ class Supervisor:
         self._finishing = False
         self._exit_code = int(ExitCode.OK)
         self._ring: collections.deque[str] = collections.deque(maxlen=config.daemon.log_lines)
-        self._load_seq: CommandSequence | None = None
-        self._reload_seq: CommandSequence | None = None
-        self._load_ok: bool | None = None
-        self._load_error: str | None = None
+        self._loads: ConfigLoads | None = None
         self._hooks: set[Job] = set()
         self._probe: ViciProbe | None = None
         self._health_timer: Timer | None = None
@@ -547,12 +313,27 @@ class Supervisor:
     def run(self) -> int:
         """Start the daemon and supervise it until stopped or given up; returns the exit code."""
         self._check_daemon_binary()
+        running = self._daemon_already_running()
+        if running:
+            raise SupervisorError(f"not starting {self._daemon_name}: {running}; a second one would take over "
+                                  "the running one's control sockets and then fail. Nothing was changed; stop "
+                                  "it first, then start the supervisor", ExitCode.FAILED)
         run_dir = self.config.paths.run_dir
         try:
             lock_fd = lock_run_dir(run_dir)
         except OSError as exc:
             raise SupervisorError(f"cannot use the run directory {run_dir}: {exc.strerror or exc} "
                                   f"(paths.run_dir in {self.config.source})") from None
+        try:
+            # Checked (and created 0700) now, so an unsafe one is refused before charon starts,
+            # not found out when the first crash report cannot be written.
+            open_trusted_dir(self.config.paths.state_dir, what="paths.state_dir").close()
+        except BaseException as exc:
+            os.close(lock_fd)
+            if isinstance(exc, OSError):
+                raise SupervisorError(f"cannot use the state directory {self.config.paths.state_dir}: "
+                                      f"{exc.strerror or exc} (paths.state_dir in {self.config.source})") from None
+            raise
         # Children inherit the spawning thread's signal mask: make sure it is empty.  SIGCHLD
         # inherited as SIG_IGN would make the kernel reap our children before waitpid() can.
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
@@ -563,14 +344,18 @@ class Supervisor:
             signals = SignalWakeup(loop, {
                 signal.SIGTERM: lambda s: self.request_stop(f"received {signal_name(s)}"),
                 signal.SIGINT: lambda s: self.request_stop(f"received {signal_name(s)}"),
-                signal.SIGHUP: lambda s: self.reload_config("SIGHUP"),
-                signal.SIGUSR1: lambda s: self.reload_daemon("SIGUSR1"),
+                signal.SIGHUP: lambda s: self._sighup(),
+                signal.SIGUSR1: lambda s: self.reload_daemon("SIGUSR1", RELOAD),
             })
             wakeup = ThreadWakeup(loop)
             self._worker = _Worker(wakeup, "recovery")
             self._reports = _Worker(wakeup, "reports")
             self._dirwatch = DirWatch(loop, self._dir_changed)
+            self._loads = ConfigLoads(loop, config=lambda: self.config, env=self._daemon_env,
+                                      daemon_name=lambda: self._daemon_name, changed=self._publish_status,
+                                      wall_clock=self._wall)
             self._recovery_hook("attach", loop)
+            self._observe("attach", loop, self)
             control = ControlServer(loop, run_dir, self._control)
             try:
                 control.start()
@@ -596,15 +381,16 @@ class Supervisor:
         finally:
             for job in list(self._hooks):
                 job.cancel()
-            for seq in (self._load_seq, self._reload_seq):
-                if seq:
-                    seq.cancel()
+            if self._loads:
+                self._loads.close()
+                self._loads.remove_records()
             if self._probe:
                 self._probe.cancel()
             if control:
                 control.close()
             if self._dirwatch:
                 self._dirwatch.close()
+            self._observe("detach")
             self._recovery_hook("detach")
             for worker in (self._worker, self._reports):
                 if worker:
@@ -616,6 +402,12 @@ class Supervisor:
             loop.close()
             os.close(lock_fd)
 
+    def _sighup(self) -> None:
+        """strongSwan's SIGHUP: re-read the configuration, then apply what changed to the daemon."""
+        ok, _msg = self.reload_config("SIGHUP")
+        if ok:
+            self.reload_daemon("SIGHUP", UPDATE)
+
     def _done(self) -> bool:
         return self._finishing and not self._hooks and not self._pending_reports and self._run is None
 
@@ -626,6 +418,24 @@ class Supervisor:
             raise SupervisorError(f"daemon {argv0} is missing or not executable (daemon.command in "
                                   f"{self.config.source}); install strongSwan or fix the path",
                                   ExitCode.NO_DAEMON)
+
+    def _daemon_already_running(self) -> str | None:
+        """Which daemon of ours (the configured binary, as root) runs in our network namespace without
+        being our child, in words; None when there is none (or it cannot be told: the daemon refuses
+        to run twice itself)."""
+        argv0 = self.config.daemon.command[0]
+        binary = argv0 if "/" in argv0 else shutil.which(argv0, path=self._environ.get("PATH")) or argv0
+        try:
+            found = daemons.detect(os.stat("/proc/self/ns/net").st_ino, (binary,))
+        except (daemons.DetectionError, OSError) as exc:
+            log.warning("cannot tell whether %s already runs here: %s", self._daemon_name, exc)
+            return None
+        mine = self._run.child.pid if self._run is not None else None
+        running = [d for d in found if d.ours and d.pid != mine]
+        if not running:
+            return None
+        return (f"{daemons.describe_all(running)} already runs in this network namespace, not started by this "
+                "supervisor")
 
     @property
     def _daemon_name(self) -> str:
@@ -661,6 +471,7 @@ class Supervisor:
                 self._leave(old, new)
                 getattr(self, f"_enter_{new.name.lower()}")()
                 self._publish_status()
+                self._observe("transition", old, new)
         finally:
             self._stepping = False
 
@@ -674,14 +485,11 @@ class Supervisor:
     def _leave(self, old: State, new: State) -> None:
         if old is State.STARTING and self._dirwatch:
             self._dirwatch.unwatch_all()
-        if old is State.LOADING and self._load_seq:
-            self._load_seq.cancel()
-            self._load_seq = None
         if new not in (State.SETTLING, State.RUNNING):
             self._stop_health()
-        if new not in DAEMON_ALIVE and self._reload_seq:
-            self._reload_seq.cancel()
-            self._reload_seq = None
+        if new not in DAEMON_ALIVE and old in DAEMON_ALIVE and self._loads:
+            # Waiting clients: a restart's load reads the files anyway; a stop leaves nothing to load.
+            self._loads.end_run(restarting=self._restarting())
 
     # PREPARING: recovery.before_start, then spawn
     def _enter_preparing(self) -> None:
@@ -696,20 +504,28 @@ class Supervisor:
         if self.state is not State.PREPARING:
             return
         cfg = self.config.daemon
-        self._clear_stale_pid_file()
-        self._ring = collections.deque(maxlen=cfg.log_lines)
-        self._load_ok, self._load_error = None, None
         now = self._now()
-        try:
-            argv = self.config.effective_daemon_command
-            child = Child(self._loop, argv, self._daemon_env(), on_line=self._daemon_line,
-                          on_exit=self._daemon_exited, pty=cfg.output == "pty")
-        except SupervisorError as exc:   # ipsec.conf mode: charondebug unreadable
-            reason = str(exc)
+        running = self._daemon_already_running()
+        if running:
+            # Never a second one: it would replace the running one's charon.vici before it exits.
+            reason = f"{running}; not started a second time"
             log.error("cannot start %s: %s", self._daemon_name, reason)
             self._record_death(exit_info(self.config.restart, pid=0, wait_status=None, cause=Cause.NONE,
                                          started_at=now, died_at=now, spawn_error=reason))
             return
+        self._clear_stale_pid_file()
+        self._ring = collections.deque(maxlen=cfg.log_lines)
+        try:
+            argv = self.config.effective_daemon_command
+        except SupervisorError as exc:   # ipsec.conf mode: charondebug unreadable
+            # charon runs all the same (as after a crash, IPsec must not stay down for a typo); the
+            # load then fails with the same error, which `ipsec start` reports as exit 2.
+            log.error("cannot read charon's options from ipsec.conf: %s; starting %s without them",
+                      printable(str(exc)), self._daemon_name)
+            argv = cfg.command
+        try:
+            child = Child(self._loop, argv, self._daemon_env(), on_line=self._daemon_line,
+                          on_exit=self._daemon_exited, pty=cfg.output == "pty")
         except (OSError, subprocess.SubprocessError) as exc:
             reason = f"{cfg.command[0]}: {getattr(exc, 'strerror', None) or exc}"
             log.error("cannot start %s: %s", self._daemon_name, reason)
@@ -717,6 +533,8 @@ class Supervisor:
                                          started_at=now, died_at=now, spawn_error=reason))
             return
         self._run = _Run(child, started_at=now)
+        assert self._loads is not None
+        self._loads.begin_run(child.pid)
         self._recovery_hook("on_daemon_spawned", child.pid)
         self._fire(Event.SPAWNED, f"{' '.join(argv)} is pid {child.pid}")
 
@@ -809,19 +627,15 @@ class Supervisor:
         self._run.ready_at = self._now()
         log.info("%s (pid %d) answers after %.3fs; loading its configuration", self._daemon_name,
                  self._run.child.pid, self._run.ready_at - self._run.started_at)
-        cfg = self.config.daemon
-        self._load_seq = CommandSequence(self._loop, "load", self.config.effective_load_commands, self._daemon_env(), cfg.load_timeout,
-                                         self._loaded)
+        assert self._loads is not None
+        self._loads.initial(self._loaded)
 
-    def _loaded(self, ok: bool, detail: str) -> None:
-        self._load_seq = None
+    def _loaded(self, outcome: LoadOutcome) -> None:
         if self.state is not State.LOADING or self._run is None:
             return
-        self._load_ok = ok
-        self._load_error = None if ok else detail
+        ok = outcome.ok
         if not ok:
-            log.error("loading the configuration failed: %s; %s keeps running with what it has "
-                      "(fix it and send SIGUSR1)", detail, self._daemon_name)
+            log.error("(fix the configuration and run 'ipsec reload' or send SIGUSR1)")
         run = self._run
         ctx = ReadyContext(run.child.pid, run.started_at, run.ready_at or self._now(), ok, self._last_exit,
                            self.config)
@@ -868,6 +682,7 @@ class Supervisor:
 
     def _health_done(self, result: ProbeResult) -> None:
         self._probe = None
+        self._observe("probe", result)
         if self.state not in (State.SETTLING, State.RUNNING):
             return
         h = self.config.health
@@ -934,6 +749,7 @@ class Supervisor:
         self._history = prune_history(self.config.restart, self._history, now)
         decision = decide(self.config.restart, self._history, now, self._rand, stopping=self._stop_requested)
         self._last_exit, self._decision = info, decision
+        self._observe("death", info, decision)
         level = logging.WARNING if info.classification.abnormal else logging.INFO
         log.log(level, "%s (pid %d) %s [%s], up %.3fs; %s", self._daemon_name, info.pid, info.describe(),
                 info.classification.value, info.uptime, decision.describe(),
@@ -955,6 +771,7 @@ class Supervisor:
                 info, decision, list(self._ring), daemon_command=self.config.daemon.command,
                 restarts=self._restarts, mono_now=now, wall_now=self._wall(), health_failures=self._health_failures)
             directory, wall, keep = self.config.crash_dir, self._wall(), self.config.crash_reports.keep
+            max_bytes = self.config.snapshots.max_bytes
             section = getattr(self.recovery, "crash_report_section", None)
 
             def work() -> None:
@@ -965,7 +782,8 @@ class Supervisor:
                         extra = {"error": f"{type(exc).__name__}: {exc}"}
                     if extra is not None:
                         report["recovery"] = extra
-                written.append(crashreport.write_crash_report(directory, report, wall, keep=keep))
+                written.append(crashreport.write_crash_report(directory, report, wall, keep=keep,
+                                                                   max_bytes=max_bytes))
         else:
             work = lambda: None
 
@@ -1136,12 +954,18 @@ class Supervisor:
                 self._reload_error = str(exc)
                 log.error("configuration reload (%s) failed, keeping the running configuration: %s", source, exc)
                 return False, str(exc)
+            except Exception as exc:  # noqa: BLE001 - a bad reload must never take the running pair down
+                self._reload_error = f"{type(exc).__name__}: {exc}"
+                log.exception("configuration reload (%s) failed unexpectedly, keeping the running configuration",
+                              source)
+                return False, self._reload_error
             changed = changed_keys(self.config, new)
             fixed = [k for k in changed if k.startswith("paths.")]
             if fixed:
                 log.warning("%s changed; takes effect when the supervisor restarts", ", ".join(fixed))
                 new = dataclasses.replace(new, paths=self.config.paths)
             old, self.config = self.config, new
+            self._recovery_hook("on_config", new)
             self._reload_error = None
             self._config_loaded_at = self._wall()
             if self._ring.maxlen != new.daemon.log_lines:
@@ -1149,51 +973,70 @@ class Supervisor:
             if old.health != new.health and self.state in (State.SETTLING, State.RUNNING):
                 self._stop_health()
                 self._start_health()
-            later = [k for k in changed if k.startswith("daemon.") and k != "daemon.log_lines"]
+            at_start, at_load = split_daemon_keys(changed)
             msg = f"configuration reloaded from {new.source} ({source}): " + \
                 (", ".join(k for k in changed if k not in fixed) or "no changes")
-            if later and self._run is not None:
-                msg += f"; {', '.join(later)} apply from the next start of {self._daemon_name}"
+            if at_load:
+                msg += f"; {', '.join(at_load)} apply from the next load of {self._daemon_name}'s configuration"
+            if at_start and self._run is not None:
+                msg += f"; {', '.join(at_start)} apply from the next start of {self._daemon_name}"
             log.info("%s", msg)
             return True, msg
         finally:
             self._publish_status()
+            self._observe("reload", self._reload_error is None)
             self.notifier.reloaded()
 
-    def reload_daemon(self, source: str) -> tuple[bool, str]:
-        """Run the reload commands (swanctl --load-all) against the running daemon (SIGUSR1)."""
-        if self.state not in (State.SETTLING, State.RUNNING):
-            msg = f"{source} ignored: {self._daemon_name} is not running (state {self.state.value})"
-            log.warning("%s", msg)
-            return False, msg
-        if self._reload_seq is not None:
-            return False, f"{source} ignored: a reload is already running"
-        cmds = self.config.effective_reload_commands
-        log.info("reloading %s's configuration (%s)", self._daemon_name, source)
+    def reload_daemon(self, source: str, trigger: str = RELOAD,
+                      reply: Callable[[dict], None] | None = None) -> dict | None:
+        """Load the daemon's configuration again (ipsec reload/update, SIGUSR1/SIGHUP).
 
-        def done(ok: bool, detail: str) -> None:
-            self._reload_seq = None
-            self._load_ok, self._load_error = ok, (None if ok else detail)
-            if ok:
-                log.info("%s's configuration reloaded", self._daemon_name)
-            else:
-                log.error("reloading %s's configuration failed: %s", self._daemon_name, detail)
-            self._publish_status()
+        Ready: load now (merged with a running load).  Restarting: the new daemon's own load reads
+        the current files, so the request is satisfied.  Stopped: not running.  Returns the answer,
+        or None when ``reply`` will get it once the load finished.
+        """
+        name = self._daemon_name
+        if self.state in (State.SETTLING, State.RUNNING) and self._loads is not None:
+            return self._loads.request(trigger, source, reply)
+        if self.state is State.LOADING and self._loads is not None:
+            # The first load may have read the files before the change: one more load after it.
+            return self._loads.request(trigger, source, reply)
+        if self._restarting():
+            answer = restarting_answer(name, trigger, self.state.value)
+            log.info("%s: %s", source, answer["message"])
+            return answer
+        msg = f"{source} ignored: {name} is not running (state {self.state.value})"
+        log.warning("%s", msg)
+        return {"ok": False, "error": msg, "not_running": True}
 
-        self._reload_seq = CommandSequence(self._loop, "reload", cmds, self._daemon_env(),
-                                           self.config.daemon.load_timeout, done)
-        return True, "reloading"
+    def _restarting(self) -> bool:
+        """A new daemon is on its way (its own load will read the current files)."""
+        if self._stop_requested:
+            return False
+        if self.state in (State.PREPARING, State.STARTING, State.BACKOFF):
+            return True
+        return self.state is State.RECOVERING and self._decision is not None \
+            and self._decision.action is Action.RESTART
 
-    def _control(self, req: dict) -> dict:
+    def _control(self, req: dict) -> dict | Deferred:
         cmd = req["command"]
         if cmd == "status":
             return {"ok": True, "status": self.status()}
         if cmd == "stop":
             self.request_stop("stop requested on the control socket")
             return {"ok": True, "state": self.state.value}
+        if cmd == "reload-daemon":
+            trigger = UPDATE if req.get("mode") == UPDATE else RELOAD
+            if not req.get("wait"):
+                answer = self.reload_daemon("control socket", trigger)
+                assert answer is not None
+                return {**answer, "state": self.state.value}
+            later = Deferred(self.config.daemon.load_timeout * 2 + 30.0)
+            answer = self.reload_daemon("control socket", trigger,
+                                        lambda a: later.answer({**a, "state": self.state.value}))
+            return later if answer is None else {**answer, "state": self.state.value}
         handlers = {"start": self.request_start, "restart": self.request_restart,
-                    "reload": lambda: self.reload_config("control socket"),
-                    "reload-daemon": lambda: self.reload_daemon("control socket")}
+                    "reload": lambda: self.reload_config("control socket")}
         ok, msg = handlers[cmd]()
         return {"ok": ok, ("message" if ok else "error"): msg, "state": self.state.value}
 
@@ -1213,6 +1056,7 @@ class Supervisor:
         now = self._now()
         run = self._run
         last = self._last_exit
+        last_load = self._loads.last if self._loads else None
         backoff = None
         if self._decision and self._decision.action is Action.RESTART and self.state in (
                 State.RECOVERING, State.BACKOFF, State.PREPARING, State.STARTING, State.LOADING, State.SETTLING):
@@ -1229,8 +1073,9 @@ class Supervisor:
                 "ready": bool(run and run.ready_at is not None and self.state in (State.SETTLING, State.RUNNING)),
                 "ready_at_monotonic": run.ready_at if run else None,
                 "start_confirmed": bool(run and run.okay_at is not None),
-                "load_ok": self._load_ok,
-                "load_error": self._load_error,
+                "load_ok": last_load.ok if last_load else None,
+                "load_error": last_load.error if last_load else None,
+                "load": last_load.to_json() if last_load else None,
             },
             "starts": self._starts,
             "restarts": self._restarts,
@@ -1261,6 +1106,8 @@ class Supervisor:
                        .isoformat(timespec="seconds"),
                        "last_reload_error": self._reload_error},
             "last_crash_report": self._last_report,
+            # Exceptions in event-loop callbacks, logged with their tracebacks; the loop went on.
+            "callback_errors": self._loop.callback_errors if self._loop is not None else 0,
             "recovery": self._recovery_status(),
             "summary": self._status_line(),
         }
@@ -1284,6 +1131,15 @@ class Supervisor:
         except Exception:  # noqa: BLE001 - recovery trouble must not stop supervision
             log.exception("recovery.%s failed; going on", name)
 
+    def _observe(self, name: str, *args) -> None:
+        """Tell the metrics observer (if any) about an event; its errors are logged, never raised."""
+        hook = getattr(self.observer, name, None)
+        if hook is not None:
+            try:
+                hook(*args)
+            except Exception:  # noqa: BLE001 - metrics must never disturb supervision
+                log.exception("metrics observer %s failed; going on", name)
+
     def _status_line(self) -> str:
         name = self._daemon_name
         run = self._run
@@ -1291,7 +1147,12 @@ class Supervisor:
         restarts = f", {self._restarts} restart{'s' if self._restarts != 1 else ''}" if self._restarts else ""
         last = f"; last exit: {self._last_exit.describe()}" if self._last_exit else ""
         if s in (State.SETTLING, State.RUNNING) and run:
-            load = "" if self._load_ok is not False else "; configuration load FAILED"
+            last_load = self._loads.last if self._loads else None
+            load = ""
+            if last_load is not None and not last_load.ok:
+                load = "; configuration load FAILED"
+            elif last_load is not None and last_load.refused:
+                load = f"; {len(last_load.refused)} conn(s) refused"
             return f"{name} running (pid {run.child.pid}){restarts}{load}"
         if s in (State.PREPARING, State.STARTING, State.LOADING):
             return f"{name} starting (start #{self._starts}){restarts}{last}"

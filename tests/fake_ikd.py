@@ -25,6 +25,7 @@ VICI beyond `version` (streamed commands send their events, then the answer):
   vici_daemon   the daemon name `version` answers                       ("fake-ikd")
   vici_conns    list-conns: the list-conn event bodies                   ([])
   vici_sas      list-sas: the list-sa event bodies                       ([])
+  vici_policies list-policies: the list-policy event bodies              ([])
   on_initiate   {"conn/child": {"kernel": [...], "sas": [list-sa bodies]}}: done when that
                 child is initiated (answered at once, as VICI's timeout -1 does); its sas
                 are added to what list-sas reports from then on
@@ -193,6 +194,9 @@ def _vici_answer(ptype: int, name: str, args: dict, b: dict, events: str) -> byt
     if name == "list-sas":
         return b"".join(_vici_packet(Packet.EVENT, "list-sa", ike)
                         for ike in b.get("vici_sas", []) + _EXTRA_SAS) + _vici_packet(Packet.CMD_RESPONSE, message={})
+    if name == "list-policies":
+        return b"".join(_vici_packet(Packet.EVENT, "list-policy", p) for p in b.get("vici_policies", [])) + \
+            _vici_packet(Packet.CMD_RESPONSE, message={})
     if name == "initiate":
         todo = b.get("on_initiate", {}).get(f"{args.get('ike')}/{args.get('child')}")
         if todo:

@@ -75,7 +75,7 @@ class Container:
     """One booted container; ``run``/``systemctl``/``journal`` act inside it."""
 
     def __init__(self, prefix: str = "ipsvt", binds: Sequence[tuple[str, str]] = (),
-                 private_network: bool = True, log_path: str | None = None):
+                 private_network: bool = True, log_path: str | None = None, netns: str | None = None):
         self.machine = f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.binds = list(binds)
         # The container gets fresh /tmp and /run: a checkout there (CI clones anywhere) and its
@@ -85,6 +85,10 @@ class Container:
             if all(host != root for host, _ in self.binds):
                 self.binds.append((root, root))
         self.private_network = private_network
+        # NETNS (a name under /run/netns): the container shares that network namespace.  The
+        # launcher enters it with nsenter --net (`ip netns exec` would remount /sys, and with it
+        # hide the cgroup hierarchies nspawn needs); nspawn without --private-network keeps it.
+        self.netns = netns
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
         self.pid1: int | None = None
@@ -106,14 +110,17 @@ class Container:
 
         args = ["--volatile=overlay", "--register=no", "--keep-unit", "--link-journal=no", "--console=pipe",
                 f"--machine={self.machine}"]
-        if self.private_network:
+        if self.netns:
+            args.append("--capability=CAP_NET_ADMIN")     # nspawn grants it by itself only to a private network
+        elif self.private_network:
             args.append("--private-network")
         args += [f"--bind={host}:{inside}" for host, inside in self.binds]
         args += ["--boot", "--", "--unit=basic.target"]
         self._log = open(self.log_path, "w+") if self.log_path else subprocess.DEVNULL
         try:
-            self.proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", LAUNCH,
-                                          "launch", *args], stdin=subprocess.DEVNULL, stdout=self._log,
+            enter = ["nsenter", f"--net=/run/netns/{self.netns}"] if self.netns else []
+            self.proc = subprocess.Popen([*enter, "unshare", "--mount", "--propagation", "private", "sh", "-c",
+                                          LAUNCH, "launch", *args], stdin=subprocess.DEVNULL, stdout=self._log,
                                          stderr=self._log, preexec_fn=enter_cgroup)
             self.pid1 = self._wait_pid1(timeout)
             self._wait_booted(timeout)

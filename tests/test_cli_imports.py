@@ -53,8 +53,12 @@ def imported_by(module: str, argv: list[str], tmp_path, env: dict | None = None)
     return doc["rc"], set(doc["modules"])
 
 
+# Light parts of heavy packages: which network namespace this is decides the default run directory.
+LIGHT = {"supervisor.kernel", "supervisor.kernel.netns"}
+
+
 def heavy_in(modules: set[str], allowed: tuple[str, ...] = ()) -> list[str]:
-    return sorted(m for m in modules for h in HEAVY
+    return sorted(m for m in modules - LIGHT for h in HEAVY
                   if (m == h or m.startswith(h + ".")) and not any(m == a or m.startswith(a + ".") for a in allowed))
 
 

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from supervisor import config as C
+from supervisor.loads import choose_load
 from supervisor.config import (BUILTIN, ENV_VAR, Config, Hook, all_keys, default_config, flatten, format_duration,
                                load_config, parse_config, parse_duration)
 from supervisor.errors import ConfigError, ExitCode
@@ -87,7 +88,8 @@ def test_default_is_charon_with_swanctl_loading_and_adopt_recovery(tmp_path):
     cfg = parse_config(f"daemon: {{ipsec_conf: {stock}}}")
     assert cfg.config_kind == "swanctl"
     assert cfg.effective_load_commands == (("/usr/sbin/swanctl", "--load-all", "--noprompt"),)
-    assert cfg.effective_reload_commands == cfg.effective_load_commands
+    assert choose_load(cfg, "reload", defines_conns=False, loaded_from_ipsec_conf=False,
+                       state_file="/s").commands == cfg.effective_load_commands
     assert cfg.effective_daemon_command == ("/usr/lib/ipsec/charon",)
     assert cfg.recovery.mode == "adopt"
     assert cfg.restart.prevent_exit_codes == (64, 65, 66)
@@ -115,7 +117,8 @@ def test_values_are_parsed():
     assert cfg.daemon.pid_file is None
     assert cfg.daemon.environment == (("N", "3"), ("STRONGSWAN_CONF", "/etc/x.conf"))
     assert cfg.daemon.start_timeout == 2.5
-    assert cfg.effective_reload_commands == (("/bin/true",), ("/bin/echo", "1"))
+    assert choose_load(cfg, "reload", defines_conns=False, loaded_from_ipsec_conf=False,
+                       state_file="/s").commands == (("/bin/true",), ("/bin/echo", "1"))
     assert cfg.restart.prevent_exit_codes == (64, 66)
     assert cfg.restart.backoff.maximum == 60
     assert cfg.stop.signal == "SIGINT"
@@ -283,14 +286,16 @@ def test_auto_picks_ipsec_conf_when_it_defines_a_conn_and_loads_it_over_vici(tmp
     (load,) = cfg.effective_load_commands
     assert load[1:5] == ("-m", "supervisor.cli", "load-ipsec-conf", "--mode") and load[5] == "load"
     assert ["--file", str(conf)] == list(load[6:8]) and "--no-secrets" in load
-    assert load[-2:] == ("--vici", "/run/x.vici") and "/run/t/ipsec-conf.state" in load
-    (reload,) = cfg.effective_reload_commands
-    assert reload[5] == "update"
+    assert load[-2:] == ("--vici", "/run/x.vici")
+    (reload,) = choose_load(cfg, "update", defines_conns=True, loaded_from_ipsec_conf=True,
+                            state_file="/run/t/ipsec-conf.42.state").commands
+    assert reload[5] == "update" and "/run/t/ipsec-conf.42.state" in reload
     assert cfg.effective_daemon_command == ("/usr/lib/ipsec/charon", "--debug-ike", "2", "--debug-knl", "3")
     # Explicit load commands win over daemon.config.
     cfg = parse_config(f"daemon: {{ipsec_conf: {conf}, load_commands: [[/bin/true]]}}")
     assert cfg.effective_load_commands == (("/bin/true",),)
-    assert cfg.effective_reload_commands == (("/bin/true",),)
+    assert choose_load(cfg, "reload", defines_conns=True, loaded_from_ipsec_conf=True,
+                       state_file="/s").commands == (("/bin/true",),)
 
 
 def test_daemon_config_kind_is_validated():

@@ -93,6 +93,11 @@ def test_make_install_into_a_destdir(tmp_path):
     snippet = os.path.join(ROOT, "etc", "strongswan.d", "ipsec-supervisor.conf")
     assert (dest / "etc/strongswan.d/ipsec-supervisor.conf").exists() == os.path.exists(snippet)
     assert (dest / "usr/local/share/doc/ipsec-supervisor/README.md").exists()
+    # The charon.user drop-in is shipped next to the README, not enabled.
+    drop_in = open(os.path.join(ROOT, "etc", "ipsec-supervisor.service.d", "charon-user.conf")).read()
+    assert (dest / "usr/local/share/doc/ipsec-supervisor/charon-user.conf").read_text() == drop_in
+    assert not (dest / "usr/local/lib/systemd/system/ipsec-supervisor.service.d").exists()
+    assert not (dest / "etc/systemd/system/ipsec-supervisor.service.d").exists()
     assert os.readlink(dest / "usr/local/sbin/ipsec-supervisor") == f"{PREFIX}/bin/ipsec-supervisor"
     assert not (dest / "usr/local/sbin/ipsec").exists()            # Debian's /usr/sbin/ipsec is not shadowed
     assert "not linked onto PATH" in r.stdout

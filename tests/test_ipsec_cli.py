@@ -53,22 +53,26 @@ def test_supervisor_command_lines_are_recognised(argv, ours):
     assert is_supervisor_cmdline(argv) is ours
 
 
-@pytest.mark.parametrize("text, cmdline, state, pid", [
-    (None, None, PidState.ABSENT, None),
-    ("", None, PidState.GARBAGE, None),
-    ("abc\n", None, PidState.GARBAGE, None),
-    ("-5\n", None, PidState.GARBAGE, None),
-    ("4242\n", None, PidState.GONE, 4242),                       # no such process
-    ("4242\n", [], PidState.GONE, 4242),                         # a zombie
-    ("4242\n", ["sleep", "100"], PidState.REUSED, 4242),         # pid reused by another program
-    ("4242\n", ["python3", "-m", "supervisor.cli", "run"], PidState.RUNNING, 4242),
-])
-def test_pid_file_verdicts(text, cmdline, state, pid):
-    judged = judge_pid("/run/x/supervisor.pid", text, cmdline)
+@pytest.mark.parametrize("text, cmdline, locked, state, pid", [
+    (None, None, False, PidState.ABSENT, None),
+    ("", None, False, PidState.GARBAGE, None),
+    ("abc\n", None, False, PidState.GARBAGE, None),
+    ("-5\n", None, False, PidState.GARBAGE, None),
+    ("4242\n", None, False, PidState.GONE, 4242),                       # no such process
+    ("4242\n", [], False, PidState.GONE, 4242),                         # a zombie
+    ("4242\n", ["sleep", "100"], False, PidState.REUSED, 4242),         # pid reused by another program
+    # argv says supervisor, but no lock is held: not a running supervisor (issue 11 point 6)
+    ("4242\n", ["python3", "-m", "supervisor.cli", "run"], False, PidState.REUSED, 4242),
+    ("4242\n", None, True, PidState.RUNNING, 4242),                     # the lock decides, not argv
+    ("abc\n", None, True, PidState.RUNNING, None),
+], ids=["absent", "empty", "text", "negative", "gone", "zombie", "reused", "lookalike-without-lock",
+        "locked", "locked-garbage"])
+def test_pid_file_verdicts_follow_the_supervisor_lock(text, cmdline, locked, state, pid):
+    judged = judge_pid("/run/x/supervisor.pid", text, cmdline, locked)
     assert (judged.state, judged.pid) == (state, pid)
     assert judged.state.stale is (state in (PidState.GONE, PidState.REUSED, PidState.GARBAGE))
     if state is PidState.REUSED:
-        assert "sleep 100" in judged.describe()
+        assert " ".join(cmdline) in judged.describe() and "holds no supervisor lock" in judged.describe()
 
 
 def _status(state="running", ready=True, load_ok=True, last_exit=None):
@@ -497,6 +501,28 @@ def test_configuration_load_failure_is_exit_2_and_charon_keeps_running(fake):
 
 
 @root_only
+def test_garbage_ipsec_conf_is_exit_2_at_once_charon_runs_and_nothing_is_echoed_raw(fake):
+    s = fake()
+    conf = s.p("ipsec.conf")
+    with open(conf, "w") as fh:
+        fh.write("config setup\n  charondebug=\"ike 2\"\nconn a\nleft=1\n\x1b]0;owned\x07\x1b[2J\n")
+    with open(s.config) as fh:
+        cfg = yaml.safe_load(fh)
+    cfg["daemon"].update({"config": "ipsec.conf", "ipsec_conf": conf, "ipsec_secrets": None, "load_commands": None})
+    with open(s.config, "w") as fh:
+        yaml.safe_dump(cfg, fh)
+    started = time.monotonic()
+    r = s.ipsec("start")
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert time.monotonic() - started < 6           # no crash loop first (it took 7.5 s and said 1)
+    assert "syntax error" in r.stderr and "\x1b" not in r.stderr and "\x07" not in r.stderr, r.stderr
+    st = s.status()
+    assert st["state"] in ("settling", "running") and st["restarts"] == 0 and st["last_exit"] is None
+    assert not os.listdir(s.p("state/crashes")) if os.path.isdir(s.p("state/crashes")) else True
+    assert s.ipsec("stop").returncode == 0
+
+
+@root_only
 def test_stale_pid_files_are_detected_reported_and_replaced(fake):
     s = fake()
     os.makedirs(s.p("run"), mode=0o700)
@@ -517,6 +543,33 @@ def test_stale_pid_files_are_detected_reported_and_replaced(fake):
         sleeper.kill()
         sleeper.wait()
     assert s.ipsec("stop").returncode == 0
+
+
+@root_only
+def test_a_pid_file_naming_a_lookalike_process_is_stale_the_lock_decides(fake):
+    """Issue 11 point 6: argv saying ipsec-supervisor is not a running supervisor; the lock is."""
+    s = fake()
+    os.makedirs(s.p("run"), mode=0o700)
+    lookalike = subprocess.Popen(["bash", "-c", "exec -a ipsec-supervisor sleep 60"])
+    try:
+        _wait(lambda: is_supervisor_cmdline(open(f"/proc/{lookalike.pid}/cmdline").read().split("\0")),
+              what="lookalike argv")
+        with open(s.pid_file, "w") as fh:
+            fh.write(f"{lookalike.pid}\n")
+        r = s.ipsec("status")
+        assert r.returncode == 1 and "holds no supervisor lock" in r.stderr, r.stdout + r.stderr
+        r = s.ipsec("start")
+        assert r.returncode == 0 and "removed stale pid file" in r.stderr and "already running" not in r.stderr
+        pid = s.pid()
+        assert pid != lookalike.pid and s.status()["supervisor"]["pid"] == pid
+        r = s.ipsec("status")
+        assert r.returncode == 0 and f"(pid {pid})" in r.stdout
+        assert s.ipsec("stop").returncode == 0
+        _wait(lambda: not _alive(pid), what="supervisor gone")
+        assert _alive(lookalike.pid)                                 # never signalled
+    finally:
+        lookalike.kill()
+        lookalike.wait()
 
 
 @root_only
@@ -588,10 +641,10 @@ def test_reload_update_and_restart(fake):
     _wait(lambda: s.status()["state"] == "running", what="running")
     r = s.ipsec("reload")
     assert r.returncode == 0, r.stderr
-    _wait(lambda: open(s.p("loads")).read().count("loaded") == 2, what="reload command ran")
+    assert open(s.p("loads")).read().count("loaded") == 2       # done when the command returns
     r = s.ipsec("update")
     assert r.returncode == 0 and "no changes" in r.stderr
-    _wait(lambda: open(s.p("loads")).read().count("loaded") == 3, what="update ran the reload commands")
+    assert open(s.p("loads")).read().count("loaded") == 3
     old = s.pid()
     r = s.ipsec("restart")
     assert r.returncode == 0, r.stderr

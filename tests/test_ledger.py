@@ -216,6 +216,76 @@ def test_unreadable_ledger_text_is_refused(tmp_path, content, problem):
         load_ledger(str(path))
 
 
+@pytest.mark.parametrize("mutate, problem", [
+    (lambda d: d.update(stale=[[1]]), "stale"),                                   # unhashable: was a TypeError
+    (lambda d: d.update(stale={"route": 1}), "stale"),
+    (lambda d: d["entries"].update(xfrm_policy=[[1, 2]]), r"xfrm_policy\[0\] is invalid"),
+    (lambda d: d["entries"].update(xfrm_policy=["x"]), r"xfrm_policy\[0\] is invalid"),
+    (lambda d: d["entries"]["xfrm_policy"][0].update(record=[]), r"xfrm_policy\[0\] is invalid"),
+    (lambda d: d["entries"]["xfrm_policy"][0]["record"].update(selector=[[[]]]), r"xfrm_policy\[0\] is invalid"),
+    (lambda d: d["entries"]["xfrm_policy"][0].update(owner=[]), r"xfrm_policy\[0\] is invalid"),
+    (lambda d: d.update(started_unix=float("inf")), "started_unix"),
+    (lambda d: d.update(entries=[]), "entries"),
+], ids=["stale-list-in-list", "stale-object", "entry-list", "entry-string", "record-list", "selector-nested",
+        "owner-list", "started-inf", "entries-list"])
+def test_wrong_element_types_are_ledger_errors_not_type_errors(tmp_path, mutate, problem):
+    path = _doc(tmp_path, mutate)
+    with pytest.raises(LedgerError, match=problem):
+        load_ledger(path)
+
+
+def test_deep_nesting_and_oversized_ledgers_are_ledger_errors(tmp_path, monkeypatch):
+    path = tmp_path / "ledger.json"
+    path.write_text('{"schema": ' + "[" * 200000 + "]" * 200000 + "}")
+    with pytest.raises(LedgerError, match="nested too deeply|invalid"):
+        load_ledger(str(path))
+    deep = _doc(tmp_path, lambda d: d["entries"]["xfrm_policy"][0].update(record="HERE"))
+    with open(deep) as fh:
+        text = fh.read().replace('"HERE"', "[" * 900 + "]" * 900)     # json reads it; the record cannot be one
+    with open(deep, "w") as fh:
+        fh.write(text)
+    with pytest.raises(LedgerError, match=r"xfrm_policy\[0\] is invalid"):
+        load_ledger(deep)
+    from supervisor import ledger as ledger_mod
+    _doc(tmp_path, lambda d: None)
+    monkeypatch.setattr(ledger_mod, "MAX_LEDGER_BYTES", 100)
+    with pytest.raises(LedgerError, match="larger than 100 bytes"):
+        load_ledger(str(path))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown to another user)")
+def test_a_ledger_others_could_write_is_not_trusted(tmp_path):
+    from supervisor.ledger import UntrustedLedger
+    path = _doc(tmp_path, lambda d: None)
+    os.chown(path, 65534, 65534)                   # the forged ledger of the issue: another user's, 0644
+    with pytest.raises(UntrustedLedger, match=r"not trusted: .*owned by uid 65534"):
+        load_ledger(path, netns_inode=7)
+    os.chown(path, 0, 0)
+    os.chmod(path, 0o666)
+    with pytest.raises(UntrustedLedger, match="writable by its group and others"):
+        load_ledger(path, netns_inode=7)
+    os.chmod(path, 0o600)
+    os.chmod(tmp_path, 0o777)                      # a directory others can write: its files are not ours
+    with pytest.raises(UntrustedLedger, match="not trusted"):
+        load_ledger(path, netns_inode=7)
+    os.chmod(tmp_path, 0o700)
+    link = tmp_path / "link.json"
+    link.symlink_to(path)
+    with pytest.raises(UntrustedLedger, match="symlink"):
+        load_ledger(str(link), netns_inode=7)
+    assert load_ledger(path, netns_inode=7).netns_inode == 7
+
+
+def test_a_ledger_must_name_this_network_namespace(tmp_path):
+    from supervisor.ledger import UntrustedLedger
+    path = _doc(tmp_path, lambda d: d.update(netns_inode=None))
+    with pytest.raises(UntrustedLedger, match="names no network namespace"):
+        load_ledger(path, netns_inode=7)
+    path = _doc(tmp_path, lambda d: d.update(netns_inode=8))
+    with pytest.raises(UntrustedLedger, match="another network namespace"):
+        load_ledger(path, netns_inode=7)
+
+
 def test_missing_ledger_and_unwritable_directory_raise(tmp_path):
     with pytest.raises(LedgerError, match="cannot read ledger"):
         load_ledger(str(tmp_path / "nope.json"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -269,3 +270,23 @@ def test_cli_loads_and_updates_a_real_charon(netns, tmp_path):
         assert json.loads(state.read_text())["order"] == ["a"]
     finally:
         daemon.stop()
+
+
+def test_the_state_file_is_written_by_the_atomic_writer_never_through_a_symlink(tmp_path):
+    """load-ipsec-conf --state wrote a fixed STATE.tmp with open("w") (issue 11 point 8)."""
+    from supervisor.commands.legacy import _read_state, _write_state
+    state = load(config(V1))[0].state
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    path = tmp_path / "ipsec-conf.state"
+    (tmp_path / "ipsec-conf.state.tmp").symlink_to(victim)      # the old fixed temp name
+    path.symlink_to(victim)
+    old = os.umask(0)
+    try:
+        _write_state(str(path), state)
+    finally:
+        os.umask(old)
+    assert victim.read_text() == "precious"
+    assert not path.is_symlink() and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert _read_state(str(path)) == state
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ipsec-conf.state", "ipsec-conf.state.tmp", "victim"]

@@ -255,7 +255,7 @@ def ledger_with(*entries: tuple[object, str, str]) -> Ledger:
 
 def test_the_ledger_decides_before_the_markers():
     lookalike = policy(383615, reqid=1)                    # in charon's band, but the ledger saw ip add it
-    theirs = policy(1000, reqid=5, selector=sel("10.5.0.0/16", "10.6.0.0/16"))   # outside, but charon's
+    theirs = policy(1000, reqid=5, selector=sel("10.5.0.0/16", "10.6.0.0/16"))   # outside, but "charon's"
     table220 = route()
     vip = Address("inet", "10.99.0.5", 32, 1, "lo")
     unknown = policy(383615, reqid=3, selector=sel("10.3.0.0/16", "10.4.0.0/16"))
@@ -268,7 +268,8 @@ def test_the_ledger_decides_before_the_markers():
     v = {r.key(): v for fam in result.verdicts.values() for r, v in fam}
     assert v[lookalike.key()] == Verdict(False, own.RULE_LEDGER_FOREIGN,
                                          "added by another process (netlink port 77) while the daemon ran")
-    assert v[theirs.key()].owned and v[theirs.key()].rule == own.RULE_LEDGER_DAEMON
+    # charon's by port id alone (which the sender writes): recorded, but never deleted (deletion_hold)
+    assert v[theirs.key()].owned and v[theirs.key()].rule == own.RULE_LEDGER_PORT_ONLY
     assert v[unknown.key()].rule == own.RULE_PRIORITY_BAND          # unattributed: markers
     assert v[table220.key()] == Verdict(False, own.RULE_LEDGER_BASELINE, "present before the daemon started")
     assert v[vip.key()].owned

@@ -211,3 +211,19 @@ def test_the_namespace_helper_also_runs_a_plain_charon_and_leaves_nothing(netns,
         plain.cleanup()
     out = subprocess.run(["ip", "netns", "pids", netns.name], capture_output=True, text=True).stdout
     assert out.split() == []
+
+
+def test_a_recovery_mode_changed_by_a_reload_applies_to_the_next_crash(charon, netns):
+    """SIGHUP (or `ipsec update`) from adopt to flush: the very next kill -9 is recovered by flush."""
+    sup = charon("adopt")
+    cfg = dict(sup.config, recovery={**sup.config["recovery"], "mode": "flush"})
+    import yaml
+    with open(sup.config_path, "w") as fh:
+        yaml.safe_dump(cfg, fh)
+    answer = sup.request("reload")
+    assert answer["ok"] and "recovery.mode" in answer["message"], answer
+    assert sup.status()["recovery"]["mode"] == "flush"
+    st = kill_9_and_recover(sup)
+    assert st["recovery"]["last"]["action"] == "flush", st["recovery"]["last"]
+    assert without_indexes(state_of(netns)) == CHARONS
+    assert sup.stop() == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,32 @@ def test_real_files(tmp_path):
     (tmp_path / "ipsec.secrets").write_text(": ECDSA moonKey.pem\n@a @b : PSK \"x\"\n")
     s = load_secrets(str(tmp_path / "ipsec.secrets"), ipsec_dir=str(IPSEC_D))
     assert not s.errors and s.keys[0].data == KEY and s.shared[0].owners == ("@a", "@b")
+
+
+def test_an_include_loop_is_an_error_naming_file_and_line_and_reads_each_file_once(tmp_path):
+    """A file including itself 4 times fanned out to 1.4M PSKs in 56 s (issue 11 point 7)."""
+    top = tmp_path / "ipsec.secrets"
+    top.write_text(": PSK top\n" + f"include {top}\n" * 4)
+    t0 = time.monotonic()
+    s = load_secrets(str(top))
+    assert time.monotonic() - t0 < 2.0
+    assert [e.secret for e in s.shared] == [b"top"]
+    assert len(s.errors) == 4 and {e.origin.line for e in s.errors} == {2, 3, 4, 5}
+    err = s.errors[0]
+    assert err.origin.path == str(top) and "makes a loop" in err.message and str(top) in err.message
+
+
+def test_an_include_loop_through_another_file_and_a_symlink_is_found_by_real_path(tmp_path):
+    (tmp_path / "a.secrets").write_text(": PSK a\ninclude b.secrets\n")
+    (tmp_path / "b.secrets").write_text(": PSK b\ninclude link.secrets\n")
+    (tmp_path / "link.secrets").symlink_to(tmp_path / "a.secrets")
+    s = load_secrets(str(tmp_path / "a.secrets"))
+    assert [e.secret for e in s.shared] == [b"a", b"b"]
+    (err,) = s.errors
+    assert (err.origin.path, err.origin.line) == (str(tmp_path / "b.secrets"), 2)
+    assert f"{tmp_path}/a.secrets -> {tmp_path}/b.secrets -> {tmp_path}/a.secrets" in err.message
+
+
+def test_a_file_included_twice_without_a_loop_is_read_once():
+    s = parse("include a\ninclude b\n", {"/etc/a": "include c\n", "/etc/b": "include c\n", "/etc/c": ": PSK c\n"})
+    assert [e.secret for e in s.shared] == [b"c"] and not s.errors

@@ -20,7 +20,7 @@ import yaml
 from charon_ns import wait_for_status
 from supervisor import control, crashreport
 from supervisor.config import parse_config
-from supervisor.errors import ExitCode
+from supervisor.errors import ExitCode, SupervisorError
 from supervisor.notify import Notifier, configure_logging, journal_stream_matches
 from supervisor.policy import Action, Cause, ExitClass
 from supervisor.starter import Supervisor
@@ -460,7 +460,8 @@ def test_failing_and_slow_load_commands_are_reported_and_the_daemon_keeps_runnin
     h = harness([{}], {"daemon": {"load_commands": [["/bin/sh", "-c", "echo broken config >&2; exit 4"]]}}).start()
     st = h.wait_running()
     assert st["daemon"]["load_ok"] is False
-    assert st["daemon"]["load_error"] == "/bin/sh -c echo broken config >&2; exit 4 exited with code 4"
+    # the command, how it ended, and its last output lines (the reason)
+    assert st["daemon"]["load_error"] == "/bin/sh -c echo broken config >&2; exit 4 exited with code 4: broken config"
     assert "configuration load FAILED" in st["summary"]
     h.send(signal.SIGTERM)
     h.wait_exit()
@@ -697,6 +698,76 @@ def test_a_recovery_step_over_its_time_limit_does_not_block_the_restart(harness)
     assert out and out[0]["state"] == "running"
 
 
+def test_a_raising_event_loop_callback_is_logged_counted_and_charon_keeps_running(harness, caplog):
+    """Issue 11 point 9: a bug in one callback (timer, fd reader) must not end the supervisor and charon."""
+    h = harness([{}])
+    cfg = parse_config(open(h.config_path).read(), h.config_path)
+    r, w = os.pipe()
+
+    class Injecting(RecordingRecovery):
+        def attach(self, loop):             # the optional hook that hands recovery the running loop
+            loop.call_later(0.0, self.timer_breaks)
+            loop.add_reader(r, self.reader_breaks)
+
+        def timer_breaks(self):
+            raise RuntimeError("timer broke on purpose")
+
+        def reader_breaks(self):
+            os.read(r, 1)
+            raise ValueError("reader broke on purpose")
+
+    sup = Supervisor(cfg, recovery=Injecting(), notifier=Notifier(environ={}), environ=dict(os.environ))
+    seen: list[dict] = []
+    errors: list[BaseException] = []
+
+    def drive():
+        try:
+            first = h.wait_running()
+            os.write(w, b"xy")          # two wakeups of the broken reader
+            seen.append(h.wait(lambda st: st["callback_errors"] >= 3, what="3 callback errors"))
+            seen.insert(0, first)
+            control.request(h.run_dir, "stop")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+            if not finished.is_set():
+                os.kill(os.getpid(), signal.SIGTERM)     # make run() return whatever happened
+
+    finished = threading.Event()
+    t = threading.Thread(target=drive)
+    t.start()
+    try:
+        rc = sup.run()          # before the guard: RuntimeError("timer broke on purpose"), charon killed
+    finally:
+        finished.set()
+        t.join(20)
+        os.close(r)
+        os.close(w)
+    if errors:
+        raise errors[0]
+    assert rc == 0
+    before, after = seen
+    assert after["state"] == "running" and after["daemon"]["pid"] == before["daemon"]["pid"]
+    assert after["restarts"] == 0 and after["callback_errors"] == 3
+    assert "timer broke on purpose" in caplog.text and "reader broke on purpose" in caplog.text
+    assert "Traceback" in caplog.text and "the supervisor goes on" in caplog.text
+
+
+def test_one_failing_posted_callback_does_not_drop_the_ones_queued_after_it():
+    from supervisor.eventloop import Loop, ThreadWakeup
+    loop = Loop()
+    wake = ThreadWakeup(loop)
+    ran: list[int] = []
+    try:
+        wake.post(lambda: 1 / 0)
+        wake.post(lambda: ran.append(1))
+        loop.call_soon(lambda: ran.append(2))
+        loop.run_once()     # the wakeup pipe is readable and call_soon makes select() not wait
+    finally:
+        wake.close()
+        loop.close()
+    assert sorted(ran) == [1, 2] and loop.callback_errors == 1
+
+
 # -- crash report files ---------------------------------------------------------------------
 
 def test_crash_reports_are_atomic_0600_and_pruned(tmp_path):
@@ -715,3 +786,84 @@ def test_crash_reports_are_atomic_0600_and_pruned(tmp_path):
     assert all(stat.S_IMODE(os.stat(p).st_mode) == 0o600 for p in left)
     assert not [n for n in os.listdir(d) if n.startswith(".")]   # no temp files left behind
     assert crashreport.read_crash_reports(d)[0][1] == json.loads(json.dumps(rep))
+
+
+# -- loads on request: merged, answered when done, satisfied by a restart ---------------------
+
+def _reload_waiting(run_dir: str, mode: str = "reload") -> dict:
+    return control.request(run_dir, "reload-daemon", timeout=30, mode=mode, wait=True)
+
+
+def test_reloads_during_a_reload_are_merged_and_answered_when_the_merged_load_finished(harness):
+    h = harness([{}])
+    slow = f"echo start >> {h.p('reloads')}; sleep 0.6; echo end >> {h.p('reloads')}"
+    h.write_config({"daemon": {"reload_commands": [["/bin/sh", "-c", slow]]}})
+    h.start()
+    h.wait_running()
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        first = pool.submit(_reload_waiting, h.run_dir)
+        time.sleep(0.2)                         # the first reload runs now
+        rest = [pool.submit(_reload_waiting, h.run_dir, m) for m in ("reload", "update", "reload", "update")]
+        answers = [first.result()] + [f.result() for f in rest]
+    assert all(a["ok"] for a in answers), answers
+    # One running reload, then one merged follow-up for the four that came during it; each
+    # client was answered after the load that covers its request had finished.
+    assert open(h.p("reloads")).read() == "start\nend\nstart\nend\n"
+    assert h.log().count("merged into one more load after it") == 4
+    assert h.status()["daemon"]["load"]["ok"] is True
+
+
+def test_a_reload_while_the_daemon_restarts_is_satisfied_by_the_new_daemon_s_load(harness):
+    h = harness([{"exit_after": 0.3, "exit_code": 1}, {}],
+                {"restart": {"backoff": {"initial": "1500ms", "step": "1500ms", "maximum": "2s"}}}).start()
+    h.wait(lambda s: s["state"] == "backoff", what="backoff after the death")
+    answer = _reload_waiting(h.run_dir)
+    assert answer["ok"] and answer.get("deferred"), answer
+    assert "loads the current configuration" in answer["message"]
+    h.wait_running(restarts=1)
+    assert open(h.p("loads")).read() == "loaded\nloaded\n"   # the new daemon's own load
+
+
+def test_a_failing_reload_is_answered_with_the_reason_and_the_daemon_keeps_running(harness):
+    h = harness([{}])
+    h.write_config({"daemon": {"reload_commands": [["/bin/sh", "-c", "echo 'bad: line 3' >&2; exit 3"]]}})
+    h.start()
+    pid = h.wait_running()["daemon"]["pid"]
+    answer = _reload_waiting(h.run_dir)
+    assert not answer["ok"] and "exited with code 3: bad: line 3" in answer["error"], answer
+    st = h.status()
+    assert st["daemon"]["pid"] == pid and st["state"] == "running"
+    assert "configuration load FAILED" in st["summary"]
+
+
+def test_a_reload_of_a_stopped_supervisor_is_not_running(harness):
+    h = harness([{"exit_after": 0.05, "exit_code": 66}]).start()   # 66: never restarted
+    h.wait_exit()
+    with pytest.raises(SupervisorError) as exc:
+        _reload_waiting(h.run_dir)
+    assert exc.value.exit_code == ExitCode.NOT_RUNNING
+
+
+def test_sighup_with_a_deeply_nested_file_keeps_the_daemon_and_the_running_configuration(harness):
+    h = harness([{}]).start()
+    pid = h.wait_running()["daemon"]["pid"]
+    h.write_config({}, raw="restart:\n  " + "[" * 5000 + "]" * 5000 + "\n")
+    h.send(signal.SIGHUP)
+    st = h.wait(lambda s: s["config"]["last_reload_error"], what="reload error")
+    assert "nested too deeply" in st["config"]["last_reload_error"]
+    assert st["daemon"]["pid"] == pid and st["state"] == "running"
+    h.send(signal.SIGTERM)
+    assert h.wait_exit() == 0
+
+
+def test_sighup_also_applies_the_configuration_to_the_daemon_as_strongswan_s_starter_does(harness):
+    h = harness([{}])
+    h.write_config({"daemon": {"reload_commands": [["/bin/sh", "-c", f"echo update >> {h.p('reloads')}"]]}})
+    h.start()
+    h.wait_running()
+    h.send(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(h.p("reloads")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert open(h.p("reloads")).read() == "update\n"

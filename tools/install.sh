@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install ipsec-supervisor: the package in its own virtual environment, the systemd unit,
 # the default configuration and the strongSwan snippet.  Run as root (`make install`).
+# `install.sh uninstall` (`make uninstall`, same settings) removes it again, keeping the
+# configuration files, and undoes IPSEC_DIVERT.
 #
 # Never overwrites a configuration file that differs from the shipped one: the new one
 # goes next to it as FILE.dist.  Staged installs: DESTDIR=/some/root (the virtual
@@ -12,6 +14,11 @@
 #   IPSEC_LINK=no                    yes: also link `ipsec` into BINDIR.  /usr/local/sbin
 #                                    comes before /usr/sbin in root's PATH, so this shadows
 #                                    Debian's /usr/sbin/ipsec (strongSwan's starter script)
+#   IPSEC_DIVERT=no                  yes: /usr/sbin/ipsec becomes ours, for callers that use
+#                                    the absolute path (Open vSwitch); strongSwan's script is
+#                                    renamed to /usr/sbin/ipsec.strongswan (with dpkg-divert
+#                                    --local where dpkg exists, so strongSwan upgrades keep it
+#                                    there).  `make uninstall` puts it back.
 #   UNITDIR=/usr/local/lib/systemd/system
 #   CONFDIR=/etc/ipsec-supervisor    supervisor.yaml
 #   STRONGSWAN_CONFDIR=/etc/strongswan.d
@@ -27,6 +34,7 @@ DESTDIR=${DESTDIR:-}
 PREFIX=${PREFIX:-/opt/ipsec-supervisor}
 BINDIR=${BINDIR:-/usr/local/sbin}
 IPSEC_LINK=${IPSEC_LINK:-no}
+IPSEC_DIVERT=${IPSEC_DIVERT:-no}
 UNITDIR=${UNITDIR:-/usr/local/lib/systemd/system}
 CONFDIR=${CONFDIR:-/etc/ipsec-supervisor}
 STRONGSWAN_CONFDIR=${STRONGSWAN_CONFDIR:-/etc/strongswan.d}
@@ -38,6 +46,69 @@ PLACEHOLDER=/usr/local/bin/ipsec-supervisor     # ExecStart= of etc/ipsec-superv
 
 say() { echo "install: $*"; }
 die() { echo "install: $*" >&2; exit 1; }
+
+SBIN_IPSEC=/usr/sbin/ipsec                       # strongSwan's script on Debian and others
+DIVERTED_IPSEC=/usr/sbin/ipsec.strongswan        # the name the .deb diverts it to as well
+
+divert_owner() {     # "" (none), LOCAL (an earlier `make install IPSEC_DIVERT=yes`) or a package
+  if command -v dpkg-divert >/dev/null; then dpkg-divert --listpackage "$SBIN_IPSEC"; fi
+}
+
+check_divert() {     # before anything is installed: the .deb's diversion is not ours to change
+  local owner
+  owner=$(divert_owner)
+  case "$owner" in
+    ""|LOCAL) ;;
+    *) die "$SBIN_IPSEC is already diverted by the package $owner (the ipsec-supervisor .deb?): remove it, or install without IPSEC_DIVERT" ;;
+  esac
+}
+
+divert_ipsec() {     # /usr/sbin/ipsec -> ipsec.strongswan; ours in its place
+  if command -v dpkg-divert >/dev/null; then
+    if [ -z "$(divert_owner)" ]; then
+      dpkg-divert --local --add --rename --divert "$DIVERTED_IPSEC" "$SBIN_IPSEC" >/dev/null
+    fi
+  elif [ -e "$SBIN_IPSEC" ] && [ "$(readlink "$SBIN_IPSEC")" != "$PREFIX/bin/ipsec" ]; then
+    [ ! -e "$DIVERTED_IPSEC" ] || die "both $SBIN_IPSEC and $DIVERTED_IPSEC exist: move one of them away first"
+    mv "$SBIN_IPSEC" "$DIVERTED_IPSEC"
+  fi
+  ln -sfn "$PREFIX/bin/ipsec" "$SBIN_IPSEC"
+  say "command: $SBIN_IPSEC is ours (strongSwan's script: $DIVERTED_IPSEC)"
+}
+
+undivert_ipsec() {   # the reverse: strongSwan's script back at /usr/sbin/ipsec
+  if [ -L "$SBIN_IPSEC" ] && [ "$(readlink "$SBIN_IPSEC")" = "$PREFIX/bin/ipsec" ]; then
+    rm -f "$SBIN_IPSEC"
+  fi
+  if [ "$(divert_owner)" = LOCAL ]; then
+    dpkg-divert --local --remove --rename --divert "$DIVERTED_IPSEC" "$SBIN_IPSEC" >/dev/null
+    say "command: $SBIN_IPSEC is strongSwan's again"
+  elif [ -e "$DIVERTED_IPSEC" ] && [ ! -e "$SBIN_IPSEC" ]; then
+    mv "$DIVERTED_IPSEC" "$SBIN_IPSEC"
+    say "command: $SBIN_IPSEC is strongSwan's again"
+  fi
+}
+
+if [ "${1:-}" = uninstall ]; then
+  [ -z "$DESTDIR" ] || die "uninstall works on this system, not on DESTDIR"
+  [ "$(id -u)" = 0 ] || die "run as root"
+  if [ -d /run/systemd/system ] && [ -e "$UNITDIR/ipsec-supervisor.service" ]; then
+    systemctl disable --now ipsec-supervisor.service || true    # its code is about to go
+  fi
+  undivert_ipsec
+  for link in "$BINDIR/ipsec-supervisor" "$BINDIR/ipsec"; do
+    case "$(readlink "$link" 2>/dev/null)" in "$PREFIX"/*) rm -f "$link" ;; esac
+  done
+  rm -f "$UNITDIR/ipsec-supervisor.service"
+  rm -rf "$PREFIX" "$DOCDIR"
+  [ ! -d /run/systemd/system ] || systemctl daemon-reload
+  say "removed $PREFIX, the unit and the commands; kept $CONFDIR and $STRONGSWAN_CONFDIR/ipsec-supervisor.conf"
+  exit 0
+fi
+[ "$#" = 0 ] || die "unknown argument '$1' (none installs, 'uninstall' removes)"
+[ "$IPSEC_DIVERT" != yes ] || [ -z "$DESTDIR" ] \
+  || die "IPSEC_DIVERT=yes changes this system's $SBIN_IPSEC: not with DESTDIR (the .deb diverts it when installed: make deb)"
+[ "$IPSEC_DIVERT" != yes ] || check_divert
 
 [ -n "$DESTDIR" ] || [ "$(id -u)" = 0 ] || die "run as root (or stage with DESTDIR=...)"
 case "$PREFIX" in /*) ;; *) die "PREFIX must be an absolute path, not '$PREFIX'" ;; esac
@@ -59,7 +130,7 @@ if [ -z "$INSTALL_FROM" ]; then
   mkdir "$work/src"
   cp -r "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/supervisor" "$work/src/"
   find "$work/src" -name __pycache__ -prune -exec rm -rf {} +
-  INSTALL_FROM=$work/src
+  INSTALL_FROM="$work/src[fast]"     # with msgspec: snapshots 5-7x faster (works without it)
 fi
 say "installing ipsec-supervisor into $PREFIX (pip; needs the package registry unless PIP_ARGS says otherwise)"
 # Same version number, newer code: pip would keep the installed copy.
@@ -107,11 +178,17 @@ say "command: $BINDIR/ipsec-supervisor"
 if [ "$IPSEC_LINK" = yes ]; then
   ln -sfn "$PREFIX/bin/ipsec" "$DESTDIR$BINDIR/ipsec"
   say "command: $BINDIR/ipsec (shadows /usr/sbin/ipsec for PATHs that list $BINDIR first)"
-else
+elif [ "$IPSEC_DIVERT" != yes ]; then
   say "command: $PREFIX/bin/ipsec (not linked onto PATH; IPSEC_LINK=yes links it into $BINDIR)"
+fi
+if [ "$IPSEC_DIVERT" = yes ]; then
+  divert_ipsec
 fi
 install -d -m 0755 "$DESTDIR$DOCDIR"
 install -m 0644 "$SRC/README.md" "$DESTDIR$DOCDIR/README.md"
+# Not enabled: only for charon.user in strongswan.conf (README "Security").
+install -m 0644 "$SRC/etc/ipsec-supervisor.service.d/charon-user.conf" "$DESTDIR$DOCDIR/charon-user.conf"
+say "drop-in for charon.user: $DOCDIR/charon-user.conf (not enabled; see its header)"
 
 if [ -z "$DESTDIR" ] && [ -d /run/systemd/system ]; then
   systemctl daemon-reload

@@ -16,6 +16,12 @@ DEB_PACKAGES=(
   qemu-system-x86 busybox-static
   # the real-systemd tier
   systemd-container
+  # real clients of `ipsec`: Open vSwitch's IPsec monitor (tests/test_real_clients.py)
+  openvswitch-switch openvswitch-ipsec
+  # the metrics tests: a real Prometheus server scraping the supervisor, promtool for the alert rules
+  prometheus
+  # `make deb`'s checks (lintian) and what the .deb depends on, for dpkg -i in the container tier
+  lintian python3-psutil python3-systemd python3-yaml
 )
 
 missing=()
@@ -25,6 +31,14 @@ done
 if ((${#missing[@]})); then
   echo "setup: installing Debian packages: ${missing[*]}"
   apt-get update -q
+  # Packages such as openvswitch-switch start their daemons from postinst; on this machine
+  # nothing of theirs may run (tests start their own, in namespaces): deny service starts
+  # during the install unless the machine already has a policy.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   # --no-install-recommends: systemd-container recommends libnss-mymachines, which edits nsswitch.conf
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
@@ -37,7 +51,19 @@ fi
 stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
 if [ ! -e "$stamp" ]; then
   echo "setup: installing the project and its Python dependencies into .venv"
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[test,fast]'
   rm -f .venv/.installed-*
   touch "$stamp"
+fi
+
+# OpenStack neutron-vpnaas (PyPI) for tests/test_real_clients.py: its real strongSwan driver,
+# netns wrapper and rootwrap, in a virtual environment of its own (its dependency tree pins
+# versions of its own and must not mix with ours).
+NEUTRON_VPNAAS=neutron-vpnaas==29.0.0
+if [ ! -e .cache/neutron-venv/.installed-$NEUTRON_VPNAAS ]; then
+  echo "setup: installing $NEUTRON_VPNAAS into .cache/neutron-venv"
+  rm -rf .cache/neutron-venv
+  "$PY" -m venv .cache/neutron-venv
+  .cache/neutron-venv/bin/pip install -q --disable-pip-version-check "$NEUTRON_VPNAAS"
+  touch ".cache/neutron-venv/.installed-$NEUTRON_VPNAAS"
 fi

@@ -19,6 +19,7 @@ MODULE_OF = {
     "flush": "recovery",
     "reconcile": "recovery",
     "load-ipsec-conf": "legacy",
+    "metrics": "metrics",
 }
 
 # Defaults shown in --help, kept here so that --help imports no kernel or legacy module;
@@ -33,3 +34,15 @@ IPSEC_DIR = "/etc/ipsec.d"                # legacy.translate.DEFAULT_IPSEC_DIR
 VICI_SOCKET = "/var/run/charon.vici"      # legacy.loader.DEFAULT_VICI_SOCKET
 LOAD_TIMEOUT = 10.0                       # legacy.loader.DEFAULT_TIMEOUT
 LOAD_MODES = ("load", "update", "reload")  # legacy.loader.MODES
+
+
+def uint32(text: str) -> int:
+    """argparse type: a whole number from 0 to 2**32-1 (route tables, rule priorities)."""
+    import argparse
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(f"{value} is out of range (0 to 4294967295)")
+    return value

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from ..errors import ConfigError, ExitCode
+from ..errors import ConfigError, ExitCode, SupervisorError
 from . import IPSEC_CONF, IPSEC_DIR, IPSEC_SECRETS, LOAD_MODES, LOAD_TIMEOUT, VICI_SOCKET
 
 # The parser, translator and loader are imported by the handler: --help must not pay for them.
@@ -22,8 +22,9 @@ def register(sub) -> None:
                     "the stroke plugin would, and load them into charon over its VICI socket: install "
                     "auto=route conns, initiate auto=start ones.  Conns that cannot be parsed or "
                     "translated are skipped with an error naming file:line, conn and option; the "
-                    "others load.  Exit status: 0 all loaded, 1 some conn or request failed, 3 the "
-                    "file as a whole is unusable (nothing sent).")
+                    "others load.  Exit status: 0 all loaded; 11 loaded, but some conn or request failed "
+                    "(each named on a line 'refused: ...'); 1 nothing could be applied (e.g. charon "
+                    "does not answer); 3 the file as a whole is unusable (nothing sent).")
     p.add_argument("--file", default=IPSEC_CONF, metavar="PATH", help="ipsec.conf (default %(default)s)")
     p.add_argument("--secrets", default=IPSEC_SECRETS, metavar="PATH",
                    help="ipsec.secrets (default %(default)s)")
@@ -56,15 +57,18 @@ def _read_state(path: str | None) -> loader.LoadedState | None:
     try:
         with open(path) as fh:
             return loader.LoadedState.from_json(json.load(fh))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise ConfigError(f"cannot use state file {path}: {exc}; remove it and load with --mode reload") from None
 
 
 def _write_state(path: str, state: loader.LoadedState) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(state.to_json(), fh, indent=1)
-    os.replace(tmp, path)
+    """The one atomic writer: a fresh O_EXCL temp file (0600, fsync), renamed over PATH (never followed)."""
+    from ..atomicfile import write_atomic
+    try:
+        write_atomic(path, json.dumps(state.to_json(), indent=1), mode=0o600, prefix=".ipsec-conf-state-")
+    except OSError as exc:
+        raise SupervisorError(f"cannot write state file {path}: {exc.strerror or exc} (the previous one, if any, "
+                              "is unchanged; the next load compares with it)") from None
 
 
 def cmd_load_ipsec_conf(args) -> int:
@@ -111,4 +115,14 @@ def cmd_load_ipsec_conf(args) -> int:
             print(line + (f": {r.message}" if r.message and r.status != "skipped" else ""))
         for f in report.failures:
             print(f"failed: {f}", file=sys.stderr)
-    return ExitCode.OK if report.ok else ExitCode.FAILED
+    if report.ok:
+        return ExitCode.OK
+    # One line each for the supervisor (jobs.REFUSED_PREFIX): what did not load, the rest did.
+    for r in report.results:
+        if not r.ok:
+            print(f"refused: {r.name}: {r.status}" + (f": {r.message}" if r.message else ""))
+    for f in report.failures:
+        print(f"refused: {f}")
+    for d in report.errors:
+        print(f"refused: {d}")
+    return ExitCode.PARTIAL

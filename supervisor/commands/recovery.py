@@ -8,11 +8,11 @@ import logging
 import os
 import sys
 
+from . import LEDGER, ROUTE_TABLE, RULE_PRIORITY, uint32
 from ..errors import ExitCode, NotRootError, SupervisorError
-from . import LEDGER, ROUTE_TABLE, RULE_PRIORITY
 
-# Kernel, ledger and ownership code is imported by the handlers: `ipsec-supervisor --help` registers
-# this module and must not pay for it.
+# Kernel, ledger, ownership and daemon detection are imported by the handlers:
+# `ipsec-supervisor --help` registers this module and must not pay for them.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ..ledger import Ledger
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_RUN_DIR = "/run/ipsec-supervisor"
-DAEMON_NAMES = ("charon", "charon-systemd")
 
 
 def register(sub) -> None:
@@ -36,10 +35,13 @@ def register(sub) -> None:
 
     f = sub.add_parser("flush", parents=[common], help="remove the kernel state charon left behind",
                        description="Remove every object judged charon's (and nothing else). Refuses "
-                                   "while a charon process runs in the namespace, unless --force. "
-                                   "Exit status 1 when any action failed.")
+                                   "while charon (/usr/lib/ipsec/charon or charon-systemd, run as root) "
+                                   "runs in the namespace, unless --force; while another IKE daemon "
+                                   "(charon-nm, pluto, ...) holds IKE sockets there, keeps what only "
+                                   "charon's markers claim. Exit status 1 when any action failed.")
     f.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
-    f.add_argument("--force", action="store_true", help="flush even while charon runs there")
+    f.add_argument("--force", action="store_true",
+                   help="flush even while charon runs there (other IKE daemons are still respected)")
     f.add_argument("--fail-closed", action="store_true",
                    help="first install block policies for charon's out/fwd policies; they stay "
                         "until a later flush without this option (or the supervisor) removes them")
@@ -77,9 +79,9 @@ def _common_parser():
     p.add_argument("--no-ledger", action="store_true", help="judge by the markers only")
     p.add_argument("--virtual-ip", action="append", default=[], metavar="ADDR",
                    help="an address charon installed as a virtual IP (repeatable)")
-    p.add_argument("--route-table", type=int, default=ROUTE_TABLE, metavar="N",
+    p.add_argument("--route-table", type=uint32, default=ROUTE_TABLE, metavar="N",
                    help="charon's routing table (default %(default)s)")
-    p.add_argument("--rule-priority", type=int, default=RULE_PRIORITY, metavar="N",
+    p.add_argument("--rule-priority", type=uint32, default=RULE_PRIORITY, metavar="N",
                    help="priority of charon's routing rule (default %(default)s)")
     return p
 
@@ -89,23 +91,25 @@ def _require_root() -> None:
         raise NotRootError("reading XFRM state needs root (CAP_NET_ADMIN); run as root")
 
 
-def _load_ledger(args, inode: int) -> tuple[Ledger | None, str | None]:
+def _load_ledger(args, inode: int, name: str | None = None) -> tuple[Ledger | None, str | None]:
     """The ledger to judge with, if one applies to this namespace, and its path."""
-    from ..ledger import LedgerError, ledger_path, load_ledger
+    from ..ledger import UntrustedLedger, ledger_path, load_ledger
+    from ..trusted_paths import initial_netns_inode, instance_dir, netns_instance
     if args.no_ledger:
         return None, None
-    path = args.ledger or ledger_path(DEFAULT_RUN_DIR)
-    if args.ledger is None and not os.path.exists(path):
+    # The default: that namespace's own supervisor's (a per-namespace run dir outside the initial one).
+    instance = netns_instance(inode, name, initial_netns_inode())
+    path = args.ledger or ledger_path(instance_dir(DEFAULT_RUN_DIR, instance))
+    if args.ledger is None and not os.path.lexists(path):
         return None, None
-    ledger = load_ledger(path)          # an explicit or present but broken ledger is an error
-    if ledger.netns_inode is not None and ledger.netns_inode != inode:
+    try:
+        # Root's, not writable by others, naming this namespace; a broken one is an error.
+        return load_ledger(path, netns_inode=inode), path
+    except UntrustedLedger as exc:
         if args.ledger is not None:
-            raise LedgerError(f"ledger {path} belongs to another network namespace (inode "
-                              f"{ledger.netns_inode}, this one is {inode}); give the right file "
-                              "or --no-ledger")
-        log.warning("ledger %s belongs to another network namespace; judging by markers only", path)
+            raise UntrustedLedger(f"{exc}; give the right file or --no-ledger") from None
+        log.warning("%s", exc)
         return None, None
-    return ledger, path
 
 
 def _judge(args) -> tuple[object, Ownership, str | None, str]:
@@ -116,7 +120,7 @@ def _judge(args) -> tuple[object, Ownership, str | None, str]:
     markers = MarkerConfig(route_table=args.route_table, rule_priority=args.rule_priority)
     with netns.enter(args.netns):
         state = read_state(options)
-    ledger, path = _load_ledger(args, state.netns.inode)
+    ledger, path = _load_ledger(args, state.netns.inode, state.netns.name)
     ownership = decide_ownership(state.objects, markers, ledger, args.virtual_ip)
     where = state.netns.name or f"inode {state.netns.inode}"
     return state, ownership, path, where
@@ -156,43 +160,35 @@ def cmd_leftovers(args) -> int:
     return ExitCode.OK
 
 
-def running_daemons(inode: int, names: tuple[str, ...] = DAEMON_NAMES) -> list[tuple[int, str]]:
-    """(pid, name) of the IKE daemons running in the network namespace with INODE."""
-    import psutil
-    found = []
-    for proc in psutil.process_iter(["pid", "name"]):
-        if proc.info["name"] not in names:
-            continue
-        try:
-            if os.stat(f"/proc/{proc.info['pid']}/ns/net").st_ino == inode:
-                found.append((proc.info["pid"], proc.info["name"]))
-        except OSError:
-            continue        # gone meanwhile
-    return found
-
-
 def cmd_flush(args) -> int:
+    from .. import daemons as ike_daemons
     from ..kernel import netns
     from ..reconcile import Outcome, plan_flush
     _require_root()
     state, ownership, path, where = _judge(args)
-    daemons = running_daemons(state.netns.inode)
-    if daemons and not args.force and not args.dry_run:
-        pids = ", ".join(f"{name} pid {pid}" for pid, name in daemons)
-        raise SupervisorError(f"not flushing network namespace {where}: {pids} is running there and "
-                              "owns this state; stop it first, or pass --force to pull the state "
-                              "from under it", ExitCode.FAILED)
-    plan = plan_flush(state, ownership, fail_closed=args.fail_closed)
+    found = ike_daemons.detect(state.netns.inode, ike_daemons.DEFAULT_DAEMON_BINARIES)
+    ours = [d for d in found if d.ours]
+    if ours and not args.force and not args.dry_run:
+        raise SupervisorError(f"not flushing network namespace {where}: {ike_daemons.describe_all(ours)} is "
+                              "running there and owns this state; stop it first, or pass --force to pull "
+                              "the state from under it", ExitCode.FAILED)
+    # --force overrides our daemon only: what other IKE daemons may own stays theirs
+    others = tuple(d for d in found if not d.ours)
+    plan = plan_flush(state, ownership, fail_closed=args.fail_closed, others=others)
     head = (f"flush of network namespace {where}: {len(plan)} action(s), {plan.foreign} foreign "
             f"object(s) left alone" + (", fail-closed" if plan.fail_closed else ""))
     if args.dry_run:
         if args.json:
-            json.dump({"plan": plan.to_json(), "ledger": path}, sys.stdout, indent=1)
+            json.dump({"plan": plan.to_json(), "ledger": path, "ike_daemons": [d.to_json() for d in found]},
+                      sys.stdout, indent=1)
             print()
         else:
             print(head + " (dry run: nothing changed)")
-            for pid, name in daemons:
-                print(f"note: {name} pid {pid} is running there: a real flush refuses without --force")
+            for d in ours:
+                print(f"note: {d.describe()} ({d.exe}) is running there: a real flush refuses without --force")
+            for d in others:
+                print(f"note: {d.describe()} ({d.exe or 'exe unknown'}) holds {d.holds()} there: what only "
+                      "charon's markers claim is kept")
             for line in plan.lines():
                 print(line)
         return ExitCode.OK
@@ -200,19 +196,27 @@ def cmd_flush(args) -> int:
         results = execute(plan)
     bad = [r for r in results if not r.ok]
     if args.json:
-        json.dump({"plan": plan.to_json(), "ledger": path,
+        json.dump({"plan": plan.to_json(), "ledger": path, "ike_daemons": [d.to_json() for d in found],
                    "results": [{"outcome": r.outcome.value, "message": r.message,
                                 "action": r.action.describe()} for r in results]},
                   sys.stdout, indent=1)
         print()
     else:
         print(head)
+        for d in others:
+            print(f"note: {d.describe()} ({d.exe or 'exe unknown'}) holds {d.holds()} here: what only "
+                  "charon's markers claim is kept")
+        labels = []
         for i, r in enumerate(results, 1):
-            label = r.outcome.value.upper() if not r.ok else r.outcome.value
-            tail = f": {r.message}" if r.message and r.outcome is not Outcome.DONE else ""
+            kept = r.action.KIND == "keep"      # what no flush may delete (ownership.deletion_hold)
+            label = "kept" if kept else r.outcome.value.upper() if not r.ok else r.outcome.value
+            labels.append(label)
+            tail = (f": {r.action.reason}" if kept else
+                    f": {r.message}" if r.message and r.outcome is not Outcome.DONE else "")
             print(f"{i:>4}. {label:<12} {r.action.describe()}{tail}")
-        tally = {o: sum(1 for r in results if r.outcome is o) for o in Outcome}
-        print("summary: " + ", ".join(f"{n} {o.value}" for o, n in tally.items() if n) if results
+        order = [o.value for o in Outcome] + ["kept"]
+        tally = {name: labels.count(name) + labels.count(name.upper()) for name in order}
+        print("summary: " + ", ".join(f"{n} {name}" for name, n in tally.items() if n) if results
               else "summary: nothing to do")
         if plan.fail_closed and any(r.ok for r in results if r.action.KIND == "install-block"):
             print("fail-closed blocks stay until charon re-installs its policies and they are removed "
@@ -223,26 +227,27 @@ def cmd_flush(args) -> int:
 # --- reconcile --dry-run ------------------------------------------------------------------
 
 def _reconcile_ledger(args, run_dir: str, inode: int) -> tuple[Ledger | None, str | None, str | None]:
-    """(ledger, its path, a note why none is used) for the supervisor's run directory."""
     from ..ledger import LedgerError, ledger_path, load_ledger
+    """(ledger, its path, a note why none is used) for the supervisor's run directory."""
     if args.no_ledger:
         return None, None, "--no-ledger"
     path = args.ledger or ledger_path(run_dir)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         if args.ledger is not None:
             raise LedgerError(f"cannot read ledger {path}: No such file or directory")
         return None, None, f"no ledger at {path}"
-    ledger = load_ledger(path)
-    if ledger.netns_inode is not None and ledger.netns_inode != inode:
-        return None, path, (f"ledger {path} belongs to another network namespace (inode {ledger.netns_inode}, "
-                            f"this one is {inode})")
-    return ledger, path, None
+    try:
+        # Trusted only if root's, not writable by others, and naming this namespace.
+        return load_ledger(path, netns_inode=inode), path, None
+    except LedgerError as exc:
+        return None, path, str(exc)
 
 
 def cmd_reconcile(args) -> int:
     import time as _time
 
     from .. import adopt
+    from .. import daemons as ike_daemons
     from ..config import load_config
     from ..kernel import netns
     from ..kernel_state import ReadOptions, read_state
@@ -260,22 +265,23 @@ def cmd_reconcile(args) -> int:
         state = read_state(options)
     where = state.netns.name or f"inode {state.netns.inode}"
     ledger, path, why_not = _reconcile_ledger(args, cfg.paths.run_dir, state.netns.inode)
-    names = tuple(dict.fromkeys((os.path.basename(cfg.daemon.command[0]),) + DAEMON_NAMES))
-    daemons = running_daemons(state.netns.inode, names)
+    found = ike_daemons.detect(state.netns.inode, (cfg.daemon.command[0],))
+    running = [d for d in found if d.ours]
     doc: dict = {"netns": state.netns.to_json(), "mode": rc.mode, "ledger": path, "ledger_note": why_not,
-                 "daemon": None, "plan": None, "at_grace": None, "notes": []}
+                 "daemon": None, "ike_daemons": [d.to_json() for d in found], "plan": None, "at_grace": None,
+                 "notes": []}
     notes: list[str] = doc["notes"]
     ownership = decide_ownership(state.objects, markers, ledger, args.virtual_ip)
     plan = grace_plan = None
     if rc.mode == NONE:
         notes.append("recovery.mode is none: the supervisor leaves all kernel state alone")
-    elif not daemons:
+    elif not running:
         choice = choose_recovery(rc.mode, fail_closed=rc.fail_closed, on_stop=rc.on_stop, exit_class=None,
                                  decision=Action.RESTART)
-        plan = recovery_plan(choice, state, ownership)
+        plan = recovery_plan(choice, state, ownership, found)
         notes.append(f"no charon runs here: before charon starts, {choice.reason}")
     else:
-        pid, name = daemons[0]
+        pid, name = running[0].pid, running[0].name
         doc["daemon"] = {"pid": pid, "name": name}
         if ledger is None:
             notes.append(f"{name} pid {pid} runs; without a ledger every object the markers claim is the "
@@ -302,7 +308,7 @@ def cmd_reconcile(args) -> int:
                 common = dict(ledger=ledger, configured=configured, active=active,
                               local_addresses=frozenset(a.address for a in state.objects.get("address", ())),
                               markers=markers, fail_closed=rc.fail_closed, initiate=rc.adopt_initiate,
-                              parallel=rc.adopt_initiate_parallel)
+                              parallel=rc.adopt_initiate_parallel, others=ike_daemons.others(found, exclude=(pid,)))
                 now = _time.monotonic()
                 plan = adopt.plan_adopt(inherited, now=now, deadline=now + rc.adopt_grace, **common)
                 grace_plan = adopt.plan_adopt(inherited, now=now, deadline=now, **common)

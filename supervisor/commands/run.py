@@ -67,5 +67,19 @@ def run(args) -> int:
     configure_logging(verbose=getattr(args, "verbose", False))
     from ..starter import Supervisor  # the loop's imports are not needed for --check-config
 
-    sup = Supervisor(cfg, config_path=args.config, recovery=make_recovery(cfg), notifier=Notifier())
+    recovery = make_recovery(cfg)
+    sup = Supervisor(cfg, config_path=args.config, recovery=recovery, notifier=Notifier(),
+                     observer=make_observer(cfg, recovery))
     return sup.run()
+
+
+def make_observer(cfg, recovery):
+    """The metrics observer when metrics.listen or metrics.textfile is set (prometheus_client is
+    imported only then), told of recovery runs too; else None."""
+    if not (cfg.metrics.listen or cfg.metrics.textfile):
+        return None
+    from ..metrics.exporter import MetricsObserver
+    observer = MetricsObserver(cfg)
+    if hasattr(recovery, "observer"):
+        recovery.observer = observer
+    return observer

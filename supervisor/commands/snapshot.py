@@ -7,8 +7,8 @@ import os
 import sys
 import time
 
+from . import ROUTE_TABLE, RULE_PRIORITY, uint32
 from ..errors import NotRootError, ExitCode
-from . import ROUTE_TABLE, RULE_PRIORITY
 
 DEFAULT_SNAPSHOT_DIR = "/var/lib/ipsec-supervisor/snapshots"
 
@@ -24,9 +24,9 @@ def register(sub) -> None:
                    help="keep SA key material in the file (redacted by default)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--netns", metavar="NAME", help="read this network namespace (/run/netns/NAME)")
-    p.add_argument("--route-table", type=int, default=ROUTE_TABLE, metavar="N",
+    p.add_argument("--route-table", type=uint32, default=ROUTE_TABLE, metavar="N",
                    help="charon's routing table (default %(default)s)")
-    p.add_argument("--rule-priority", type=int, default=RULE_PRIORITY, metavar="N",
+    p.add_argument("--rule-priority", type=uint32, default=RULE_PRIORITY, metavar="N",
                    help="priority of charon's routing rule (default %(default)s)")
     p.set_defaults(func=cmd_take)
     actions = p.add_subparsers(dest="snapshot_action", metavar="ACTION")
@@ -52,10 +52,6 @@ def cmd_take(args) -> int:
     from ..snapshot import take_snapshot, write_snapshot
     require_root()
     output = args.output
-    if output is None:
-        os.makedirs(DEFAULT_SNAPSHOT_DIR, mode=0o700, exist_ok=True)
-        output = os.path.join(DEFAULT_SNAPSHOT_DIR,
-                              time.strftime("manual-%Y%m%dT%H%M%SZ.json", time.gmtime()))
     # On a terminal, say what is being read: tens of thousands of objects take a moment.
     tty = sys.stderr.isatty()
 
@@ -67,6 +63,14 @@ def cmd_take(args) -> int:
                                        rule_priority=args.rule_priority),
                            progress=progress if tty else None)
     snap = take_snapshot(state, include_keys=args.include_keys)
+    if output is None:
+        from ..trusted_paths import initial_netns_inode, instance_dir, netns_instance, open_own_subdir
+        # That namespace's supervisor's snapshot directory (per namespace outside the initial one).
+        instance = netns_instance(state.netns.inode, state.netns.name, initial_netns_inode())
+        directory = os.path.join(instance_dir(os.path.dirname(DEFAULT_SNAPSHOT_DIR), instance),
+                                 os.path.basename(DEFAULT_SNAPSHOT_DIR))
+        open_own_subdir(directory, what="the state directory").close()   # checked, created 0700
+        output = os.path.join(directory, time.strftime("manual-%Y%m%dT%H%M%SZ.json", time.gmtime()))
     if tty:
         print(f"\r\033[Kwriting {sum(snap.counts().values())} objects to {output}", end="",
               file=sys.stderr, flush=True)

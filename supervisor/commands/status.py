@@ -77,6 +77,9 @@ def format_status(st: dict) -> str:
                  (f"  (last reload FAILED: {cfg['last_reload_error']})" if cfg["last_reload_error"] else ""))
     if st.get("last_crash_report"):
         lines.append(f"crash report:  {st['last_crash_report']}")
+    if st.get("callback_errors"):
+        lines.append(f"internal errors: {st['callback_errors']} (event-loop callbacks that raised; logged with "
+                     "tracebacks, the supervisor went on: please report them)")
     return "\n".join(lines)
 
 

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from .. import control
 from ..config import Config
 from ..errors import ExitCode, NotRootError, SupervisorError
-from .pidfile import (START_LOCK_NAME, PidFile, PidState, inspect_pid_file, is_supervisor_cmdline, pid_file_path,
+from ..runlock import LockHolder, find_lock_holder
+from ..trusted_paths import open_trusted_dir
+from .pidfile import (START_LOCK_NAME, PidFile, inspect_pid_file, is_supervisor_cmdline, pid_file_path,
                       read_cmdline, remove_pid_file, write_pid_file)
 
 # `typing` is imported for type checkers only: every polled `ipsec status` would pay 3 ms for it.
@@ -77,6 +79,7 @@ def describe_run_exit(code: int) -> str:
         3: "the supervisor's configuration file is invalid",
         8: "the daemon binary is missing or not executable",
         9: "charon kept dying: the crash-loop limit was reached and the supervisor gave up",
+        10: "a directory or file of the supervisor is unsafe to use (see its log)",
     }.get(code, f"the supervisor exited with code {code}")
 
 
@@ -118,21 +121,23 @@ def default_stop_timeout(cfg: Config) -> float:
 
 @dataclass(frozen=True, slots=True)
 class Located:
-    """The supervisor for a run directory: its status answer, and what its pid file says."""
+    """The supervisor for a run directory: its status answer, its lock, and what its pid file says."""
 
     status: dict | None
     pid_file: PidFile
     error: str | None = None       # why there is no status (not running / not answering)
+    lock: LockHolder | None = None
 
     @property
     def pid(self) -> int | None:
+        """The supervisor's pid as its own answer or the kernel's lock table says (never the pid file alone)."""
         if self.status is not None:
             return self.status.get("supervisor", {}).get("pid")
-        return self.pid_file.pid if self.pid_file.state is PidState.RUNNING else None
+        return self.lock.pid if self.lock is not None and self.lock.held else None
 
     @property
     def running(self) -> bool:
-        return self.pid is not None
+        return self.status is not None or (self.lock is not None and self.lock.held)
 
     @property
     def daemon_pid(self) -> int | None:
@@ -140,19 +145,23 @@ class Located:
 
 
 def locate(cfg: Config, timeout: float = 3.0) -> Located:
-    """Ask the control socket; fall back to the pid file.  NotRootError when not allowed."""
-    pid_file = inspect_pid_file(pid_file_path(cfg.paths.run_dir))
+    """Ask the control socket; the supervisor lock says whether one runs.  NotRootError when not allowed."""
+    try:
+        lock = find_lock_holder(cfg.paths.run_dir)
+    except PermissionError:
+        lock = LockHolder(os.path.join(cfg.paths.run_dir, "supervisor.lock"), False)
+    pid_file = inspect_pid_file(pid_file_path(cfg.paths.run_dir), lock.held)
     try:
         answer = control.request(cfg.paths.run_dir, "status", timeout=timeout)
     except NotRootError:
         raise
     except SupervisorError as exc:
-        return Located(None, pid_file, str(exc))
+        return Located(None, pid_file, str(exc), lock)
     except OSError as exc:     # it went away while answering
-        return Located(None, pid_file, f"the control socket failed: {exc.strerror or exc}")
+        return Located(None, pid_file, f"the control socket failed: {exc.strerror or exc}", lock)
     if not answer.get("ok"):
-        return Located(None, pid_file, str(answer.get("error")))
-    return Located(answer["status"], pid_file)
+        return Located(None, pid_file, str(answer.get("error")), lock)
+    return Located(answer["status"], pid_file, None, lock)
 
 
 def systemd_unit_of(pid: int, proc: str = "/proc") -> str | None:
@@ -286,9 +295,9 @@ class StartLock:
     """The start lock in the run directory: one `ipsec start` at a time decides and starts."""
 
     def __init__(self, run_dir: str):
-        control.prepare_run_dir(run_dir)
-        self.path = os.path.join(run_dir, START_LOCK_NAME)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with open_trusted_dir(run_dir, what="paths.run_dir", tighten=True) as run:
+            self.path = run.join(START_LOCK_NAME)
+            self.fd = run.open(START_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
 
     def acquire(self, timeout: float, on_wait: Callable[[], None] | None = None) -> bool:
         deadline = time.monotonic() + timeout
@@ -336,14 +345,14 @@ def open_log_sink(state_dir: str) -> LogSink:
                            {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
         except (ImportError, OSError):
             pass
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    path = os.path.join(state_dir, LOG_NAME)
-    try:
-        if os.path.getsize(path) > LOG_ROTATE_BYTES:
-            os.replace(path, path + ".1")
-    except FileNotFoundError:
-        pass
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    with open_trusted_dir(state_dir, what="paths.state_dir") as state:
+        path = state.join(LOG_NAME)
+        try:
+            if os.stat(LOG_NAME, dir_fd=state.fd, follow_symlinks=False).st_size > LOG_ROTATE_BYTES:
+                os.replace(LOG_NAME, LOG_NAME + ".1", src_dir_fd=state.fd, dst_dir_fd=state.fd)
+        except FileNotFoundError:
+            pass
+        fd = state.open(LOG_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)   # O_NOFOLLOW, ours
     return LogSink(fd, path, {}, path, os.fstat(fd).st_size)
 
 
@@ -361,7 +370,11 @@ def crash_reports_since(cfg: Config, wall: float) -> list[dict]:
     """Crash reports written after WALL (a start's own), oldest first."""
     from ..crashreport import read_crash_reports
     out = []
-    for path, report in read_crash_reports(cfg.crash_dir):
+    try:
+        reports = read_crash_reports(cfg.crash_dir)
+    except SupervisorError:     # an unsafe directory: the start's own error says more
+        return out
+    for path, report in reports:
         try:
             if os.path.getmtime(path) >= wall - 1.0:
                 out.append(report)
@@ -436,6 +449,7 @@ def start_detached(cfg: Config, config_path: str | None, *, timeout: float, verb
             _say_already_running(found, err)
             return START_OK
         _clear_stale(found.pid_file, err)
+        open_trusted_dir(cfg.paths.state_dir, what="paths.state_dir").close()   # unsafe: exit 10, said here
         orphan = unsupervised_daemon(cfg)
         if orphan is not None:
             name = os.path.basename(cfg.daemon.command[0])
@@ -570,7 +584,10 @@ def stop_supervisor(cfg: Config, *, timeout: float, err: TextIO,
               f"(its supervisor died); stopping {name}...", file=err)
         return StopResult(False, False, tuple(_stop_daemon(orphan, name, "runs without a supervisor")))
     pid = found.pid
-    assert pid is not None
+    if pid is None:     # the lock is held, but by a process we cannot see (another pid namespace)
+        return StopResult(True, False, (f"{found.lock.describe() if found.lock else 'a supervisor runs'}, but "
+                                        "its pid cannot be confirmed from here; nothing was signalled "
+                                        "(stop it where it runs)",))
     unit = systemd_unit_of(pid)
     if unit:
         print(f"Stopping {unit} (ipsec-supervisor pid {pid}) through systemd...", file=err)

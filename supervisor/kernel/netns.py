@@ -8,18 +8,21 @@ programs started inside belong to that namespace.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import os
 from dataclasses import dataclass
-from typing import Iterator
 
 from ..errors import NetnsError
+
+# Every `ipsec status` asks which namespace it runs in (for its default paths); only entering
+# one needs libc, and ctypes.util alone imports subprocess, shutil and tempfile.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Iterator
 
 NETNS_RUN_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,22 +35,36 @@ class NetnsIdentity:
 
 
 def _setns(fd: int, what: str) -> None:
+    global _libc
+    import ctypes
+    if _libc is None:
+        import ctypes.util
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise NetnsError(f"cannot enter network namespace {what}: {os.strerror(err)}")
 
 
-def current_identity() -> NetnsIdentity:
-    """The calling thread's network namespace, and its name if /run/netns has one."""
-    inode = os.stat("/proc/thread-self/ns/net").st_ino
-    name = None
+# Where the host's names are when our own /run is private (Neutron's netns wrapper bind-mounts a
+# router's directory over /var/run): PID 1's view of the file system.
+HOST_NETNS_RUN_DIR = "/proc/1/root/run/netns"
+
+
+def _name_in(directory: str, st: os.stat_result) -> str | None:
     with contextlib.suppress(OSError):
-        for entry in os.listdir(NETNS_RUN_DIR):
+        for entry in sorted(os.listdir(directory)):
             with contextlib.suppress(OSError):
-                if os.stat(os.path.join(NETNS_RUN_DIR, entry)).st_ino == inode:
-                    name = entry
-                    break
-    return NetnsIdentity(inode=inode, name=name)
+                other = os.stat(os.path.join(directory, entry))
+                if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                    return entry
+    return None
+
+
+def current_identity() -> NetnsIdentity:
+    """The calling thread's network namespace, and its name if /run/netns (ours or the host's) has one."""
+    st = os.stat("/proc/thread-self/ns/net")
+    name = _name_in(NETNS_RUN_DIR, st) or _name_in(HOST_NETNS_RUN_DIR, st)
+    return NetnsIdentity(inode=st.st_ino, name=name)
 
 
 @contextlib.contextmanager

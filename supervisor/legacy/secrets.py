@@ -152,8 +152,13 @@ def _is_encrypted(data: bytes) -> bool:
 def load_secrets(path: str = DEFAULT_IPSEC_SECRETS, *, ipsec_dir: str = "/etc/ipsec.d",
                  read_text: Callable[[str], str] | None = None,
                  read_file: Callable[[str], bytes] | None = None,
-                 expand: Callable[[str], list[str]] | None = None) -> Secrets:
-    """Read ``path`` and its includes; unreadable top-level file -> OSError."""
+                 expand: Callable[[str], list[str]] | None = None,
+                 real: Callable[[str], str] = os.path.realpath) -> Secrets:
+    """Read ``path`` and its includes; unreadable top-level file -> OSError.
+
+    Each file is read once (by real path): an include of a file in its own include chain is
+    an error naming the file and line; one already read through another include is skipped.
+    """
     read_text = read_text or (lambda p: open(p, encoding="utf-8", errors="surrogateescape").read())
     read_file = read_file or (lambda p: open(p, "rb").read())
     expand = expand or (lambda pat: [p for p in sorted(glob.glob(pat)) if os.path.isfile(p)])
@@ -165,7 +170,9 @@ def load_secrets(path: str = DEFAULT_IPSEC_SECRETS, *, ipsec_dir: str = "/etc/ip
     def err(origin: Origin, message: str) -> None:
         errors.append(Diagnostic("error", f"{message}; entry skipped", origin, "ipsec.secrets"))
 
-    def walk(file: str, level: int, text: str) -> None:
+    seen: set[str] = set()
+
+    def walk(file: str, level: int, text: str, chain: tuple[str, ...]) -> None:
         files.append(file)
         for n, raw in enumerate(text.split("\n"), 1):
             origin = Origin(file, n)
@@ -179,8 +186,17 @@ def load_secrets(path: str = DEFAULT_IPSEC_SECRETS, *, ipsec_dir: str = "/etc/ip
                     continue
                 full = pattern if pattern.startswith("/") else os.path.join(os.path.dirname(file), pattern)
                 for name in expand(full):
+                    here = real(name)
+                    if here in chain:
+                        loop = " -> ".join(chain[chain.index(here):] + (here,))
+                        err(origin, f"include '{pattern}' makes a loop: {name} is already being read "
+                                    f"({loop})")
+                        continue
+                    if here in seen:
+                        continue    # read once already: the same secrets again would add nothing
+                    seen.add(here)
                     try:
-                        walk(name, level + 1, read_text(name))
+                        walk(name, level + 1, read_text(name), chain + (here,))
                     except OSError as exc:
                         err(origin, f"cannot read included {name}: {exc.strerror or exc}")
                 continue
@@ -228,7 +244,8 @@ def load_secrets(path: str = DEFAULT_IPSEC_SECRETS, *, ipsec_dir: str = "/etc/ip
         else:
             raise _EntryError(f"unknown secret type '{kind}' (PSK, EAP, XAUTH, NTLM, RSA, ECDSA, BLISS, PKCS8)")
 
-    walk(path, 0, read_text(path))
+    seen.add(real(path))
+    walk(path, 0, read_text(path), (real(path),))
     return Secrets(path, tuple(shared), tuple(keys), tuple(files), tuple(errors))
 
 
@@ -253,4 +270,4 @@ def parse_secrets(text: str, path: str = "ipsec.secrets", files: dict[str, str |
         return v.encode() if isinstance(v, str) else v
 
     return load_secrets(path, ipsec_dir=ipsec_dir, read_text=read_text, read_file=read_file,
-                        expand=lambda pat: glob_names(table, pat))
+                        expand=lambda pat: glob_names(table, pat), real=os.path.normpath)
