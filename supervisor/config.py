@@ -29,7 +29,7 @@ ENV_VAR = "IPSEC_SUPERVISOR_CONFIG"
 BUILTIN = "built-in defaults"
 
 RESTART_POLICIES = ("always", "on-failure", "on-crash", "never")
-GIVE_UP_ACTIONS = ("exit", "stay")
+GIVE_UP_ACTIONS = ("cooldown", "exit", "stay")
 RECOVERY_MODES = ("adopt", "flush", "keep", "none")
 STOP_ACTIONS = ("flush", "keep")
 DAEMON_OUTPUTS = ("pty", "pipe")
@@ -381,7 +381,12 @@ class BackoffConfig:
 class CrashLoopConfig:
     max_deaths: int = _key(number(0, 10000, integer=True), 5, "deaths within window that make us give up; 0: never")
     window: float = _key(duration(positive=True), 60.0, "the sliding window for max_deaths")
-    action: str = _key(choice(GIVE_UP_ACTIONS), "exit", "exit: exit 9 (systemd sees the failure); stay: keep serving status")
+    action: str = _key(choice(GIVE_UP_ACTIONS), "cooldown",
+                       "cooldown: stay up fail-closed and try again after a cooldown; exit: exit 9 (for a "
+                       "service manager to decide); stay: wait for 'ipsec start'")
+    cooldown: float = _key(duration(positive=True), 300.0, "first pause after the limit (action cooldown)")
+    cooldown_max: float = _key(duration(positive=True), 3600.0,
+                               "each further pause in a row doubles, up to this; a stable run resets it")
 
 
 @dataclass(frozen=True, slots=True)
@@ -684,6 +689,10 @@ def _cross_check(cfg: Config, root: yaml.Node | None, problems: _Problems):
         bad("restart.backoff.step", f"must be >= restart.backoff.initial ({format_duration(b.initial)})", b.step)
     if b.maximum < b.step:
         bad("restart.backoff.maximum", f"must be >= restart.backoff.step ({format_duration(b.step)})", b.maximum)
+    c = cfg.restart.crash_loop
+    if c.cooldown_max < c.cooldown:
+        bad("restart.crash_loop.cooldown_max",
+            f"must be >= restart.crash_loop.cooldown ({format_duration(c.cooldown)})", c.cooldown_max)
     both = set(cfg.restart.prevent_exit_codes) & set(cfg.restart.force_exit_codes)
     if both:
         problems.add("restart.force_exit_codes", "must not repeat codes of restart.prevent_exit_codes",

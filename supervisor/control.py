@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str):
-    """LOCK_NAME and lock_run_dir, re-exported from runlock on first use (the client needs neither)."""
-    if name in ("LOCK_NAME", "lock_run_dir"):
+    """LOCK_NAME, lock_run_dir and unlock_run_dir, re-exported from runlock on first use (the client needs neither)."""
+    if name in ("LOCK_NAME", "lock_run_dir", "unlock_run_dir"):
         from . import runlock
         return getattr(runlock, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -145,8 +145,18 @@ class ControlServer:
     def _drop(self, client: "_Client") -> None:
         self._clients.pop(client.fd, None)
 
+    def relisten(self) -> None:
+        """Bind the socket again (its file was removed with the run directory); clients stay connected."""
+        if self._sock is not None:
+            self._loop.forget(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+        self.start()
+
     def close(self) -> None:
         for client in list(self._clients.values()):
+            if client.out and client.conn is not None:
+                client.writable()   # an answer that is ready (e.g. to a 'stop' that ends us at once) still goes
             client.close()
         if self._sock is not None:
             self._loop.forget(self._sock.fileno())

@@ -40,7 +40,8 @@ EXIT_CODES = (
                        "nothing was applied (the reason is on stderr); 2 update: supervisor.yaml invalid (the "
                        "running one is kept); 7 not running"),
     ("status, statusall", "0 running; 1 not running, a stale pid file is left; 3 not started; "
-                          "4 not allowed to ask (not root)"),
+                          "4 not allowed to ask (not root); 5 charon runs without a supervisor (the one that "
+                          "started it died: 'ipsec start' re-attaches to it)"),
     ("up down route unroute NAME, list*, reread*, purge*, leases, ...",
      "7 charon is not running; 2 wrong number of arguments; else stroke's or swanctl's code"),
     ("leftovers, flush, reconcile, snapshots, crashes",
@@ -372,20 +373,29 @@ def cmd_charon(ctx: Context, name: str, argv: list[str]) -> int:
     return _run_forward(ctx, plan)
 
 
-def _status_exit(found: lifecycle.Located) -> int:
+STATUS_UNSUPERVISED = 5
+
+
+def _status_exit(found: lifecycle.Located, orphan: int | None = None) -> int:
+    """0 running; 5 charon runs alone (ORPHAN); 3 nothing and no pid file; 1 a stale pid file."""
     if found.running:
         return 0
+    if orphan is not None:
+        return STATUS_UNSUPERVISED
     if found.pid_file.state is PidState.ABSENT:
         return 3
     return 1
 
 
-def _status_line(found: lifecycle.Located) -> str:
+def _status_line(found: lifecycle.Located, orphan: int | None = None, daemon: str = "charon") -> str:
     if found.status is not None:
         return f"ipsec-supervisor (pid {found.pid}): {found.status['summary']}"
     if found.running:
         return (f"ipsec-supervisor (pid {found.pid}) is running but does not answer on its control "
                 f"socket: {found.error}")
+    if orphan is not None:
+        return (f"ipsec-supervisor is not running, but {daemon} is (pid {orphan}): the supervisor that started "
+                f"it died; 'ipsec start' re-attaches to it")
     if found.pid_file.state.stale:
         return f"ipsec-supervisor is not running ({found.pid_file.describe()})"
     return "ipsec-supervisor is not running"
@@ -431,9 +441,10 @@ def cmd_status(ctx: Context, name: str, argv: list[str]) -> int:
         ctx.say(f"ipsec {name}: {exc}")
         return ExitCode.NOT_ROOT
     down = charon_down(cfg)
-    rc = _status_exit(found)
+    orphan = lifecycle.unsupervised_daemon(cfg) if not found.running else None
+    rc = _status_exit(found, orphan)
     if args.json:
-        doc = {"running": found.running, "supervisor": found.status,
+        doc = {"running": found.running, "supervisor": found.status, "unsupervised_daemon": orphan,
                "pid_file": {"path": found.pid_file.path, "state": found.pid_file.state.value,
                             "pid": found.pid_file.pid},
                "error": found.error if found.status is None else None,
@@ -446,7 +457,7 @@ def cmd_status(ctx: Context, name: str, argv: list[str]) -> int:
         from .commands.status import format_status
         print(format_status(found.status), file=ctx.out)
     else:
-        print(_status_line(found), file=ctx.out)
+        print(_status_line(found, orphan, os.path.basename(cfg.daemon.command[0])), file=ctx.out)
     if found.pid_file.state.stale and found.status is None:
         ctx.say(f"ipsec {name}: {found.pid_file.describe()}")
     if down is None:

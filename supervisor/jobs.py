@@ -1,7 +1,8 @@
 """Child processes of the supervisor: the daemon, load/reload commands and hooks.
 
 A ``Child`` runs in its own session, is watched through a pidfd and has its output read line by
-line in the event loop.  A ``Job`` is a command with a time limit; a ``CommandSequence`` runs
+line in the event loop; an ``AttachedProcess`` is a daemon an earlier supervisor started, watched
+through a pidfd alone.  A ``Job`` is a command with a time limit; a ``CommandSequence`` runs
 commands one after another and stops at the first failure.
 """
 
@@ -36,6 +37,8 @@ def _kill_group(pgid: int) -> None:
 
 class Child:
     """A process in its own session with a pidfd and its output captured line by line."""
+
+    attached = False
 
     def __init__(self, loop: Loop, argv: Sequence[str], env: dict[str, str], *, on_line: Callable[[str], None],
                  on_exit: Callable[[int], None], cwd: str = "/", pty: bool = False):
@@ -150,6 +153,54 @@ class Child:
             self._loop.forget(self._out)
             os.close(self._out)
             self._out = -1
+
+
+class AttachedProcess:
+    """A daemon this supervisor did not start (re-attached): the same interface as ``Child`` for the
+    Supervisor, but watched through a pidfd only: no waitpid (not our child), no output (its pty went
+    with the supervisor that started it). ``on_exit(None)``: the exit status is unknown."""
+
+    attached = True
+
+    def __init__(self, loop: Loop, pid: int, *, start_time: int | None, on_exit: Callable[[int | None], None],
+                 start_time_of: Callable[[int], int | None]):
+        self._loop = loop
+        self._on_exit = on_exit
+        self.pid = pid
+        self.pidfd = os.pidfd_open(pid)          # ProcessLookupError: gone already
+        # The pidfd pins one process; checked after opening it, the start time proves it is the one meant.
+        if start_time is not None and start_time_of(pid) != start_time:
+            os.close(self.pidfd)
+            raise ProcessLookupError(f"pid {pid} is no longer the process that was checked")
+        self.exited = False
+        self.exited_at: float | None = None
+        loop.add_reader(self.pidfd, self._gone)
+
+    def _gone(self) -> None:
+        self.exited_at = self._loop.clock()
+        self.exited = True
+        self._loop.forget(self.pidfd)
+        os.close(self.pidfd)
+        self.pidfd = -1
+        self._on_exit(None)
+
+    def send(self, signo: int) -> bool:
+        if self.pidfd < 0:
+            return False
+        try:
+            signal.pidfd_send_signal(self.pidfd, signo)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def close(self) -> None:
+        """Kill and forget (supervisor failure: never leave the daemon unsupervised)."""
+        if not self.exited and self.pidfd >= 0:
+            self.send(signal.SIGKILL)
+            self._loop.forget(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = -1
+            self.exited = True
 
 
 @dataclass(frozen=True, slots=True)

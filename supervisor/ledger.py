@@ -111,6 +111,11 @@ class Ledger:
     entries: Mapping[str, Mapping[tuple, LedgerEntry]] = field(default_factory=dict)
     reqids: frozenset[int] = frozenset()   # reqids seen on the daemon's policies and SAs
     stale: frozenset[str] = frozenset()    # families whose notifications were lost: resync
+    # What a supervisor started after this one needs to re-attach to the daemon (supervisor.reattach):
+    daemon_start_time: int | None = None   # /proc/PID/stat starttime of daemon_pid: a reused pid differs
+    daemon_loaded: bool = False            # its configuration load finished (a re-attach need not load)
+    adoption_deadline: float | None = None  # wall clock: an adoption was in progress until then
+    spawn_tick: int | None = None          # boot tick before this run's daemon was spawned (pid not known yet)
 
     def lookup(self, record: Any) -> LedgerEntry | None:
         family = self.entries.get(record.FAMILY)
@@ -394,7 +399,9 @@ def ledger_to_document(ledger: Ledger) -> dict:
         "daemon_pid": ledger.daemon_pid, "netns_inode": ledger.netns_inode,
         "started_unix": ledger.started, "route_table": ledger.route_table,
         "rule_priority": ledger.rule_priority, "reqids": sorted(ledger.reqids),
-        "stale": sorted(ledger.stale),
+        "stale": sorted(ledger.stale), "daemon_start_time": ledger.daemon_start_time,
+        "daemon_loaded": ledger.daemon_loaded, "adoption_deadline_unix": ledger.adoption_deadline,
+        "spawn_tick": ledger.spawn_tick,
         "entries": {family: [e.to_json() for e in ledger.entries.get(family, {}).values()]
                     for family in TRACKED},
     }
@@ -518,8 +525,17 @@ def _ledger_from_document(doc: Any, path: str) -> Ledger:
                 raise _bad(path, f"entries.{family}[{i}] is invalid: {type(exc).__name__}: {exc}") from None
             table[record.key()] = LedgerEntry(item["owner"], item["how"], port, record)
         entries[family] = table
+    loaded = doc.get("daemon_loaded", False)
+    if not isinstance(loaded, bool):
+        raise _bad(path, "'daemon_loaded' is not true or false")
+    deadline = doc.get("adoption_deadline_unix")
+    if deadline is not None and (not isinstance(deadline, (int, float)) or isinstance(deadline, bool)):
+        raise _bad(path, "'adoption_deadline_unix' is not a number or null")
     return Ledger(daemon_pid=_opt_int(doc, "daemon_pid", path),
                   netns_inode=_opt_int(doc, "netns_inode", path), started=float(started),
                   route_table=_opt_int(doc, "route_table", path),
                   rule_priority=_opt_int(doc, "rule_priority", path),
-                  entries=entries, reqids=frozenset(reqids), stale=frozenset(stale))
+                  entries=entries, reqids=frozenset(reqids), stale=frozenset(stale),
+                  daemon_start_time=_opt_int(doc, "daemon_start_time", path), daemon_loaded=loaded,
+                  adoption_deadline=None if deadline is None else float(deadline),
+                  spawn_tick=_opt_int(doc, "spawn_tick", path))

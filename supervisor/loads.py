@@ -147,15 +147,18 @@ class ConfigLoads:
         self.last: LoadOutcome | None = None
 
     # -- per daemon run ----------------------------------------------------------------
-    def begin_run(self, daemon_pid: int) -> None:
-        """A new charon: nothing of the old one's loads applies to it (stale records are removed)."""
+    def begin_run(self, daemon_pid: int, keep_records: bool = False) -> None:
+        """A new charon: nothing of the old one's loads applies to it (stale records are removed);
+        KEEP_RECORDS: a re-attached charon, whose own record (named by its pid) stays."""
         self._pid = daemon_pid
         self.last = None
-        self.remove_records()
+        self.remove_records(keep=state_path(self._config().paths.run_dir, daemon_pid) if keep_records else None)
 
-    def remove_records(self) -> None:
-        """Remove every loader record in the run directory (a new charon, or a stop)."""
+    def remove_records(self, keep: str | None = None) -> None:
+        """Remove every loader record in the run directory (a new charon, or a stop), except KEEP."""
         for path in glob.glob(os.path.join(self._config().paths.run_dir, STATE_GLOB)):
+            if path == keep:
+                continue
             try:
                 os.unlink(path)
             except FileNotFoundError:

@@ -13,7 +13,7 @@ import signal as _signal
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from .config import BackoffConfig, RestartConfig, format_duration
+from .config import BackoffConfig, CrashLoopConfig, RestartConfig, format_duration
 from .errors import ExitCode
 
 
@@ -48,6 +48,7 @@ class Action(enum.Enum):
     RESTART = "restart"
     STOP = "stop"          # stay stopped: the supervisor exits
     GIVE_UP = "give-up"    # crash-loop limit: stay stopped, fail-closed
+    COOLDOWN = "cooldown"  # crash-loop limit: stay stopped, fail-closed, try again after a pause
 
 
 def signal_name(signo: int | None) -> str | None:
@@ -100,6 +101,7 @@ class ExitInfo:
     ready_at: float | None = None
     okay_at: float | None = None
     spawn_error: str | None = None
+    status_unknown: bool = False      # a re-attached daemon: not our child, its exit status is not ours to read
 
     @property
     def uptime(self) -> float:
@@ -114,6 +116,9 @@ class ExitInfo:
         """One line: how it ended, e.g. 'killed by SIGSEGV (core dumped)'."""
         if self.spawn_error:
             how = f"could not be started: {self.spawn_error}"
+        elif self.status_unknown:
+            how = ("died, exit status unknown (re-attached: not this supervisor's child)"
+                   + ("; counted as a crash" if self.classification is ExitClass.SIGNALED else ""))
         elif self.signal is not None:
             how = f"killed by {signal_name(self.signal)}" + (" (core dumped)" if self.core_dumped else "")
         else:
@@ -129,8 +134,12 @@ class ExitInfo:
 
 def exit_info(cfg: RestartConfig, *, pid: int, wait_status: int | None, cause: Cause, started_at: float,
               died_at: float, ready_at: float | None = None, okay_at: float | None = None,
-              spawn_error: str | None = None) -> ExitInfo:
-    """Build and classify an ExitInfo; a failed spawn is treated like exit code 127 (as shells do)."""
+              spawn_error: str | None = None, status_unknown: bool = False) -> ExitInfo:
+    """Build and classify an ExitInfo; a failed spawn is treated like exit code 127 (as shells do), a
+    death whose status is unknown (STATUS_UNKNOWN: a re-attached daemon) like a crash."""
+    if status_unknown:
+        cls = classify_exit(cfg, None, 0, cause)     # no status: SIGNALED unless the cause says otherwise
+        return ExitInfo(pid, None, None, False, cause, cls, started_at, died_at, ready_at, okay_at, None, True)
     if wait_status is None:
         code, signo, core = 127, None, False
     else:
@@ -214,6 +223,7 @@ class Decision:
     delay: float = 0.0
     attempt: int = 0
     exit_code: int = ExitCode.OK
+    deaths: int = 0        # COOLDOWN/GIVE_UP: the deaths within the window that reached the limit
 
     def describe(self) -> str:
         if self.action is Action.RESTART:
@@ -221,12 +231,30 @@ class Decision:
             return f"restart #{self.attempt} {when} ({self.reason})"
         if self.action is Action.GIVE_UP:
             return f"giving up ({self.reason})"
+        if self.action is Action.COOLDOWN:
+            return f"crash-loop cooldown #{self.attempt}: next try in {format_duration(self.delay)} ({self.reason})"
         return f"not restarting ({self.reason})"
 
 
+def cooldown_duration(cfg: CrashLoopConfig, number: int) -> float:
+    """Length of cooldown NUMBER in a row (1-based): ``cooldown``, doubled each time, at most ``cooldown_max``."""
+    exponent = min(max(number, 1) - 1, 64)     # 2**64 times any positive cooldown is past every maximum
+    return min(cfg.cooldown * 2.0 ** exponent, max(cfg.cooldown_max, cfg.cooldown))
+
+
+def cooldowns_in_a_row(cfg: RestartConfig, before: int, info: ExitInfo) -> int:
+    """Cooldowns in a row after the death INFO: a stable run (``is_stable``) or a stop starts afresh."""
+    if is_stable(cfg, info) or info.classification is ExitClass.REQUESTED_STOP:
+        return 0
+    return before
+
+
 def decide(cfg: RestartConfig, history: Sequence[ExitInfo], now: float, rand: Callable[[], float],
-           stopping: bool = False) -> Decision:
-    """The decision after the last death in ``history``: restart (with delay), stop, or give up."""
+           stopping: bool = False, cooldowns: int = 0) -> Decision:
+    """The decision after the last death in ``history``: restart (with delay), stop, give up or cool down.
+
+    ``cooldowns``: how many cooldowns in a row came before (``cooldowns_in_a_row``).
+    """
     info = history[-1]
     failed = ExitCode.OK if info.classification in (ExitClass.REQUESTED_STOP, ExitClass.CLEAN) else ExitCode.FAILED
     if stopping:
@@ -239,11 +267,25 @@ def decide(cfg: RestartConfig, history: Sequence[ExitInfo], now: float, rand: Ca
     limit = cfg.crash_loop.max_deaths
     deaths = deaths_in_window(cfg, history, now)
     if limit and deaths >= limit:
-        return Decision(Action.GIVE_UP,
-                        f"{deaths} deaths within {format_duration(cfg.crash_loop.window)}, "
-                        f"restart.crash_loop.max_deaths is {limit}", exit_code=ExitCode.GAVE_UP)
+        reason = (f"{deaths} deaths within {format_duration(cfg.crash_loop.window)}, "
+                  f"restart.crash_loop.max_deaths is {limit}")
+        if cfg.crash_loop.action == "cooldown":
+            number = cooldowns + 1
+            return Decision(Action.COOLDOWN, reason, cooldown_duration(cfg.crash_loop, number), number,
+                            deaths=deaths)
+        return Decision(Action.GIVE_UP, reason, exit_code=ExitCode.GAVE_UP, deaths=deaths)
     attempt = restart_attempt(cfg, history)
     return Decision(Action.RESTART, why, backoff_delay(cfg.backoff, attempt, rand), attempt)
+
+
+def format_wait(seconds: float) -> str:
+    """A time left, rounded up to whole seconds: '45s', '4m12s', '1h00m05s'."""
+    s = max(0, int(-(-seconds // 1)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"
 
 
 def prune_history(cfg: RestartConfig, history: Sequence[ExitInfo], now: float, keep: int = 64) -> list[ExitInfo]:

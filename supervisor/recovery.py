@@ -44,10 +44,11 @@ from .errors import KernelError, SupervisorError
 from .kernel.common import Action as KAction
 from .kernel.xfrm import XfrmPolicy
 from .kernel_state import KernelState, KernelWatch, ReadOptions, read_state
-from .ledger import (OWNER_DAEMON, DaemonPorts, Ledger, LedgerError, apply_events, ledger_path, load_ledger,
+from .ledger import (HOW_INHERITED, OWNER_DAEMON, DaemonPorts, Ledger, LedgerError, apply_events, ledger_path, load_ledger,
                      resync_ledger, save_ledger, start_ledger)
 from .ownership import MarkerConfig, Verdict, decide_ownership, is_supervisor_block
 from .policy import Action, Decision, ExitClass, ExitInfo, signal_name
+from .reattach import boot_tick, process_start_time
 from .reconcile import (ActionResult, DeleteObject, InstallBlockPolicy, Keep, Outcome, Plan,
                         RemoveBlockPolicy, blocks_to_remove, execute, plan_flush, plan_keep)
 from .snapshot import take_snapshot, write_snapshot_in
@@ -87,7 +88,8 @@ def choose_recovery(mode: str, *, fail_closed: bool, on_stop: str, exit_class: E
 
     A requested stop follows ``on_stop`` (a flush then mirrors a clean charon stop: no
     blocks); a charon that will not come back (not restarted, crash loop) cannot adopt,
-    so adopt and keep leave the state as it is; a restart follows ``mode``.
+    so adopt and keep leave the state as it is; a crash-loop cooldown flushes fail-closed
+    (unless keep); a restart follows ``mode``.
     """
     if mode == NONE:
         return RecoveryChoice(NONE, False, "recovery.mode is none")
@@ -96,6 +98,13 @@ def choose_recovery(mode: str, *, fail_closed: bool, on_stop: str, exit_class: E
             return RecoveryChoice(FLUSH, False, "requested stop: remove what charon left behind "
                                                 "(recovery.on_stop flush)")
         return RecoveryChoice(KEEP, False, "requested stop: recovery.on_stop is keep")
+    if decision is Action.COOLDOWN:
+        # Down for minutes: the dead charon's SAs must not carry traffic nobody rekeys, and nothing
+        # may leave in cleartext; the retry then starts on a clean slate (keep stays keep).
+        if mode == KEEP:
+            return RecoveryChoice(KEEP, False, "crash-loop cooldown: recovery.mode keep")
+        return RecoveryChoice(FLUSH, fail_closed, f"crash-loop cooldown: charon stays down; flushed "
+                                                  f"{'fail-closed ' if fail_closed else ''}until the next try")
     if decision in (Action.STOP, Action.GIVE_UP):
         why = "gave up (crash loop)" if decision is Action.GIVE_UP else "charon is not restarted"
         if mode == FLUSH:
@@ -412,6 +421,7 @@ class KernelRecovery:
         self._wakeup = None
         self._jobs: _Jobs | None = None
         self._save_pending = False
+        self._save_lock = threading.Lock()      # one writer at a time, each with the newest ledger
         self._resync_pending = False
         self._save_error: str | None = None
         self._blocks: dict[tuple, XfrmPolicy] = {}
@@ -544,11 +554,14 @@ class KernelRecovery:
             log.warning("cannot read the netlink sockets of %s pid %d (%s); its changes count as foreign "
                         "until it is seen again", self._daemon_name, pid, exc)
             ports = None
+        start_time = process_start_time(pid)
         with self._lock:
             self._ports = ports
             if self._ledger is not None:
-                self._ledger = dataclasses.replace(self._ledger, daemon_pid=pid)
-        self._schedule_save()
+                self._ledger = dataclasses.replace(self._ledger, daemon_pid=pid, daemon_start_time=start_time)
+        # At once, not debounced: a supervisor killed a moment later leaves a ledger naming this daemon
+        # (pid and start time), so the next one re-attaches instead of starting a second charon.
+        self._save_now()
 
     def _schedule_save(self) -> None:
         def arm() -> None:
@@ -584,18 +597,28 @@ class KernelRecovery:
 
     # -- ledger (jobs thread) ---------------------------------------------------------------
     def _save_now(self) -> None:
+        with self._save_lock:
+            with self._lock:
+                ledger = self._ledger
+            if ledger is None:
+                return
+            path = ledger_path(self.config.paths.run_dir)
+            try:
+                save_ledger(path, ledger)
+                self._save_error = None
+            except LedgerError as exc:
+                if self._save_error != str(exc):
+                    log.warning("%s; ownership after a supervisor restart falls back to markers", exc)
+                self._save_error = str(exc)
+
+    def restore_files(self) -> None:
+        """The run directory was wiped (tmpfiles, an admin): write the ledger again, now."""
+        self._submit(self._save_now, "save ledger (run directory restored)")
+
+    def _set_ledger(self, **changes) -> None:
         with self._lock:
-            ledger = self._ledger
-        if ledger is None:
-            return
-        path = ledger_path(self.config.paths.run_dir)
-        try:
-            save_ledger(path, ledger)
-            self._save_error = None
-        except LedgerError as exc:
-            if self._save_error != str(exc):
-                log.warning("%s; ownership after a supervisor restart falls back to markers", exc)
-            self._save_error = str(exc)
+            if self._ledger is not None:
+                self._ledger = dataclasses.replace(self._ledger, **changes)
 
     def _resync(self) -> None:
         self._resync_pending = False
@@ -633,6 +656,9 @@ class KernelRecovery:
             # Normally no daemon runs yet; only a before_start over its time limit lets the spawn
             # overtake the baseline, and then its changes meanwhile are still its own.
             ledger = start_ledger(state, self._daemon_pid, claimed=[r for r, _ in self._carry], now=self._wall())
+            # Saved before the spawn: a supervisor killed between the spawn and writing the pid down
+            # leaves a ledger by which the next one still finds that daemon (reattach._just_spawned).
+            ledger = dataclasses.replace(ledger, spawn_tick=boot_tick())
             buffered, self._buffer = self._buffer or [], None
             ports = self._ports.update(buffered) if self._ports is not None and self._daemon_pid else frozenset()
             self._ledger = apply_events(ledger, buffered, ports)
@@ -658,6 +684,57 @@ class KernelRecovery:
             self._recover_at_startup()
         self._take_baseline()
 
+    def on_daemon_reattached(self, pid: int, start_time: int | None) -> None:
+        """PREPARING, instead of before_start: take over the earlier supervisor's ledger for the charon
+        it left running (PID), and resume what it had pending (fail-closed blocks, an adoption)."""
+        self._run(lambda: self._reattach(pid, start_time))
+
+    def _reattach(self, pid: int, start_time: int | None) -> None:
+        self._started = True        # what the ledger holds is the running charon's: no startup recovery
+        path = ledger_path(self.config.paths.run_dir)
+        try:
+            prior: Ledger | None = load_ledger(path)
+        except LedgerError as exc:
+            log.warning("re-attaching to %s pid %d: %s", self._daemon_name, pid, exc)
+            prior = None
+        ignore = self._watch.port_ids() if self._watch is not None else ()
+        try:
+            ports: DaemonPorts | None = DaemonPorts(pid, ignore=ignore)   # its netlink port ids, read anew
+        except LedgerError as exc:
+            log.warning("cannot read the netlink sockets of %s pid %d (%s)", self._daemon_name, pid, exc)
+            ports = None
+        with self._lock:
+            self._buffer = []
+            self._daemon_pid, self._ports = pid, ports
+        try:
+            state = self._read(self._options)
+        except KernelError as exc:
+            state = None
+            log.error("cannot read the kernel state while re-attaching: %s; the ledger is re-read at the "
+                      "next notification", exc)
+        with self._lock:
+            buffered, self._buffer = self._buffer or [], None
+            if prior is not None:
+                ledger = resync_ledger(prior, state.objects) if state is not None else \
+                    dataclasses.replace(prior, stale=frozenset(("xfrm_sa", "xfrm_policy", "route", "rule", "address")))
+                ledger = dataclasses.replace(ledger, daemon_pid=pid, daemon_start_time=start_time)
+                self._ledger = apply_events(ledger, buffered, ports.update(buffered) if ports else frozenset())
+        if state is not None:
+            self._blocks = {p.key(): p for p in state.objects.get("xfrm_policy", ()) if is_supervisor_block(p)}
+            self._local_addresses = frozenset(a.address for a in state.objects.get("address", ()))
+        pending = []
+        if prior is not None and prior.adoption_deadline is not None and self._ledger is not None:
+            pending = [(e.record, e.verdict()) for e in self._ledger.owned() if e.how == HOW_INHERITED]
+            if pending:
+                self._carry = pending
+                self._carry_choice = RecoveryChoice(ADOPT, self.config.recovery.fail_closed,
+                                                    "an adoption was in progress when the earlier supervisor died")
+        log.info("re-attached to %s pid %d: ledger %s%s%s", self._daemon_name, pid,
+                 "taken over" if prior is not None else "unusable, ownership by markers",
+                 f", {len(self._blocks)} fail-closed block(s) held" if self._blocks else "",
+                 f", adoption of {len(pending)} leftover(s) resumed" if pending else "")
+        self._save_now()
+
     def on_daemon_ready(self, context) -> None:
         """LOADING: check that strongSwan can adopt, start the block timeout, start adopting."""
         self.config = context.config
@@ -674,6 +751,7 @@ class KernelRecovery:
                 log.debug("no VICI version for the adopt check: %s", exc)
         if rc.mode == ADOPT:
             self._note_capability(check_strongswan(self.config, version))
+        self._set_ledger(daemon_loaded=bool(context.load_ok))
         now = self._clock()
         if self._blocks:
             self._block_deadline = now + rc.block_timeout
@@ -684,9 +762,11 @@ class KernelRecovery:
         self._carry, self._carry_choice = [], None
         if carry and choice is not None and choice.action == ADOPT:
             self._adoption = _Adoption(leftovers=carry, started=now, deadline=now + rc.adopt_grace)
+            self._set_ledger(adoption_deadline=self._wall() + rc.adopt_grace)
             log.info("adopting %d leftover(s) of the dead %s: grace period %s", len(carry), self._daemon_name,
                      format_duration(rc.adopt_grace))
             self._queue_adopt_step(0.0)
+        self._save_now()        # "loaded" and the adoption on disk now: a supervisor killed next resumes them
 
     def on_daemon_exit(self, exit_info: ExitInfo, decision: Decision) -> None:
         """RECOVERING: snapshot what the dead daemon left, then flush / carry it for adopt or keep."""
@@ -726,6 +806,7 @@ class KernelRecovery:
             log.warning("%s died during adoption; %d leftover(s) not yet decided are leftovers again",
                         self._daemon_name, left)
         self._adoption = None
+        self._set_ledger(adoption_deadline=None, daemon_loaded=False)
         self._block_deadline = None
         self._block_initiated.clear()      # a new charon: initiate again if blocks are held
         self._drain_events()
@@ -1096,6 +1177,7 @@ class KernelRecovery:
         pending = adopt.pending_leftovers(a.leftovers, ledger, frozenset(a.resolved))
         a.pending = len(pending)
         if grace_over or not pending:
+            self._set_ledger(adoption_deadline=None)
             self._save_now()        # what charon claimed is on disk before anyone asks (reconcile)
             a.done = True
             log.info("adoption finished after %.1fs: %s", now - a.started,

@@ -35,27 +35,55 @@ class LockHolder:
         return f"a supervisor (pid {self.pid if self.pid is not None else 'unknown'}) holds {self.path}"
 
 
+def try_lock_at(run: TrustedDir, name: str) -> int | None:
+    """An fd holding an exclusive flock on RUN/NAME (created if missing); None if another holds it.
+
+    Holders remove the file as they let go (``release_at``: nothing of ours stays in /run), so a
+    lock taken on a file that is no longer at NAME is worthless: then try the one there now.
+    """
+    while True:
+        fd = run.open(name, os.O_RDWR | os.O_CREAT, 0o600)    # O_NOFOLLOW; ours, regular, 1 link
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            now = os.stat(name, dir_fd=run.fd, follow_symlinks=False)
+            if (now.st_dev, now.st_ino) == (lambda st: (st.st_dev, st.st_ino))(os.fstat(fd)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def release_at(run_dir: str, name: str, fd: int) -> None:
+    """Remove RUN_DIR/NAME while still holding its lock (if it is still our file), then let go."""
+    path = os.path.join(run_dir, name)
+    try:
+        st, mine = os.stat(path, follow_symlinks=False), os.fstat(fd)
+        if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+            os.unlink(path)
+    except OSError:
+        pass
+    os.close(fd)
+
+
 def acquire_lock(run: TrustedDir) -> int:
     """Hold RUN's lock for this process's lifetime (fd returned); SupervisorError if another holds it."""
-    fd = run.open(LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)    # O_NOFOLLOW; ours, regular, 1 link
-    try:
-        for attempt in range(5):
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if attempt == 4:
-                    raise
-                time.sleep(0.02)    # a prober's shared lock lasts microseconds; a supervisor's, its life
-    except BlockingIOError:
-        os.close(fd)
+    for attempt in range(5):
+        fd = try_lock_at(run, LOCK_NAME)
+        if fd is not None:
+            break
+        time.sleep(0.02)    # a prober's shared lock lasts microseconds; a supervisor's, its life
+    else:
         holder = find_lock_holder(run.path)
         who = f"pid {holder.pid}, " if holder.pid else ""
         raise SupervisorError(f"another ipsec-supervisor is running ({who}it holds {run.join(LOCK_NAME)}); "
                               f"use 'ipsec-supervisor status' to see it") from None
-    except BaseException:
-        os.close(fd)
-        raise
     # Only now, holding the lock on a file we checked, is it ours to rewrite.
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -153,3 +181,8 @@ def lock_run_dir(run_dir: str) -> int:
     """Check (or create 0700) RUN_DIR and hold its lock; the fd stays open for the process's life."""
     with open_trusted_dir(run_dir, what="paths.run_dir", tighten=True) as run:
         return acquire_lock(run)
+
+
+def unlock_run_dir(run_dir: str, fd: int) -> None:
+    """At exit: remove the lock file while holding it, then let go."""
+    release_at(run_dir, LOCK_NAME, fd)

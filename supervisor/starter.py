@@ -31,21 +31,27 @@ from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 from . import __version__
-from . import crashreport, daemons
+from . import crashreport, daemons, presence, reattach, runfiles
 from .config import Config, Hook, changed_keys, format_duration, load_config
-from .control import ControlServer, Deferred, lock_run_dir
+from .control import LOCK_NAME, SOCKET_NAME, ControlServer, Deferred, lock_run_dir, unlock_run_dir
+from .frontend.pidfile import PID_FILE_NAME, write_pid_file
 from .errors import ConfigError, ExitCode, SupervisorError, printable
 from .trusted_paths import open_trusted_dir
 from .eventloop import Loop, SignalWakeup, ThreadWakeup, Timer
-from .jobs import Child, Job, JobResult
+from .jobs import AttachedProcess, Child, Job, JobResult
+from .ledger import LEDGER_FILE
 from .loads import RELOAD, UPDATE, ConfigLoads, LoadOutcome, restarting_answer, split_daemon_keys
 from .notify import PRIVATE_ENV, Notifier, fields
-from .policy import (Action, Cause, Decision, ExitInfo, decide, deaths_in_window, exit_info,
-                     prune_history, signal_name)
+from .policy import (Action, Cause, Decision, ExitInfo, cooldowns_in_a_row, decide, deaths_in_window, exit_info,
+                     format_wait, prune_history, signal_name)
 from .states import DAEMON_ALIVE, Event, State, step
 from .vici_probe import ProbeResult, ViciProbe
 
+RESTORE_DELAY = 0.05        # after the first sign of a wiped run directory
+RUN_DIR_CHECK = 2.0         # the run directory is looked at this often besides inotify
+
 log = logging.getLogger("supervisor")
+STATUS_REFRESH = 10.0     # seconds between STATUS= updates while a cooldown counts down
 daemon_log = logging.getLogger("supervisor.daemon")
 job_log = logging.getLogger("supervisor.job")
 
@@ -100,7 +106,11 @@ class Recovery(Protocol):
 #   crash_report_section(info)     reports thread, before a crash report for INFO is written; may
 #                                  wait (bounded) for on_daemon_exit; its dict goes under "recovery"
 #   status()                       loop thread, for the control socket's status; must be quick
-OPTIONAL_RECOVERY_HOOKS = ("attach", "detach", "on_daemon_spawned", "on_config", "crash_report_section", "status")
+#   on_daemon_reattached(pid, start_time)  recovery worker, instead of before_start when the supervisor
+#                                  takes over the daemon an earlier one started (supervisor/reattach.py)
+#   restore_files()                loop thread: the run directory was wiped; write what recovery keeps there
+OPTIONAL_RECOVERY_HOOKS = ("attach", "detach", "on_daemon_spawned", "on_daemon_reattached", "on_config",
+                           "crash_report_section", "restore_files", "status")
 
 
 class NoRecovery:
@@ -152,6 +162,9 @@ class DirWatch:
     """inotify on the directories of the pid file and VICI socket; ``changed(name)`` per event."""
 
     IN_MODIFY, IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE = 0x2, 0x8, 0x80, 0x100
+    IN_MOVED_FROM, IN_DELETE, IN_DELETE_SELF, IN_MOVE_SELF, IN_IGNORED = 0x40, 0x200, 0x400, 0x800, 0x8000
+    APPEAR = IN_CREATE | IN_CLOSE_WRITE | IN_MOVED_TO | IN_MODIFY
+    VANISH = IN_DELETE | IN_MOVED_FROM | IN_DELETE_SELF | IN_MOVE_SELF
     IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
     _EVENT = struct.Struct("iIII")
 
@@ -173,12 +186,11 @@ class DirWatch:
     def available(self) -> bool:
         return self.fd >= 0
 
-    def watch(self, directory: str) -> bool:
+    def watch(self, directory: str, mask: int = APPEAR) -> bool:
         if self.fd < 0:
             return False
         if directory in self._wds.values():
             return True
-        mask = self.IN_CREATE | self.IN_CLOSE_WRITE | self.IN_MOVED_TO | self.IN_MODIFY
         wd = self._libc.inotify_add_watch(self.fd, os.fsencode(directory), mask)
         if wd < 0:
             return False
@@ -199,10 +211,12 @@ class DirWatch:
         off = 0
         seen = set()
         while off + self._EVENT.size <= len(data):
-            wd, _mask, _cookie, length = self._EVENT.unpack_from(data, off)
+            wd, mask, _cookie, length = self._EVENT.unpack_from(data, off)
             name = data[off + self._EVENT.size: off + self._EVENT.size + length].split(b"\0", 1)[0]
             off += self._EVENT.size + length
             key = (self._wds.get(wd, ""), os.fsdecode(name))
+            if mask & self.IN_IGNORED:
+                self._wds.pop(wd, None)      # the directory itself is gone: watch it again when it is back
             if key not in seen:
                 seen.add(key)
                 self._changed(*key)
@@ -212,6 +226,19 @@ class DirWatch:
             self._loop.forget(self.fd)
             os.close(self.fd)
             self.fd = -1
+
+
+def uptime_text(seconds: float) -> str:
+    """'3h12m', '2d4h', '45s': how long a daemon has been up, for people."""
+    s = int(seconds)
+    d, h, m = s // 86400, s % 86400 // 3600, s % 3600 // 60
+    if d:
+        return f"{d}d{h}h"
+    if h:
+        return f"{h}h{m:02d}m"
+    if m:
+        return f"{m}m{s % 60:02d}s"
+    return f"{s}s"
 
 
 def _read_pid(path: str) -> int | None:
@@ -230,6 +257,11 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _zombie(pid: int) -> bool:
+    fields = reattach.stat_fields(pid)
+    return fields is not None and fields[0] in ("Z", "X")
 
 
 def _comm(pid: int) -> str:
@@ -286,6 +318,8 @@ class Supervisor:
         self._decision: Decision | None = None
         self._restarts = 0
         self._starts = 0
+        self._cooldowns = 0                 # crash-loop cooldowns in a row (policy.cooldowns_in_a_row)
+        self._starter_pid: str | None = None
         self._next_start_at: float | None = None
         self._stop_requested = False
         self._finishing = False
@@ -308,19 +342,27 @@ class Supervisor:
         self._reports: _Worker | None = None
         self._pending_reports = 0
         self._dirwatch: DirWatch | None = None
+        self._reattach: reattach.ReattachDecision | None = None  # this run's daemon was re-attached
+        self._first_reattach: reattach.ReattachDecision | None = None  # run()'s decision for the first start
+        self._lock_fd = -1
+        self._control_server: ControlServer | None = None
+        self._run_files: dict[str, tuple[int, int]] = {}        # name in run_dir -> (dev, ino) we made
+        self._pid_file_mine = False
+        self._runwatch: DirWatch | None = None
+        self._restore_timer: Timer | None = None
 
     # -- running ---------------------------------------------------------
     def run(self) -> int:
         """Start the daemon and supervise it until stopped or given up; returns the exit code."""
         self._check_daemon_binary()
-        running = self._daemon_already_running()
-        if running:
-            raise SupervisorError(f"not starting {self._daemon_name}: {running}; a second one would take over "
-                                  "the running one's control sockets and then fail. Nothing was changed; stop "
-                                  "it first, then start the supervisor", ExitCode.FAILED)
         run_dir = self.config.paths.run_dir
+        # Found by its process, not by files in run_dir: those may have been wiped under it.
+        others = presence.running_supervisors(run_dir)
+        if others:
+            raise SupervisorError(f"already running (pid {others[0]}, holding {run_dir}'s lock); nothing was "
+                                  "started", ExitCode.OK)
         try:
-            lock_fd = lock_run_dir(run_dir)
+            self._lock_fd = lock_run_dir(run_dir)
         except OSError as exc:
             raise SupervisorError(f"cannot use the run directory {run_dir}: {exc.strerror or exc} "
                                   f"(paths.run_dir in {self.config.source})") from None
@@ -328,8 +370,19 @@ class Supervisor:
             # Checked (and created 0700) now, so an unsafe one is refused before charon starts,
             # not found out when the first crash report cannot be written.
             open_trusted_dir(self.config.paths.state_dir, what="paths.state_dir").close()
+            self._pid_file_mine = _read_pid(os.path.join(run_dir, PID_FILE_NAME)) == os.getpid()
+            # Decided once, holding the lock, before anything else looks at a running charon: one that may
+            # be re-attached is ours to take over, not "another daemon" to refuse (the first PREPARING acts).
+            self._first_reattach = (self._reattach_verdict() if hasattr(self.recovery, "on_daemon_reattached")
+                                    else None)
+            running = None if self._first_reattach is not None and self._first_reattach.attach \
+                else self._daemon_already_running()
+            if running:
+                raise SupervisorError(f"not starting {self._daemon_name}: {running}; a second one would take over "
+                                      "the running one's control sockets and then fail. Nothing was changed; stop "
+                                      "it first, then start the supervisor", ExitCode.FAILED)
         except BaseException as exc:
-            os.close(lock_fd)
+            unlock_run_dir(run_dir, self._lock_fd)
             if isinstance(exc, OSError):
                 raise SupervisorError(f"cannot use the state directory {self.config.paths.state_dir}: "
                                       f"{exc.strerror or exc} (paths.state_dir in {self.config.source})") from None
@@ -356,12 +409,18 @@ class Supervisor:
                                       wall_clock=self._wall)
             self._recovery_hook("attach", loop)
             self._observe("attach", loop, self)
-            control = ControlServer(loop, run_dir, self._control)
+            control = self._control_server = ControlServer(loop, run_dir, self._control)
             try:
                 control.start()
             except OSError as exc:
                 raise SupervisorError(f"cannot listen on {control.path}: {exc.strerror or exc} "
                                       f"(paths.run_dir in {self.config.source})") from None
+            self._starter_pid = runfiles.claim_starter_pid(runfiles.starter_pid_path(self.config.daemon.pid_file),
+                                                           os.getpid())
+            self._note_run_files()
+            self._runwatch = DirWatch(loop, lambda d, n: self._run_dir_changed())
+            self._runwatch.watch(run_dir, DirWatch.VANISH)
+            self._check_run_dir_later()
             interval = self.notifier.watchdog_interval()
             if interval:
                 self._watchdog(interval)
@@ -386,11 +445,16 @@ class Supervisor:
                 self._loads.remove_records()
             if self._probe:
                 self._probe.cancel()
-            if control:
-                control.close()
+            if self._control_server:
+                self._control_server.close()
             if self._dirwatch:
                 self._dirwatch.close()
+            if self._runwatch:
+                self._runwatch.close()
             self._observe("detach")
+            runfiles.release_starter_pid(self._starter_pid, os.getpid())
+            if self._run is None:
+                self._remove_stale_daemon_files()
             self._recovery_hook("detach")
             for worker in (self._worker, self._reports):
                 if worker:
@@ -400,7 +464,7 @@ class Supervisor:
             if signals:
                 signals.close()
             loop.close()
-            os.close(lock_fd)
+            unlock_run_dir(run_dir, self._lock_fd)
 
     def _sighup(self) -> None:
         """strongSwan's SIGHUP: re-read the configuration, then apply what changed to the daemon."""
@@ -497,8 +561,53 @@ class Supervisor:
         self._starts += 1
         if self._starts > 1:
             self._restarts += 1
+        self._reattach = None
+        verdict, self._first_reattach = self._first_reattach, None
+        if verdict is not None and self._starts == 1:
+            if verdict.attach:
+                self._call_recovery("on_daemon_reattached", (verdict.pid, verdict.start_time),
+                                    lambda: self._attach(verdict))
+                return
         ctx = StartContext(self._starts, self._last_exit, self.config)
         self._call_recovery("before_start", (ctx,), self._spawn)
+
+    def _reattach_verdict(self) -> reattach.ReattachDecision:
+        """May this first start take over the daemon an earlier supervisor left running?"""
+        try:
+            verdict = reattach.decide_reattach(reattach.gather_facts(self.config, path_env=self._environ.get("PATH")))
+        except OSError as exc:
+            return reattach.ReattachDecision(False, f"cannot tell: {exc}")
+        (log.info if verdict.attach else log.debug)("re-attach: %s", verdict.reason)
+        return verdict
+
+    def _attach(self, verdict: reattach.ReattachDecision) -> None:
+        """Take over the running daemon: watched by a pidfd, its configuration and kernel state left as they are."""
+        if self.state is not State.PREPARING:
+            return
+        assert verdict.pid is not None
+        now = self._now()
+        up = reattach.seconds_since_start(verdict.start_time) if verdict.start_time is not None else None
+        started_at = now - (up or 0.0)
+        try:
+            child = AttachedProcess(self._loop, verdict.pid, start_time=verdict.start_time,
+                                    on_exit=self._daemon_exited, start_time_of=reattach.process_start_time)
+        except OSError as exc:
+            # It died between the check and now: a death of the re-attached daemon like any other.
+            log.warning("%s pid %d is gone before it could be re-attached (%s)", self._daemon_name, verdict.pid, exc)
+            self._record_death(exit_info(self.config.restart, pid=verdict.pid, wait_status=None, cause=Cause.NONE,
+                                         started_at=started_at, died_at=now, status_unknown=True))
+            return
+        self._reattach = verdict
+        self._ring = collections.deque(maxlen=self.config.daemon.log_lines)
+        self._run = _Run(child, started_at=started_at)
+        assert self._loads is not None
+        self._loads.begin_run(child.pid, keep_records=True)
+        self._recovery_hook("on_daemon_spawned", child.pid)
+        log.warning("re-attached to %s pid %d (up %s), started by an earlier supervisor: neither its "
+                    "configuration nor its kernel state is touched; its output goes to its own log now",
+                    self._daemon_name, child.pid, uptime_text(up or 0.0),
+                    extra=fields(daemon_pid=child.pid))
+        self._fire(Event.ATTACHED, f"{self._daemon_name} pid {child.pid}: {verdict.reason}")
 
     def _spawn(self) -> None:
         if self.state is not State.PREPARING:
@@ -549,7 +658,9 @@ class Supervisor:
         if not path or not os.path.exists(path):
             return
         pid = _read_pid(path)
-        if pid is not None and _pid_alive(pid) and _comm(pid) == self._daemon_name[:15]:
+        # A zombie is dead (a re-attached charon waits for its reaper, not us): charon itself would take
+        # it for alive and refuse to start, so its pid file goes.
+        if pid is not None and _pid_alive(pid) and not _zombie(pid) and _comm(pid) == self._daemon_name[:15]:
             log.warning("pid file %s names a running %s (pid %d) not started by this supervisor; "
                         "starting anyway (the daemon will refuse if it is really running)",
                         path, self._daemon_name, pid)
@@ -583,7 +694,8 @@ class Supervisor:
         if self.state is not State.STARTING or self._run is None or self._probe is not None:
             return
         cfg = self.config.daemon
-        if cfg.pid_file:
+        # A re-attached daemon is past its start: its pid file may have been wiped with /run; VICI decides.
+        if cfg.pid_file and not self._run.child.attached:
             pid = _read_pid(cfg.pid_file)
             if pid != self._run.child.pid:
                 if not (self._dirwatch and self._dirwatch.available):
@@ -612,6 +724,12 @@ class Supervisor:
 
     def _start_timed_out(self) -> None:
         assert self._run is not None
+        if self._run.child.attached:
+            self._run.cause = Cause.HUNG
+            self._fire(Event.PROBE_FAILED, f"re-attached {self._daemon_name} did not answer on "
+                                           f"{self.config.daemon.vici_socket} within "
+                                           f"{format_duration(self.config.daemon.start_timeout)}: handled as hung")
+            return
         self._run.cause = Cause.START_TIMEOUT
         what = []
         if self.config.daemon.pid_file and _read_pid(self.config.daemon.pid_file) != self._run.child.pid:
@@ -625,15 +743,22 @@ class Supervisor:
     def _enter_loading(self) -> None:
         assert self._run is not None
         self._run.ready_at = self._now()
+        assert self._loads is not None
+        if self._run.child.attached and self._reattach is not None and self._reattach.loaded:
+            log.info("%s (pid %d) answers; its configuration was loaded by the supervisor that started it: "
+                     "not loading it again", self._daemon_name, self._run.child.pid)
+            self._after_load(True)
+            return
         log.info("%s (pid %d) answers after %.3fs; loading its configuration", self._daemon_name,
                  self._run.child.pid, self._run.ready_at - self._run.started_at)
-        assert self._loads is not None
         self._loads.initial(self._loaded)
 
     def _loaded(self, outcome: LoadOutcome) -> None:
+        self._after_load(outcome.ok)
+
+    def _after_load(self, ok: bool) -> None:
         if self.state is not State.LOADING or self._run is None:
             return
-        ok = outcome.ok
         if not ok:
             log.error("(fix the configuration and run 'ipsec reload' or send SIGUSR1)")
         run = self._run
@@ -734,12 +859,12 @@ class Supervisor:
         pid = self._run.child.pid if self._run else 0
         daemon_log.info("%s[%d]: %s", self._daemon_name, pid, line, extra=fields(daemon_pid=pid or None))
 
-    def _daemon_exited(self, status: int) -> None:
+    def _daemon_exited(self, status: int | None) -> None:
         run = self._run
         assert run is not None
         info = exit_info(self.config.restart, pid=run.child.pid, wait_status=status, cause=run.cause,
                          started_at=run.started_at, died_at=run.child.exited_at or self._now(),
-                         ready_at=run.ready_at, okay_at=run.okay_at)
+                         ready_at=run.ready_at, okay_at=run.okay_at, status_unknown=status is None)
         self._run = None
         self._record_death(info)
 
@@ -747,7 +872,9 @@ class Supervisor:
         now = self._now()
         self._history.append(info)
         self._history = prune_history(self.config.restart, self._history, now)
-        decision = decide(self.config.restart, self._history, now, self._rand, stopping=self._stop_requested)
+        self._cooldowns = cooldowns_in_a_row(self.config.restart, self._cooldowns, info)
+        decision = decide(self.config.restart, self._history, now, self._rand, stopping=self._stop_requested,
+                          cooldowns=self._cooldowns)
         self._last_exit, self._decision = info, decision
         self._observe("death", info, decision)
         level = logging.WARNING if info.classification.abnormal else logging.INFO
@@ -770,6 +897,10 @@ class Supervisor:
             report = crashreport.build_crash_report(
                 info, decision, list(self._ring), daemon_command=self.config.daemon.command,
                 restarts=self._restarts, mono_now=now, wall_now=self._wall(), health_failures=self._health_failures)
+            if info.status_unknown:
+                report["last_log_lines_missing"] = (
+                    f"{self._daemon_name} was re-attached: its output went to the supervisor that started it "
+                    f"(gone); see {self._daemon_name}'s own log (syslog or filelog in strongswan.conf)")
             directory, wall, keep = self.config.crash_dir, self._wall(), self.config.crash_reports.keep
             max_bytes = self.config.snapshots.max_bytes
             section = getattr(self.recovery, "crash_report_section", None)
@@ -848,6 +979,8 @@ class Supervisor:
             self._fire(Event.SCHEDULE_RESTART, decision.describe())
         elif decision.action is Action.GIVE_UP:
             self._fire(Event.GIVE_UP, decision.reason)
+        elif decision.action is Action.COOLDOWN:
+            self._fire(Event.COOL_DOWN, decision.describe())
         else:
             self._fire(Event.STAY_STOPPED, decision.reason)
 
@@ -873,9 +1006,17 @@ class Supervisor:
                   "; 'start' on the control socket tries again",
                   extra=fields(exit_classification=self._last_exit.classification.value,
                                restart_count=self._restarts))
+        self._remove_stale_daemon_files()
+        self._give_up_hooks()
+        if self.config.restart.crash_loop.action == "exit":
+            self._exit_code = int(ExitCode.GAVE_UP)
+            self._finishing = True
+            self.notifier.stopping(self._status_line())
+
+    def _give_up_hooks(self) -> None:
         info, decision = self._last_exit, self._decision
+        assert info is not None and decision is not None and self._reports is not None
         # Behind the pending crash report in the same queue, so the hooks can read it.
-        assert self._reports is not None
         self._pending_reports += 1
 
         def after_report(exc: BaseException | None) -> None:
@@ -883,10 +1024,52 @@ class Supervisor:
             self._run_hooks("on_give_up", "give-up", info, decision, self._last_report or "")
 
         self._reports.submit(lambda: None, after_report)
-        if self.config.restart.crash_loop.action == "exit":
-            self._exit_code = int(ExitCode.GAVE_UP)
-            self._finishing = True
-            self.notifier.stopping(self._status_line())
+
+    # COOLDOWN: the crash-loop limit with action cooldown: stopped and fail-closed for a pause, then again
+    def _enter_cooldown(self) -> None:
+        d = self._decision
+        assert self._last_exit is not None and d is not None
+        self._cooldowns = d.attempt
+        self._next_start_at = self._now() + d.delay
+        log.error("crash loop: %s stays stopped (%s) for %s, cooldown #%d in a row (%s); it tries again "
+                  "then, 'ipsec start' at once", self._daemon_name, self._down_how, format_duration(d.delay),
+                  d.attempt, d.reason, extra=fields(exit_classification=self._last_exit.classification.value,
+                                         restart_count=self._restarts))
+        self._remove_stale_daemon_files()
+        self._give_up_hooks()
+        if not self.notifier.ready_sent:
+            # The supervisor is up and doing its job (fail-closed, retrying): systemd must not kill it
+            # at TimeoutStartSec and restart into the same loop; STATUS= says charon is not running.
+            self.notifier.ready(self._status_line())
+        self._timer(d.delay, lambda: self._try_again(Event.COOLDOWN_ELAPSED,
+                                                     f"cooldown of {format_duration(d.delay)} over"))
+
+        def refresh() -> None:      # STATUS= says how long is left
+            self._publish_status()
+            self._timer(STATUS_REFRESH, refresh)
+        self._timer(STATUS_REFRESH, refresh)
+
+    @property
+    def _down_how(self) -> str:
+        """What recovery makes of a crash-loop pause (recovery.choose_recovery's rule for COOLDOWN)."""
+        rc = self.config.recovery
+        if isinstance(self.recovery, NoRecovery):
+            return "no kernel-state recovery"
+        if rc.mode not in ("adopt", "flush"):
+            return f"recovery.mode {rc.mode}"
+        return "fail-closed" if rc.fail_closed else "flushed; recovery.fail_closed is false"
+
+    def _try_again(self, event: Event, why: str) -> None:
+        """Start after a crash-loop pause (its timer, or a start request) with a new crash-loop tally."""
+        if self.state not in (State.COOLDOWN, State.GAVE_UP) or self._stop_requested:
+            return      # a timer or request that arrives after the state moved on no longer matters
+        self._history.clear()
+        self._fire(event, why)
+
+    def _remove_stale_daemon_files(self) -> None:
+        cfg = self.config.daemon
+        for what in runfiles.remove_stale_daemon_files(cfg.pid_file, cfg.vici_socket, self._daemon_name):
+            log.info("removed stale %s", what)
 
     # Recovery calls in the worker thread
     def _call_recovery(self, name: str, args: tuple, then: Callable[[], None]) -> None:
@@ -912,6 +1095,69 @@ class Supervisor:
         assert self._worker is not None
         self._worker.submit(lambda: method(*args), finished)
 
+    # -- the run directory (wiped under a running supervisor) --------------
+    def _note_run_files(self) -> None:
+        """Remember the identity of the lock and the control socket we made (to notice them gone or replaced)."""
+        run_dir = self.config.paths.run_dir
+        st = os.fstat(self._lock_fd)
+        self._run_files = {LOCK_NAME: (st.st_dev, st.st_ino)}
+        try:
+            st = os.stat(os.path.join(run_dir, SOCKET_NAME))
+            self._run_files[SOCKET_NAME] = (st.st_dev, st.st_ino)
+        except OSError:
+            pass
+
+    def _run_file_missing(self, name: str) -> bool:
+        try:
+            st = os.stat(os.path.join(self.config.paths.run_dir, name))
+        except OSError:
+            return True
+        return self._run_files.get(name) != (st.st_dev, st.st_ino)
+
+    def _run_dir_changed(self) -> None:
+        if self._restore_timer is None and self._loop is not None:
+            # A moment later: an `rm -rf` is over by then, and one restore covers all its events.
+            self._restore_timer = self._loop.call_later(RESTORE_DELAY, self._restore_run_dir)
+
+    def _check_run_dir_later(self) -> None:
+        # inotify is the fast path; this catches what it cannot see (a bind mount over run_dir...).
+        assert self._loop is not None
+        self._loop.call_later(RUN_DIR_CHECK, lambda: (self._run_dir_changed(), self._check_run_dir_later()))
+
+    def _restore_run_dir(self) -> None:
+        """Recreate what is gone from the run directory: lock, control socket, pid file, ledger."""
+        self._restore_timer = None
+        if self._finishing and self._run is None:
+            return
+        run_dir = self.config.paths.run_dir
+        restored = []
+        try:
+            if self._run_file_missing(LOCK_NAME):
+                fd = lock_run_dir(run_dir)      # creates the directory (0700) and takes the new lock
+                os.close(self._lock_fd)         # the old one held a deleted file; this one is what others see
+                self._lock_fd = fd
+                restored.append(f"the lock {LOCK_NAME}")
+            if self._run_file_missing(SOCKET_NAME) and self._control_server is not None:
+                self._control_server.relisten()
+                restored.append(f"the control socket {SOCKET_NAME}")
+            self._note_run_files()
+            pid_path = os.path.join(run_dir, PID_FILE_NAME)
+            if self._pid_file_mine and _read_pid(pid_path) != os.getpid():
+                write_pid_file(pid_path, os.getpid())
+                restored.append(f"the pid file {PID_FILE_NAME}")
+        except (OSError, SupervisorError) as exc:
+            restored.clear()
+            log.error("cannot restore the run directory %s: %s (trying again in %s)", run_dir,
+                      getattr(exc, "strerror", None) or exc, format_duration(RUN_DIR_CHECK))
+        if restored and self._runwatch is not None:
+            self._runwatch.unwatch_all()        # the old directory's watch died with it
+            self._runwatch.watch(run_dir, DirWatch.VANISH)
+        if restored or not os.path.exists(os.path.join(run_dir, LEDGER_FILE)):
+            self._recovery_hook("restore_files")        # (a no-op without a ledger)
+        if restored:
+            log.warning("%s was removed under the running supervisor: restored %s and the ledger", run_dir,
+                        ", ".join(restored))
+
     # -- requests (signals and control socket) ----------------------------
     def request_stop(self, why: str) -> None:
         """Stop the daemon gracefully and exit (SIGTERM/SIGINT, control 'stop')."""
@@ -933,15 +1179,14 @@ class Supervisor:
         if self.state is State.BACKOFF:
             self._fire(Event.BACKOFF_ELAPSED, "restart requested")
             return True, "restarting now"
-        if self.state is State.GAVE_UP:
+        if self.state in (State.GAVE_UP, State.COOLDOWN):
             return self.request_start()
         return False, f"cannot restart in state {self.state.value}"
 
     def request_start(self) -> tuple[bool, str]:
-        if self.state is not State.GAVE_UP or self._stop_requested:
+        if self.state not in (State.GAVE_UP, State.COOLDOWN) or self._stop_requested:
             return False, f"already started (state {self.state.value})"
-        self._history.clear()  # a manual start begins a new crash-loop tally
-        self._fire(Event.START, "start requested")
+        self._try_again(Event.START, "start requested")   # a manual start begins a new crash-loop tally
         return True, "starting"
 
     def reload_config(self, source: str) -> tuple[bool, str]:
@@ -1013,10 +1258,10 @@ class Supervisor:
         """A new daemon is on its way (its own load will read the current files)."""
         if self._stop_requested:
             return False
-        if self.state in (State.PREPARING, State.STARTING, State.BACKOFF):
+        if self.state in (State.PREPARING, State.STARTING, State.BACKOFF, State.COOLDOWN):
             return True
         return self.state is State.RECOVERING and self._decision is not None \
-            and self._decision.action is Action.RESTART
+            and self._decision.action in (Action.RESTART, Action.COOLDOWN)
 
     def _control(self, req: dict) -> dict | Deferred:
         cmd = req["command"]
@@ -1068,6 +1313,7 @@ class Supervisor:
             "daemon": {
                 "command": list(self.config.daemon.command),
                 "pid": run.child.pid if run else None,
+                "reattached": bool(run and run.child.attached),
                 "started_at": self._wall_of(run.started_at) if run else None,
                 "uptime_s": round(now - run.started_at, 3) if run else None,
                 "ready": bool(run and run.ready_at is not None and self.state in (State.SETTLING, State.RUNNING)),
@@ -1097,7 +1343,12 @@ class Supervisor:
             "next_restart_in_s": None if self._next_start_at is None else round(max(0.0, self._next_start_at - now), 3),
             "crash_loop": {"deaths_in_window": deaths_in_window(self.config.restart, self._history, now),
                            "max_deaths": self.config.restart.crash_loop.max_deaths,
-                           "window_s": self.config.restart.crash_loop.window},
+                           "window_s": self.config.restart.crash_loop.window,
+                           "action": self.config.restart.crash_loop.action,
+                           "cooldowns_in_a_row": self._cooldowns,
+                           "cooldown": None if self.state is not State.COOLDOWN or not self._decision else {
+                               "number": self._decision.attempt, "duration_s": self._decision.delay,
+                               "deaths": self._decision.deaths}},
             "health": {"enabled": self.config.health.enabled and bool(self.config.daemon.vici_socket),
                        "consecutive_failures": self._health_failures,
                        "last_ok_at": self._wall_of(self._last_probe_ok_at)},
@@ -1153,13 +1404,23 @@ class Supervisor:
                 load = "; configuration load FAILED"
             elif last_load is not None and last_load.refused:
                 load = f"; {len(last_load.refused)} conn(s) refused"
+            if run.child.attached:
+                return (f"{name} running, re-attached ({name} pid {run.child.pid}, up "
+                        f"{uptime_text(self._now() - run.started_at)}){restarts}{load}")
             return f"{name} running (pid {run.child.pid}){restarts}{load}"
+        if s in (State.STARTING, State.LOADING) and run and run.child.attached:
+            return f"re-attaching to {name} (pid {run.child.pid})"
         if s in (State.PREPARING, State.STARTING, State.LOADING):
             return f"{name} starting (start #{self._starts}){restarts}{last}"
         if s is State.BACKOFF and self._decision:
             return f"{name} restarting in {self._decision.delay:.1f}s{restarts}{last}"
         if s is State.GAVE_UP and self._decision:
             return f"gave up on {name}: {self._decision.reason}{last}"
+        if s is State.COOLDOWN and self._decision and self._next_start_at is not None:
+            d = self._decision
+            return (f"crash loop: {d.deaths} deaths in {format_duration(self.config.restart.crash_loop.window)}; "
+                    f"next try in {format_wait(self._next_start_at - self._now())} ({name} stays stopped, "
+                    f"{self._down_how}; cooldown #{d.attempt}){last}")
         if s in (State.STOPPING, State.KILLING):
             return f"stopping {name}"
         if s is State.ABORTING:

@@ -23,11 +23,13 @@ class State(enum.Enum):
     RECOVERING = "recovering"
     BACKOFF = "backoff"
     GAVE_UP = "gave-up"
+    COOLDOWN = "cooldown"
 
 
 class Event(enum.Enum):
     START = "start"
     SPAWNED = "spawned"
+    ATTACHED = "attached"
     ANSWERED = "answered"
     LOADED = "loaded"
     OKAY = "okay"
@@ -41,13 +43,18 @@ class Event(enum.Enum):
     STAY_STOPPED = "stay-stopped"
     GIVE_UP = "give-up"
     BACKOFF_ELAPSED = "backoff-elapsed"
+    COOL_DOWN = "cool-down"
+    COOLDOWN_ELAPSED = "cooldown-elapsed"
 
 
 STATE_DOCS: dict[State, str] = {
     State.STOPPED: "no daemon and nothing scheduled (initial; the supervisor exits when it gets here)",
-    State.PREPARING: "recovery.before_start runs; then the daemon is spawned",
-    State.STARTING: "daemon spawned; waiting for its pid file and a VICI `version` answer (start timeout)",
-    State.LOADING: "daemon answered; load commands run, then recovery.on_daemon_ready",
+    State.PREPARING: "recovery.before_start runs; then the daemon is spawned (first start: or the daemon an "
+                     "earlier supervisor started is re-attached, see supervisor/reattach.py)",
+    State.STARTING: "daemon spawned; waiting for its pid file and a VICI `version` answer (start timeout; a "
+                    "re-attached daemon: VICI only, and silent past the timeout counts as hung)",
+    State.LOADING: "daemon answered; load commands run (not for a re-attached daemon whose load had "
+                   "finished), then recovery.on_daemon_ready",
     State.SETTLING: "ready (READY=1 sent); the start counts as successful after restart.okay_delay",
     State.RUNNING: "start confirmed; health probes every health.interval",
     State.STOPPING: "stop signal sent; SIGKILL after stop.timeout",
@@ -56,6 +63,8 @@ STATE_DOCS: dict[State, str] = {
     State.RECOVERING: "daemon gone: exit classified, restart decided, recovery.on_daemon_exit runs",
     State.BACKOFF: "waiting for the restart delay",
     State.GAVE_UP: "crash-loop limit reached; stays stopped (fail-closed) until told to start",
+    State.COOLDOWN: "crash-loop limit reached; stays stopped (fail-closed) for restart.crash_loop.cooldown "
+                    "(doubling in a row), then tries again; `start` tries at once",
 }
 
 _ALIVE = (State.STARTING, State.LOADING, State.SETTLING, State.RUNNING)
@@ -69,12 +78,14 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
     },
     State.PREPARING: {
         Event.SPAWNED: State.STARTING,
+        Event.ATTACHED: State.STARTING,        # an earlier supervisor's daemon, taken over
         Event.DIED: State.RECOVERING,          # the spawn itself failed
         Event.STOP: State.STOPPED,
     },
     State.STARTING: {
         Event.ANSWERED: State.LOADING,
         Event.START_TIMEOUT: State.KILLING,
+        Event.PROBE_FAILED: State.ABORTING,    # a re-attached daemon that does not answer: hung
         Event.STOP: State.STOPPING,
         Event.DIED: State.RECOVERING,
     },
@@ -112,6 +123,7 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
         Event.SCHEDULE_RESTART: State.BACKOFF,
         Event.STAY_STOPPED: State.STOPPED,
         Event.GIVE_UP: State.GAVE_UP,
+        Event.COOL_DOWN: State.COOLDOWN,
         Event.STOP: State.RECOVERING,
     },
     State.BACKOFF: {
@@ -119,6 +131,13 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
         Event.STOP: State.STOPPED,
     },
     State.GAVE_UP: {
+        Event.START: State.PREPARING,
+        Event.STOP: State.STOPPED,
+    },
+    # Its own state, not GAVE_UP with a timer: only here may the pause's timer start the daemon,
+    # so a stale one can never restart a supervisor that gave up for good (exit/stay).
+    State.COOLDOWN: {
+        Event.COOLDOWN_ELAPSED: State.PREPARING,
         Event.START: State.PREPARING,
         Event.STOP: State.STOPPED,
     },

@@ -298,13 +298,19 @@ class SupervisedCharon(_Namespaced, _CharonFiles):
         self.proc: subprocess.Popen | None = None
         self._log = None
 
-    def start(self) -> "SupervisedCharon":
-        self._log = open(self.p("supervisor.log"), "a")
-        script = (f"mount -t tmpfs tmpfs /run && exec {self.python} -m supervisor.cli run "
-                  f"--config {self.config_path}")
-        self.proc = subprocess.Popen(["ip", "netns", "exec", self.netns, "unshare", "-m", "--propagation",
-                                      "private", "sh", "-c", script], cwd=ROOT, env=_clean_env(),
-                                     stdout=self._log, stderr=self._log, preexec_fn=_no_cores)
+    def start(self, beside: int | None = None) -> "SupervisedCharon":
+        """Run the supervisor; BESIDE: in the namespaces (network, mount: its /run) of that running pid,
+        e.g. the charon a killed supervisor left behind."""
+        if self._log is None or self._log.closed:
+            self._log = open(self.p("supervisor.log"), "a")
+        run = [self.python, "-m", "supervisor.cli", "run", "--config", self.config_path]
+        if beside is not None:
+            argv = ["nsenter", "-t", str(beside), "-n", "-m"] + run
+        else:
+            argv = ["ip", "netns", "exec", self.netns, "unshare", "-m", "--propagation", "private", "sh", "-c",
+                    "mount -t tmpfs tmpfs /run && exec " + " ".join(run)]
+        self.proc = subprocess.Popen(argv, cwd=ROOT, env=_clean_env(), stdout=self._log, stderr=self._log,
+                                     preexec_fn=_no_cores)
         return self
 
     # -- reading -------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def test_package_depends_on_debians_python_libraries_and_bundles_the_rest(deb):
     assert _field(deb, "Package") == "ipsec-supervisor" and _field(deb, "Architecture") == "all"
     depends = [d.strip() for d in _field(deb, "Depends").split(",")]
     assert {"python3 (>= 3.11)", "python3 (<< 3.12)", "python3-psutil (>= 5.9)", "python3-systemd (>= 235)",
-            "python3-yaml (>= 6.0)", "strongswan-charon", "strongswan-swanctl"} == set(depends)
+            "python3-yaml (>= 6.0)", "python3-prometheus-client (>= 0.16)", "strongswan-charon", "strongswan-swanctl"} == set(depends)
     files = subprocess.run(["dpkg-deb", "-c", deb], capture_output=True, text=True, check=True).stdout
     site = f"{PREFIX}/lib/python3.11/site-packages"
     for bundled in ("supervisor/ipsec_cli.py", "pyroute2/__init__.py", "vici/__init__.py"):
@@ -351,8 +351,6 @@ def test_removal_stops_a_supervisor_that_debians_strongswan_starter_runs(box, de
 
 
 @container_tier
-@pytest.mark.xfail(strict=False, reason="issue 10 point 5 (/run left clean after a stop) is built on another "
-                                        "branch (cooldown); passes once merged")
 def test_debians_strongswan_starter_stop_leaves_nothing_of_ours_in_run(box, deb):
     _main, charon = _start_debians_unit(box, deb)
     box.systemctl("stop", STARTER)

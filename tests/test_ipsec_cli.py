@@ -89,6 +89,7 @@ def _status(state="running", ready=True, load_ok=True, last_exit=None):
     (_status("running"), None, 1.0, StartOutcome.READY, 0),
     (_status("running", load_ok=False), None, 1.0, StartOutcome.CONFIG_FAILED, 2),
     (_status("gave-up", ready=False), None, 1.0, StartOutcome.FAILED, 1),
+    (_status("cooldown", ready=False), None, 1.0, StartOutcome.FAILED, 1),    # crash loop: it stays, retries later
     (_status("stopped", ready=False), None, 1.0, StartOutcome.WAITING, None),   # exiting: wait for its code
     (_status("starting", ready=False), None, 30.0, StartOutcome.FAILED, 1),   # time is up
     (None, None, 30.0, StartOutcome.FAILED, 1),
@@ -492,6 +493,33 @@ def test_crash_loop_during_start_fails_with_the_last_exit(fake):
 
 
 @root_only
+def test_a_crash_loop_cools_down_and_ipsec_start_then_tries_at_once_and_stop_leaves_run_clean(fake):
+    s = fake([{"signal_after": 0.05, "signal": "SIGSEGV", "pid_file": False, "lines": ["about to crash"]}],
+             {"restart": {"crash_loop": {"cooldown": "1h"}}})
+    r = s.ipsec("start")
+    assert r.returncode == 1, r.stderr
+    assert "crash loop: 3 deaths in 1m; next try in 1h00m00s" in r.stderr or "next try in 59m59s" in r.stderr
+    assert "state cooldown (it keeps to its restart policy; 'ipsec stop' ends it)" in r.stderr
+    [sup] = s.supervisors()                                       # it stays, fail-closed, and tries again later
+    assert s.pid() == sup
+    with open(s.p("starter.fake.pid")) as fh:
+        assert fh.read() == f"{sup}\n"                           # strongSwan's starter file names the starter
+    r = s.ipsec("status")
+    assert r.returncode == 0 and f"ipsec-supervisor (pid {sup}): crash loop: 3 deaths in 1m; next try in " in r.stdout
+    assert not os.path.exists(s.p("fake.pid")) and not os.path.exists(s.p("fake.vici"))   # the dead one's, gone
+    s.set_runs([{}])                                              # charon can run again
+    r = s.ipsec("start")
+    assert r.returncode == 0, r.stderr
+    assert "trying again now" in r.stderr and "charon ready" in r.stdout
+    assert s.status()["state"] in ("settling", "running") and s.supervisors() == [sup]
+    assert s.ipsec("start").returncode == 0                       # running: as before, already running
+    assert s.ipsec("stop").returncode == 0
+    assert os.listdir(s.p("run")) == [], os.listdir(s.p("run"))   # no pid file, socket, lock or record
+    assert not os.path.exists(s.p("starter.fake.pid"))
+    assert not os.path.exists(s.p("fake.vici"))                   # the fake leaves it, as charon does
+
+
+@root_only
 def test_configuration_load_failure_is_exit_2_and_charon_keeps_running(fake):
     s = fake(overrides={"daemon": {"load_commands": [["/bin/sh", "-c", "exit 22"]]}})
     r = s.ipsec("start")
@@ -579,9 +607,10 @@ def test_killed_supervisor_leaves_a_stale_pid_file_and_stop_ends_the_orphaned_da
     pid, daemon = s.pid(), s.status()["daemon"]["pid"]
     os.kill(pid, signal.SIGKILL)
     _wait(lambda: not _alive(pid), what="supervisor gone")
-    r = s.ipsec("status")
-    assert r.returncode == 1 and f"pid {pid} is not running" in r.stderr
-    r = s.ipsec("start")                                           # refuses: charon runs unsupervised
+    r = s.ipsec("status")                                          # the truth: the daemon runs alone
+    assert r.returncode == 5 and f"pid {pid} is not running" in r.stderr
+    assert f"but {os.path.basename(sys.executable)} is (pid {daemon})" in r.stdout, r.stdout
+    r = s.ipsec("start")      # refuses: the daemon runs unsupervised, and no ledger says whose it is
     assert r.returncode == 1 and "without a supervisor" in r.stderr
     r = s.ipsec("stop", "--strict")
     assert r.returncode == 7 and f"(pid {daemon}) runs without" in r.stderr

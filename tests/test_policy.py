@@ -1,4 +1,4 @@
-"""Restart policy tables: classification, restart decision, backoff, jitter, reset, okay-delay, give-up."""
+"""Restart policy tables: classification, restart decision, backoff, jitter, reset, okay-delay, give-up, cooldown."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import pytest
 
 from supervisor.config import BackoffConfig, RestartConfig
 from supervisor.errors import ExitCode
-from supervisor.policy import (Action, Cause, ExitClass, ExitInfo, backoff_delay, classify_exit, deaths_in_window,
-                               decide, decode_wait_status, exit_info, is_stable, prune_history, restart_attempt,
-                               wants_restart)
+from supervisor.policy import (Action, Cause, ExitClass, ExitInfo, backoff_delay, classify_exit, cooldown_duration,
+                               cooldowns_in_a_row, deaths_in_window, decide, decode_wait_status, exit_info,
+                               format_wait, is_stable, prune_history, restart_attempt, wants_restart)
 
 CFG = RestartConfig()
+EXIT_CFG = dataclasses.replace(CFG, crash_loop=dataclasses.replace(CFG.crash_loop, action="exit"))
 SEGV, KILL, ABRT = signal.SIGSEGV, signal.SIGKILL, signal.SIGABRT
 
 
@@ -250,11 +251,71 @@ def test_requested_stops_do_not_count_toward_the_crash_loop():
 ])
 def test_decide_backs_off_then_gives_up(deaths, action, delay, attempt):
     infos = [death(t) for t in deaths]
-    d = decide(CFG, infos, deaths[-1], mid)
+    d = decide(EXIT_CFG, infos, deaths[-1], mid)
     assert (d.action, d.delay, d.attempt) == (action, pytest.approx(delay), attempt)
     if action is Action.GIVE_UP:
         assert d.exit_code == ExitCode.GAVE_UP
         assert d.reason == "5 deaths within 1m, restart.crash_loop.max_deaths is 5"
+
+
+@pytest.mark.parametrize("action, decided, exit_code", [
+    ("cooldown", Action.COOLDOWN, ExitCode.OK),     # the default: the supervisor stays and tries again
+    ("exit", Action.GIVE_UP, ExitCode.GAVE_UP),
+    ("stay", Action.GIVE_UP, ExitCode.GAVE_UP),
+])
+def test_the_crash_loop_action_decides_between_cooldown_and_giving_up(action, decided, exit_code):
+    c = cfg(crash_loop={"action": action})
+    d = decide(c, [death(t) for t in (100, 101, 103, 106, 111)], 111, mid)
+    assert (d.action, d.exit_code, d.deaths) == (decided, exit_code, 5)
+    assert d.reason == "5 deaths within 1m, restart.crash_loop.max_deaths is 5"
+
+
+@pytest.mark.parametrize("cooldown, maximum, number, expected", [
+    (300, 3600, 1, 300),            # defaults: 5m, 10m, 20m, 40m, then 1h for good
+    (300, 3600, 2, 600),
+    (300, 3600, 3, 1200),
+    (300, 3600, 4, 2400),
+    (300, 3600, 5, 3600),
+    (300, 3600, 6, 3600),
+    (300, 3600, 10_000, 3600),      # no overflow however long the streak
+    (300, 3600, 0, 300),            # never shorter than the first
+    (2, 2, 7, 2),                   # maximum == cooldown: no doubling
+    (0.5, 1.5, 3, 1.5),
+])
+def test_cooldown_doubles_up_to_its_maximum(cooldown, maximum, number, expected):
+    c = dataclasses.replace(CFG.crash_loop, cooldown=cooldown, cooldown_max=maximum)
+    assert cooldown_duration(c, number) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("before, info, after", [
+    (0, death(100), 0),
+    (3, death(100), 3),                                   # a short run: the streak goes on
+    (3, death(100, up=59.0), 3),                          # just short of backoff.reset_after (1m)
+    (3, death(100, up=60.0), 0),                          # a stable run resets it
+    (3, death(100, up=600.0, ok=False), 3),               # never confirmed (okay_delay): not stable
+    (3, death(100, up=0.5, cause=Cause.STOP), 0),         # a requested stop/restart starts afresh
+    (3, death(100, up=0.5, sig=KILL, cause=Cause.RESTART), 0),
+])
+def test_cooldowns_in_a_row_reset_after_a_stable_run(before, info, after):
+    assert cooldowns_in_a_row(CFG, before, info) == after
+
+
+def test_decide_numbers_cooldowns_and_their_length_from_the_streak():
+    infos = [death(t) for t in (100, 101, 103, 106, 111)]
+    first = decide(CFG, infos, 111, mid)
+    third = decide(CFG, infos, 111, mid, cooldowns=2)
+    assert (first.action, first.delay, first.attempt) == (Action.COOLDOWN, 300.0, 1)
+    assert (third.action, third.delay, third.attempt) == (Action.COOLDOWN, 1200.0, 3)
+    assert third.describe() == ("crash-loop cooldown #3: next try in 20m (5 deaths within 1m, "
+                                "restart.crash_loop.max_deaths is 5)")
+
+
+@pytest.mark.parametrize("seconds, text", [
+    (0, "0s"), (0.2, "1s"), (45, "45s"), (59.5, "1m00s"), (252, "4m12s"), (300, "5m00s"), (3600, "1h00m00s"),
+    (3725, "1h02m05s"), (-3, "0s"),
+])
+def test_format_wait_rounds_up_to_whole_seconds(seconds, text):
+    assert format_wait(seconds) == text
 
 
 def test_max_deaths_zero_never_gives_up():

@@ -49,7 +49,7 @@ FAKE = os.path.join(ROOT, "tests", "fake_ikd.py")
 
 # --- which recovery (pure) ------------------------------------------------------------------
 
-R, S, G = Action.RESTART, Action.STOP, Action.GIVE_UP
+R, S, G, C = Action.RESTART, Action.STOP, Action.GIVE_UP, Action.COOLDOWN
 
 
 @pytest.mark.parametrize("mode, on_stop, exit_class, decision, can_adopt, expected", [
@@ -69,6 +69,12 @@ R, S, G = Action.RESTART, Action.STOP, Action.GIVE_UP
     ("flush", "flush", ExitClass.DO_NOT_RESTART, S, True, (FLUSH, True)),
     ("adopt", "flush", ExitClass.SIGNALED, G, True, (KEEP, False)),
     ("flush", "keep", ExitClass.SIGNALED, G, True, (FLUSH, True)),
+    # a crash-loop cooldown: down for minutes: fail-closed even in adopt mode (the retry starts clean)
+    ("adopt", "flush", ExitClass.FAILURE, C, True, (FLUSH, True)),
+    ("adopt", "flush", ExitClass.SIGNALED, C, False, (FLUSH, True)),
+    ("flush", "keep", ExitClass.START_TIMEOUT, C, True, (FLUSH, True)),
+    ("keep", "flush", ExitClass.FAILURE, C, True, (KEEP, False)),
+    ("none", "flush", ExitClass.FAILURE, C, True, (NONE, False)),
 ])
 def test_the_recovery_follows_mode_stop_request_and_what_happens_next(mode, on_stop, exit_class, decision,
                                                                       can_adopt, expected):

@@ -116,6 +116,15 @@ class Harness:
         except subprocess.TimeoutExpired:
             raise AssertionError(f"supervisor did not exit:\n{self.log()}") from None
 
+    def wait_file(self, path: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{path} did not appear:\n{self.log()}")
+            time.sleep(0.02)
+        time.sleep(0.05)       # written by a hook: let it finish
+        return path
+
     def log(self) -> str:
         try:
             with open(self.p("supervisor.log")) as fh:
@@ -313,7 +322,8 @@ def test_crash_loop_gives_up_runs_hooks_and_exits_9(harness):
     h = harness([{"exit_after": 0.02, "exit_code": 3}])
     hook = ["/bin/sh", "-c", f'env | grep ^IPSEC_SUPERVISOR_ | sort > {h.p("hook")}-$IPSEC_SUPERVISOR_EVENT-$$']
     slow = {"command": ["/bin/sleep", "30"], "timeout": "300ms"}
-    h.write_config({"restart": {"crash_loop": {"max_deaths": 3, "window": "1m"}, "backoff": {"step": "50ms"}},
+    h.write_config({"restart": {"crash_loop": {"max_deaths": 3, "window": "1m", "action": "exit"},
+                                "backoff": {"step": "50ms"}},
                     "hooks": {"on_crash": [hook, slow], "on_give_up": [hook]}})
     h.start()
     assert h.wait_exit() == ExitCode.GAVE_UP == 9
@@ -344,6 +354,97 @@ def test_give_up_with_action_stay_keeps_serving_and_start_tries_again(harness):
     assert st["crash_loop"]["deaths_in_window"] == 0      # a manual start begins a new tally
     h.send(signal.SIGINT)
     assert h.wait_exit() == 0
+
+
+# -- crash-loop cooldown -------------------------------------------------------------------
+
+def _lines_with(log: str, text: str) -> list[str]:
+    return [line for line in log.splitlines() if text in line]
+
+
+def test_crash_loop_cooldown_keeps_serving_status_fail_closed_and_tries_again_after_the_pause(harness):
+    h = harness([{"exit_after": 0.02, "exit_code": 1}] * 3 + [{}])
+    hook = ["/bin/sh", "-c", f'env | grep ^IPSEC_SUPERVISOR_ | sort > {h.p("hook")}-$IPSEC_SUPERVISOR_EVENT']
+    h.write_config({"restart": {"crash_loop": {"max_deaths": 3, "cooldown": "1500ms", "cooldown_max": "1h"}},
+                    "hooks": {"on_give_up": [hook]}})
+    h.start()
+    st = h.wait(lambda s: s["state"] == "cooldown", what="cooldown")
+    entered = time.monotonic()
+    assert st["supervisor"]["pid"] == h.proc.pid and st["daemon"]["pid"] is None
+    assert st["summary"].startswith("crash loop: 3 deaths in 1m; next try in ")
+    # (kernel-state recovery is off for a daemon not named charon: nothing to keep fail-closed)
+    assert f"({DNAME} stays stopped, no kernel-state recovery; cooldown #1); last exit: exited with code 1" \
+        in st["summary"]
+    assert st["crash_loop"]["cooldown"] == {"number": 1, "duration_s": 1.5, "deaths": 3}
+    assert 0 < st["next_restart_in_s"] <= 1.5 and st["last_exit"]["decision"].startswith("crash-loop cooldown #1")
+    # The dead daemon's pid file and socket are gone (a crashed charon leaves both), ours stay.
+    assert not os.path.exists(h.p("fake.pid")) and not os.path.exists(h.p("fake.vici"))
+    assert "removed stale " + h.p("fake.vici") + " (nobody listens on it)" in h.log()
+    env = dict(line.split("=", 1) for line in open(h.wait_file(h.p("hook-give-up"))).read().splitlines())
+    assert (env["IPSEC_SUPERVISOR_DECISION"], env["IPSEC_SUPERVISOR_RESTART_DELAY"]) == ("cooldown", "1.500")
+    # reloads while it pauses are answered: the next start loads the current files anyway
+    answer = control.request(h.run_dir, "reload-daemon", wait=True)
+    assert answer["ok"] and answer.get("deferred") and answer["state"] == "cooldown", answer
+    st = h.wait_running(timeout=10)
+    waited = time.monotonic() - entered
+    assert 1.0 < waited < 3.0, waited                     # after the cooldown, not at once, not much later
+    assert len(h.events("start")) == 4 and st["crash_loop"]["cooldowns_in_a_row"] == 1
+    assert st["crash_loop"]["deaths_in_window"] == 0      # the retry begins a new crash-loop tally
+    log = h.log()
+    assert len(_lines_with(log, "state recovering -> cooldown on cool-down")) == 1
+    assert len(_lines_with(log, "state cooldown -> preparing on cooldown-elapsed: cooldown of 1.5s over")) == 1
+    assert f"crash loop: {DNAME} stays stopped (no kernel-state recovery) for 1.5s, cooldown #1 in a row" in log
+    h.send(signal.SIGTERM)
+    assert h.wait_exit() == 0
+
+
+def test_cooldowns_in_a_row_double_and_a_stable_run_resets_them(harness):
+    fail = {"exit_after": 0.02, "exit_code": 1}
+    h = harness([fail, fail, fail, fail, {}, fail],
+                {"restart": {"okay_delay": "50ms", "backoff": {"reset_after": "300ms"},
+                             "crash_loop": {"max_deaths": 2, "cooldown": "300ms", "cooldown_max": "500ms"}}}).start()
+    st = h.wait_running(timeout=15)                        # 2 deaths, pause 300ms, 2 deaths, pause 500ms (capped)
+    assert st["crash_loop"]["cooldowns_in_a_row"] == 2
+    log = h.log()
+    assert "for 300ms, cooldown #1 in a row" in log and "for 500ms, cooldown #2 in a row" in log
+    time.sleep(0.5)                                        # up longer than reset_after: a stable run
+    os.kill(st["daemon"]["pid"], signal.SIGKILL)           # then two deaths in a row again
+    st = h.wait(lambda s: s["state"] == "cooldown", what="a cooldown after the stable run")
+    assert st["crash_loop"]["cooldown"]["number"] == 1 and st["crash_loop"]["cooldown"]["duration_s"] == 0.3
+    assert len(_lines_with(h.log(), "state recovering -> cooldown")) == 3
+    h.send(signal.SIGTERM)
+    assert h.wait_exit() == 0
+
+
+def test_start_during_a_cooldown_tries_at_once_and_the_cooldown_timer_is_ignored(harness):
+    h = harness([{"exit_after": 0.02, "exit_code": 1}] * 2 + [{}],
+                {"restart": {"crash_loop": {"max_deaths": 2, "cooldown": "800ms"}}}).start()
+    h.wait(lambda s: s["state"] == "cooldown", what="cooldown")
+    answer = control.request(h.run_dir, "start")
+    assert answer["ok"] and answer["message"] == "starting", answer
+    st = h.wait_running()
+    assert control.request(h.run_dir, "start")["error"] == "already started (state running)"
+    time.sleep(1.2)                                        # past the cooldown: its timer must not act
+    st = h.status()
+    assert st["state"] == "running" and len(h.events("start")) == 3 and st["restarts"] == 2
+    assert "cooldown-elapsed" not in h.log()
+    h.send(signal.SIGINT)
+    assert h.wait_exit() == 0
+
+
+def test_stop_during_a_cooldown_exits_0_and_leaves_no_stale_files(harness):
+    h = harness([{"exit_after": 0.02, "exit_code": 1}],
+                {"restart": {"crash_loop": {"max_deaths": 2, "cooldown": "1h"}}}).start()
+    h.wait(lambda s: s["state"] == "cooldown" and "next try in 1h00m00s" in s["summary"]
+           or "next try in 59m5" in s["summary"], what="cooldown of 1h")
+    starter_pid = h.p("starter.fake.pid")
+    assert open(starter_pid).read() == f"{h.proc.pid}\n"   # strongSwan's starter's file, with our pid
+    answer = control.request(h.run_dir, "stop")
+    assert answer["ok"], answer
+    assert h.wait_exit() == 0
+    left = sorted(os.listdir(h.dir))
+    assert "starter.fake.pid" not in left and "fake.pid" not in left and "fake.vici" not in left, left
+    assert os.listdir(h.run_dir) == [], os.listdir(h.run_dir)     # no socket, lock or load record
 
 
 @pytest.mark.parametrize("run, overrides, rc, classification", [
@@ -486,9 +587,9 @@ def test_control_socket_is_root_only_and_status_cli_works(harness):
     assert "restarts:      0" in r.stdout and "last exit:     -" in r.stdout
     r = subprocess.run(cli + ["status", "--json", "--config", h.config_path], capture_output=True, text=True, cwd=ROOT)
     assert json.loads(r.stdout)["state"] == "running"
-    # A second supervisor on the same run directory refuses to start.
+    # A second supervisor on the same run directory starts nothing and says which one runs (as `ipsec start`).
     r = subprocess.run(cli + ["run", "--config", h.config_path], capture_output=True, text=True, cwd=ROOT, timeout=20)
-    assert r.returncode == ExitCode.FAILED and "another ipsec-supervisor is running" in r.stderr
+    assert r.returncode == ExitCode.OK and f"already running (pid {h.proc.pid}" in r.stderr, r.stderr
     h.send(signal.SIGTERM)
     assert h.wait_exit() == 0
     r = subprocess.run(cli + ["status", "--config", h.config_path], capture_output=True, text=True, cwd=ROOT)

@@ -33,6 +33,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (State.RECOVERING, Event.STAY_STOPPED, State.STOPPED),
     (State.BACKOFF, Event.STOP, State.STOPPED),
     (State.STOPPING, Event.STOP, State.STOPPING),      # a second stop request changes nothing
+    (State.RECOVERING, Event.COOL_DOWN, State.COOLDOWN),
+    (State.COOLDOWN, Event.COOLDOWN_ELAPSED, State.PREPARING),
+    (State.COOLDOWN, Event.START, State.PREPARING),   # `ipsec start` during a cooldown tries at once
+    (State.COOLDOWN, Event.STOP, State.STOPPED),
 ])
 def test_step_follows_the_table(state, event, target):
     assert step(state, event) is target
@@ -43,6 +47,9 @@ def test_step_follows_the_table(state, event, target):
     (State.RUNNING, Event.START),
     (State.BACKOFF, Event.DIED),              # no daemon exists in backoff
     (State.GAVE_UP, Event.BACKOFF_ELAPSED),   # a stale timer must never get here
+    (State.GAVE_UP, Event.COOLDOWN_ELAPSED),  # nor a cooldown's: gave-up waits for a person
+    (State.RUNNING, Event.COOLDOWN_ELAPSED),
+    (State.COOLDOWN, Event.DIED),             # no daemon exists in a cooldown
     (State.LOADING, Event.PROBE_FAILED),
 ])
 def test_illegal_transitions_raise_a_precise_error(state, event):

@@ -139,7 +139,7 @@ def test_unit_is_a_notify_service_whose_supervisor_stops_charon_itself():
     assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID", "/bin/kill -USR1 $MAINPID"]
     assert s["KillMode"] == ["mixed"] and s["Restart"] == ["on-failure"]
     assert "WatchdogSec" in s and "TimeoutStopSec" in s
-    assert s["RestartPreventExitStatus"] == ["3 8"]
+    assert s["RestartPreventExitStatus"] == ["3 8 9"]
     caps = s["CapabilityBoundingSet"][0].split()
     assert {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_NET_BIND_SERVICE"} <= set(caps)
     assert "AF_NETLINK" in s["RestrictAddressFamilies"][0] and "AF_PACKET" in s["RestrictAddressFamilies"][0]
@@ -339,6 +339,36 @@ def test_stopped_supervisor_is_killed_by_the_watchdog_and_restarted(unit):
 
 
 @container_tier
+def test_systemctl_restart_is_a_stop_and_a_start_not_a_reattach(unit):
+    _start(unit)
+    charon_before = _charon_pid(unit)
+    unit.systemctl("restart", UNIT_NAME)
+    st = _supervisor_status(unit)
+    assert st["daemon"]["pid"] not in (None, charon_before) and not st["daemon"]["reattached"], st["summary"]
+    assert unit.run(["kill", "-0", str(charon_before)], check=False).returncode != 0
+    messages = [e.get("MESSAGE", "") for e in unit.journal("-u", UNIT_NAME)]
+    assert any(f"(pid {charon_before}) exited with code 0 on request" in m for m in messages), messages[-20:]
+    assert len(_charon_policies(unit)) == 3
+
+
+@container_tier
+def test_kill_9_of_the_supervisor_takes_charon_with_it_and_systemd_starts_clean(unit):
+    # KillMode=mixed: nothing of the unit outlives its main process, so there is nothing to re-attach to.
+    _start(unit)
+    before, charon_before = _props(unit, "MainPID")["MainPID"], _charon_pid(unit)
+    unit.run(["kill", "-9", before])
+    p = _wait(lambda: (lambda p: p if p["NRestarts"] == "1" and p["ActiveState"] == "active"
+                       and p["MainPID"] not in ("0", before) else None)(
+        _props(unit, "NRestarts", "MainPID", "ActiveState")), timeout=60, what="systemd restart")
+    st = _wait(lambda: (lambda s: s if s and s["state"] == "running" else None)(_supervisor_status(unit)),
+               what="new supervisor running")
+    assert st["supervisor"]["pid"] == int(p["MainPID"]) and not st["daemon"]["reattached"]
+    assert st["daemon"]["pid"] != charon_before
+    assert unit.run(["kill", "-0", str(charon_before)], check=False).returncode != 0
+    assert len(_charon_policies(unit)) == 3                       # recovered by the ledger, not duplicated
+
+
+@container_tier
 def test_systemctl_stop_is_graceful_and_leaves_no_charon_state(unit):
     _start(unit)
     charon = _charon_pid(unit)
@@ -480,7 +510,7 @@ def test_every_system_call_the_service_makes_is_in_the_units_filter(tmp_path):
             _supervisor_status(c)), timeout=60, what="charon restarted")
         c.run(["kill", "-HUP", str(supervisor)])
         c.run(["kill", "-USR1", str(supervisor)])
-        _wait(lambda: any(e.get("MESSAGE") == "charon's configuration reloaded"
+        _wait(lambda: any(e.get("MESSAGE", "").startswith("charon's configuration reloaded")
                           for e in c.journal("-u", UNIT_NAME)), what="reloaded")
         c.run(["kill", "-TERM", str(supervisor)])
         _wait(lambda: _props(c, "ActiveState")["ActiveState"] == "inactive", timeout=60, what="stopped")

@@ -21,7 +21,7 @@ DEB_PACKAGES=(
   # the metrics tests: a real Prometheus server scraping the supervisor, promtool for the alert rules
   prometheus
   # `make deb`'s checks (lintian) and what the .deb depends on, for dpkg -i in the container tier
-  lintian python3-psutil python3-systemd python3-yaml
+  lintian python3-psutil python3-systemd python3-yaml python3-prometheus-client
 )
 
 missing=()

@@ -1,6 +1,6 @@
 # Real-kernel VM tier (tests marked realkernel need ESP, which only the VM's kernel has).
 # Included by the main Makefile. One VM boot runs them all; see tools/vm-run.
-VM_TIMEOUT ?= 600
+VM_TIMEOUT ?= 1500
 
 .PHONY: test-vm vm-kernel
 test-vm:

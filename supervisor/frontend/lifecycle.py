@@ -10,7 +10,6 @@ a failure with the last exit and charon's last log lines.
 from __future__ import annotations
 
 import enum
-import fcntl
 import os
 import select
 import signal
@@ -18,10 +17,10 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .. import control
+from .. import control, presence
 from ..config import Config
 from ..errors import ExitCode, NotRootError, SupervisorError
-from ..runlock import LockHolder, find_lock_holder
+from ..runlock import LockHolder, find_lock_holder, release_at, try_lock_at
 from ..trusted_paths import open_trusted_dir
 from .pidfile import (START_LOCK_NAME, PidFile, inspect_pid_file, is_supervisor_cmdline, pid_file_path,
                       read_cmdline, remove_pid_file, write_pid_file)
@@ -31,12 +30,15 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Callable, TextIO
 
+    from .. import reattach
+
 # `ipsec start` exit codes (strongSwan's starter: LSB codes).
 START_OK, START_FAILED, START_BAD_CONFIG, START_NOT_ROOT = 0, 1, 2, 4
 
 LOG_NAME = "supervisor.log"
 LOG_ROTATE_BYTES = 10 * 1024 * 1024
 READY_STATES = ("settling", "running")
+PAUSED_STATES = ("cooldown", "gave-up")    # charon stopped after a crash loop; `ipsec start` tries again
 
 
 class StartOutcome(enum.Enum):
@@ -95,8 +97,8 @@ def judge_start(status: dict | None, exited: int | None, elapsed: float, timeout
                 return StartVerdict(StartOutcome.CONFIG_FAILED, START_BAD_CONFIG,
                                     f"loading charon's configuration failed: {daemon.get('load_error')}")
             return StartVerdict(StartOutcome.READY, START_OK, status.get("summary", ""))
-        if state == "gave-up":
-            return StartVerdict(StartOutcome.FAILED, START_FAILED, status.get("summary", "gave up"))
+        if state in PAUSED_STATES:
+            return StartVerdict(StartOutcome.FAILED, START_FAILED, status.get("summary", state))
         # "stopped": the supervisor is about to exit (crash report, hooks); its exit code says why.
     if elapsed >= timeout:
         where = f"state {status.get('state')}: {status.get('summary')}" if status else \
@@ -127,17 +129,21 @@ class Located:
     pid_file: PidFile
     error: str | None = None       # why there is no status (not running / not answering)
     lock: LockHolder | None = None
+    holder: int | None = None      # a supervisor process holding the lock, found by its process (presence):
+                                   # when the run directory was wiped under it
 
     @property
     def pid(self) -> int | None:
         """The supervisor's pid as its own answer or the kernel's lock table says (never the pid file alone)."""
         if self.status is not None:
             return self.status.get("supervisor", {}).get("pid")
-        return self.lock.pid if self.lock is not None and self.lock.held else None
+        if self.lock is not None and self.lock.held and self.lock.pid is not None:
+            return self.lock.pid
+        return self.holder
 
     @property
     def running(self) -> bool:
-        return self.status is not None or (self.lock is not None and self.lock.held)
+        return self.status is not None or (self.lock is not None and self.lock.held) or self.holder is not None
 
     @property
     def daemon_pid(self) -> int | None:
@@ -145,7 +151,8 @@ class Located:
 
 
 def locate(cfg: Config, timeout: float = 3.0) -> Located:
-    """Ask the control socket; the supervisor lock says whether one runs.  NotRootError when not allowed."""
+    """Ask the control socket; the supervisor lock says whether one runs, else the supervisor's process
+    (its run directory may have been wiped under it).  NotRootError when not allowed."""
     try:
         lock = find_lock_holder(cfg.paths.run_dir)
     except PermissionError:
@@ -156,12 +163,20 @@ def locate(cfg: Config, timeout: float = 3.0) -> Located:
     except NotRootError:
         raise
     except SupervisorError as exc:
-        return Located(None, pid_file, str(exc), lock)
+        return _without_status(cfg, pid_file, str(exc), lock)
     except OSError as exc:     # it went away while answering
-        return Located(None, pid_file, f"the control socket failed: {exc.strerror or exc}", lock)
+        return _without_status(cfg, pid_file, f"the control socket failed: {exc.strerror or exc}", lock)
     if not answer.get("ok"):
-        return Located(None, pid_file, str(answer.get("error")), lock)
+        return _without_status(cfg, pid_file, str(answer.get("error")), lock)
     return Located(answer["status"], pid_file, None, lock)
+
+
+def _without_status(cfg: Config, pid_file: PidFile, error: str, lock: LockHolder) -> Located:
+    found = Located(None, pid_file, error, lock)
+    if found.running:
+        return found
+    holders = presence.running_supervisors(cfg.paths.run_dir)
+    return Located(None, pid_file, error, lock, holders[0]) if holders else found
 
 
 def systemd_unit_of(pid: int, proc: str = "/proc") -> str | None:
@@ -297,26 +312,28 @@ class StartLock:
     def __init__(self, run_dir: str):
         with open_trusted_dir(run_dir, what="paths.run_dir", tighten=True) as run:
             self.path = run.join(START_LOCK_NAME)
-            self.fd = run.open(START_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        self.run_dir = run_dir
+        self.fd = -1
 
     def acquire(self, timeout: float, on_wait: Callable[[], None] | None = None) -> bool:
         deadline = time.monotonic() + timeout
         waited = False
         while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with open_trusted_dir(self.run_dir, what="paths.run_dir", tighten=True) as run:
+                fd = try_lock_at(run, START_LOCK_NAME)
+            if fd is not None:
+                self.fd = fd
                 return True
-            except BlockingIOError:
-                if not waited and on_wait:
-                    on_wait()
-                waited = True
-                if time.monotonic() >= deadline:
-                    return False
-                time.sleep(0.05)
+            if not waited and on_wait:
+                on_wait()
+            waited = True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)   # releases the lock
+            release_at(self.run_dir, START_LOCK_NAME, self.fd)   # removes the file and releases the lock
             self.fd = -1
 
 
@@ -445,14 +462,20 @@ def start_detached(cfg: Config, config_path: str | None, *, timeout: float, verb
             print(f"ipsec start: another 'ipsec start' still holds {lock.path} after {timeout:g}s", file=err)
             return START_FAILED
         found = locate(cfg)
+        if found.running and (found.status or {}).get("state") in PAUSED_STATES:
+            return _start_again(cfg, found, timeout=timeout, out=out, err=err, poll=poll)
         if found.running:
             _say_already_running(found, err)
             return START_OK
         _clear_stale(found.pid_file, err)
         open_trusted_dir(cfg.paths.state_dir, what="paths.state_dir").close()   # unsafe: exit 10, said here
         orphan = unsupervised_daemon(cfg)
-        if orphan is not None:
-            name = os.path.basename(cfg.daemon.command[0])
+        verdict = _reattach_verdict(cfg) if orphan is not None else None
+        name = os.path.basename(cfg.daemon.command[0])
+        if verdict is not None and verdict.attach and verdict.pid == orphan:
+            print(f"ipsec start: {name} (pid {orphan}) runs without a supervisor (the one that started it died); "
+                  "the new supervisor re-attaches to it", file=err)
+        elif orphan is not None:
             print(f"ipsec start: {name} (pid {orphan}, {cfg.daemon.pid_file}) is already running without "
                   f"a supervisor (the one that started it died); 'ipsec stop' stops it, then start again",
                   file=err)
@@ -520,6 +543,55 @@ def start_detached(cfg: Config, config_path: str | None, *, timeout: float, verb
         return verdict.exit_code or START_FAILED
     finally:
         lock.close()
+
+
+def _start_again(cfg: Config, found: Located, *, timeout: float, out: TextIO, err: TextIO, poll: float) -> int:
+    """`ipsec start` while the supervisor pauses after a crash loop: it tries at once; wait as a start does."""
+    run_dir, pid = cfg.paths.run_dir, found.pid
+    assert found.status is not None
+    print(f"ipsec-supervisor (pid {pid}): {found.status.get('summary')}; trying again now", file=err)
+    try:
+        control.request(run_dir, "start", timeout=3.0)   # refused only if it already started again
+    except (SupervisorError, OSError) as exc:
+        print(f"ipsec start: cannot ask ipsec-supervisor (pid {pid}) to start charon: {exc}", file=err)
+        return START_FAILED
+    t0 = time.monotonic()
+    last_status = found.status
+    while True:
+        status = None
+        try:
+            answer = control.request(run_dir, "status", timeout=2.0)
+            status = answer["status"] if answer.get("ok") else None
+        except (SupervisorError, OSError):
+            if read_cmdline(pid) in (None, []):
+                print(f"ipsec start: ipsec-supervisor (pid {pid}) exited while charon was starting again "
+                      f"(its log and 'ipsec crashes' say why)", file=err)
+                return START_FAILED
+        last_status = status or last_status
+        verdict = judge_start(status, None, time.monotonic() - t0, timeout)
+        if verdict.outcome is not StartOutcome.WAITING:
+            break
+        time.sleep(poll)
+    if verdict.outcome is StartOutcome.READY:
+        print(f"ipsec-supervisor (pid {pid}): charon ready (pid {last_status['daemon'].get('pid')}) in "
+              f"{time.monotonic() - t0:.1f}s", file=out)
+        return START_OK
+    if verdict.outcome is StartOutcome.CONFIG_FAILED:
+        print(f"ipsec start: charon runs (pid {last_status['daemon']['pid']}), but {verdict.reason}; "
+              f"fix it and run 'ipsec reload'", file=err)
+        return START_BAD_CONFIG
+    for line in explain_failure(verdict, last_status, [], [], None, True):
+        print(line, file=err)
+    return verdict.exit_code or START_FAILED
+
+
+def _reattach_verdict(cfg: Config) -> reattach.ReattachDecision | None:
+    """Whether the supervisor about to start will re-attach to the charon that runs alone."""
+    from .. import reattach      # the ledger and ownership code: only a start needs them
+    try:
+        return reattach.decide_reattach(reattach.gather_facts(cfg))
+    except OSError:
+        return None
 
 
 def _say_already_running(found: Located, err: TextIO) -> None:

@@ -4,14 +4,16 @@
 #
 # What goes where (see README "Install"):
 #   /usr/lib/ipsec-supervisor          a venv on Debian's /usr/bin/python3 that sees Debian's
-#                                      python3-psutil, -systemd and -yaml (--system-site-packages)
+#                                      python3-psutil, -systemd, -yaml and -prometheus-client
+#                                      (--system-site-packages)
 #                                      and holds this checkout plus the dependencies Debian lacks
 #   /usr/sbin/ipsec, ipsec-supervisor  symlinks into it; /usr/sbin/ipsec is diverted (preinst)
 #   /lib/systemd/system/ipsec-supervisor.service   etc/ipsec-supervisor.service, paths rewritten
 #   /etc/ipsec-supervisor/supervisor.yaml, /etc/strongswan.d/ipsec-supervisor.conf  conffiles
 #
 # Why not bundle everything: psutil and systemd-python are C extensions; Debian's builds get
-# security updates, need no compiler here and keep the package Architecture: all.  pyroute2
+# security updates, need no compiler here and keep the package Architecture: all (Debian's
+# prometheus-client, 0.16, is pure Python but a Debian package like the others).  pyroute2
 # (Debian 12 has 0.7.2, the code needs the 0.9 API) and vici (not in Debian) are pure Python
 # and bundled at the exact versions the test suite ran with (.venv).
 #
@@ -37,7 +39,8 @@ import re, shlex, sys, tomllib
 from importlib.metadata import version
 project = tomllib.load(open(sys.argv[1], "rb"))["project"]
 # PyPI name -> Debian package that provides it (Debian 12 versions meet pyproject's minimums).
-DEBIAN = {"psutil": "python3-psutil", "systemd-python": "python3-systemd", "pyyaml": "python3-yaml"}
+DEBIAN = {"psutil": "python3-psutil", "systemd-python": "python3-systemd", "pyyaml": "python3-yaml",
+          "prometheus_client": "python3-prometheus-client", "prometheus-client": "python3-prometheus-client"}
 depends, bundled = [], []
 for req in project["dependencies"]:
     m = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*(?:>=\s*([0-9.]+))?", req.strip())

@@ -1,0 +1,264 @@
+"""May a starting supervisor take over the charon an earlier supervisor started? Facts, then one pure rule.
+
+A supervisor killed by SIGKILL (the OOM killer, a bug, an admin) leaves its charon running. The next
+supervisor re-attaches to it instead of starting a second one (which would take over the running
+one's VICI socket, exit 66 and look like "a dead charon with leftovers") when everything says it is
+the very process the earlier supervisor started: the ledger names its pid *and* its start time (a
+reused pid has another), it runs the configured daemon binary as root in this network namespace, and
+charon's pid file (if there is one) names the same pid. ``gather_facts`` reads /proc and the files;
+``decide_reattach`` decides from those facts alone (tested by a table).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+from .ledger import Ledger, LedgerError, ledger_path, load_ledger
+
+DELETED = " (deleted)"
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    """What /proc says about one pid (None fields: unreadable)."""
+
+    pid: int
+    exe: str | None                     # the /proc/PID/exe link as read (" (deleted)" kept)
+    exe_id: tuple[int, int] | None      # (st_dev, st_ino) of the running binary
+    uid: int | None                     # effective uid
+    start_time: int | None              # clock ticks after boot (/proc/PID/stat field 22)
+    netns_inode: int | None
+    zombie: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ReattachFacts:
+    """Everything ``decide_reattach`` looks at."""
+
+    binary: str                             # the configured daemon binary, real path
+    binary_id: tuple[int, int] | None       # its file identity (None: missing)
+    netns_inode: int                        # this supervisor's network namespace
+    ledger: Ledger | None                   # the earlier supervisor's ledger (None: none, or unusable)
+    ledger_problem: str | None = None       # why there is no ledger, for the message
+    process: ProcessInfo | None = None      # the process at the ledger's daemon pid (None: no such pid)
+    pid_file: str | None = None             # charon's pid file (daemon.pid_file)
+    pid_file_pid: int | None = None         # what it names (None: absent or not a pid)
+    # The ledger names no daemon but a spawn had begun (spawn_tick): the processes of this namespace
+    # started since then (read only in that case)
+    spawned: tuple[ProcessInfo, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ReattachDecision:
+    attach: bool
+    reason: str
+    pid: int | None = None
+    start_time: int | None = None
+    loaded: bool = False                    # the earlier supervisor finished loading its configuration
+
+
+def runs_binary(exe: str | None, exe_id: tuple[int, int] | None, binary: str,
+                binary_id: tuple[int, int] | None) -> bool:
+    """The process runs BINARY: the same path and file, or the path of a binary replaced since (an upgrade)."""
+    # (the daemons module has the same rule for ProcessFacts; one of the two goes at the merge)
+    if exe is None:
+        return False
+    deleted = exe.endswith(DELETED)
+    path = exe[:-len(DELETED)] if deleted else exe
+    if os.path.normpath(path) != binary:
+        return False
+    return deleted or (exe_id is not None and exe_id == binary_id)
+
+
+def decide_reattach(f: ReattachFacts) -> ReattachDecision:
+    """Re-attach only to the exact process the ledger names; every "no" says why (pure)."""
+    led = f.ledger
+    if led is None:
+        return ReattachDecision(False, f"no usable ledger ({f.ledger_problem or 'none'})")
+    if led.netns_inode is not None and led.netns_inode != f.netns_inode:
+        return ReattachDecision(False, f"the ledger belongs to another network namespace (inode "
+                                       f"{led.netns_inode}, this one {f.netns_inode})")
+    pid = led.daemon_pid
+    if pid is None:
+        if led.spawn_tick is None:
+            return ReattachDecision(False, "the ledger names no daemon (the earlier supervisor had none running)")
+        return _just_spawned(f, led.spawn_tick)
+    p = f.process
+    if p is None or p.zombie:
+        return ReattachDecision(False, f"pid {pid} of the ledger is not running")
+    if p.netns_inode != f.netns_inode:
+        return ReattachDecision(False, f"pid {pid} runs in another network namespace")
+    if led.daemon_start_time is None:
+        return ReattachDecision(False, f"the ledger has no start time for pid {pid}, so a reused pid cannot "
+                                       "be told apart")
+    if p.start_time != led.daemon_start_time:
+        return ReattachDecision(False, f"pid {pid} was started at tick {p.start_time}, the ledger's daemon at "
+                                       f"tick {led.daemon_start_time}: the pid was reused")
+    if not runs_binary(p.exe, p.exe_id, f.binary, f.binary_id):
+        return ReattachDecision(False, f"pid {pid} runs {p.exe or 'an unknown program'}, not {f.binary}")
+    if p.uid != 0:
+        return ReattachDecision(False, f"pid {pid} runs as uid {p.uid}, not root")
+    if f.pid_file_pid is not None and f.pid_file_pid != pid:
+        return ReattachDecision(False, f"{f.pid_file} names pid {f.pid_file_pid}, the ledger pid {pid}")
+    return ReattachDecision(True, f"pid {pid} is the {os.path.basename(f.binary)} the earlier supervisor "
+                                  "started (ledger pid and start time, binary, root, this network namespace)",
+                            pid, p.start_time, led.daemon_loaded)
+
+
+def _just_spawned(f: ReattachFacts, tick: int) -> ReattachDecision:
+    """The supervisor died between spawning the daemon and writing its pid down: the one process of
+    the binary, as root, in this namespace, started since the spawn began, is that daemon."""
+    found = [p for p in f.spawned if not p.zombie and p.netns_inode == f.netns_inode and p.uid == 0
+             and p.start_time is not None and p.start_time >= tick
+             and runs_binary(p.exe, p.exe_id, f.binary, f.binary_id)]
+    if not found:
+        return ReattachDecision(False, f"the earlier supervisor was spawning a daemon (tick {tick}); none runs")
+    if len(found) > 1:
+        return ReattachDecision(False, f"{len(found)} processes of {f.binary} started since the earlier "
+                                       f"supervisor's spawn (tick {tick}): pids {', '.join(str(p.pid) for p in found)}")
+    p = found[0]
+    if f.pid_file_pid is not None and f.pid_file_pid != p.pid:
+        return ReattachDecision(False, f"{f.pid_file} names pid {f.pid_file_pid}, not pid {p.pid} spawned "
+                                       "by the earlier supervisor")
+    return ReattachDecision(True, f"pid {p.pid} is the {os.path.basename(f.binary)} the earlier supervisor "
+                                  f"was spawning when it died (started since tick {tick}, the only one; binary, "
+                                  "root, this network namespace)", p.pid, p.start_time, False)
+
+
+def boot_tick(proc: str = "/proc") -> int | None:
+    """Now, in the clock ticks after boot that /proc/PID/stat's start times count."""
+    text = _read(f"{proc}/uptime")
+    try:
+        return int(float(text.split()[0]) * os.sysconf("SC_CLK_TCK"))
+    except (AttributeError, IndexError, ValueError):
+        return None
+
+
+def processes_since(tick: int, netns_inode: int, proc: str = "/proc") -> tuple[ProcessInfo, ...]:
+    """The processes of network namespace NETNS_INODE started at or after TICK."""
+    out = []
+    for entry in os.listdir(proc):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"{proc}/{entry}/ns/net").st_ino != netns_inode:
+                continue
+        except OSError:
+            continue
+        start = process_start_time(int(entry), proc)
+        if start is None or start < tick:
+            continue
+        info = process_info(int(entry), proc)
+        if info is not None:
+            out.append(info)
+    return tuple(out)
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def stat_fields(pid: int, proc: str = "/proc") -> list[str] | None:
+    """/proc/PID/stat from field 3 (state) on; None if there is no such process."""
+    text = _read(f"{proc}/{pid}/stat")
+    if not text or ")" not in text:
+        return None
+    return text[text.rfind(")") + 2:].split()
+
+
+def process_start_time(pid: int, proc: str = "/proc") -> int | None:
+    """PID's start time in clock ticks after boot (what makes a pid unique over time)."""
+    fields = stat_fields(pid, proc)
+    try:
+        return int(fields[19]) if fields else None
+    except (IndexError, ValueError):
+        return None
+
+
+def seconds_since_start(start_time: int, proc: str = "/proc") -> float | None:
+    """How long a process started at START_TIME ticks after boot has been running."""
+    text = _read(f"{proc}/uptime")
+    try:
+        return max(0.0, float(text.split()[0]) - start_time / os.sysconf("SC_CLK_TCK"))
+    except (AttributeError, IndexError, ValueError):
+        return None
+
+
+def process_info(pid: int, proc: str = "/proc") -> ProcessInfo | None:
+    fields = stat_fields(pid, proc)
+    if fields is None:
+        return None
+    d = f"{proc}/{pid}"
+    try:
+        exe: str | None = os.readlink(f"{d}/exe")
+        st = os.stat(f"{d}/exe")
+        exe_id: tuple[int, int] | None = (st.st_dev, st.st_ino)
+    except OSError:
+        exe, exe_id = None, None
+    uid = None
+    for line in (_read(f"{d}/status") or "").splitlines():
+        if line.startswith("Uid:"):
+            try:
+                uid = int(line.split()[2])
+            except (IndexError, ValueError):
+                pass
+    try:
+        netns = os.stat(f"{d}/ns/net").st_ino
+    except OSError:
+        netns = None
+    try:
+        start = int(fields[19])
+    except (IndexError, ValueError):
+        start = None
+    return ProcessInfo(pid, exe, exe_id, uid, start, netns, zombie=fields[0] in ("Z", "X"))
+
+
+def daemon_binary(argv0: str, path_env: str | None = None) -> tuple[str, tuple[int, int] | None]:
+    """The configured daemon's real path and file identity."""
+    found = argv0 if "/" in argv0 else shutil.which(argv0, path=path_env) or argv0
+    real = os.path.realpath(found)
+    try:
+        st = os.stat(real)
+        return real, (st.st_dev, st.st_ino)
+    except OSError:
+        return real, None
+
+
+def _pid_in(path: str | None) -> int | None:
+    if not path:
+        return None
+    text = _read(path)
+    try:
+        return int(text.strip()) if text else None
+    except ValueError:
+        return None
+
+
+def gather_facts(config, *, path_env: str | None = None, proc: str = "/proc") -> ReattachFacts:
+    """The facts about the charon an earlier supervisor (by its ledger under paths.run_dir) left running."""
+    binary, binary_id = daemon_binary(config.daemon.command[0], path_env)
+    netns = os.stat(f"{proc}/thread-self/ns/net").st_ino
+    path = ledger_path(config.paths.run_dir)
+    ledger, problem = None, None
+    if os.path.exists(path):
+        try:
+            ledger = load_ledger(path)
+        except LedgerError as exc:
+            problem = str(exc)
+    else:
+        problem = f"no {path}"
+    process = process_info(ledger.daemon_pid, proc) if ledger is not None and ledger.daemon_pid else None
+    spawned: tuple[ProcessInfo, ...] = ()
+    if ledger is not None and ledger.daemon_pid is None and ledger.spawn_tick is not None:
+        spawned = processes_since(ledger.spawn_tick, netns, proc)
+    return ReattachFacts(binary, binary_id, netns, ledger, problem, process, config.daemon.pid_file,
+                         _pid_in(config.daemon.pid_file), spawned)
