@@ -12,12 +12,24 @@ import json
 import os
 import socket
 import struct
-from typing import Callable
 
 from .errors import ExitCode, NotRootError, SupervisorError
-from .eventloop import Loop
-from .runlock import LOCK_NAME, lock_run_dir, unlock_run_dir  # noqa: F401  (re-exported: the lock lives in runlock)
-from .trusted_paths import open_trusted_dir
+
+# `typing` and the event loop are for type checkers only: the client side (ipsec status) needs neither.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable
+
+    from .eventloop import Loop
+
+
+def __getattr__(name: str):
+    """LOCK_NAME, lock_run_dir and unlock_run_dir, re-exported from runlock on first use (the client needs neither)."""
+    if name in ("LOCK_NAME", "lock_run_dir", "unlock_run_dir"):
+        from . import runlock
+        return getattr(runlock, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 SOCKET_NAME = "control.sock"
 MAX_REQUEST = 64 * 1024
@@ -31,6 +43,7 @@ def socket_path(run_dir: str) -> str:
 
 def prepare_run_dir(run_dir: str) -> None:
     """Create the run directory as root-only (0700), or check and tighten an existing one."""
+    from .trusted_paths import open_trusted_dir
     open_trusted_dir(run_dir, what="paths.run_dir", tighten=True).close()
 
 
@@ -75,6 +88,7 @@ class ControlServer:
         self._clients: dict[int, _Client] = {}
 
     def start(self) -> None:
+        from .trusted_paths import open_trusted_dir
         with open_trusted_dir(self.run_dir, what="paths.run_dir", tighten=True) as run:
             run.unlink(SOCKET_NAME)     # stale: the run-dir lock proves nobody else serves it
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)

@@ -10,9 +10,13 @@ deleted), and leaves the run directory to them. ``holds_lock`` decides from one 
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence
 
 from .frontend.pidfile import is_supervisor_cmdline
+
+# Annotations only: `ipsec status` imports this module when the supervisor does not answer.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Iterable, Sequence
 
 LOCK_NAME = "supervisor.lock"
 DELETED = " (deleted)"

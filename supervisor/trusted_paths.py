@@ -16,17 +16,18 @@ run directory, which is ours alone and always made 0700.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import re
 import stat
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
-from .atomicfile import write_atomic_at
 from .errors import UnsafePathError
 
-log = logging.getLogger(__name__)
+# Every polled `ipsec status` reads the pid file through here: typing, logging and the atomic
+# writer (secrets, tempfile names) are imported where they are used.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Iterable, Sequence
 
 DIR_MODE = 0o700
 # The names the supervisor gives its crash reports and snapshots (UTC stamp, pid, reason):
@@ -181,6 +182,7 @@ class TrustedDir:
 
     def write_atomic(self, name: str, chunks: Iterable[str] | str, *, mode: int = 0o600,
                      prefix: str = ".tmp-", durable: bool = True) -> str:
+        from .atomicfile import write_atomic_at
         write_atomic_at(self.fd, name, chunks, mode=mode, prefix=prefix, durable=durable)
         return self.join(name)
 
@@ -204,7 +206,8 @@ class TrustedDir:
                 except FileNotFoundError:
                     continue
                 if not stat.S_ISREG(st.st_mode):
-                    log.warning("skipping %s: not a regular file (a symlink or something else; "
+                    import logging
+                    logging.getLogger(__name__).warning("skipping %s: not a regular file (a symlink or something else; "
                                 "the supervisor neither reads nor removes it)", self.join(entry.name))
                     continue
                 out.append(DirEntry(entry.name, st.st_size, st.st_mtime))

@@ -130,7 +130,7 @@ if [ -z "$INSTALL_FROM" ]; then
   mkdir "$work/src"
   cp -r "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/supervisor" "$work/src/"
   find "$work/src" -name __pycache__ -prune -exec rm -rf {} +
-  INSTALL_FROM=$work/src
+  INSTALL_FROM="$work/src[fast]"     # with msgspec: snapshots 5-7x faster (works without it)
 fi
 say "installing ipsec-supervisor into $PREFIX (pip; needs the package registry unless PIP_ARGS says otherwise)"
 # Same version number, newer code: pip would keep the installed copy.

@@ -6,12 +6,13 @@ import json
 import os
 import sys
 
-from ..atomicfile import write_atomic
 from ..errors import ConfigError, ExitCode, SupervisorError
-from ..legacy import loader
-from ..legacy.ipsec_conf import DEFAULT_IPSEC_CONF
-from ..legacy.secrets import DEFAULT_IPSEC_SECRETS
-from ..legacy.translate import DEFAULT_IPSEC_DIR, daemon_debug_args, daemon_settings
+from . import IPSEC_CONF, IPSEC_DIR, IPSEC_SECRETS, LOAD_MODES, LOAD_TIMEOUT, VICI_SOCKET
+
+# The parser, translator and loader are imported by the handler: --help must not pay for them.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..legacy import loader
 
 
 def register(sub) -> None:
@@ -24,21 +25,21 @@ def register(sub) -> None:
                     "others load.  Exit status: 0 all loaded; 11 loaded, but some conn or request failed "
                     "(each named on a line 'refused: ...'); 1 nothing could be applied (e.g. charon "
                     "does not answer); 3 the file as a whole is unusable (nothing sent).")
-    p.add_argument("--file", default=DEFAULT_IPSEC_CONF, metavar="PATH", help="ipsec.conf (default %(default)s)")
-    p.add_argument("--secrets", default=DEFAULT_IPSEC_SECRETS, metavar="PATH",
+    p.add_argument("--file", default=IPSEC_CONF, metavar="PATH", help="ipsec.conf (default %(default)s)")
+    p.add_argument("--secrets", default=IPSEC_SECRETS, metavar="PATH",
                    help="ipsec.secrets (default %(default)s)")
     p.add_argument("--no-secrets", action="store_true", help="do not read or load any secrets")
-    p.add_argument("--ipsec-dir", default=DEFAULT_IPSEC_DIR, metavar="DIR",
+    p.add_argument("--ipsec-dir", default=IPSEC_DIR, metavar="DIR",
                    help="where relative certificate and key paths point (default %(default)s)")
-    p.add_argument("--vici", default=loader.DEFAULT_VICI_SOCKET, metavar="SOCKET",
+    p.add_argument("--vici", default=VICI_SOCKET, metavar="SOCKET",
                    help="charon's VICI socket (default %(default)s)")
-    p.add_argument("--mode", choices=loader.MODES, default=None,
+    p.add_argument("--mode", choices=LOAD_MODES, default=None,
                    help="load (charon has nothing of ours), update (only what changed since --state) or "
                         "reload (unload what --state lists, load everything); default: update with "
                         "--state, else load")
     p.add_argument("--state", metavar="FILE",
                    help="JSON file with what was loaded last; read for update/reload, rewritten afterwards")
-    p.add_argument("--timeout", type=float, default=loader.DEFAULT_TIMEOUT, metavar="S",
+    p.add_argument("--timeout", type=float, default=LOAD_TIMEOUT, metavar="S",
                    help="per-request timeout in seconds (default %(default)s)")
     p.add_argument("--initiate-timeout", type=int, default=-1, metavar="MS",
                    help="wait up to MS milliseconds for each auto=start conn to come up and report "
@@ -50,6 +51,7 @@ def register(sub) -> None:
 
 
 def _read_state(path: str | None) -> loader.LoadedState | None:
+    from ..legacy import loader
     if not path or not os.path.exists(path):
         return None
     try:
@@ -61,6 +63,7 @@ def _read_state(path: str | None) -> loader.LoadedState | None:
 
 def _write_state(path: str, state: loader.LoadedState) -> None:
     """The one atomic writer: a fresh O_EXCL temp file (0600, fsync), renamed over PATH (never followed)."""
+    from ..atomicfile import write_atomic
     try:
         write_atomic(path, json.dumps(state.to_json(), indent=1), mode=0o600, prefix=".ipsec-conf-state-")
     except OSError as exc:
@@ -69,6 +72,8 @@ def _write_state(path: str, state: loader.LoadedState) -> None:
 
 
 def cmd_load_ipsec_conf(args) -> int:
+    from ..legacy import loader
+    from ..legacy.translate import daemon_debug_args, daemon_settings
     previous = _read_state(args.state)
     mode = args.mode or ("update" if previous is not None else "load")
     if mode != "load" and previous is None and not args.dry_run:

@@ -8,15 +8,15 @@ import logging
 import os
 import sys
 
-from . import uint32
-from .. import daemons as ike_daemons
+from . import LEDGER, ROUTE_TABLE, RULE_PRIORITY, uint32
 from ..errors import ExitCode, NotRootError, SupervisorError
-from ..kernel import netns
-from ..kernel_state import DEFAULT_ROUTE_TABLE, DEFAULT_RULE_PRIORITY, FAMILIES, ReadOptions, read_state
-from ..ledger import Ledger, LedgerError, UntrustedLedger, ledger_path, load_ledger
-from ..trusted_paths import initial_netns_inode, instance_dir, netns_instance
-from ..ownership import MarkerConfig, Ownership, decide_ownership, is_supervisor_block
-from ..reconcile import Outcome, execute, plan_flush
+
+# Kernel, ledger, ownership and daemon detection are imported by the handlers:
+# `ipsec-supervisor --help` registers this module and must not pay for them.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..ledger import Ledger
+    from ..ownership import Ownership
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +64,24 @@ def register(sub) -> None:
     r.set_defaults(func=cmd_reconcile)
 
 
+def execute(plan, handlers=None, on_result=None):
+    """reconcile.execute, imported on first use (a name here, so `ipsec flush` can wrap it with progress)."""
+    from ..reconcile import execute as run
+    return run(plan, handlers, on_result)
+
+
 def _common_parser():
     import argparse
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--netns", metavar="NAME", help="network namespace to work in (/run/netns/NAME)")
     p.add_argument("--ledger", metavar="FILE",
-                   help=f"ownership ledger (default: {ledger_path(DEFAULT_RUN_DIR)} when present)")
+                   help=f"ownership ledger (default: {LEDGER} when present)")
     p.add_argument("--no-ledger", action="store_true", help="judge by the markers only")
     p.add_argument("--virtual-ip", action="append", default=[], metavar="ADDR",
                    help="an address charon installed as a virtual IP (repeatable)")
-    p.add_argument("--route-table", type=uint32, default=DEFAULT_ROUTE_TABLE, metavar="N",
+    p.add_argument("--route-table", type=uint32, default=ROUTE_TABLE, metavar="N",
                    help="charon's routing table (default %(default)s)")
-    p.add_argument("--rule-priority", type=uint32, default=DEFAULT_RULE_PRIORITY, metavar="N",
+    p.add_argument("--rule-priority", type=uint32, default=RULE_PRIORITY, metavar="N",
                    help="priority of charon's routing rule (default %(default)s)")
     return p
 
@@ -87,6 +93,8 @@ def _require_root() -> None:
 
 def _load_ledger(args, inode: int, name: str | None = None) -> tuple[Ledger | None, str | None]:
     """The ledger to judge with, if one applies to this namespace, and its path."""
+    from ..ledger import UntrustedLedger, ledger_path, load_ledger
+    from ..trusted_paths import initial_netns_inode, instance_dir, netns_instance
     if args.no_ledger:
         return None, None
     # The default: that namespace's own supervisor's (a per-namespace run dir outside the initial one).
@@ -105,6 +113,9 @@ def _load_ledger(args, inode: int, name: str | None = None) -> tuple[Ledger | No
 
 
 def _judge(args) -> tuple[object, Ownership, str | None, str]:
+    from ..kernel import netns
+    from ..kernel_state import ReadOptions, read_state
+    from ..ownership import MarkerConfig, decide_ownership
     options = ReadOptions(route_table=args.route_table, rule_priority=args.rule_priority)
     markers = MarkerConfig(route_table=args.route_table, rule_priority=args.rule_priority)
     with netns.enter(args.netns):
@@ -116,6 +127,8 @@ def _judge(args) -> tuple[object, Ownership, str | None, str]:
 
 
 def cmd_leftovers(args) -> int:
+    from ..kernel_state import FAMILIES
+    from ..ownership import is_supervisor_block
     _require_root()
     state, ownership, path, where = _judge(args)
     blocks = [p for p in state.objects.get("xfrm_policy", ()) if is_supervisor_block(p)]
@@ -148,6 +161,9 @@ def cmd_leftovers(args) -> int:
 
 
 def cmd_flush(args) -> int:
+    from .. import daemons as ike_daemons
+    from ..kernel import netns
+    from ..reconcile import Outcome, plan_flush
     _require_root()
     state, ownership, path, where = _judge(args)
     found = ike_daemons.detect(state.netns.inode, ike_daemons.DEFAULT_DAEMON_BINARIES)
@@ -211,6 +227,7 @@ def cmd_flush(args) -> int:
 # --- reconcile --dry-run ------------------------------------------------------------------
 
 def _reconcile_ledger(args, run_dir: str, inode: int) -> tuple[Ledger | None, str | None, str | None]:
+    from ..ledger import LedgerError, ledger_path, load_ledger
     """(ledger, its path, a note why none is used) for the supervisor's run directory."""
     if args.no_ledger:
         return None, None, "--no-ledger"
@@ -230,8 +247,12 @@ def cmd_reconcile(args) -> int:
     import time as _time
 
     from .. import adopt
+    from .. import daemons as ike_daemons
     from ..config import load_config
+    from ..kernel import netns
+    from ..kernel_state import ReadOptions, read_state
     from ..ledger import HOW_INHERITED
+    from ..ownership import MarkerConfig, decide_ownership
     from ..recovery import (ADOPT, NONE, ViciError, choose_recovery, list_conns, list_sas, recovery_plan)
     from ..policy import Action
 

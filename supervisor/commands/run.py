@@ -9,7 +9,6 @@ import os
 import sys
 
 from ..config import flatten, load_config
-from ..notify import Notifier, configure_logging
 
 RUN_EXIT_CODES = """\
 exit codes of 'run':
@@ -64,6 +63,7 @@ def run(args) -> int:
         json.dump({"source": cfg.source, "values": values}, sys.stdout, indent=2, default=list)
         sys.stdout.write("\n")
         return 0
+    from ..notify import Notifier, configure_logging
     configure_logging(verbose=getattr(args, "verbose", False))
     from ..starter import Supervisor  # the loop's imports are not needed for --check-config
 

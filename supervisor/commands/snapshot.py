@@ -7,11 +7,8 @@ import os
 import sys
 import time
 
-from . import uint32
+from . import ROUTE_TABLE, RULE_PRIORITY, uint32
 from ..errors import NotRootError, ExitCode
-from ..kernel import netns
-from ..kernel_state import DEFAULT_ROUTE_TABLE, DEFAULT_RULE_PRIORITY, FAMILIES, ReadOptions, read_state
-from ..snapshot import diff_snapshots, load_snapshot, take_snapshot, write_snapshot
 
 DEFAULT_SNAPSHOT_DIR = "/var/lib/ipsec-supervisor/snapshots"
 
@@ -27,9 +24,9 @@ def register(sub) -> None:
                    help="keep SA key material in the file (redacted by default)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--netns", metavar="NAME", help="read this network namespace (/run/netns/NAME)")
-    p.add_argument("--route-table", type=uint32, default=DEFAULT_ROUTE_TABLE, metavar="N",
+    p.add_argument("--route-table", type=uint32, default=ROUTE_TABLE, metavar="N",
                    help="charon's routing table (default %(default)s)")
-    p.add_argument("--rule-priority", type=uint32, default=DEFAULT_RULE_PRIORITY, metavar="N",
+    p.add_argument("--rule-priority", type=uint32, default=RULE_PRIORITY, metavar="N",
                    help="priority of charon's routing rule (default %(default)s)")
     p.set_defaults(func=cmd_take)
     actions = p.add_subparsers(dest="snapshot_action", metavar="ACTION")
@@ -50,6 +47,9 @@ def require_root() -> None:
 
 
 def cmd_take(args) -> int:
+    from ..kernel import netns
+    from ..kernel_state import ReadOptions, read_state
+    from ..snapshot import take_snapshot, write_snapshot
     require_root()
     output = args.output
     # On a terminal, say what is being read: tens of thousands of objects take a moment.
@@ -89,20 +89,34 @@ def cmd_take(args) -> int:
 
 
 def _print_counts(counts: dict[str, int]) -> None:
+    from ..kernel_state import FAMILIES
     for name, family in FAMILIES.items():
         print(f"  {family.title:<16} {counts.get(name, 0):>7}")
 
 
+def _print_json(doc) -> None:
+    """DOC as json.dump(indent=1) prints it, by msgspec when installed (the json module takes
+    seconds for 30,000 records with indentation)."""
+    from ..snapshot import msgspec
+    if msgspec is None:
+        json.dump(doc, sys.stdout, indent=1, ensure_ascii=False)
+    else:
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(doc), indent=1).decode())
+    print()
+
+
 def cmd_show(args) -> int:
+    from ..kernel_state import FAMILIES
+    from ..snapshot import load_snapshot, no_cycle_collection
     snap = load_snapshot(args.file)
     if args.json:
-        doc = {"created": snap.created, "host": snap.host, "kernel": snap.kernel,
-               "netns": snap.netns, "daemon": snap.daemon, "keys_included": snap.keys_included,
-               "context": snap.context,
-               "objects": {n: [r.to_json(include_keys=snap.keys_included) for r in recs]
-                           for n, recs in snap.objects.items()}}
-        json.dump(doc, sys.stdout, indent=1)
-        print()
+        with no_cycle_collection():
+            doc = {"created": snap.created, "host": snap.host, "kernel": snap.kernel,
+                   "netns": snap.netns, "daemon": snap.daemon, "keys_included": snap.keys_included,
+                   "context": snap.context,
+                   "objects": {n: [r.to_json(include_keys=snap.keys_included) for r in recs]
+                               for n, recs in snap.objects.items()}}
+        _print_json(doc)
         return ExitCode.OK
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(snap.created))
     ns = snap.netns.get("name") or f"inode {snap.netns.get('inode')}"
@@ -119,14 +133,17 @@ def cmd_show(args) -> int:
 
 
 def cmd_diff(args) -> int:
+    from ..kernel_state import FAMILIES
+    from ..snapshot import diff_snapshots, load_snapshot, no_cycle_collection
     a, b = load_snapshot(args.a), load_snapshot(args.b)
     result = diff_snapshots(a, b)
     if args.json:
-        json.dump({name: {"added": [r.to_json() for r in d.added],
+        with no_cycle_collection():
+            doc = {name: {"added": [r.to_json() for r in d.added],
                           "removed": [r.to_json() for r in d.removed],
                           "changed": [{"old": o.to_json(), "new": n.to_json()} for o, n in d.changed]}
-                   for name, d in result.items()}, sys.stdout, indent=1)
-        print()
+                   for name, d in result.items()}
+        _print_json(doc)
         return ExitCode.OK
     if not any(result.values()):
         print("no differences")

@@ -8,7 +8,6 @@ import sys
 
 from .. import control
 from ..config import load_config
-from ..crashreport import read_crash_reports
 
 STATUS_EXIT_CODES = """\
 exit codes:
@@ -100,6 +99,7 @@ def status(args) -> int:
 
 
 def crashes(args) -> int:
+    from ..crashreport import read_crash_reports
     cfg = load_config(args.config)
     reports = read_crash_reports(cfg.crash_dir)
     if args.last is not None:

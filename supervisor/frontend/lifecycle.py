@@ -12,22 +12,25 @@ from __future__ import annotations
 import enum
 import os
 import select
-import shutil
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, TextIO
 
-from .. import control, presence, reattach
+from .. import control, presence
 from ..config import Config
-from ..crashreport import read_crash_reports
 from ..errors import ExitCode, NotRootError, SupervisorError
 from ..runlock import LockHolder, find_lock_holder, release_at, try_lock_at
 from ..trusted_paths import open_trusted_dir
 from .pidfile import (START_LOCK_NAME, PidFile, inspect_pid_file, is_supervisor_cmdline, pid_file_path,
                       read_cmdline, remove_pid_file, write_pid_file)
+
+# `typing` is imported for type checkers only: every polled `ipsec status` would pay 3 ms for it.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, TextIO
+
+    from .. import reattach
 
 # `ipsec start` exit codes (strongSwan's starter: LSB codes).
 START_OK, START_FAILED, START_BAD_CONFIG, START_NOT_ROOT = 0, 1, 2, 4
@@ -178,6 +181,8 @@ def _without_status(cfg: Config, pid_file: PidFile, error: str, lock: LockHolder
 
 def systemd_unit_of(pid: int, proc: str = "/proc") -> str | None:
     """The systemd service whose main process PID is, when systemd runs this system."""
+    import shutil
+    import subprocess
     if not os.path.isdir("/run/systemd/system") or not shutil.which("systemctl"):
         return None
     try:
@@ -380,6 +385,7 @@ def tail_of(path: str, offset: int, lines: int) -> list[str]:
 
 def crash_reports_since(cfg: Config, wall: float) -> list[dict]:
     """Crash reports written after WALL (a start's own), oldest first."""
+    from ..crashreport import read_crash_reports
     out = []
     try:
         reports = read_crash_reports(cfg.crash_dir)
@@ -447,6 +453,7 @@ def _progress_note(status: dict | None, seen: set[str]) -> str | None:
 def start_detached(cfg: Config, config_path: str | None, *, timeout: float, verbose: bool,
                    out: TextIO, err: TextIO, poll: float = 0.05) -> int:
     """`ipsec start`: detach a supervisor, wait for charon ready; the `ipsec start` exit code."""
+    import subprocess
     run_dir = cfg.paths.run_dir
     lock = StartLock(run_dir)
     try:
@@ -580,6 +587,7 @@ def _start_again(cfg: Config, found: Located, *, timeout: float, out: TextIO, er
 
 def _reattach_verdict(cfg: Config) -> reattach.ReattachDecision | None:
     """Whether the supervisor about to start will re-attach to the charon that runs alone."""
+    from .. import reattach      # the ledger and ownership code: only a start needs them
     try:
         return reattach.decide_reattach(reattach.gather_facts(cfg))
     except OSError:
@@ -709,6 +717,7 @@ def _stop_daemon(pid: int, name: str, why: str, timeout: float = 10.0) -> list[s
 
 
 def _systemctl(args: list[str]) -> int:
+    import subprocess
     try:
         return subprocess.run(["systemctl", *args]).returncode
     except OSError as exc:

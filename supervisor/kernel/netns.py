@@ -8,18 +8,21 @@ programs started inside belong to that namespace.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import os
 from dataclasses import dataclass
-from typing import Iterator
 
 from ..errors import NetnsError
+
+# Every `ipsec status` asks which namespace it runs in (for its default paths); only entering
+# one needs libc, and ctypes.util alone imports subprocess, shutil and tempfile.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Iterator
 
 NETNS_RUN_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +35,11 @@ class NetnsIdentity:
 
 
 def _setns(fd: int, what: str) -> None:
+    global _libc
+    import ctypes
+    if _libc is None:
+        import ctypes.util
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise NetnsError(f"cannot enter network namespace {what}: {os.strerror(err)}")
