@@ -307,10 +307,10 @@ class Charon:
             raise
         return vici.Session(sock)
 
-    def loaded_conns(self) -> set[str]:
-        """Connection names charon has loaded; empty when it does not answer."""
+    def loaded_conns(self, timeout: float = 5.0) -> set[str]:
+        """Connection names charon has loaded; empty when it does not answer within TIMEOUT."""
         try:
-            s = self.vici(timeout=5.0)
+            s = self.vici(timeout=timeout)
         except OSError:
             return set()
         try:

@@ -291,7 +291,9 @@ def _observe(sc: Scenario, out: Outcome, moon: Charon, pingers: dict[str, Pinger
             _look_all_back(sc, out, moon, want)
         if out.ready_again_at is None:
             pid = moon.charon_pid()
-            if pid and pid != out.killed_pid and len(moon.loaded_conns()) >= len(out.lab.tunnels):
+            # A hundred connections take the emulated VM's Python seconds to list: a longer wait.
+            if pid and pid != out.killed_pid and \
+                    len(moon.loaded_conns(timeout=30.0 if scale else 5.0)) >= len(out.lab.tunnels):
                 out.restarted_pid, out.ready_again_at = pid, time.time()
                 say(f"moon: a new charon (pid {pid}) is ready {out.ready_again_at - out.kill_at:.1f}s after the kill")
         settled = True
