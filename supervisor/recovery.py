@@ -1102,7 +1102,7 @@ class KernelRecovery:
                     if isinstance(action, Keep):
                         log.info("adopt: keeping %s: %s", action.record.describe(), action.reason)
         # The grace follows progress: from the latest initiation, and not at all while some wait their turn.
-        queued = getattr(todo, "queued", ())
+        queued = todo.queued
         a.queued = len(queued)
         a.deadline = adopt.adopt_deadline(a.started, rc.adopt_grace, a.last_initiated, a.queued)
         pending = adopt.pending_leftovers(a.leftovers, ledger, frozenset(a.resolved))
