@@ -18,7 +18,7 @@ seen on the outer links, and the CPU time moon's supervisor (or starter) process
 kill to the end; then adopt's convergence as a fraction of the starter's (the goal: at most 1/5).
 
 Needs a kernel with ESP: without one it re-runs itself in the real-kernel VM (tools/vm-run).
-Usage (root, from the repo): .venv/bin/python bench/bench_adopt_scale.py [--tunnels 100]
+Usage (root, from the repo): .venv/bin/python bench/bench_adopt_scale.py [--tunnels 50]
     [--targets starter,adopt-1,adopt-4] [--side-by-side] [--max-window 400] [--json]
 The targets run one after the other by default (each lab has 2N IKE_SAs: side by side they
 would share the emulated CPU and blur each other's times).
@@ -176,7 +176,7 @@ def print_table(results: dict, tunnels: int) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tunnels", type=int, default=100, help="tunnels in each lab (1..250, default 100)")
+    ap.add_argument("--tunnels", type=int, default=50, help="tunnels in each lab (1..250, default 50)")
     ap.add_argument("--targets", default="starter,adopt-1,adopt-4",
                     help="comma-separated: starter, adopt-P (P = recovery.adopt_initiate_parallel)")
     ap.add_argument("--grace", default=None, help="recovery.adopt_grace for the adopt targets (default: its default)")

@@ -287,3 +287,17 @@ def test_the_ping_sample_spreads_over_both_roles(count, size, initiators, respon
     assert [t.index for t in sample] == sorted(t.index for t in sample)
     if count >= 50:
         assert sample[-1].index > count // 2     # spread over all, not the first few
+
+
+def test_the_scale_bench_reads_its_targets_and_the_supervisor_s_adoption_end():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import bench_adopt_scale as bench
+    assert bench.parse_target("starter") == ("starter", 0) and bench.parse_target("adopt-16") == ("adopt", 16)
+    for bad in ("adopt", "adopt-0", "flush-1", "keep"):
+        with pytest.raises(ValueError, match="starter or adopt-P"):
+            bench.parse_target(bad)
+    log = ("2026-12-05 05:16:56.112 INFO supervisor.recovery: adopt: initiate t14/t14: charon is establishing it\n"
+           "2026-12-05 05:16:59.401 INFO supervisor.recovery: adoption finished after 54.0s: 80 delete done\n")
+    at = bench.adoption_finished_at(log)
+    assert at == time.mktime(time.strptime("2026-12-05 05:16:59", "%Y-%m-%d %H:%M:%S")) + 0.401
+    assert bench.adoption_finished_at(log.splitlines()[0]) is None
