@@ -307,10 +307,10 @@ class Charon:
             raise
         return vici.Session(sock)
 
-    def loaded_conns(self) -> set[str]:
-        """Connection names charon has loaded; empty when it does not answer."""
+    def loaded_conns(self, timeout: float = 5.0) -> set[str]:
+        """Connection names charon has loaded; empty when it does not answer within TIMEOUT."""
         try:
-            s = self.vici(timeout=5.0)
+            s = self.vici(timeout=timeout)
         except OSError:
             return set()
         try:
@@ -337,6 +337,37 @@ class Charon:
             return out
         finally:
             _close(s)
+
+    def ike_conns(self) -> set[str]:
+        """Connections with an IKE_SA in any state (established or on its way)."""
+        s = self.vici(timeout=30.0)
+        try:
+            return {_s(name) for ike in s.list_sas() for name in ike}
+        finally:
+            _close(s)
+
+    def installed_children(self) -> set[str]:
+        """Names of the CHILD_SAs charon reports INSTALLED (one VICI listing for all)."""
+        return {c["name"] for c in self.list_child_sas() if c["state"] == "INSTALLED"}
+
+    def initiate_many(self, children: list[str]) -> None:
+        """Ask charon to establish each child (connection of the same name) without waiting (VICI timeout -1)."""
+        s = self.vici(timeout=60.0)
+        try:
+            for child in children:
+                for _ in s.initiate({"child": child, "ike": child, "timeout": "-1", "init-limits": "no"}):
+                    pass
+        finally:
+            _close(s)
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system) the tree's top process used so far: the supervisor, or the starter."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError, AttributeError):
+            return None
 
     def child_installed(self, child: str) -> bool:
         """Does charon report an INSTALLED CHILD_SA named ``child``?"""

@@ -15,8 +15,9 @@ from typing import Callable
 from .charon import Charon, LabSettings, tail
 from .kernel_view import (FOREIGN_SCRIPT, SA, SiteView, add_lookalike_state, foreign_changes, read_view,
                           stale_sas)
-from .topology import PEER_GUARD_GROUP, Lab, LabError, build_lab, make_lab, peer_guard_script, remove_lab
-from .traffic import Capture, CapturedPacket, GuardLog, Pinger, PingResult, ping_until_answered
+from .topology import (PEER_GUARD_GROUP, Lab, LabError, Tunnel, build_lab, make_lab, make_scale_lab, peer_guard_script,
+                       ping_sample, remove_lab)
+from .traffic import Capture, CapturedPacket, GuardLog, Pinger, PingResult, ping_until_answered, pings_until_answered
 
 MOON_KINDS = ("supervisor", "starter", "plain")
 
@@ -36,6 +37,12 @@ class Scenario:
     until_no_stale: bool = False          # ... and until moon holds no stale SA
     stale_probe_after: float = 0.0        # > 0: also count moon's stale SAs this long after the kill
     prefix: str = "ipsvlab"
+    # > 0: a scale lab instead of ``roles``: that many tunnels, alternately moon initiator and
+    # responder (lab.topology.scale_tunnels); pings cross ``ping_sample`` of them, keyed by name.
+    tunnels: int = 0
+    ping_sample: int = 20
+    until_all_back: bool = False          # ... and until moon's charon has every CHILD_SA again
+                                          # (and, supervised, the adoption has decided every leftover)
 
     @property
     def label(self) -> str:
@@ -74,6 +81,11 @@ class Outcome:
     setup_s: float = 0.0
     tunnels_up_s: float = 0.0
     observed_s: float = 0.0
+    all_back_at: float | None = None       # moon's new charon reports every tunnel's CHILD_SA installed
+    back_counts: list[tuple[float, int]] = field(default_factory=list)   # (when, how many it reports) per look
+    adoption_done_at: float | None = None  # the supervisor's adoption decided every leftover (status)
+    cpu_at_kill: float | None = None       # CPU seconds of moon's supervisor (or starter) process
+    cpu_at_end: float | None = None
 
     def lost_after_kill(self, role: str) -> tuple[int, ...]:
         return self.pings[role].lost_between(self.kill_at - 0.5)
@@ -99,15 +111,16 @@ def run_crash(sc: Scenario, workdir: str, say: Callable[[str], None] = _say_noth
     if sc.moon not in MOON_KINDS:
         raise ValueError(f"moon must be one of {', '.join(MOON_KINDS)}, not {sc.moon!r}")
     os.makedirs(workdir, exist_ok=True)
-    lab = make_lab(sc.roles, prefix=sc.prefix)
+    lab = make_scale_lab(sc.tunnels, prefix=sc.prefix) if sc.tunnels else make_lab(sc.roles, prefix=sc.prefix)
     out = Outcome(sc, lab, workdir)
     t0 = time.monotonic()
     moon = sun = None
     pingers: dict[str, Pinger] = {}
     captures: dict[str, Capture] = {}
     try:
-        say(f"building the lab: namespaces {lab.moon.netns} and {lab.sun.netns}, "
-            f"tunnels {', '.join(f'{t.name} (moon {t.role})' for t in lab.tunnels)}")
+        tunnels = ', '.join(f'{t.name} (moon {t.role})' for t in lab.tunnels) if len(lab.tunnels) <= 4 else \
+            f"{lab.tunnels[0].name}..{lab.tunnels[-1].name} (moon initiator of the odd ones, responder of the even ones)"
+        say(f"building the lab: namespaces {lab.moon.netns} and {lab.sun.netns}, tunnels {tunnels}")
         extra = {"moon": FOREIGN_SCRIPT if sc.foreign else "",
                  "sun": peer_guard_script(lab.sun) if sc.peer_guard else ""}
         build_lab(lab, extra=extra)
@@ -122,7 +135,10 @@ def run_crash(sc: Scenario, workdir: str, say: Callable[[str], None] = _say_noth
         moon.wait_ready(timeout=300)
         out.setup_s = time.monotonic() - t0
         say(f"moon: charon ready after {out.setup_s:.1f}s; waiting for the tunnels")
-        bring_up_tunnels(lab, moon, sun)
+        if sc.tunnels:
+            bring_up_many(lab, moon, sun, sc.ping_sample)
+        else:
+            bring_up_tunnels(lab, moon, sun)
         out.tunnels_up_s = time.monotonic() - t0 - out.setup_s
         say(f"tunnels up after {out.tunnels_up_s:.1f}s more")
         if sc.foreign:
@@ -134,15 +150,17 @@ def run_crash(sc: Scenario, workdir: str, say: Callable[[str], None] = _say_noth
         if sc.peer_guard:
             captures["sun-guard"] = GuardLog(lab.sun.netns, PEER_GUARD_GROUP,
                                              os.path.join(workdir, "guard-sun.txt")).start()
-        for t in lab.tunnels:
-            pingers[t.role] = Pinger(lab.moon.netns, t.moon_host, t.sun_host,
-                                     os.path.join(workdir, f"ping-{t.role}.txt")).start()
+        for t in pinged(sc, lab):
+            key = ping_key(sc, t)
+            pingers[key] = Pinger(lab.moon.netns, t.moon_host, t.sun_host,
+                                  os.path.join(workdir, f"ping-{key}.txt")).start()
         time.sleep(sc.warmup)
         out.before = {"moon": read_view(lab.moon.netns)}
         if foreign_before is not None:
             # The first set must have survived the supervisor's start; both must survive the crash.
             out.foreign = ["before the kill: " + c for c in foreign_changes(foreign_before, out.before["moon"])]
 
+        out.cpu_at_kill = moon.cpu_seconds()
         out.killed_pid, out.kill_at = moon.kill_charon()
         say(f"kill -9 moon's charon (pid {out.killed_pid})")
         _observe(sc, out, moon, pingers, say)
@@ -167,6 +185,7 @@ def run_crash(sc: Scenario, workdir: str, say: Callable[[str], None] = _say_noth
             out.stale_after[site] = stale_sas(out.after[site], out.child_sas_after[site])
         if foreign_before is not None:
             out.foreign += foreign_changes(out.before["moon"], out.after["moon"])
+        out.cpu_at_end = moon.cpu_seconds()
         if sc.moon == "supervisor":
             out.status = _supervisor_status(moon)
             out.crash_reports = _crash_reports(moon)
@@ -187,6 +206,49 @@ def run_crash(sc: Scenario, workdir: str, say: Callable[[str], None] = _say_noth
             if d is not None:
                 d.stop(timeout=15)
         remove_lab(lab)
+
+
+def pinged(sc: Scenario, lab: Lab) -> tuple[Tunnel, ...]:
+    """The tunnels pings cross: every one, or in a scale lab a sample spread over moon's roles."""
+    return ping_sample(lab.tunnels, sc.ping_sample) if sc.tunnels else lab.tunnels
+
+
+def ping_key(sc: Scenario, t: Tunnel) -> str:
+    """Key of a tunnel's pings in Outcome.pings: moon's role, or in a scale lab the tunnel's name."""
+    return t.name if sc.tunnels else t.role
+
+
+def bring_up_many(lab: Lab, moon: Charon, sun: Charon, sample: int = 20, timeout: float = 900.0) -> None:
+    """Every tunnel of a scale lab established on both sides.
+
+    moon's charon starts its initiator tunnels by itself (start_action); sun is asked for the
+    others now, all at once, without waiting.  A tunnel whose initiator holds no IKE_SA for it
+    any more (charon gave up after its retransmissions, e.g. while the emulated CPU was busy)
+    is asked again once a minute."""
+    want = {t.name for t in lab.tunnels}
+    initiator = {t.name: (moon if t.role == "initiator" else sun) for t in lab.tunnels}
+    sun.initiate_many([t.name for t in lab.tunnels if t.role == "responder"])
+    start = time.monotonic()
+    retry_at = start + 60.0
+    while True:
+        up = moon.installed_children() & sun.installed_children()
+        missing = sorted(want - up, key=lambda n: int(n[1:]))
+        if not missing:
+            break
+        now = time.monotonic()
+        if now - start > timeout:
+            raise LabError(f"{len(missing)} of {len(want)} tunnels not established on both sides within "
+                           f"{timeout:.0f}s (first: {', '.join(missing[:5])}):\n{tail(moon.charon_log)}")
+        if now >= retry_at:
+            retry_at = now + 60.0
+            for side in (moon, sun):
+                busy = side.ike_conns()
+                again = [n for n in missing if initiator[n] is side and n not in busy]
+                if again:
+                    side.initiate_many(again)
+        # Each look lists every SA on both sides (slow Python in the emulated VM): not too often.
+        time.sleep(2.0 + len(want) / 50)
+    pings_until_answered(lab.moon.netns, [(t.moon_host, t.sun_host) for t in ping_sample(lab.tunnels, sample)])
 
 
 def bring_up_tunnels(lab: Lab, moon: Charon, sun: Charon, timeout: float = 90.0) -> None:
@@ -216,14 +278,22 @@ def _observe(sc: Scenario, out: Outcome, moon: Charon, pingers: dict[str, Pinger
     stale_zero = not sc.until_no_stale
     last_stale_check = 0.0
     probe_due = sc.stale_probe_after > 0
+    scale = bool(sc.tunnels)
+    want = {t.name for t in out.lab.tunnels}
+    next_look = 0.0
     while True:
         # Light polling: in the emulated VM every look costs CPU the recovery needs.
-        time.sleep(1.0)
+        time.sleep(2.0 if scale else 1.0)
         elapsed = time.monotonic() - start
         now = time.time()
+        if sc.until_all_back and out.ready_again_at is not None and elapsed >= next_look:
+            next_look = elapsed + 3.0
+            _look_all_back(sc, out, moon, want)
         if out.ready_again_at is None:
             pid = moon.charon_pid()
-            if pid and pid != out.killed_pid and len(moon.loaded_conns()) >= len(out.lab.tunnels):
+            # A hundred connections take the emulated VM's Python seconds to list: a longer wait.
+            if pid and pid != out.killed_pid and \
+                    len(moon.loaded_conns(timeout=30.0 if scale else 5.0)) >= len(out.lab.tunnels):
                 out.restarted_pid, out.ready_again_at = pid, time.time()
                 say(f"moon: a new charon (pid {pid}) is ready {out.ready_again_at - out.kill_at:.1f}s after the kill")
         settled = True
@@ -248,14 +318,33 @@ def _observe(sc: Scenario, out: Outcome, moon: Charon, pingers: dict[str, Pinger
                 stale_zero = not stale_sas(read_view(out.lab.moon.netns), moon.list_child_sas())
             except OSError:
                 stale_zero = False
+        back = not sc.until_all_back or (out.all_back_at is not None and
+                                         (sc.moon != "supervisor" or out.adoption_done_at is not None))
         done = (elapsed >= sc.min_observe and settled and stale_zero and out.ready_again_at is not None
-                and not probe_due)
+                and not probe_due and back)
         if done or elapsed >= sc.max_observe:
             out.observed_s = elapsed
             out.stopped_watching_at = time.time()
             if not done:
                 say(f"stopped watching after {elapsed:.0f}s (max_observe) without everything settled")
             return
+
+
+def _look_all_back(sc: Scenario, out: Outcome, moon: Charon, want: set[str]) -> None:
+    """Note when moon's new charon first has every CHILD_SA, and when the adoption is done."""
+    now = time.time()
+    if out.all_back_at is None:
+        try:
+            back = want & moon.installed_children()
+        except OSError:
+            back = set()
+        out.back_counts.append((now, len(back)))
+        if back == want:
+            out.all_back_at = now
+    if sc.moon == "supervisor" and out.adoption_done_at is None:
+        adoption = ((_supervisor_status(moon) or {}).get("recovery") or {}).get("adoption") or {}
+        if adoption.get("state") == "done":
+            out.adoption_done_at = now
 
 
 def _supervisor_status(moon: Charon) -> dict | None:

@@ -103,6 +103,41 @@ def make_lab(roles: tuple[str, ...] = ("initiator", "responder", "trap"), prefix
     )
 
 
+MAX_SCALE_TUNNELS = 250   # N of 10.1.N.0/24 stays a byte, clear of the three role tunnels' names
+
+
+def scale_tunnels(count: int) -> tuple[Tunnel, ...]:
+    """COUNT tunnels t1..tN, alternately moon initiator (odd N) and moon responder (even N).
+
+    sun starts none by itself (start_action none): the lab initiates its side once moon's
+    charon is up (``lab.scenario.bring_up_many``), instead of waiting out retransmissions
+    of a hundred IKE_SA_INITs sent while moon had no charon."""
+    if not 1 <= count <= MAX_SCALE_TUNNELS:
+        raise ValueError(f"a scale lab has 1..{MAX_SCALE_TUNNELS} tunnels (one /24 per side each), not {count}")
+    return tuple(Tunnel(f"t{i}", i, moon_action="start" if i % 2 else "none", sun_action="none")
+                 for i in range(1, count + 1))
+
+
+def ping_sample(tunnels: tuple[Tunnel, ...], size: int) -> tuple[Tunnel, ...]:
+    """SIZE tunnels to ping, spread evenly over each of moon's roles (half each, as far as they go)."""
+    by_role: dict[str, list[Tunnel]] = {}
+    for t in tunnels:
+        by_role.setdefault(t.role, []).append(t)
+    roles = sorted(by_role)
+    out: list[Tunnel] = []
+    for i, role in enumerate(roles):
+        group = by_role[role]
+        want = min(len(group), size // len(roles) + (1 if i < size % len(roles) else 0))
+        out += [group[j * len(group) // want] for j in range(want)] if want else []
+    return tuple(sorted(out, key=lambda t: t.index))
+
+
+def make_scale_lab(count: int, prefix: str = "ipsvlab") -> Lab:
+    """A lab of COUNT tunnels (``scale_tunnels``) with fresh namespace names."""
+    lab = make_lab(("initiator",), prefix=prefix)
+    return Lab(lab.moon, lab.sun, scale_tunnels(count))
+
+
 def in_netns(netns: str, *argv: str) -> list[str]:
     """argv run inside ``netns``.
 

@@ -259,6 +259,18 @@ class GuardLog(Tcpdump):
         super().__init__(netns, logfile, ["-i", f"nflog:{group}"])
 
 
+def pings_until_answered(netns: str, pairs: list[tuple[str, str]], timeout: float = 60.0) -> None:
+    """``ping_until_answered`` for each (src, dst) in turn, in one shell (one process start for all)."""
+    tries = max(1, int(timeout))
+    loops = "".join(f"i=0; until ping -n -c 1 -W 1 -I {src} {dst} >/dev/null 2>&1; do i=$((i+1)); "
+                    f"[ $i -lt {tries} ] || {{ echo {dst}; exit 1; }}; done\n" for src, dst in pairs)
+    proc = subprocess.run(in_netns(netns, "sh", "-c", loops), capture_output=True, text=True,
+                          timeout=len(pairs) * (timeout * 2 + 30))
+    if proc.returncode != 0:
+        raise LabError(f"no answer from {proc.stdout.strip() or '?'} to pings from {netns} within about "
+                       f"{timeout:.0f}s")
+
+
 def ping_until_answered(netns: str, src: str, dst: str, timeout: float = 60.0) -> float:
     """One ping a second until one is answered (a trap tunnel needs a packet to come up); returns the wait."""
     t0 = time.monotonic()

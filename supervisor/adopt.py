@@ -28,9 +28,10 @@ ledger, what charon reports, and the clock, never from remembered events):
   raises no notification), charon's routing rule (it tries to create it at every
   start, EEXIST here, and deletes it when it stops), virtual IPs and SPIs charon
   reports (updown rules of a reqid charon uses again are deleted: its updown adds its own copy);
-- when ``recovery.adopt_grace`` has passed, whatever is still unclaimed goes:
-  out/fwd policies for selectors charon still has configured behind fail-closed
-  blocks, the rest directly.
+- when ``recovery.adopt_grace`` has passed (``adopt_deadline``: counted from charon
+  being ready and from the latest initiation, and never while initiations wait their
+  turn), whatever is still unclaimed goes: out/fwd policies for selectors charon still
+  has configured behind fail-closed blocks, the rest directly.
 
 Nothing here does I/O: VICI answers come in as plain dicts (``parse_list_conns``,
 ``parse_list_sas``) and the kernel as a ``Ledger`` and records.
@@ -70,6 +71,22 @@ INITIATE_WINDOW = 10.0
 INITIATE_SETTLE = 1.0
 
 _MODES = {xfrm.MODE_TRANSPORT: "TRANSPORT", xfrm.MODE_TUNNEL: "TUNNEL", 4: "BEET"}
+
+
+# --- the grace period -------------------------------------------------------------
+
+
+def adopt_deadline(started: float, grace: float, last_initiated: float | None, queued: int) -> float:
+    """When recovery.adopt_grace ends: GRACE after charon was ready (STARTED) or after the latest
+    initiation, whichever is later; never while QUEUED connections still wait their turn.
+
+    A grace that ran out while initiations are queued would sweep leftovers whose replacement
+    was only waiting for a place; the queue always drains (a place frees within INITIATE_WINDOW,
+    and a connection is initiated once), so the adoption still ends: at 1,000 connections one at
+    a time, within 1,000 x INITIATE_WINDOW + GRACE at worst."""
+    if queued > 0:
+        return float("inf")
+    return max(started, last_initiated if last_initiated is not None else started) + grace
 
 
 # --- actions of their own ---------------------------------------------------------
@@ -696,7 +713,6 @@ def _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, 
     initiations: list = []
     deletes: dict[str, list] = {family: [] for family in FLUSH_ORDER}
     active = tuple(active or ())
-    grace_over = now >= deadline
 
     def held(record: Any) -> str | None:
         return deletion_hold(record, verdict_of[leftover_key(record)], others)
@@ -769,7 +785,8 @@ def _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, 
         by_conn.setdefault(key[0], []).append(key)
     busy_now = establishing(active, initiated, connecting_since, now) if by_conn else frozenset()
     turn = list(by_conn)[:max(0, parallel - len(busy_now))]
-    for conn in list(by_conn)[len(turn):]:
+    queued = tuple(list(by_conn)[len(turn):])
+    for conn in queued:
         for key in by_conn[conn]:
             for leftover in wanted.pop(key):
                 why = (f"waiting its turn: {', '.join(sorted(busy_now | set(turn)))} being established "
@@ -786,6 +803,8 @@ def _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, 
         initiations.append(InitiateChild(conn, child, first.peer, tuple(g.reqid for g in group), rule,
                                          f"replaces {', '.join(g.describe() for g in group)} with {how}"))
 
+    # Whatever waits its turn keeps its leftovers, even past DEADLINE (see adopt_deadline).
+    grace_over = now >= deadline and not queued
     out_routes = _charon_out_routes(ledger)
     vips = {v for ike in active for v in ike.local_vips}
 
@@ -864,7 +883,17 @@ def _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, 
     # Initiations last: the clean-up (iptables runs) does not compete with the exchange for CPU.
     actions.extend(initiations)
     actions.extend(waits)
-    return Plan("adopt", tuple(actions), fail_closed=fail_closed)
+    return AdoptPlan("adopt", tuple(actions), fail_closed=fail_closed, queued=queued)
+
+
+@dataclass(frozen=True)
+class AdoptPlan(Plan):
+    """One step of adoption; ``queued``: connections whose initiation waits its turn (they hold the grace)."""
+
+    queued: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        return {**Plan.to_json(self), "queued": list(self.queued)}
 
 
 def plan_wait(leftovers: Sequence[tuple[Any, Verdict]], reason: str) -> Plan:

@@ -455,7 +455,8 @@ class RecoveryConfig:
     block_timeout: float = _key(duration(positive=True), 30.0,
                                 "blocks charon did not replace are removed this long after it is ready")
     adopt_grace: float = _key(duration(), 60.0,
-                              "time charon has to claim leftovers once ready or since the last initiation (adopt)")
+                              "time charon has to claim leftovers once ready or since the last initiation, "
+                              "not counting while initiations wait their turn (adopt)")
     adopt_initiate: bool = _key(boolean(), True, "initiate matched children with a known peer (adopt)")
     adopt_initiate_parallel: int = _key(number(1, 10000, integer=True), 1,
                                         "IKE_SAs being established at once while adopting (adopt)")

@@ -390,11 +390,14 @@ class _Adoption:
     last_ledger: Any = None
     last_active: Any = None
     pending: int | None = None      # leftovers still undecided after the last step
+    last_initiated: float | None = None
+    queued: int = 0                 # connections waiting their turn to be initiated (they hold the grace)
 
     def to_json(self, now: float) -> dict:
         return {"state": "done" if self.done else "waiting", "leftovers": len(self.leftovers),
                 "resolved": len(self.resolved), "initiated": sorted("/".join(k) for k in self.initiated),
-                "grace_left_s": None if self.done else round(max(0.0, self.deadline - now), 3),
+                "grace_left_s": None if self.done or self.deadline == float("inf")
+                else round(max(0.0, self.deadline - now), 3), "queued": self.queued,
                 "steps": self.steps, "results": dict(self.counts), "last_error": self.last_error,
                 "pending": self.pending}
 
@@ -1160,9 +1163,7 @@ class KernelRecovery:
                                                                                 0) + 1
                 action = r.action
                 if isinstance(action, adopt.InitiateChild):
-                    a.initiated[(action.conn, action.child)] = self._clock()
-                    # leftovers may wait adopt_grace for what this initiation brings
-                    a.deadline = max(a.deadline, self._clock() + rc.adopt_grace)
+                    a.initiated[(action.conn, action.child)] = a.last_initiated = self._clock()
                     (log.info if r.ok else log.warning)("adopt: initiate %s/%s: %s (%s)", action.conn, action.child,
                                                         r.message or r.outcome.value, action.reason)
                 elif isinstance(action, InstallBlockPolicy):
@@ -1174,9 +1175,13 @@ class KernelRecovery:
                         a.resolved.add(adopt.leftover_key(action.record))
                     if isinstance(action, Keep):
                         log.info("adopt: keeping %s: %s", action.record.describe(), action.reason)
+        # The grace follows progress: from the latest initiation, and not at all while some wait their turn.
+        queued = todo.queued
+        a.queued = len(queued)
+        a.deadline = adopt.adopt_deadline(a.started, rc.adopt_grace, a.last_initiated, a.queued)
         pending = adopt.pending_leftovers(a.leftovers, ledger, frozenset(a.resolved))
         a.pending = len(pending)
-        if grace_over or not pending:
+        if (grace_over and not queued) or not pending:
             self._set_ledger(adoption_deadline=None)
             self._save_now()        # what charon claimed is on disk before anyone asks (reconcile)
             a.done = True

@@ -430,6 +430,36 @@ def test_a_place_is_held_while_an_exchange_is_under_way_and_at_most_ten_seconds(
         assert any(w.startswith("waiting its turn: site-a being established") for w in _waits(plan)), case
 
 
+@pytest.mark.parametrize("case, started, grace, last_initiated, queued, deadline", [
+    ("nothing initiated: grace from charon being ready", 100.0, 60.0, None, 0, 160.0),
+    ("an initiation restarts the grace", 100.0, 60.0, 130.0, 0, 190.0),
+    ("an initiation before charon was ready counts from ready", 100.0, 60.0, 90.0, 0, 160.0),
+    ("initiations waiting their turn hold the grace", 100.0, 60.0, 130.0, 1, float("inf")),
+    ("... however many, however short the grace", 100.0, 5.0, None, 199, float("inf")),
+    ("the queue drained with the last initiation: grace from it", 100.0, 5.0, 400.0, 0, 405.0),
+    ("no grace at all", 100.0, 0.0, None, 0, 100.0),
+])
+def test_the_grace_period_follows_progress_and_never_ends_while_initiations_are_queued(
+        case, started, grace, last_initiated, queued, deadline):
+    assert adopt.adopt_deadline(started, grace, last_initiated, queued) == deadline, case
+
+
+def test_a_passed_deadline_sweeps_nothing_while_initiations_wait_their_turn(tunnels):
+    # site-a is being established; site-a6 waits for its place: the deadline (a caller's stale
+    # one) has passed, but sweeping now would remove leftovers whose replacement only waits.
+    tunnels = _expiring(tunnels, 1)
+    connecting = [ike("site-a", "CONNECTING", "192.0.2.2")]
+    plan = plan_for(tunnels, active=connecting, initiated={("site-a", "net"): 0.0},
+                    connecting_since={"site-a": 0.0}, now=70.0 - 62.0, deadline=1.0)
+    assert plan.queued == ("site-a6",)
+    assert not [a for a in plan.actions if isinstance(a, (DeleteObject, InstallBlockPolicy))]
+    # once nothing waits (parallel 2 gives site-a6 its place at once), a passed deadline sweeps
+    plan = plan_for(tunnels, active=connecting, initiated={("site-a", "net"): 0.0, ("site-a6", "net6"): 0.0},
+                    connecting_since={"site-a": 0.0}, now=8.0, deadline=1.0)
+    assert plan.queued == ()
+    assert [a for a in plan.actions if isinstance(a, DeleteObject)]
+
+
 def test_initiations_come_after_the_clean_up_in_a_step(tunnels):
     plan = plan_for(tunnels, reinstalled=True, active=SITE_A_UP, initiated=frozenset({("site-a", "net")}))
     kinds = [type(a).__name__ for a in plan.actions if not isinstance(a, WaitFor)]
@@ -443,7 +473,9 @@ def test_nothing_is_initiated_when_adopt_initiate_is_off(tunnels):
 def test_a_static_reqid_drops_the_leftover_updown_copy_and_spis_charon_reports_are_never_deleted(tunnels):
     same_reqid = [ike("site-a", "ESTABLISHED", "192.0.2.2", children=[
         ("net", 1, "INSTALLED", 0xC1234567, 0x00AA0001, ["10.1.0.0/16"], ["10.2.0.0/16"])])]
-    plan = plan_for(tunnels, reinstalled=True, active=same_reqid, now=61.0)
+    # (both initiated already: initiations still waiting their turn would hold the grace)
+    plan = plan_for(tunnels, reinstalled=True, active=same_reqid, now=61.0,
+                    initiated=frozenset({("site-a", "net"), ("site-a6", "net6")}))
     got = {summary(a): a.reason for a in plan.actions}
     for rule in FW_1:
         # charon's updown inserts the identical rule for that CHILD_SA: the leftover copy goes

@@ -263,3 +263,41 @@ def test_the_peer_guard_in_a_namespace_stops_unprotected_tunnel_traffic_and_noth
         remove_lab(lab)
         shutil.rmtree(work, ignore_errors=True)
     assert not lab_namespaces_left("ipsvlabg")
+
+
+def test_a_scale_lab_alternates_moon_s_roles_on_distinct_subnets_and_refuses_what_its_addressing_cannot_hold():
+    tunnels = topology.scale_tunnels(200)
+    assert [t.role for t in tunnels[:4]] == ["initiator", "responder", "initiator", "responder"]
+    assert len({t.moon_net for t in tunnels} | {t.sun_net for t in tunnels}) == 400
+    assert len({t.name for t in tunnels}) == 200 and all(t.sun_action == "none" for t in tunnels)
+    conf = swanctl_conf(make_lab().moon, tunnels[:2], LabSettings())
+    assert "start_action = start" in conf and "start_action = none" in conf and "reqid = 2" in conf
+    for bad in (0, topology.MAX_SCALE_TUNNELS + 1):
+        with pytest.raises(ValueError, match="a scale lab has 1..250 tunnels"):
+            topology.scale_tunnels(bad)
+
+
+@pytest.mark.parametrize("count, size, initiators, responders", [
+    (200, 20, 10, 10), (50, 10, 5, 5), (3, 20, 2, 1), (201, 5, 3, 2), (1, 20, 1, 0)])
+def test_the_ping_sample_spreads_over_both_roles(count, size, initiators, responders):
+    sample = topology.ping_sample(topology.scale_tunnels(count), size)
+    roles = [t.role for t in sample]
+    assert (roles.count("initiator"), roles.count("responder")) == (initiators, responders)
+    assert len({t.name for t in sample}) == len(sample)
+    assert [t.index for t in sample] == sorted(t.index for t in sample)
+    if count >= 50:
+        assert sample[-1].index > count // 2     # spread over all, not the first few
+
+
+def test_the_scale_bench_reads_its_targets_and_the_supervisor_s_adoption_end():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import bench_adopt_scale as bench
+    assert bench.parse_target("starter") == ("starter", 0) and bench.parse_target("adopt-16") == ("adopt", 16)
+    for bad in ("adopt", "adopt-0", "flush-1", "keep"):
+        with pytest.raises(ValueError, match="starter or adopt-P"):
+            bench.parse_target(bad)
+    log = ("2026-12-05 05:16:56.112 INFO supervisor.recovery: adopt: initiate t14/t14: charon is establishing it\n"
+           "2026-12-05 05:16:59.401 INFO supervisor.recovery: adoption finished after 54.0s: 80 delete done\n")
+    at = bench.adoption_finished_at(log)
+    assert at == time.mktime(time.strptime("2026-12-05 05:16:59", "%Y-%m-%d %H:%M:%S")) + 0.401
+    assert bench.adoption_finished_at(log.splitlines()[0]) is None

@@ -311,7 +311,9 @@ def cmd_reconcile(args) -> int:
                               parallel=rc.adopt_initiate_parallel, others=ike_daemons.others(found, exclude=(pid,)))
                 now = _time.monotonic()
                 plan = adopt.plan_adopt(inherited, now=now, deadline=now + rc.adopt_grace, **common)
-                grace_plan = adopt.plan_adopt(inherited, now=now, deadline=now, **common)
+                # By the time the grace ends every initiation has gone out (the queue holds it):
+                # what is still unclaimed then is what this plan shows going.
+                grace_plan = adopt.plan_adopt(inherited, now=now, deadline=now, **{**common, "initiate": False})
             if not inherited:
                 notes.append(f"{name} pid {pid} runs and no leftover of its predecessor is left")
     doc["plan"] = plan.to_json() if plan is not None else None
