@@ -43,6 +43,7 @@ from .config import Config, format_duration
 from .errors import KernelError, SupervisorError
 from .kernel.common import Action as KAction
 from .kernel.xfrm import XfrmPolicy
+from .metrics import tell
 from .kernel_state import KernelState, KernelWatch, ReadOptions, read_state
 from .ledger import (HOW_INHERITED, OWNER_DAEMON, DaemonPorts, Ledger, LedgerError, apply_events, ledger_path, load_ledger,
                      resync_ledger, save_ledger, start_ledger)
@@ -498,12 +499,8 @@ class KernelRecovery:
         return self._jobs.call(fn)
 
     def _observe(self, name: str, *args) -> None:
-        hook = getattr(self.observer, name, None)
-        if hook is not None:
-            try:
-                hook(*args)
-            except Exception:  # noqa: BLE001 - metrics must never disturb recovery
-                log.exception("metrics observer %s failed; going on", name)
+        """Tell the metrics observer (if any) about an event; its errors are logged, never raised."""
+        tell(self.observer, name, *args)
 
     @property
     def ledger(self) -> Ledger | None:

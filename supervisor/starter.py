@@ -37,6 +37,7 @@ from .control import LOCK_NAME, SOCKET_NAME, ControlServer, Deferred, lock_run_d
 from .frontend.pidfile import PID_FILE_NAME, write_pid_file
 from .errors import ConfigError, ExitCode, SupervisorError, printable
 from .trusted_paths import open_trusted_dir
+from .metrics import tell
 from .eventloop import Loop, SignalWakeup, ThreadWakeup, Timer
 from .jobs import AttachedProcess, Child, Job, JobResult
 from .ledger import LEDGER_FILE
@@ -1384,12 +1385,7 @@ class Supervisor:
 
     def _observe(self, name: str, *args) -> None:
         """Tell the metrics observer (if any) about an event; its errors are logged, never raised."""
-        hook = getattr(self.observer, name, None)
-        if hook is not None:
-            try:
-                hook(*args)
-            except Exception:  # noqa: BLE001 - metrics must never disturb supervision
-                log.exception("metrics observer %s failed; going on", name)
+        tell(self.observer, name, *args)
 
     def _status_line(self) -> str:
         name = self._daemon_name

@@ -9,3 +9,18 @@ metrics``), so prometheus_client costs the short commands nothing.
 - ``exporter``: the observer the Supervisor and KernelRecovery tell of events, the HTTP
   listener and the textfile writer.
 """
+
+import logging
+
+_log = logging.getLogger("supervisor")
+
+
+def tell(observer, name: str, *args) -> None:
+    """Call OBSERVER.NAME(*args) if it has it; its errors are logged, never raised (metrics must never
+    disturb supervision or recovery)."""
+    hook = getattr(observer, name, None)
+    if hook is not None:
+        try:
+            hook(*args)
+        except Exception:  # noqa: BLE001
+            _log.exception("metrics observer %s failed; going on", name)
