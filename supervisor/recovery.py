@@ -50,6 +50,8 @@ from .ownership import MarkerConfig, Verdict, decide_ownership, is_supervisor_bl
 from .policy import Action, Decision, ExitClass, ExitInfo, signal_name
 from .reconcile import (ActionResult, DeleteObject, InstallBlockPolicy, Keep, Outcome, Plan,
                         RemoveBlockPolicy, blocks_to_remove, execute, plan_flush, plan_keep)
+from .crash_snapshots import (TEST_DELAY_ENV, Writer, finish_intent, lost_snapshot, ownership_context, prune_snapshots,  # noqa: F401
+                              snapshot_name, snapshot_paths, unfinished_intents, write_intent)
 from .snapshot import take_snapshot, write_snapshot
 from .strongswan_conf import (DEFAULT_PATH as STRONGSWAN_CONF, POLICY_UPDATE, AdoptCapability, SettingsError,
                               as_bool, check_adopt_capability, lookup, parse_version, read_settings)
@@ -144,55 +146,6 @@ def recovery_plan(choice: RecoveryChoice, state: Any, ownership: Any, others: It
                                                   "recovery.adopt_grace")
     plan = plan_keep(state, ownership)
     return dataclasses.replace(plan, mode=choice.action)
-
-
-# --- snapshots ------------------------------------------------------------------------------
-
-
-def snapshot_name(wall: float, pid: int | None, reason: str) -> str:
-    stamp = _dt.datetime.fromtimestamp(wall, _dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    return f"{stamp}-{pid or 0}-{reason}.json"
-
-
-def snapshot_paths(directory: str) -> list[str]:
-    """Snapshot files, oldest first (names start with a UTC time stamp)."""
-    try:
-        names = sorted(n for n in os.listdir(directory) if n.endswith(".json") and not n.startswith("."))
-    except FileNotFoundError:
-        return []
-    return [os.path.join(directory, n) for n in names]
-
-
-def prune_snapshots(directory: str, keep: int, max_age: float, now: float) -> list[str]:
-    """Remove snapshots beyond the newest KEEP and those older than MAX_AGE seconds (0: no limit)."""
-    paths = snapshot_paths(directory)
-    doomed = paths[:max(0, len(paths) - keep)]
-    if max_age > 0:
-        for p in paths[len(doomed):]:
-            try:
-                if now - os.stat(p).st_mtime > max_age:
-                    doomed.append(p)
-            except FileNotFoundError:
-                continue
-    for p in doomed:
-        try:
-            os.unlink(p)
-        except FileNotFoundError:
-            pass
-    return doomed
-
-
-def ownership_context(ownership: Any, state: Any) -> dict:
-    """For the snapshot: which objects (index per family) were charon's, by which rule."""
-    owned: dict[str, list] = {}
-    for family, records in state.objects.items():
-        rows = []
-        for i, record in enumerate(records):
-            v = ownership.verdict_of(record)
-            if v is not None and v.owned:
-                rows.append([i, v.rule])
-        owned[family] = rows
-    return owned
 
 
 # --- VICI (blocking, with a deadline on every read) ----------------------------------------
@@ -395,6 +348,45 @@ class _Adoption:
                 "pending": self.pending}
 
 
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+@dataclass
+class _Pending:
+    """A crash's recovery between its kernel read (before the restart) and the rest (after it)."""
+
+    key: tuple                  # (pid, died_at): the crash report waits for this section
+    choice: RecoveryChoice
+    why: str
+    pid: int | None
+    abnormal: bool
+    daemon: dict
+    state: KernelState          # read at the crash: the snapshot, the leftovers, the next baseline
+    ledger: Ledger | None       # the dead daemon's, by which the leftovers are judged
+    ownership: Any              # already decided when a flush ran before the restart
+    results: list | None        # that flush's results
+    name: str | None            # the snapshot's file name; its intent record is on disk
+    section: dict
+    started: float
+
+
+def state_after_flush(state: KernelState, results: Iterable[ActionResult]) -> KernelState:
+    """STATE as a flush with RESULTS left it: deleted objects gone, blocks added or removed."""
+    gone = {id(r.action.record) for r in results if isinstance(r.action, DeleteObject) and r.ok}
+    added = [r.action.block for r in results if isinstance(r.action, InstallBlockPolicy) and r.ok]
+    unblocked = {r.action.block.key() for r in results if isinstance(r.action, RemoveBlockPolicy) and r.ok}
+    objects = {}
+    for family, records in state.objects.items():
+        kept = tuple(x for x in records if id(x) not in gone
+                     and not (family == "xfrm_policy" and unblocked and x.key() in unblocked))
+        objects[family] = kept + tuple(added) if family == "xfrm_policy" else kept
+    return dataclasses.replace(state, objects=objects)
+
+
 class KernelRecovery:
     """The supervisor's kernel-state recovery (see the module docstring)."""
 
@@ -434,6 +426,8 @@ class KernelRecovery:
         self._last: dict | None = None
         self._capability: AdoptCapability | None = None
         self._warned: set[str] = set()
+        self._pending: _Pending | None = None     # a crash's recovery, finished after the restart
+        self._writer: Writer | None = None        # snapshots, records and ledger saves beside the restart
         self.observer = None        # metrics: recovered(section, took, abnormal), overrun(monitor)
 
     # -- wiring (loop thread) ------------------------------------------------------------
@@ -444,6 +438,7 @@ class KernelRecovery:
         self._loop_thread = threading.get_ident()
         self._wakeup = ThreadWakeup(loop)
         self._jobs = _Jobs("recovery-jobs")
+        self._writer = Writer()
         try:
             self._watch = KernelWatch()
         except KernelError as exc:
@@ -454,8 +449,12 @@ class KernelRecovery:
 
     def detach(self) -> None:
         """Stop watching, finish the worker (bounded), and save the ledger one last time."""
+        if self._pending is not None:       # a crash whose restart never came: its snapshot still goes out
+            self._run(self._finish_pending)
         if self._jobs is not None:
             self._jobs.close()
+        if self._writer is not None:
+            self._writer.close()
         if self._adoption is not None and not self._adoption.done:
             log.warning("supervisor exiting during adoption: %d leftover(s) stay in the ledger for the next "
                         "start", len(self._adoption.leftovers) - len(self._adoption.resolved))
@@ -524,7 +523,16 @@ class KernelRecovery:
         with self._lock:
             if self._buffer is not None:
                 self._buffer.extend(events)
+                buffering = True
+            elif self._ledger is None:
                 return
+            else:
+                buffering = False
+        if buffering:
+            if self._blocks:
+                self._check_blocks(events)
+            return
+        with self._lock:
             if self._ledger is None:
                 return
             ports = self._ports.update(events) if self._ports is not None else frozenset()
@@ -553,6 +561,9 @@ class KernelRecovery:
             self._ports = ports
             if self._ledger is not None:
                 self._ledger = dataclasses.replace(self._ledger, daemon_pid=pid)
+        if self._pending is not None:
+            # charon is back: now the rest of the crash's recovery (ownership, baseline, snapshot)
+            self._submit(self._finish_pending, "recovery after the restart")
         self._schedule_save()
 
     def _schedule_save(self) -> None:
@@ -633,19 +644,28 @@ class KernelRecovery:
             log.error("cannot read the kernel state for the ownership baseline: %s; ownership of this run "
                       "falls back to charon's markers", exc)
             return
+        self._install_baseline(state)
+        self._save_now()
+
+    def _install_baseline(self, state) -> None:
+        """The new run's ledger from STATE plus every change buffered since it was read."""
         blocks = {p.key(): p for p in state.objects.get("xfrm_policy", ()) if is_supervisor_block(p)}
+        # Built outside the lock: the loop keeps buffering notifications meanwhile.
+        ledger = start_ledger(state, self._daemon_pid, claimed=[r for r, _ in self._carry], now=self._wall())
         with self._lock:
-            # Normally no daemon runs yet; only a before_start over its time limit lets the spawn
-            # overtake the baseline, and then its changes meanwhile are still its own.
-            ledger = start_ledger(state, self._daemon_pid, claimed=[r for r, _ in self._carry], now=self._wall())
+            # The spawn may overtake the baseline (always after a crash, whose baseline is finished
+            # once charon runs): its changes meanwhile are still its own.
+            ledger = dataclasses.replace(ledger, daemon_pid=self._daemon_pid)
             buffered, self._buffer = self._buffer or [], None
             ports = self._ports.update(buffered) if self._ports is not None and self._daemon_pid else frozenset()
             self._ledger = apply_events(ledger, buffered, ports)
             for key, block in blocks.items():
                 self._blocks.setdefault(key, block)
             self._blocks = {k: v for k, v in self._blocks.items() if k in blocks}
+            stale = bool(self._ledger.stale)
         self._local_addresses = frozenset(a.address for a in state.objects.get("address", ()))
-        self._save_now()
+        if stale:
+            self._schedule_resync()     # notifications were lost while buffering (e.g. a big flush)
 
     # -- hooks (supervisor's recovery worker) ------------------------------------------------
     def on_config(self, config: Config) -> None:
@@ -653,8 +673,14 @@ class KernelRecovery:
         self.config = config
 
     def before_start(self, context) -> None:
-        """PREPARING: leftovers of an earlier supervisor (first start only), then the baseline."""
+        """PREPARING: leftovers of an earlier supervisor (first start only), then the baseline.
+
+        After a crash the baseline comes from the crash's own read, finished once charon is
+        spawned (``_finish_pending``): nothing is read or written here then.
+        """
         self.config = context.config
+        if self._pending is not None:
+            return
         self._run(lambda: self._before_start(context))
 
     def _before_start(self, context) -> None:
@@ -696,13 +722,15 @@ class KernelRecovery:
     def on_daemon_exit(self, exit_info: ExitInfo, decision: Decision) -> None:
         """RECOVERING: snapshot what the dead daemon left, then flush / carry it for adopt or keep."""
         section: dict = {"error": "recovery did not finish"}
+        key = (exit_info.pid, exit_info.died_at)
         try:
             section = self._run(lambda: self._on_exit(exit_info, decision))
         except Exception as exc:
             section = {"error": f"{type(exc).__name__}: {exc}"}
             raise
         finally:
-            self._publish_section((exit_info.pid, exit_info.died_at), section)
+            if self._pending is None or self._pending.key != key:
+                self._publish_section(key, section)     # else: once its snapshot is written
 
     def crash_report_section(self, exit_info: ExitInfo) -> dict | None:
         """For the crash report: leftover counts, the snapshot and what recovery did (waits for it)."""
@@ -726,6 +754,8 @@ class KernelRecovery:
 
     def _on_exit(self, info: ExitInfo, decision: Decision) -> dict:
         rc = self.config.recovery
+        if self._pending is not None:
+            self._finish_pending()          # the restart failed before spawning: finish the last crash first
         if self._adoption is not None and not self._adoption.done:
             left = len(self._adoption.leftovers) - len(self._adoption.resolved)
             log.warning("%s died during adoption; %d leftover(s) not yet decided are leftovers again",
@@ -751,10 +781,12 @@ class KernelRecovery:
         choice = choose_recovery(rc.mode, fail_closed=rc.fail_closed, on_stop=rc.on_stop,
                                  exit_class=info.classification, decision=decision.action,
                                  can_adopt=can_adopt)
-        return self._recover(choice, why, info.pid, info.classification.abnormal, "exit",
-                             {"pid": info.pid, "exit": {"code": info.exit_code, "signal": signal_name(info.signal),
-                                                        "classification": info.classification.value,
-                                                        "uptime_s": round(info.uptime, 3)}})
+        daemon = {"pid": info.pid, "exit": {"code": info.exit_code, "signal": signal_name(info.signal),
+                                            "classification": info.classification.value,
+                                            "uptime_s": round(info.uptime, 3)}}
+        if decision.action is Action.RESTART and choice.action != NONE:
+            return self._recover_before_restart(choice, why, info, daemon)
+        return self._recover(choice, why, info.pid, info.classification.abnormal, "exit", daemon)
 
     # -- the recovery itself (jobs thread) -----------------------------------------------------
     def _recover(self, choice: RecoveryChoice, why: str, pid: int | None, abnormal: bool, reason: str,
@@ -804,24 +836,12 @@ class KernelRecovery:
         if choice.action == FLUSH and len(plan):
             results = execute(plan)
             section["results"] = tally(results)
-            failed_records = set()
-            for r in results:
-                if isinstance(r.action, InstallBlockPolicy) and r.ok:
-                    with self._lock:
-                        self._blocks[r.action.block.key()] = r.action.block
-                elif isinstance(r.action, RemoveBlockPolicy) and r.ok:
-                    with self._lock:
-                        self._blocks.pop(r.action.block.key(), None)
-                elif isinstance(r.action, DeleteObject) and not r.ok:
-                    failed_records.add(id(r.action.record))
+            self._note_flush(results, why)
+            failed_records = {id(r.action.record) for r in results if isinstance(r.action, DeleteObject)
+                              and not r.ok}
             carry = [(rec, v) for rec, v in owned if id(rec) in failed_records]
             # a leftover still there has the key charon's policy will have: not charon's re-install
             self._stuck = frozenset(rec.index for rec, _ in carry if rec.FAMILY == "xfrm_policy")
-            bad = [r for r in results if not r.ok]
-            log.log(logging.WARNING if bad else logging.INFO, "flush after %s: %s%s", why,
-                    ", ".join(f"{n} {o}" for o, n in section["results"].items()),
-                    f" ({len(self._blocks)} fail-closed block(s) in place until charon re-installs its "
-                    "policies)" if self._blocks else "")
         elif choice.action in (ADOPT, KEEP):
             carry = owned
         self._carry = carry
@@ -832,15 +852,145 @@ class KernelRecovery:
         self._observe("recovered", section, self._clock() - started, abnormal)
         return section
 
-    def _write_snapshot(self, state, ownership, choice, why, pid, reason, daemon) -> str | None:
+    # -- a crash with a restart: only the read before it, the rest after (see crash_snapshots) ------
+    def _recover_before_restart(self, choice: RecoveryChoice, why: str, info: ExitInfo, daemon: dict) -> dict:
+        """Jobs thread, charon dead: read the state (a flush also acts: charon must start on a clean
+        slate), record the snapshot to come, and leave the rest to ``_finish_pending``."""
+        section: dict[str, Any] = {"mode": self.config.recovery.mode, **choice.to_json()}
+        started = self._clock()
+        with self._lock:
+            if self._buffer is None:
+                self._buffer = []       # every change from now on goes on top of this read: the next baseline
+        try:
+            state = self._read(self._options)
+        except KernelError as exc:
+            with self._lock:
+                self._buffer = None
+            log.error("cannot read the kernel state after %s: %s; nothing recovered (the next start "
+                      "tries again)", why, exc)
+            section["error"] = str(exc)
+            self._observe("recovered", section, self._clock() - started, info.classification.abnormal)
+            return section
+        at = {"died": info.died_at, "read": self._clock()}
+        with self._lock:
+            ledger = self._ledger
+            if ledger is not None and ledger.stale:
+                ledger = self._ledger = resync_ledger(ledger, state.objects)
+        ownership, results = None, None
+        if choice.action == FLUSH:
+            ownership = decide_ownership(state.objects, self._markers, ledger)
+            others = self._ike_daemons(state.netns.inode, exclude=(info.pid,))
+            plan = recovery_plan(choice, state, ownership, others)
+            for a in plan.actions:
+                if isinstance(a, Keep):
+                    log.info("keeping %s: %s", a.record.describe(), a.reason)
+            results = execute(plan) if len(plan) else []
+            self._note_flush(results, why)
+            at["flushed"] = self._clock()
+        name = None
+        if self.config.snapshots.enabled and info.classification.abnormal:
+            name = snapshot_name(self._wall(), info.pid, "exit")
+            try:
+                write_intent(self.config.snapshot_dir, name, {
+                    "read_at": _dt.datetime.fromtimestamp(self._wall(), _dt.timezone.utc)
+                    .isoformat(timespec="milliseconds"),
+                    "daemon": daemon, "why": why, "recovery": choice.to_json(), "counts": state.counts()})
+            except OSError as exc:
+                log.error("cannot record the snapshot to come in %s: %s (it is still written after the "
+                          "restart, unprotected)", self.config.snapshot_dir, exc.strerror or exc)
+        at["intent"] = self._clock()
+        section.update(snapshot=None if name is None else os.path.join(self.config.snapshot_dir, name),
+                       at_monotonic=at)
+        self._pending = _Pending((info.pid, info.died_at), choice, why, info.pid, info.classification.abnormal,
+                                 daemon, state, ledger, ownership, results, name, section, started)
+        return section
+
+    def _finish_pending(self) -> None:
+        """Jobs thread, charon spawned again: judge the crash's leftovers, carry them, install the
+        new baseline from the crash's read, and hand the snapshot and the ledger to the writer."""
+        p, self._pending = self._pending, None
+        if p is None:
+            return
+        state, choice, section = p.state, p.choice, dict(p.section)
+        ownership = p.ownership or decide_ownership(state.objects, self._markers, p.ledger)
+        owned = list(ownership.owned())
+        counts = leftover_counts(owned)
+        total = sum(counts.values())
+        section.update(leftovers=counts, leftover_total=total, judged_by="ledger and markers" if p.ledger
+                       else "markers only (no ledger)", by_rule=tally_rules(v for _, v in owned))
+        if total:
+            log.warning("%s left %d owned object(s): %s; %s", p.why, total,
+                        ", ".join(f"{n} {f}" for f, n in counts.items() if n), choice.reason)
+        others = self._ike_daemons(state.netns.inode, exclude=(p.pid, self._daemon_pid))
+        if others:
+            section["other_daemons"] = [d.to_json() for d in others]
+            log.warning("other IKE daemon(s) in this network namespace: %s; what only charon's markers "
+                        "claim is left to them", daemons.describe_all(others))
+        after = state
+        if choice.action == FLUSH:
+            results = p.results or []
+            section["results"] = tally(results)
+            failed = {id(r.action.record) for r in results if isinstance(r.action, DeleteObject) and not r.ok}
+            carry = [(rec, v) for rec, v in owned if id(rec) in failed]
+            self._stuck = frozenset(rec.index for rec, _ in carry if rec.FAMILY == "xfrm_policy")
+            after = state_after_flush(state, results)
+        else:
+            carry = owned
+        self._carry, self._carry_choice = carry, (choice if carry else None)
+        self._install_baseline(after)
+        section["at_monotonic"] = {**section["at_monotonic"], "judged": self._clock()}
+        self._last = {"at": _dt.datetime.fromtimestamp(self._wall(), _dt.timezone.utc)
+                      .isoformat(timespec="seconds"), "after": p.why, **section}
+        write = self.config.snapshots.enabled and (total or p.abnormal)
+
+        def beside() -> None:
+            delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
+            if delay > 0:
+                time.sleep(delay)       # tests only: a window in which to kill the supervisor
+            path = None
+            if write:
+                path = self._write_snapshot(state, ownership, choice, p.why, p.pid, "exit", p.daemon, name=p.name,
+                                            deferred={"complete": True, "read_at": (p.section.get("at_monotonic") or {})
+                                                      .get("read"), "written_after_restart": True})
+            if p.name is not None:
+                finish_intent(self.config.snapshot_dir, p.name)
+            done = {**section, "snapshot": path,
+                    "at_monotonic": {**section["at_monotonic"], "snapshot_written": self._clock()}}
+            if self._last is not None and self._last.get("after") == p.why:
+                self._last = {**self._last, "snapshot": path, "at_monotonic": done["at_monotonic"]}
+            self._save_now()            # the new run's ownership details
+            self._observe("recovered", done, self._clock() - p.started, p.abnormal)
+            self._publish_section(p.key, done)
+        if self._writer is not None:
+            self._writer.submit(beside, "snapshot of the leftovers")
+        else:
+            beside()
+
+    def _note_flush(self, results: list[ActionResult], why: str) -> None:
+        """Track the blocks a flush installed or removed, and log its outcome."""
+        for r in results:
+            if isinstance(r.action, InstallBlockPolicy) and r.ok:
+                with self._lock:
+                    self._blocks[r.action.block.key()] = r.action.block
+            elif isinstance(r.action, RemoveBlockPolicy) and r.ok:
+                with self._lock:
+                    self._blocks.pop(r.action.block.key(), None)
+        bad = [r for r in results if not r.ok]
+        log.log(logging.WARNING if bad else logging.INFO, "flush after %s: %s%s", why,
+                ", ".join(f"{n} {o}" for o, n in tally(results).items()) or "nothing to do",
+                f" ({len(self._blocks)} fail-closed block(s) in place until charon re-installs its "
+                "policies)" if self._blocks else "")
+
+    def _write_snapshot(self, state, ownership, choice, why, pid, reason, daemon, *, name: str | None = None,
+                        deferred: dict | None = None) -> str | None:
         directory = self.config.snapshot_dir
         snap = take_snapshot(state, daemon=daemon)
         snap = dataclasses.replace(snap, context={
             **snap.context, "recovery": {"why": why, **choice.to_json()},
-            "owned": ownership_context(ownership, state)})
+            "owned": ownership_context(ownership, state), **({"deferred": deferred} if deferred else {})})
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
-            path = write_snapshot(os.path.join(directory, snapshot_name(self._wall(), pid, reason)), snap)
+            path = write_snapshot(os.path.join(directory, name or snapshot_name(self._wall(), pid, reason)), snap)
         except (OSError, SupervisorError) as exc:
             log.error("cannot write the snapshot of the leftovers to %s: %s (recovery goes on without it)",
                       directory, getattr(exc, "strerror", None) or exc)
@@ -861,6 +1011,7 @@ class KernelRecovery:
         except KernelError as exc:
             log.error("cannot read the kernel state at start: %s; leftovers of an earlier run stay", exc)
             return
+        self._complete_unfinished_snapshots(state)
         inode = state.netns.inode
         prior = None
         if os.path.exists(path):
@@ -894,6 +1045,30 @@ class KernelRecovery:
                                 prior=prior, others=found)
         if prior is None and section.get("leftover_total"):
             log.info("no ledger at %s: leftovers judged by charon's markers", path)
+
+    def _complete_unfinished_snapshots(self, state: KernelState) -> None:
+        """An earlier supervisor died before writing a crash's snapshot: write, under its name, the
+        state found now, saying so (``context.deferred``); a snapshot that made it only loses its intent."""
+        directory = self.config.snapshot_dir
+        for intent_file, intent in unfinished_intents(directory):
+            name = str(intent.get("snapshot") or "")
+            if not name or os.path.exists(os.path.join(directory, name)):
+                _unlink(intent_file)
+                continue
+            if self.config.snapshots.enabled:
+                lost = lost_snapshot(intent, self._wall())
+                snap = take_snapshot(state, daemon=intent.get("daemon"))
+                snap = dataclasses.replace(snap, context={**snap.context, "recovery": intent.get("recovery"),
+                                                          "deferred": lost})
+                try:
+                    write_snapshot(os.path.join(directory, os.path.basename(name)), snap)
+                except SupervisorError as exc:
+                    log.error("%s; the record of the lost snapshot stays in %s", exc, intent_file)
+                    continue
+            log.warning("the snapshot %s of %s was never written (%s); written now with the state found at "
+                        "this start instead, see its context.deferred", name, intent.get("why") or "a crash",
+                        intent.get("unreadable") or f"supervisor pid {intent.get('supervisor_pid')} died first")
+            _unlink(intent_file)
 
     @staticmethod
     def _netns_inode() -> int:

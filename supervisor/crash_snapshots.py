@@ -1,0 +1,181 @@
+"""Snapshots of what a dead daemon left: names, retention, and the write beside the restart.
+
+Only the kernel read stays before charon's restart; the snapshot is written afterwards by a
+thread of its own (``Writer``). So that a supervisor killed in between never loses it
+silently, an *intent record* (``.intent-<snapshot name>``: a few hundred bytes naming the
+snapshot, the dead daemon and the recovery chosen) is written before the restart and
+removed once the snapshot is on disk. The next supervisor start finds an intent without
+its snapshot (``unfinished_intents``) and writes, under the intended name, the kernel
+state it reads then, saying in ``context.deferred`` that the state at the crash was lost
+and why (``lost_snapshot``).
+
+Why an intent and not the state itself: writing 30,000 records before the restart is
+what made the restart slow; the intent costs one small file, written without fsync (it
+guards against the supervisor's death, which the page cache survives, not the machine's).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import queue
+import threading
+from typing import Any, Callable
+
+from .atomicfile import write_atomic
+
+log = logging.getLogger("supervisor.recovery")
+
+INTENT_PREFIX = ".intent-"
+INTENT_SCHEMA = "ipsec-supervisor/snapshot-intent"
+# Tests only: seconds the writer waits before a deferred snapshot (a window to kill the supervisor in).
+TEST_DELAY_ENV = "IPSEC_SUPERVISOR_TEST_SNAPSHOT_DELAY"
+
+
+def snapshot_name(wall: float, pid: int | None, reason: str) -> str:
+    stamp = _dt.datetime.fromtimestamp(wall, _dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    return f"{stamp}-{pid or 0}-{reason}.json"
+
+
+def snapshot_paths(directory: str) -> list[str]:
+    """Snapshot files, oldest first (names start with a UTC time stamp)."""
+    try:
+        names = sorted(n for n in os.listdir(directory) if n.endswith(".json") and not n.startswith("."))
+    except FileNotFoundError:
+        return []
+    return [os.path.join(directory, n) for n in names]
+
+
+def prune_snapshots(directory: str, keep: int, max_age: float, now: float) -> list[str]:
+    """Remove snapshots beyond the newest KEEP and those older than MAX_AGE seconds (0: no limit)."""
+    paths = snapshot_paths(directory)
+    doomed = paths[:max(0, len(paths) - keep)]
+    if max_age > 0:
+        for p in paths[len(doomed):]:
+            try:
+                if now - os.stat(p).st_mtime > max_age:
+                    doomed.append(p)
+            except FileNotFoundError:
+                continue
+    for p in doomed:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+    return doomed
+
+
+def ownership_context(ownership: Any, state: Any) -> dict:
+    """For the snapshot: which objects (index per family) were charon's, by which rule."""
+    owned: dict[str, list] = {}
+    for family, records in state.objects.items():
+        rows = []
+        for i, record in enumerate(records):
+            v = ownership.verdict_of(record)
+            if v is not None and v.owned:
+                rows.append([i, v.rule])
+        owned[family] = rows
+    return owned
+
+
+# --- intent records ----------------------------------------------------------------------------
+
+def intent_path(directory: str, name: str) -> str:
+    return os.path.join(directory, INTENT_PREFIX + name)
+
+
+def write_intent(directory: str, name: str, record: dict) -> str:
+    """Record (before the restart) that snapshot NAME is still to be written; returns its path."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    doc = {"schema": INTENT_SCHEMA, "version": 1, "snapshot": name, "supervisor_pid": os.getpid(), **record}
+    return write_atomic(intent_path(directory, name), json.dumps(doc), mode=0o600, prefix=".intent-tmp-",
+                        durable=False)
+
+
+def finish_intent(directory: str, name: str) -> None:
+    try:
+        os.unlink(intent_path(directory, name))
+    except FileNotFoundError:
+        pass
+
+
+def unfinished_intents(directory: str) -> list[tuple[str, dict]]:
+    """(intent path, its record) for every intent left by a supervisor that died, oldest first;
+    an unreadable one gets a record that says so."""
+    try:
+        names = sorted(n for n in os.listdir(directory) if n.startswith(INTENT_PREFIX) and not n.endswith(".tmp"))
+    except FileNotFoundError:
+        return []
+    out = []
+    for n in names:
+        path = os.path.join(directory, n)
+        try:
+            with open(path, "rb") as fh:
+                doc = json.loads(fh.read(1 << 16))
+            if not isinstance(doc, dict) or doc.get("schema") != INTENT_SCHEMA:
+                raise ValueError("not an intent record")
+        except (OSError, ValueError) as exc:
+            doc = {"snapshot": n[len(INTENT_PREFIX):], "unreadable": str(exc)}
+        out.append((path, doc))
+    return out
+
+
+def lost_snapshot(intent: dict, now_wall: float) -> dict:
+    """``context.deferred`` of the snapshot a later start writes for INTENT: what was lost and why."""
+    pid = intent.get("supervisor_pid")
+    return {
+        "complete": False,
+        "intended_at": intent.get("read_at"),
+        "written_at": _dt.datetime.fromtimestamp(now_wall, _dt.timezone.utc).isoformat(timespec="milliseconds"),
+        "lost": (f"the supervisor (pid {pid}) died between restarting charon and writing this snapshot: "
+                 "the state read at the crash is gone; these objects are the kernel state at the next "
+                 "supervisor start, which the restarted charon may have changed meanwhile"),
+        "counts_at_crash": intent.get("counts"),
+        "recovery_at_crash": intent.get("recovery"),
+    }
+
+
+# --- the writer thread -------------------------------------------------------------------------
+
+class Writer:
+    """One thread writing snapshots and records beside the restart; jobs run in order, and
+    ``close`` waits for queued ones (bounded), since each is the only copy of what it writes."""
+
+    def __init__(self, name: str = "recovery-writer"):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], None], what: str) -> None:
+        with self._lock:
+            self._pending += 1
+            self._idle.clear()
+        self._queue.put((fn, what))
+
+    def _serve(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, what = item
+            try:
+                fn()
+            except BaseException:  # noqa: BLE001 - logged; the next job still runs
+                log.exception("recovery writer: '%s' failed", what)
+            with self._lock:
+                self._pending -= 1
+                if not self._pending:
+                    self._idle.set()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        return self._idle.wait(timeout)
+
+    def close(self, wait: float = 30.0) -> None:
+        self._queue.put(None)
+        self._thread.join(wait)
