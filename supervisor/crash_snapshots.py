@@ -132,7 +132,6 @@ def lost_snapshot(intent: dict, now_wall: float) -> dict:
         "lost": (f"the supervisor (pid {pid}) died between restarting charon and writing this snapshot: "
                  "the state read at the crash is gone; these objects are the kernel state at the next "
                  "supervisor start, which the restarted charon may have changed meanwhile"),
-        "counts_at_crash": intent.get("counts"),
         "recovery_at_crash": intent.get("recovery"),
     }
 

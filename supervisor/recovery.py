@@ -43,7 +43,7 @@ from .config import Config, format_duration
 from .errors import KernelError, SupervisorError
 from .kernel.common import Action as KAction
 from .kernel.xfrm import XfrmPolicy
-from .kernel_state import KernelState, KernelWatch, ReadOptions, read_state
+from .kernel_state import KernelState, KernelWatch, ReadOptions, read_state, read_state_later
 from .ledger import (OWNER_DAEMON, DaemonPorts, Ledger, LedgerError, apply_events, ledger_path, load_ledger,
                      resync_ledger, save_ledger, start_ledger)
 from .ownership import MarkerConfig, Verdict, decide_ownership, is_supervisor_block
@@ -365,13 +365,14 @@ class _Pending:
     pid: int | None
     abnormal: bool
     daemon: dict
-    state: KernelState          # read at the crash: the snapshot, the leftovers, the next baseline
+    decode: Callable[[], KernelState]   # the read at the crash: the snapshot, the leftovers, the next baseline
     ledger: Ledger | None       # the dead daemon's, by which the leftovers are judged
     ownership: Any              # already decided when a flush ran before the restart
     results: list | None        # that flush's results
     name: str | None            # the snapshot's file name; its intent record is on disk
     section: dict
     started: float
+    read_at: str                # wall clock of the read, ISO 8601
 
 
 def state_after_flush(state: KernelState, results: Iterable[ActionResult]) -> KernelState:
@@ -427,6 +428,7 @@ class KernelRecovery:
         self._capability: AdoptCapability | None = None
         self._warned: set[str] = set()
         self._pending: _Pending | None = None     # a crash's recovery, finished after the restart
+        self._exit_began = 0.0
         self._writer: Writer | None = None        # snapshots, records and ledger saves beside the restart
         self.observer = None        # metrics: recovered(section, took, abnormal), overrun(monitor)
 
@@ -574,7 +576,11 @@ class KernelRecovery:
 
             def fire() -> None:
                 self._save_pending = False
-                self._submit(self._save_now, "save ledger")
+                # in the writer: a crash's recovery never waits behind a save of 40,000 entries
+                if self._writer is not None:
+                    self._writer.submit(self._save_now, "save ledger")
+                else:
+                    self._submit(self._save_now, "save ledger")
             self._loop.call_later(SAVE_DELAY, fire)
         self._in_loop(arm)
 
@@ -754,6 +760,7 @@ class KernelRecovery:
 
     def _on_exit(self, info: ExitInfo, decision: Decision) -> dict:
         rc = self.config.recovery
+        self._exit_began = self._clock()
         if self._pending is not None:
             self._finish_pending()          # the restart failed before spawning: finish the last crash first
         if self._adoption is not None and not self._adoption.done:
@@ -862,7 +869,8 @@ class KernelRecovery:
             if self._buffer is None:
                 self._buffer = []       # every change from now on goes on top of this read: the next baseline
         try:
-            state = self._read(self._options)
+            # the kernel's answers only: decoding 30,000 policies is the bigger part, and waits
+            decode = self._read_later()
         except KernelError as exc:
             with self._lock:
                 self._buffer = None
@@ -871,13 +879,17 @@ class KernelRecovery:
             section["error"] = str(exc)
             self._observe("recovered", section, self._clock() - started, info.classification.abnormal)
             return section
-        at = {"died": info.died_at, "read": self._clock()}
-        with self._lock:
-            ledger = self._ledger
-            if ledger is not None and ledger.stale:
-                ledger = self._ledger = resync_ledger(ledger, state.objects)
-        ownership, results = None, None
+        at = {"died": info.died_at, "began": self._exit_began, "read_began": started, "read": self._clock()}
+        read_at = _dt.datetime.fromtimestamp(self._wall(), _dt.timezone.utc).isoformat(timespec="milliseconds")
+        ledger = self._ledger
+        ownership, results, state = None, None, None
         if choice.action == FLUSH:
+            state = decode()
+            decode = lambda: state          # noqa: E731
+            with self._lock:
+                ledger = self._ledger
+                if ledger is not None and ledger.stale:
+                    ledger = self._ledger = resync_ledger(ledger, state.objects)
             ownership = decide_ownership(state.objects, self._markers, ledger)
             others = self._ike_daemons(state.netns.inode, exclude=(info.pid,))
             plan = recovery_plan(choice, state, ownership, others)
@@ -892,9 +904,8 @@ class KernelRecovery:
             name = snapshot_name(self._wall(), info.pid, "exit")
             try:
                 write_intent(self.config.snapshot_dir, name, {
-                    "read_at": _dt.datetime.fromtimestamp(self._wall(), _dt.timezone.utc)
-                    .isoformat(timespec="milliseconds"),
-                    "daemon": daemon, "why": why, "recovery": choice.to_json(), "counts": state.counts()})
+                    "read_at": read_at,
+                    "daemon": daemon, "why": why, "recovery": choice.to_json()})
             except OSError as exc:
                 log.error("cannot record the snapshot to come in %s: %s (it is still written after the "
                           "restart, unprotected)", self.config.snapshot_dir, exc.strerror or exc)
@@ -902,8 +913,14 @@ class KernelRecovery:
         section.update(snapshot=None if name is None else os.path.join(self.config.snapshot_dir, name),
                        at_monotonic=at)
         self._pending = _Pending((info.pid, info.died_at), choice, why, info.pid, info.classification.abnormal,
-                                 daemon, state, ledger, ownership, results, name, section, started)
+                                 daemon, decode, ledger, ownership, results, name, section, started, read_at)
         return section
+
+    def _read_later(self) -> Callable[[], KernelState]:
+        if self._read is read_state:
+            return read_state_later(self._options)
+        state = self._read(self._options)       # a reader given for tests decodes at once
+        return lambda: state
 
     def _finish_pending(self) -> None:
         """Jobs thread, charon spawned again: judge the crash's leftovers, carry them, install the
@@ -911,12 +928,26 @@ class KernelRecovery:
         p, self._pending = self._pending, None
         if p is None:
             return
-        state, choice, section = p.state, p.choice, dict(p.section)
-        ownership = p.ownership or decide_ownership(state.objects, self._markers, p.ledger)
+        choice, section = p.choice, dict(p.section)
+        try:
+            state = p.decode()
+        except KernelError as exc:
+            log.error("cannot decode the kernel state read after %s: %s; no snapshot, leftovers judged at "
+                      "the next crash", p.why, exc)
+            if p.name is not None:
+                finish_intent(self.config.snapshot_dir, p.name)
+            self._publish_section(p.key, {**section, "error": str(exc)})
+            self._take_baseline()
+            return
+        section["at_monotonic"] = {**section["at_monotonic"], "decoded": self._clock()}
+        ledger = p.ledger
+        if ledger is not None and ledger.stale and p.ownership is None:
+            ledger = resync_ledger(ledger, state.objects)
+        ownership = p.ownership or decide_ownership(state.objects, self._markers, ledger)
         owned = list(ownership.owned())
         counts = leftover_counts(owned)
         total = sum(counts.values())
-        section.update(leftovers=counts, leftover_total=total, judged_by="ledger and markers" if p.ledger
+        section.update(leftovers=counts, leftover_total=total, judged_by="ledger and markers" if ledger
                        else "markers only (no ledger)", by_rule=tally_rules(v for _, v in owned))
         if total:
             log.warning("%s left %d owned object(s): %s; %s", p.why, total,
@@ -950,8 +981,8 @@ class KernelRecovery:
             path = None
             if write:
                 path = self._write_snapshot(state, ownership, choice, p.why, p.pid, "exit", p.daemon, name=p.name,
-                                            deferred={"complete": True, "read_at": (p.section.get("at_monotonic") or {})
-                                                      .get("read"), "written_after_restart": True})
+                                            deferred={"complete": True, "read_at": p.read_at,
+                                                      "written_after_restart": True})
             if p.name is not None:
                 finish_intent(self.config.snapshot_dir, p.name)
             done = {**section, "snapshot": path,
