@@ -144,10 +144,11 @@ def flush_once(tunnels: int, firewall: int, work: str, i: int) -> dict:
     sup = None
     try:
         build(ns, tunnels, firewall, d)
-        cfg = supervisor_config("adopt")
-        sup = start_supervised_charon(ns, d, swanctl_conf=psk_swanctl_conf(CONN), mode="adopt", supervisor=cfg,
+        cfg = supervisor_config("keep")
+        sup = start_supervised_charon(ns, d, swanctl_conf=psk_swanctl_conf(CONN), mode="keep", supervisor=cfg,
                                       timeout=300)
-        # switch to flush for the next crash (recovery.* applies at once): the leftovers stay charon's
+        # keep at the start: the leftovers stay charon's, and no adoption runs (as in flush mode);
+        # then flush for the next crash (recovery.* applies at once)
         cfg = {**sup.config, "recovery": {**sup.config["recovery"], "mode": "flush"}}
         with open(sup.config_path, "w") as fh:
             yaml.safe_dump(cfg, fh)

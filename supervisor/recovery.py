@@ -730,13 +730,25 @@ class KernelRecovery:
         section: dict = {"error": "recovery did not finish"}
         key = (exit_info.pid, exit_info.died_at)
         try:
-            section = self._run(lambda: self._on_exit(exit_info, decision))
+            if self._reads_only(decision):
+                # Here, not behind the jobs thread (an adoption step over 30,000 leftovers may be
+                # running there): adopt and keep only read the kernel before the restart.
+                section = self._on_exit(exit_info, decision)
+            else:
+                section = self._run(lambda: self._on_exit(exit_info, decision))
         except Exception as exc:
             section = {"error": f"{type(exc).__name__}: {exc}"}
             raise
         finally:
             if self._pending is None or self._pending.key != key:
                 self._publish_section(key, section)     # else: once its snapshot is written
+
+    def _reads_only(self, decision: Decision) -> bool:
+        """Whether this exit's recovery changes nothing in the kernel before the restart."""
+        rc = self.config.recovery
+        can_adopt = self._capability.can_adopt if self._capability is not None else True
+        return (decision.action is Action.RESTART and self._pending is None and self._jobs is not None
+                and (rc.mode == KEEP or (rc.mode == ADOPT and can_adopt)))
 
     def crash_report_section(self, exit_info: ExitInfo) -> dict | None:
         """For the crash report: leftover counts, the snapshot and what recovery did (waits for it)."""
