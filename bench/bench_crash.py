@@ -96,8 +96,10 @@ def kill_once(sup, check_snapshot: bool) -> dict:
     last = st["recovery"]["last"]
     at = last["at_monotonic"]
     out = {"spawn": spawn, "read": at["read"] - t0, "began": at["began"] - t0, "read_began": at["read_began"] - t0, "written": at["snapshot_written"] - t0,
-           "flushed": at["flushed"] - t0 if "flushed" in at else None, "leftovers": last.get("leftover_total"),
-           "snapshot": last.get("snapshot")}
+           "flushed": at["flushed"] - t0 if "flushed" in at else None,
+           "flush_phases": {k: round(at[k] - t0, 3) for k in ("began", "read", "decoded", "planned", "flushed")
+                            if k in at}, "leftovers": last.get("leftover_total"),
+           "snapshot": last.get("snapshot"), "cpu": last.get("cpu_before_restart_s")}
     if check_snapshot and last.get("snapshot"):
         snap = load_snapshot(last["snapshot"])
         out["snapshot_counts"] = snap.counts()
@@ -125,7 +127,8 @@ def run_target(label: str, tunnels: int, firewall: int, kills: int, pause: float
             r = kill_once(sup, check_snapshot=(i == 0))
             out.append(r)
             print(f"  {label:8} kill {i + 1:2}: spawn {r['spawn'] * 1000:7.1f} ms (read done "
-                  f"{r['read'] * 1000:6.1f} ms, began {r['began'] * 1000:6.1f}, read began {r['read_began'] * 1000:6.1f}), snapshot on disk "
+                  f"{r['read'] * 1000:6.1f} ms, began {r['began'] * 1000:6.1f}, read began {r['read_began'] * 1000:6.1f}, "
+                  f"CPU {r['cpu']} s), snapshot on disk "
                   f"{r['written'] * 1000:7.1f} ms, leftovers {r['leftovers']}", flush=True)
             if "snapshot_counts" in r:
                 print(f"    snapshot: {r['snapshot_counts']}, deferred={r['deferred']}")
@@ -153,8 +156,10 @@ def flush_once(tunnels: int, firewall: int, work: str, i: int) -> dict:
         with open(sup.config_path, "w") as fh:
             yaml.safe_dump(cfg, fh)
         os.kill(sup.proc.pid, signal.SIGHUP)
-        time.sleep(1.0)
+        time.sleep(5.0)                 # the ledger saves of the start are done
         r = kill_once(sup, check_snapshot=False)
+        print(f"  flush {i + 1}: kill to (s) {r['flush_phases']}; CPU of the recovery thread before the "
+              f"restart {r['cpu']} s", flush=True)
         from supervisor.kernel import netns as _netns
         from supervisor.kernel_state import ReadOptions, read_state
         from supervisor.ownership import is_supervisor_block
@@ -193,14 +198,14 @@ def main() -> int:
         print(f"kill -9 of charon to the new charon's spawn, adopt mode, {args.kills} kills per target; "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
         targets = args.targets.split(",")
-        res = {"baseline": run_target("baseline", 0, 0, args.kills, args.pause, work)}
+        res = {"baseline": run_target("baseline", 0, 0, args.kills, args.pause, work)} if args.kills else {}
         if "owned" in targets:
             res["owned"] = run_target("owned", args.tunnels, args.firewall, args.kills, args.pause, work)
         if "foreign" in targets:
             res["foreign"] = run_target("foreign", args.tunnels, args.firewall, args.kills, args.pause, work,
                                         foreign_after=True)
         flushes = [flush_once(args.tunnels, args.firewall, work, i) for i in range(args.flush_kills)]
-    base = statistics.median(r["spawn"] for r in res["baseline"])
+    base = statistics.median(r["spawn"] for r in res["baseline"]) if res else 1.0
     print(f"\n{args.tunnels} tunnels: {3 * args.tunnels} policies, {args.tunnels} table-220 routes, rule 220 (v4, v6), "
           f"{2 * args.firewall} updown rules, plus foreign state")
     print("kill -9 -> new charon spawned (goal <= 300 ms):")

@@ -390,11 +390,25 @@ def ledger_to_document(ledger: Ledger) -> dict:
     }
 
 
+def _document_chunks(ledger: Ledger):
+    """``ledger_to_document`` as JSON text, one entry at a time: one json.dumps of 40,000 entries
+    would hold the GIL for half a second, stalling a crash's kernel read in another thread."""
+    head = ledger_to_document(dataclasses.replace(ledger, entries={}))
+    del head["entries"]
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    yield dumps(head)[:-1] + ',"entries":{'
+    for i, family in enumerate(TRACKED):
+        entries = ledger.entries.get(family, {}).values()
+        yield ("," if i else "") + dumps(family) + ":["
+        yield ",".join([dumps(e.to_json()) for e in entries])
+        yield "]"
+    yield "}}"
+
+
 def save_ledger(path: str, ledger: Ledger) -> str:
     """Write LEDGER to PATH atomically (temp file, fsync, rename), mode 0600."""
-    text = json.dumps(ledger_to_document(ledger), separators=(",", ":"))
     try:
-        return write_atomic(path, text, mode=0o600, prefix=".ledger-")
+        return write_atomic(path, _document_chunks(ledger), mode=0o600, prefix=".ledger-")
     except OSError as exc:
         raise LedgerError(f"cannot write ledger {path}: {exc.strerror or exc} "
                           "(the previous ledger, if any, is unchanged)") from None

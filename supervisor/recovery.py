@@ -31,6 +31,7 @@ import queue
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -429,6 +430,8 @@ class KernelRecovery:
         self._warned: set[str] = set()
         self._pending: _Pending | None = None     # a crash's recovery, finished after the restart
         self._exit_began = 0.0
+        self._overruns: dict[str, int] = {}      # lost notifications per monitor, and re-reads after them
+        self._resyncs = 0
         self._writer: Writer | None = None        # snapshots, records and ledger saves beside the restart
         self.observer = None        # metrics: recovered(section, took, abnormal), overrun(monitor)
 
@@ -436,6 +439,9 @@ class KernelRecovery:
     def attach(self, loop) -> None:
         """Register the kernel monitors in the supervisor's loop and start the worker."""
         from .eventloop import ThreadWakeup
+        # A crash's kernel read (hundreds of recv calls) runs beside CPU-bound work (decoding,
+        # adoption steps): at the default 5 ms, each recv waits up to 5 ms for the GIL.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
         self._loop = loop
         self._loop_thread = threading.get_ident()
         self._wakeup = ThreadWakeup(loop)
@@ -510,6 +516,7 @@ class KernelRecovery:
         try:
             events = self._watch.read_events()
         except KernelError as exc:
+            self._overruns["read-error"] = self._overruns.get("read-error", 0) + 1
             self._observe("overrun", "read-error")
             log.warning("reading kernel notifications failed (%s); re-reading the state", exc)
             with self._lock:
@@ -521,6 +528,7 @@ class KernelRecovery:
         if not events:
             return
         for monitor in {e.family for e in events if e.family in ("xfrm", "rtnl")}:   # overrun markers
+            self._overruns[monitor] = self._overruns.get(monitor, 0) + 1
             self._observe("overrun", monitor)
         with self._lock:
             if self._buffer is not None:
@@ -634,6 +642,7 @@ class KernelRecovery:
         with self._lock:
             if self._ledger is not None:
                 self._ledger = resync_ledger(self._ledger, state.objects)
+        self._resyncs += 1
         log.info("re-read %s after lost kernel notifications", ", ".join(sorted(stale)))
         self._schedule_save()
 
@@ -876,7 +885,7 @@ class KernelRecovery:
         """Jobs thread, charon dead: read the state (a flush also acts: charon must start on a clean
         slate), record the snapshot to come, and leave the rest to ``_finish_pending``."""
         section: dict[str, Any] = {"mode": self.config.recovery.mode, **choice.to_json()}
-        started = self._clock()
+        started, cpu = self._clock(), time.thread_time()
         with self._lock:
             if self._buffer is None:
                 self._buffer = []       # every change from now on goes on top of this read: the next baseline
@@ -898,6 +907,7 @@ class KernelRecovery:
         if choice.action == FLUSH:
             state = decode()
             decode = lambda: state          # noqa: E731
+            at["decoded"] = self._clock()
             with self._lock:
                 ledger = self._ledger
                 if ledger is not None and ledger.stale:
@@ -905,10 +915,17 @@ class KernelRecovery:
             ownership = decide_ownership(state.objects, self._markers, ledger)
             others = self._ike_daemons(state.netns.inode, exclude=(info.pid,))
             plan = recovery_plan(choice, state, ownership, others)
+            at["planned"] = self._clock()
             for a in plan.actions:
                 if isinstance(a, Keep):
                     log.info("keeping %s: %s", a.record.describe(), a.reason)
-            results = execute(plan) if len(plan) else []
+            # Our own 60,000 deletes would come back as notifications the loop decodes while the
+            # flush runs; unread, they overrun instead, and the next baseline re-reads those families.
+            self._pause_watch(True)
+            try:
+                results = execute(plan) if len(plan) else []
+            finally:
+                self._pause_watch(False)
             self._note_flush(results, why)
             at["flushed"] = self._clock()
         name = None
@@ -922,11 +939,34 @@ class KernelRecovery:
                 log.error("cannot record the snapshot to come in %s: %s (it is still written after the "
                           "restart, unprotected)", self.config.snapshot_dir, exc.strerror or exc)
         at["intent"] = self._clock()
+        section["cpu_before_restart_s"] = round(time.thread_time() - cpu, 3)     # this thread's: the machine may be busy
         section.update(snapshot=None if name is None else os.path.join(self.config.snapshot_dir, name),
                        at_monotonic=at)
         self._pending = _Pending((info.pid, info.died_at), choice, why, info.pid, info.classification.abnormal,
                                  daemon, decode, ledger, ownership, results, name, section, started, read_at)
         return section
+
+    def _pause_watch(self, paused: bool) -> None:
+        """Stop (or resume) reading the kernel monitors in the loop; what they lose meanwhile
+        arrives as an overrun: the families are re-read."""
+        watch, loop = self._watch, self._loop
+        if watch is None or loop is None:
+            return
+        done = threading.Event()
+
+        def switch() -> None:
+            try:
+                for fd in (watch.xfrm.fileno(), watch.rtnl.fileno()):
+                    if paused:
+                        loop.forget(fd)
+                    else:
+                        loop.add_reader(fd, self._on_kernel)
+            finally:
+                done.set()
+        self._in_loop(switch)
+        done.wait(DRAIN_WAIT)
+        if not paused:
+            self._in_loop(self._on_kernel)      # what queued meanwhile (or the overrun), at once
 
     def _read_later(self) -> Callable[[], KernelState]:
         if self._read is read_state:
@@ -1365,6 +1405,7 @@ class KernelRecovery:
             "blocks_deadline_in_s": None if self._block_deadline is None or not blocks
             else round(max(0.0, self._block_deadline - now), 3),
             "carried": len(self._carry),
+            "monitor": {"overruns": dict(self._overruns), "resyncs": self._resyncs},
             "adoption": None if a is None else a.to_json(now),
             "strongswan": None if self._capability is None else self._capability.to_json(),
             "last": self._last,
