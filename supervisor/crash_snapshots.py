@@ -16,6 +16,7 @@ guards against the supervisor's death, which the page cache survives, not the ma
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -136,7 +137,46 @@ def lost_snapshot(intent: dict, now_wall: float) -> dict:
     }
 
 
+def complete_unfinished(directory: str, state: Any, now_wall: float) -> list[str]:
+    """At a supervisor's start: for every intent whose snapshot never came, write that snapshot
+    from STATE (the kernel now), saying in ``context.deferred`` what was lost and why; an intent
+    whose snapshot made it is only removed. Returns the snapshots written."""
+    from .errors import SupervisorError
+    from .snapshot import take_snapshot, write_snapshot
+    written = []
+    for intent_file, intent in unfinished_intents(directory):
+        name = os.path.basename(str(intent.get("snapshot") or ""))
+        if name and not os.path.exists(os.path.join(directory, name)):
+            snap = take_snapshot(state, daemon=intent.get("daemon"))
+            snap = dataclasses.replace(snap, context={**snap.context, "recovery": intent.get("recovery"),
+                                                      "deferred": lost_snapshot(intent, now_wall)})
+            try:
+                written.append(write_snapshot(os.path.join(directory, name), snap))
+            except SupervisorError as exc:
+                log.error("%s; the record of the lost snapshot stays in %s", exc, intent_file)
+                continue
+            log.warning("the snapshot %s of %s was never written (%s); written now with the state found at "
+                        "this start instead, see its context.deferred", name, intent.get("why") or "a crash",
+                        intent.get("unreadable") or f"supervisor pid {intent.get('supervisor_pid')} died first")
+        try:
+            os.unlink(intent_file)
+        except FileNotFoundError:
+            pass
+    return written
+
+
 # --- the writer thread -------------------------------------------------------------------------
+
+def _trim() -> None:
+    """Give the heap freed by a big snapshot back to the system (glibc keeps it otherwise: the
+    supervisor's RSS would stay at the crash's peak)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass        # not glibc
+
+
 
 class Writer:
     """One thread writing snapshots and records beside the restart; jobs run in order, and
@@ -170,6 +210,7 @@ class Writer:
             with self._lock:
                 self._pending -= 1
                 if not self._pending:
+                    _trim()
                     self._idle.set()
 
     def wait_idle(self, timeout: float | None = None) -> bool:

@@ -400,7 +400,10 @@ def _document_chunks(ledger: Ledger):
     for i, family in enumerate(TRACKED):
         entries = ledger.entries.get(family, {}).values()
         yield ("," if i else "") + dumps(family) + ":["
-        yield ",".join([dumps(e.to_json()) for e in entries])
+        sep = ""
+        for e in entries:       # one at a time: no 10 MB string of a whole family in memory
+            yield sep + dumps(e.to_json())
+            sep = ","
         yield "]"
     yield "}}"
 

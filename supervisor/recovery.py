@@ -51,8 +51,8 @@ from .ownership import MarkerConfig, Verdict, decide_ownership, is_supervisor_bl
 from .policy import Action, Decision, ExitClass, ExitInfo, signal_name
 from .reconcile import (ActionResult, DeleteObject, InstallBlockPolicy, Keep, Outcome, Plan,
                         RemoveBlockPolicy, blocks_to_remove, execute, plan_flush, plan_keep)
-from .crash_snapshots import (TEST_DELAY_ENV, Writer, finish_intent, lost_snapshot, ownership_context, prune_snapshots,  # noqa: F401
-                              snapshot_name, snapshot_paths, unfinished_intents, write_intent)
+from .crash_snapshots import (TEST_DELAY_ENV, Writer, complete_unfinished, finish_intent,  # noqa: F401
+                              ownership_context, prune_snapshots, snapshot_name, snapshot_paths, write_intent)
 from .snapshot import take_snapshot, write_snapshot
 from .strongswan_conf import (DEFAULT_PATH as STRONGSWAN_CONF, POLICY_UPDATE, AdoptCapability, SettingsError,
                               as_bool, check_adopt_capability, lookup, parse_version, read_settings)
@@ -347,13 +347,6 @@ class _Adoption:
                 "grace_left_s": None if self.done else round(max(0.0, self.deadline - now), 3),
                 "steps": self.steps, "results": dict(self.counts), "last_error": self.last_error,
                 "pending": self.pending}
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 @dataclass
@@ -1094,7 +1087,8 @@ class KernelRecovery:
         except KernelError as exc:
             log.error("cannot read the kernel state at start: %s; leftovers of an earlier run stay", exc)
             return
-        self._complete_unfinished_snapshots(state)
+        if self.config.snapshots.enabled:
+            complete_unfinished(self.config.snapshot_dir, state, self._wall())
         inode = state.netns.inode
         prior = None
         if os.path.exists(path):
@@ -1128,30 +1122,6 @@ class KernelRecovery:
                                 prior=prior, others=found)
         if prior is None and section.get("leftover_total"):
             log.info("no ledger at %s: leftovers judged by charon's markers", path)
-
-    def _complete_unfinished_snapshots(self, state: KernelState) -> None:
-        """An earlier supervisor died before writing a crash's snapshot: write, under its name, the
-        state found now, saying so (``context.deferred``); a snapshot that made it only loses its intent."""
-        directory = self.config.snapshot_dir
-        for intent_file, intent in unfinished_intents(directory):
-            name = str(intent.get("snapshot") or "")
-            if not name or os.path.exists(os.path.join(directory, name)):
-                _unlink(intent_file)
-                continue
-            if self.config.snapshots.enabled:
-                lost = lost_snapshot(intent, self._wall())
-                snap = take_snapshot(state, daemon=intent.get("daemon"))
-                snap = dataclasses.replace(snap, context={**snap.context, "recovery": intent.get("recovery"),
-                                                          "deferred": lost})
-                try:
-                    write_snapshot(os.path.join(directory, os.path.basename(name)), snap)
-                except SupervisorError as exc:
-                    log.error("%s; the record of the lost snapshot stays in %s", exc, intent_file)
-                    continue
-            log.warning("the snapshot %s of %s was never written (%s); written now with the state found at "
-                        "this start instead, see its context.deferred", name, intent.get("why") or "a crash",
-                        intent.get("unreadable") or f"supervisor pid {intent.get('supervisor_pid')} died first")
-            _unlink(intent_file)
 
     @staticmethod
     def _netns_inode() -> int:
