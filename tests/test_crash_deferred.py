@@ -131,3 +131,34 @@ def test_a_supervisor_killed_between_the_spawn_and_the_snapshot_leaves_a_record_
     assert intents(second) == []
     assert f"the snapshot {name} of" in second.log() and "was never written" in second.log()
     assert second.stop() == 0
+
+
+def test_the_read_taken_before_the_restart_decodes_to_what_read_state_reads(netns):
+    from supervisor.kernel_state import ReadOptions, read_state, read_state_later
+    netns.sh(SETUP + FOREIGN + "iptables -I INPUT 1 -s 10.6.0.0/16 -m policy --dir in --pol ipsec --reqid 7 "
+             "--proto esp -j ACCEPT\n")
+    with netns.enter():
+        decode = read_state_later(ReadOptions())
+        direct = read_state(ReadOptions())
+    later = decode()                                 # decoded elsewhere, afterwards
+    assert later.netns == direct.netns
+    assert comparable(later) == comparable(direct)
+    assert len(later.objects["xfrm_policy"]) >= 200 and later.objects["firewall"]
+
+
+def test_the_baseline_after_a_flush_is_the_crash_read_minus_what_went_plus_the_blocks():
+    from types import SimpleNamespace
+
+    from supervisor.kernel.netns import NetnsIdentity
+    from supervisor.kernel_state import KernelState, ReadOptions
+    from supervisor.reconcile import ActionResult, DeleteObject, InstallBlockPolicy, Outcome
+    from supervisor.recovery import state_after_flush
+    a, b, c = child(0)[:3]
+    block = SimpleNamespace(key=lambda: ("block",), FAMILY="xfrm_policy")
+    state = KernelState(objects={"xfrm_policy": (a, b, c), "route": ()}, netns=NetnsIdentity(1, None),
+                        options=ReadOptions())
+    results = [ActionResult(InstallBlockPolicy(block, a, "r", "why"), Outcome.DONE),
+               ActionResult(DeleteObject(a, "r", "why"), Outcome.DONE),
+               ActionResult(DeleteObject(b, "r", "why"), Outcome.FAILED, "EPERM")]
+    after = state_after_flush(state, results)
+    assert after.objects["xfrm_policy"] == (b, c, block)          # b failed: still there
