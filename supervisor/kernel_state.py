@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from .errors import KernelError
 from .kernel import addresses, firewall, routes, rules, xfrm
 from .kernel.common import DeleteResult, KernelEvent
 from .kernel.netns import NetnsIdentity, current_identity
@@ -99,14 +100,20 @@ def _firewall_beside() -> Callable[[], list]:
     returns what waits for its rules (or raises its error)."""
     from .kernel.netns import _setns
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    inode = os.fstat(home).st_ino
     box: dict = {}
 
     def work() -> None:
         try:
-            _setns(home, "of the reading thread")
+            # Only a caller inside ``netns.enter`` needs it: the service never enters a namespace
+            # (RestrictNamespaces=yes forbids setns), its threads all share the process's.
+            if os.stat("/proc/thread-self/ns/net").st_ino != inode:
+                _setns(home, "of the reading thread")
             box["rules"] = firewall.dump_firewall_rules()
-        except BaseException as exc:  # noqa: BLE001 - raised in the reader
+        except KernelError as exc:
             box["error"] = exc
+        except Exception as exc:  # noqa: BLE001 - raised in the reader, as a failed dump
+            box["error"] = KernelError(f"cannot read the firewall rules: {exc}")
         finally:
             os.close(home)
     thread = threading.Thread(target=work, name="firewall-dump", daemon=True)
