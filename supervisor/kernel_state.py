@@ -7,10 +7,13 @@ network namespace (wrap calls in ``supervisor.kernel.netns.enter(name)``).
 
 from __future__ import annotations
 
+import os
 import selectors
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from .errors import KernelError
 from .kernel import addresses, firewall, routes, rules, xfrm
 from .kernel.common import DeleteResult, KernelEvent
 from .kernel.netns import NetnsIdentity, current_identity
@@ -84,6 +87,84 @@ def read_state(options: ReadOptions = ReadOptions(),
     defaults = xfrm.get_default_policies() if "xfrm_policy" in objects else None
     return KernelState(objects=objects, netns=current_identity(), options=options,
                        default_policies=defaults)
+
+
+def _xfrm_later(msg_type: int, what: str, decode):
+    with xfrm.open_socket() as sock:
+        chunks = sock.dump_raw(msg_type, b"", what)
+    return lambda: decode(chunks)
+
+
+def _firewall_beside() -> Callable[[], list]:
+    """Start the firewall dump (programs, not netlink) in a thread in this thread's namespace;
+    returns what waits for its rules (or raises its error)."""
+    from .kernel.netns import _setns
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    inode = os.fstat(home).st_ino
+    box: dict = {}
+
+    def work() -> None:
+        try:
+            # Only a caller inside ``netns.enter`` needs it: the service never enters a namespace
+            # (RestrictNamespaces=yes forbids setns), its threads all share the process's.
+            if os.stat("/proc/thread-self/ns/net").st_ino != inode:
+                _setns(home, "of the reading thread")
+            box["rules"] = firewall.dump_firewall_rules()
+        except KernelError as exc:
+            box["error"] = exc
+        except Exception as exc:  # noqa: BLE001 - raised in the reader, as a failed dump
+            box["error"] = KernelError(f"cannot read the firewall rules: {exc}")
+        finally:
+            os.close(home)
+    thread = threading.Thread(target=work, name="firewall-dump", daemon=True)
+    thread.start()
+
+    def wait() -> list:
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["rules"]
+    return wait
+
+
+# Dump now, decode later: each returns the decoder of the kernel's answer (see read_state_later).
+_LATER: dict[str, Callable[["ReadOptions"], Callable[[], list]]] = {
+    "xfrm_sa": lambda o: _xfrm_later(xfrm.XFRM_MSG_GETSA, "dump SAD entries (XFRM states)", xfrm.decode_sas),
+    "xfrm_policy": lambda o: _xfrm_later(xfrm.XFRM_MSG_GETPOLICY, "dump SPD entries (XFRM policies)",
+                                         xfrm.decode_policies),
+    "route": lambda o: routes.dump_routes_later(table=o.route_table),
+}
+
+
+def read_state_later(options: ReadOptions = ReadOptions(),
+                     families: Iterable[str] | None = None) -> Callable[[], KernelState]:
+    """The read of ``read_state`` with the decoding left for later: the kernel's answers are taken
+    now (the firewall programs run beside the netlink dumps), and the returned function decodes
+    them into the KernelState of this moment. Any failed dump raises here."""
+    names = list(FAMILIES) if families is None else list(families)
+    fw = _firewall_beside() if "firewall" in names else None
+    later: dict[str, Callable[[], list]] = {}
+    try:
+        for name in names:
+            if name == "firewall":
+                continue
+            if name in _LATER:
+                later[name] = _LATER[name](options)
+            else:
+                records = FAMILIES[name].dump(options)
+                later[name] = lambda records=records: records
+        defaults = xfrm.get_default_policies() if "xfrm_policy" in names else None
+        identity = current_identity()
+    finally:
+        if fw is not None:
+            rules = fw()        # its error wins only when the netlink dumps succeeded
+    if fw is not None:
+        later["firewall"] = lambda: rules
+
+    def decode() -> KernelState:
+        objects = {name: tuple(later[name]()) for name in names}
+        return KernelState(objects=objects, netns=identity, options=options, default_policies=defaults)
+    return decode
 
 
 def family_of(record: Any) -> Family:

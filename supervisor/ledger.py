@@ -407,13 +407,30 @@ def ledger_to_document(ledger: Ledger) -> dict:
     }
 
 
+def _document_chunks(ledger: Ledger):
+    """``ledger_to_document`` as JSON text, one entry at a time: one json.dumps of 40,000 entries
+    would hold the GIL for half a second, stalling a crash's kernel read in another thread."""
+    head = ledger_to_document(dataclasses.replace(ledger, entries={}))
+    del head["entries"]
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    yield dumps(head)[:-1] + ',"entries":{'
+    for i, family in enumerate(TRACKED):
+        entries = ledger.entries.get(family, {}).values()
+        yield ("," if i else "") + dumps(family) + ":["
+        sep = ""
+        for e in entries:       # one at a time: no 10 MB string of a whole family in memory
+            yield sep + dumps(e.to_json())
+            sep = ","
+        yield "]"
+    yield "}}"
+
+
 def save_ledger(path: str, ledger: Ledger) -> str:
     """Write LEDGER to PATH atomically (temp file, fsync, rename), mode 0600, in a checked directory."""
-    text = json.dumps(ledger_to_document(ledger), separators=(",", ":"))
     directory, name = os.path.split(os.path.abspath(path))
     try:
         with open_trusted_dir(directory, create=False, what="the ledger's directory") as d:
-            d.write_atomic(name, text, mode=0o600, prefix=".ledger-")
+            d.write_atomic(name, _document_chunks(ledger), mode=0o600, prefix=".ledger-")
         return path
     except UnsafePathError as exc:
         raise LedgerError(f"cannot write ledger {path}: {exc} (nothing was written)") from None

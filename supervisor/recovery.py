@@ -31,6 +31,7 @@ import queue
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from .errors import KernelError, SupervisorError
 from .kernel.common import Action as KAction
 from .kernel.xfrm import XfrmPolicy
 from .metrics import tell
-from .kernel_state import KernelState, KernelWatch, ReadOptions, read_state
+from .kernel_state import KernelState, KernelWatch, ReadOptions, read_state, read_state_later
 from .ledger import (HOW_INHERITED, OWNER_DAEMON, DaemonPorts, Ledger, LedgerError, apply_events, ledger_path, load_ledger,
                      resync_ledger, save_ledger, start_ledger)
 from .ownership import MarkerConfig, Verdict, decide_ownership, is_supervisor_block
@@ -52,8 +53,10 @@ from .policy import Action, Decision, ExitClass, ExitInfo, signal_name
 from .reattach import boot_tick, process_start_time
 from .reconcile import (ActionResult, DeleteObject, InstallBlockPolicy, Keep, Outcome, Plan,
                         RemoveBlockPolicy, blocks_to_remove, execute, plan_flush, plan_keep)
+from .crash_snapshots import (TEST_DELAY_ENV, Writer, complete_unfinished, finish_intent,  # noqa: F401
+                              ownership_context, prune_snapshots, snapshot_name, snapshot_paths, write_intent)
 from .snapshot import take_snapshot, write_snapshot_in
-from .trusted_paths import TrustedDir, open_own_subdir, prune_files
+from .trusted_paths import open_own_subdir
 from .strongswan_conf import (DEFAULT_PATH as STRONGSWAN_CONF, POLICY_UPDATE, AdoptCapability, SettingsError,
                               as_bool, check_adopt_capability, lookup, parse_version, read_settings)
 
@@ -155,49 +158,6 @@ def recovery_plan(choice: RecoveryChoice, state: Any, ownership: Any, others: It
                                                   "recovery.adopt_grace")
     plan = plan_keep(state, ownership)
     return dataclasses.replace(plan, mode=choice.action)
-
-
-# --- snapshots ------------------------------------------------------------------------------
-
-
-def snapshot_name(wall: float, pid: int | None, reason: str) -> str:
-    stamp = _dt.datetime.fromtimestamp(wall, _dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    return f"{stamp}-{pid or 0}-{reason}.json"
-
-
-def snapshot_paths(directory: str) -> list[str]:
-    """Snapshot files (regular files only), oldest first (names start with a UTC time stamp)."""
-    try:
-        with open_own_subdir(directory, create=False) as d:
-            return [d.join(f.name) for f in d.files(".json")]
-    except FileNotFoundError:
-        return []
-
-
-def prune_snapshots(directory: str | TrustedDir, keep: int, max_age: float, now: float,
-                    max_bytes: int = 0) -> list[str]:
-    """Remove snapshots beyond the newest KEEP, those older than MAX_AGE seconds (0: no limit), then the
-    oldest until the rest fit in MAX_BYTES (0: no limit); by name in the checked directory, never via a link."""
-    if isinstance(directory, TrustedDir):
-        return prune_files(directory, ".json", keep=keep, max_age=max_age, max_bytes=max_bytes, now=now)
-    try:
-        with open_own_subdir(directory, create=False) as d:
-            return prune_files(d, ".json", keep=keep, max_age=max_age, max_bytes=max_bytes, now=now)
-    except FileNotFoundError:
-        return []
-
-
-def ownership_context(ownership: Any, state: Any) -> dict:
-    """For the snapshot: which objects (index per family) were charon's, by which rule."""
-    owned: dict[str, list] = {}
-    for family, records in state.objects.items():
-        rows = []
-        for i, record in enumerate(records):
-            v = ownership.verdict_of(record)
-            if v is not None and v.owned:
-                rows.append([i, v.rule])
-        owned[family] = rows
-    return owned
 
 
 # --- VICI (blocking, with a deadline on every read) ----------------------------------------
@@ -403,6 +363,39 @@ class _Adoption:
                 "pending": self.pending}
 
 
+@dataclass
+class _Pending:
+    """A crash's recovery between its kernel read (before the restart) and the rest (after it)."""
+
+    key: tuple                  # (pid, died_at): the crash report waits for this section
+    choice: RecoveryChoice
+    why: str
+    pid: int | None
+    abnormal: bool
+    daemon: dict
+    decode: Callable[[], KernelState]   # the read at the crash: the snapshot, the leftovers, the next baseline
+    ledger: Ledger | None       # the dead daemon's, by which the leftovers are judged
+    ownership: Any              # already decided when a flush ran before the restart
+    results: list | None        # that flush's results
+    name: str | None            # the snapshot's file name; its intent record is on disk
+    section: dict
+    started: float
+    read_at: str                # wall clock of the read, ISO 8601
+
+
+def state_after_flush(state: KernelState, results: Iterable[ActionResult]) -> KernelState:
+    """STATE as a flush with RESULTS left it: deleted objects gone, blocks added or removed."""
+    gone = {id(r.action.record) for r in results if isinstance(r.action, DeleteObject) and r.ok}
+    added = [r.action.block for r in results if isinstance(r.action, InstallBlockPolicy) and r.ok]
+    unblocked = {r.action.block.key() for r in results if isinstance(r.action, RemoveBlockPolicy) and r.ok}
+    objects = {}
+    for family, records in state.objects.items():
+        kept = tuple(x for x in records if id(x) not in gone
+                     and not (family == "xfrm_policy" and unblocked and x.key() in unblocked))
+        objects[family] = kept + tuple(added) if family == "xfrm_policy" else kept
+    return dataclasses.replace(state, objects=objects)
+
+
 class KernelRecovery:
     """The supervisor's kernel-state recovery (see the module docstring)."""
 
@@ -419,6 +412,7 @@ class KernelRecovery:
         self._ports: DaemonPorts | None = None
         self._buffer: list | None = None
         self._daemon_pid: int | None = None               # the running daemon, from its spawn to its death
+        self._daemon_start_time: int | None = None        # its /proc start time (re-attach tells pids apart by it)
         self._watch: KernelWatch | None = None
         self._loop = None
         self._loop_thread: int | None = None
@@ -443,16 +437,25 @@ class KernelRecovery:
         self._last: dict | None = None
         self._capability: AdoptCapability | None = None
         self._warned: set[str] = set()
+        self._pending: _Pending | None = None     # a crash's recovery, finished after the restart
+        self._exit_began = 0.0
+        self._overruns: dict[str, int] = {}      # lost notifications per monitor, and re-reads after them
+        self._resyncs = 0
+        self._writer: Writer | None = None        # snapshots, records and ledger saves beside the restart
         self.observer = None        # metrics: recovered(section, took, abnormal), overrun(monitor)
 
     # -- wiring (loop thread) ------------------------------------------------------------
     def attach(self, loop) -> None:
         """Register the kernel monitors in the supervisor's loop and start the worker."""
         from .eventloop import ThreadWakeup
+        # A crash's kernel read (hundreds of recv calls) runs beside CPU-bound work (decoding,
+        # adoption steps): at the default 5 ms, each recv waits up to 5 ms for the GIL.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
         self._loop = loop
         self._loop_thread = threading.get_ident()
         self._wakeup = ThreadWakeup(loop)
         self._jobs = _Jobs("recovery-jobs")
+        self._writer = Writer()
         try:
             self._watch = KernelWatch()
         except KernelError as exc:
@@ -463,8 +466,12 @@ class KernelRecovery:
 
     def detach(self) -> None:
         """Stop watching, finish the worker (bounded), and save the ledger one last time."""
+        if self._pending is not None:       # a crash whose restart never came: its snapshot still goes out
+            self._run(self._finish_pending)
         if self._jobs is not None:
             self._jobs.close()
+        if self._writer is not None:
+            self._writer.close()
         if self._adoption is not None and not self._adoption.done:
             log.warning("supervisor exiting during adoption: %d leftover(s) stay in the ledger for the next "
                         "start", len(self._adoption.leftovers) - len(self._adoption.resolved))
@@ -514,6 +521,7 @@ class KernelRecovery:
         try:
             events = self._watch.read_events()
         except KernelError as exc:
+            self._overruns["read-error"] = self._overruns.get("read-error", 0) + 1
             self._observe("overrun", "read-error")
             log.warning("reading kernel notifications failed (%s); re-reading the state", exc)
             with self._lock:
@@ -525,11 +533,21 @@ class KernelRecovery:
         if not events:
             return
         for monitor in {e.family for e in events if e.family in ("xfrm", "rtnl")}:   # overrun markers
+            self._overruns[monitor] = self._overruns.get(monitor, 0) + 1
             self._observe("overrun", monitor)
         with self._lock:
             if self._buffer is not None:
                 self._buffer.extend(events)
+                buffering = True
+            elif self._ledger is None:
                 return
+            else:
+                buffering = False
+        if buffering:
+            if self._blocks:
+                self._check_blocks(events)
+            return
+        with self._lock:
             if self._ledger is None:
                 return
             ports = self._ports.update(events) if self._ports is not None else frozenset()
@@ -559,6 +577,10 @@ class KernelRecovery:
             self._ports = ports
             if self._ledger is not None:
                 self._ledger = dataclasses.replace(self._ledger, daemon_pid=pid, daemon_start_time=start_time)
+        self._daemon_start_time = start_time
+        if self._pending is not None:
+            # charon is back: now the rest of the crash's recovery (ownership, baseline, snapshot)
+            self._submit(self._finish_pending, "recovery after the restart")
         # At once, not debounced: a supervisor killed a moment later leaves a ledger naming this daemon
         # (pid and start time), so the next one re-attaches instead of starting a second charon.
         self._save_now()
@@ -571,7 +593,11 @@ class KernelRecovery:
 
             def fire() -> None:
                 self._save_pending = False
-                self._submit(self._save_now, "save ledger")
+                # in the writer: a crash's recovery never waits behind a save of 40,000 entries
+                if self._writer is not None:
+                    self._writer.submit(self._save_now, "save ledger")
+                else:
+                    self._submit(self._save_now, "save ledger")
             self._loop.call_later(SAVE_DELAY, fire)
         self._in_loop(arm)
 
@@ -635,6 +661,7 @@ class KernelRecovery:
         with self._lock:
             if self._ledger is not None:
                 self._ledger = resync_ledger(self._ledger, state.objects)
+        self._resyncs += 1
         log.info("re-read %s after lost kernel notifications", ", ".join(sorted(stale)))
         self._schedule_save()
 
@@ -651,22 +678,31 @@ class KernelRecovery:
             log.error("cannot read the kernel state for the ownership baseline: %s; ownership of this run "
                       "falls back to charon's markers", exc)
             return
+        self._install_baseline(state)
+        self._save_now()
+
+    def _install_baseline(self, state) -> None:
+        """The new run's ledger from STATE plus every change buffered since it was read."""
         blocks = {p.key(): p for p in state.objects.get("xfrm_policy", ()) if is_supervisor_block(p)}
+        # Built outside the lock: the loop keeps buffering notifications meanwhile.
+        ledger = start_ledger(state, self._daemon_pid, claimed=[r for r, _ in self._carry], now=self._wall())
         with self._lock:
-            # Normally no daemon runs yet; only a before_start over its time limit lets the spawn
-            # overtake the baseline, and then its changes meanwhile are still its own.
-            ledger = start_ledger(state, self._daemon_pid, claimed=[r for r, _ in self._carry], now=self._wall())
-            # Saved before the spawn: a supervisor killed between the spawn and writing the pid down
-            # leaves a ledger by which the next one still finds that daemon (reattach._just_spawned).
-            ledger = dataclasses.replace(ledger, spawn_tick=boot_tick())
+            # The spawn may overtake the baseline (always after a crash, whose baseline is finished
+            # once charon runs): its changes meanwhile are still its own. Before the spawn, the tick
+            # lets a supervisor killed between the spawn and writing the pid down find that daemon
+            # (reattach._just_spawned).
+            ledger = dataclasses.replace(ledger, daemon_pid=self._daemon_pid, daemon_start_time=self._daemon_start_time,
+                                         spawn_tick=boot_tick() if self._daemon_pid is None else None)
             buffered, self._buffer = self._buffer or [], None
             ports = self._ports.update(buffered) if self._ports is not None and self._daemon_pid else frozenset()
             self._ledger = apply_events(ledger, buffered, ports)
             for key, block in blocks.items():
                 self._blocks.setdefault(key, block)
             self._blocks = {k: v for k, v in self._blocks.items() if k in blocks}
+            stale = bool(self._ledger.stale)
         self._local_addresses = frozenset(a.address for a in state.objects.get("address", ()))
-        self._save_now()
+        if stale:
+            self._schedule_resync()     # notifications were lost while buffering (e.g. a big flush)
 
     # -- hooks (supervisor's recovery worker) ------------------------------------------------
     def on_config(self, config: Config) -> None:
@@ -674,8 +710,14 @@ class KernelRecovery:
         self.config = config
 
     def before_start(self, context) -> None:
-        """PREPARING: leftovers of an earlier supervisor (first start only), then the baseline."""
+        """PREPARING: leftovers of an earlier supervisor (first start only), then the baseline.
+
+        After a crash the baseline comes from the crash's own read, finished once charon is
+        spawned (``_finish_pending``): nothing is read or written here then.
+        """
         self.config = context.config
+        if self._pending is not None:
+            return
         self._run(lambda: self._before_start(context))
 
     def _before_start(self, context) -> None:
@@ -705,7 +747,7 @@ class KernelRecovery:
             ports = None
         with self._lock:
             self._buffer = []
-            self._daemon_pid, self._ports = pid, ports
+            self._daemon_pid, self._daemon_start_time, self._ports = pid, start_time, ports
         try:
             state = self._read(self._options)
         except KernelError as exc:
@@ -771,13 +813,27 @@ class KernelRecovery:
     def on_daemon_exit(self, exit_info: ExitInfo, decision: Decision) -> None:
         """RECOVERING: snapshot what the dead daemon left, then flush / carry it for adopt or keep."""
         section: dict = {"error": "recovery did not finish"}
+        key = (exit_info.pid, exit_info.died_at)
         try:
-            section = self._run(lambda: self._on_exit(exit_info, decision))
+            if self._reads_only(decision):
+                # Here, not behind the jobs thread (an adoption step over 30,000 leftovers may be
+                # running there): adopt and keep only read the kernel before the restart.
+                section = self._on_exit(exit_info, decision)
+            else:
+                section = self._run(lambda: self._on_exit(exit_info, decision))
         except Exception as exc:
             section = {"error": f"{type(exc).__name__}: {exc}"}
             raise
         finally:
-            self._publish_section((exit_info.pid, exit_info.died_at), section)
+            if self._pending is None or self._pending.key != key:
+                self._publish_section(key, section)     # else: once its snapshot is written
+
+    def _reads_only(self, decision: Decision) -> bool:
+        """Whether this exit's recovery changes nothing in the kernel before the restart."""
+        rc = self.config.recovery
+        can_adopt = self._capability.can_adopt if self._capability is not None else True
+        return (decision.action is Action.RESTART and self._pending is None and self._jobs is not None
+                and (rc.mode == KEEP or (rc.mode == ADOPT and can_adopt)))
 
     def crash_report_section(self, exit_info: ExitInfo) -> dict | None:
         """For the crash report: leftover counts, the snapshot and what recovery did (waits for it)."""
@@ -801,6 +857,9 @@ class KernelRecovery:
 
     def _on_exit(self, info: ExitInfo, decision: Decision) -> dict:
         rc = self.config.recovery
+        self._exit_began = self._clock()
+        if self._pending is not None:
+            self._finish_pending()          # the restart failed before spawning: finish the last crash first
         if self._adoption is not None and not self._adoption.done:
             left = len(self._adoption.leftovers) - len(self._adoption.resolved)
             log.warning("%s died during adoption; %d leftover(s) not yet decided are leftovers again",
@@ -811,7 +870,7 @@ class KernelRecovery:
         self._block_initiated.clear()      # a new charon: initiate again if blocks are held
         self._drain_events()
         with self._lock:
-            self._daemon_pid = None         # its sockets are gone; nothing more is attributed to it
+            self._daemon_pid = self._daemon_start_time = None   # its sockets are gone; nothing more is its
             self._ports = None
         why = f"{self._daemon_name} pid {info.pid} {info.describe()}"
         running = [d for d in self._ike_daemons(self._netns_inode(), exclude=(info.pid,)) if d.ours]
@@ -827,10 +886,12 @@ class KernelRecovery:
         choice = choose_recovery(rc.mode, fail_closed=rc.fail_closed, on_stop=rc.on_stop,
                                  exit_class=info.classification, decision=decision.action,
                                  can_adopt=can_adopt)
-        return self._recover(choice, why, info.pid, info.classification.abnormal, "exit",
-                             {"pid": info.pid, "exit": {"code": info.exit_code, "signal": signal_name(info.signal),
-                                                        "classification": info.classification.value,
-                                                        "uptime_s": round(info.uptime, 3)}})
+        daemon = {"pid": info.pid, "exit": {"code": info.exit_code, "signal": signal_name(info.signal),
+                                            "classification": info.classification.value,
+                                            "uptime_s": round(info.uptime, 3)}}
+        if decision.action is Action.RESTART and choice.action != NONE:
+            return self._recover_before_restart(choice, why, info, daemon)
+        return self._recover(choice, why, info.pid, info.classification.abnormal, "exit", daemon)
 
     # -- the recovery itself (jobs thread) -----------------------------------------------------
     def _recover(self, choice: RecoveryChoice, why: str, pid: int | None, abnormal: bool, reason: str,
@@ -880,24 +941,12 @@ class KernelRecovery:
         if choice.action == FLUSH and len(plan):
             results = execute(plan)
             section["results"] = tally(results)
-            failed_records = set()
-            for r in results:
-                if isinstance(r.action, InstallBlockPolicy) and r.ok:
-                    with self._lock:
-                        self._blocks[r.action.block.key()] = r.action.block
-                elif isinstance(r.action, RemoveBlockPolicy) and r.ok:
-                    with self._lock:
-                        self._blocks.pop(r.action.block.key(), None)
-                elif isinstance(r.action, DeleteObject) and not r.ok:
-                    failed_records.add(id(r.action.record))
+            self._note_flush(results, why)
+            failed_records = {id(r.action.record) for r in results if isinstance(r.action, DeleteObject)
+                              and not r.ok}
             carry = [(rec, v) for rec, v in owned if id(rec) in failed_records]
             # a leftover still there has the key charon's policy will have: not charon's re-install
             self._stuck = frozenset(rec.index for rec, _ in carry if rec.FAMILY == "xfrm_policy")
-            bad = [r for r in results if not r.ok]
-            log.log(logging.WARNING if bad else logging.INFO, "flush after %s: %s%s", why,
-                    ", ".join(f"{n} {o}" for o, n in section["results"].items()),
-                    f" ({len(self._blocks)} fail-closed block(s) in place until charon re-installs its "
-                    "policies)" if self._blocks else "")
         elif choice.action in (ADOPT, KEEP):
             carry = owned
         self._carry = carry
@@ -908,16 +957,201 @@ class KernelRecovery:
         self._observe("recovered", section, self._clock() - started, abnormal)
         return section
 
-    def _write_snapshot(self, state, ownership, choice, why, pid, reason, daemon) -> str | None:
+    # -- a crash with a restart: only the read before it, the rest after (see crash_snapshots) ------
+    def _recover_before_restart(self, choice: RecoveryChoice, why: str, info: ExitInfo, daemon: dict) -> dict:
+        """Jobs thread, charon dead: read the state (a flush also acts: charon must start on a clean
+        slate), record the snapshot to come, and leave the rest to ``_finish_pending``."""
+        section: dict[str, Any] = {"mode": self.config.recovery.mode, **choice.to_json()}
+        started, cpu = self._clock(), time.thread_time()
+        with self._lock:
+            if self._buffer is None:
+                self._buffer = []       # every change from now on goes on top of this read: the next baseline
+        try:
+            # the kernel's answers only: decoding 30,000 policies is the bigger part, and waits
+            decode = self._read_later()
+        except KernelError as exc:
+            with self._lock:
+                self._buffer = None
+            log.error("cannot read the kernel state after %s: %s; nothing recovered (the next start "
+                      "tries again)", why, exc)
+            section["error"] = str(exc)
+            self._observe("recovered", section, self._clock() - started, info.classification.abnormal)
+            return section
+        at = {"died": info.died_at, "began": self._exit_began, "read_began": started, "read": self._clock()}
+        read_at = _dt.datetime.fromtimestamp(self._wall(), _dt.timezone.utc).isoformat(timespec="milliseconds")
+        ledger = self._ledger
+        ownership, results, state = None, None, None
+        if choice.action == FLUSH:
+            state = decode()
+            decode = lambda: state          # noqa: E731
+            at["decoded"] = self._clock()
+            with self._lock:
+                ledger = self._ledger
+                if ledger is not None and ledger.stale:
+                    ledger = self._ledger = resync_ledger(ledger, state.objects)
+            ownership = decide_ownership(state.objects, self._markers, ledger)
+            others = self._ike_daemons(state.netns.inode, exclude=(info.pid,))
+            plan = recovery_plan(choice, state, ownership, others)
+            at["planned"] = self._clock()
+            for a in plan.actions:
+                if isinstance(a, Keep):
+                    log.info("keeping %s: %s", a.record.describe(), a.reason)
+            # Our own 60,000 deletes would come back as notifications the loop decodes while the
+            # flush runs; unread, they overrun instead, and the next baseline re-reads those families.
+            self._pause_watch(True)
+            try:
+                results = execute(plan) if len(plan) else []
+            finally:
+                self._pause_watch(False)
+            self._note_flush(results, why)
+            at["flushed"] = self._clock()
+        name = None
+        if self.config.snapshots.enabled and info.classification.abnormal:
+            name = snapshot_name(self._wall(), info.pid, "exit")
+            try:
+                write_intent(self.config.snapshot_dir, name, {
+                    "read_at": read_at,
+                    "daemon": daemon, "why": why, "recovery": choice.to_json()})
+            except (OSError, SupervisorError) as exc:
+                log.error("cannot record the snapshot to come in %s: %s (it is still written after the "
+                          "restart, unprotected)", self.config.snapshot_dir, getattr(exc, "strerror", None) or exc)
+        at["intent"] = self._clock()
+        section["cpu_before_restart_s"] = round(time.thread_time() - cpu, 3)     # this thread's: the machine may be busy
+        section.update(snapshot=None if name is None else os.path.join(self.config.snapshot_dir, name),
+                       at_monotonic=at)
+        self._pending = _Pending((info.pid, info.died_at), choice, why, info.pid, info.classification.abnormal,
+                                 daemon, decode, ledger, ownership, results, name, section, started, read_at)
+        return section
+
+    def _pause_watch(self, paused: bool) -> None:
+        """Stop (or resume) reading the kernel monitors in the loop; what they lose meanwhile
+        arrives as an overrun: the families are re-read."""
+        watch, loop = self._watch, self._loop
+        if watch is None or loop is None:
+            return
+        done = threading.Event()
+
+        def switch() -> None:
+            try:
+                for fd in (watch.xfrm.fileno(), watch.rtnl.fileno()):
+                    if paused:
+                        loop.forget(fd)
+                    else:
+                        loop.add_reader(fd, self._on_kernel)
+            finally:
+                done.set()
+        self._in_loop(switch)
+        done.wait(DRAIN_WAIT)
+        if not paused:
+            self._in_loop(self._on_kernel)      # what queued meanwhile (or the overrun), at once
+
+    def _read_later(self) -> Callable[[], KernelState]:
+        if self._read is read_state:
+            return read_state_later(self._options)
+        state = self._read(self._options)       # a reader given for tests decodes at once
+        return lambda: state
+
+    def _finish_pending(self) -> None:
+        """Jobs thread, charon spawned again: judge the crash's leftovers, carry them, install the
+        new baseline from the crash's read, and hand the snapshot and the ledger to the writer."""
+        p, self._pending = self._pending, None
+        if p is None:
+            return
+        choice, section = p.choice, dict(p.section)
+        try:
+            state = p.decode()
+        except KernelError as exc:
+            log.error("cannot decode the kernel state read after %s: %s; no snapshot, leftovers judged at "
+                      "the next crash", p.why, exc)
+            if p.name is not None:
+                finish_intent(self.config.snapshot_dir, p.name)
+            self._publish_section(p.key, {**section, "error": str(exc)})
+            self._take_baseline()
+            return
+        section["at_monotonic"] = {**section["at_monotonic"], "decoded": self._clock()}
+        ledger = p.ledger
+        if ledger is not None and ledger.stale and p.ownership is None:
+            ledger = resync_ledger(ledger, state.objects)
+        ownership = p.ownership or decide_ownership(state.objects, self._markers, ledger)
+        owned = list(ownership.owned())
+        counts = leftover_counts(owned)
+        total = sum(counts.values())
+        section.update(leftovers=counts, leftover_total=total, judged_by="ledger and markers" if ledger
+                       else "markers only (no ledger)", by_rule=tally_rules(v for _, v in owned))
+        if total:
+            log.warning("%s left %d owned object(s): %s; %s", p.why, total,
+                        ", ".join(f"{n} {f}" for f, n in counts.items() if n), choice.reason)
+        others = self._ike_daemons(state.netns.inode, exclude=(p.pid, self._daemon_pid))
+        if others:
+            section["other_daemons"] = [d.to_json() for d in others]
+            log.warning("other IKE daemon(s) in this network namespace: %s; what only charon's markers "
+                        "claim is left to them", daemons.describe_all(others))
+        after = state
+        if choice.action == FLUSH:
+            results = p.results or []
+            section["results"] = tally(results)
+            failed = {id(r.action.record) for r in results if isinstance(r.action, DeleteObject) and not r.ok}
+            carry = [(rec, v) for rec, v in owned if id(rec) in failed]
+            self._stuck = frozenset(rec.index for rec, _ in carry if rec.FAMILY == "xfrm_policy")
+            after = state_after_flush(state, results)
+        else:
+            carry = owned
+        self._carry, self._carry_choice = carry, (choice if carry else None)
+        self._install_baseline(after)
+        section["at_monotonic"] = {**section["at_monotonic"], "judged": self._clock()}
+        self._last = {"at": _dt.datetime.fromtimestamp(self._wall(), _dt.timezone.utc)
+                      .isoformat(timespec="seconds"), "after": p.why, **section}
+        write = self.config.snapshots.enabled and (total or p.abnormal)
+
+        def beside() -> None:
+            delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
+            if delay > 0:
+                time.sleep(delay)       # tests only: a window in which to kill the supervisor
+            path = None
+            if write:
+                path = self._write_snapshot(state, ownership, choice, p.why, p.pid, "exit", p.daemon, name=p.name,
+                                            deferred={"complete": True, "read_at": p.read_at,
+                                                      "written_after_restart": True})
+            if p.name is not None:
+                finish_intent(self.config.snapshot_dir, p.name)
+            done = {**section, "snapshot": path,
+                    "at_monotonic": {**section["at_monotonic"], "snapshot_written": self._clock()}}
+            if self._last is not None and self._last.get("after") == p.why:
+                self._last = {**self._last, "snapshot": path, "at_monotonic": done["at_monotonic"]}
+            self._save_now()            # the new run's ownership details
+            self._observe("recovered", done, self._clock() - p.started, p.abnormal)
+            self._publish_section(p.key, done)
+        if self._writer is not None:
+            self._writer.submit(beside, "snapshot of the leftovers")
+        else:
+            beside()
+
+    def _note_flush(self, results: list[ActionResult], why: str) -> None:
+        """Track the blocks a flush installed or removed, and log its outcome."""
+        for r in results:
+            if isinstance(r.action, InstallBlockPolicy) and r.ok:
+                with self._lock:
+                    self._blocks[r.action.block.key()] = r.action.block
+            elif isinstance(r.action, RemoveBlockPolicy) and r.ok:
+                with self._lock:
+                    self._blocks.pop(r.action.block.key(), None)
+        bad = [r for r in results if not r.ok]
+        log.log(logging.WARNING if bad else logging.INFO, "flush after %s: %s%s", why,
+                ", ".join(f"{n} {o}" for o, n in tally(results).items()) or "nothing to do",
+                f" ({len(self._blocks)} fail-closed block(s) in place until charon re-installs its "
+                "policies)" if self._blocks else "")
+
+    def _write_snapshot(self, state, ownership, choice, why, pid, reason, daemon, *, name: str | None = None,
+                        deferred: dict | None = None) -> str | None:
         directory = self.config.snapshot_dir
         snap = take_snapshot(state, daemon=daemon)
         snap = dataclasses.replace(snap, context={
             **snap.context, "recovery": {"why": why, **choice.to_json()},
-            "owned": ownership_context(ownership, state)})
+            "owned": ownership_context(ownership, state), **({"deferred": deferred} if deferred else {})})
         sc = self.config.snapshots
         try:
             with open_own_subdir(directory, what="paths.state_dir") as d:     # checked, created 0700
-                path = write_snapshot_in(d, snapshot_name(self._wall(), pid, reason), snap)
+                path = write_snapshot_in(d, name or snapshot_name(self._wall(), pid, reason), snap)
                 removed = prune_snapshots(d, sc.keep, sc.max_age, self._wall(), sc.max_bytes)
         except (OSError, SupervisorError) as exc:
             log.error("cannot write the snapshot of the leftovers to %s: %s (recovery goes on without it)",
@@ -938,6 +1172,8 @@ class KernelRecovery:
         except KernelError as exc:
             log.error("cannot read the kernel state at start: %s; leftovers of an earlier run stay", exc)
             return
+        if self.config.snapshots.enabled:
+            complete_unfinished(self.config.snapshot_dir, state, self._wall())
         inode = state.netns.inode
         prior = None
         if os.path.lexists(path):
@@ -1224,6 +1460,7 @@ class KernelRecovery:
             "blocks_deadline_in_s": None if self._block_deadline is None or not blocks
             else round(max(0.0, self._block_deadline - now), 3),
             "carried": len(self._carry),
+            "monitor": {"overruns": dict(self._overruns), "resyncs": self._resyncs},
             "adoption": None if a is None else a.to_json(now),
             "strongswan": None if self._capability is None else self._capability.to_json(),
             "last": self._last,

@@ -1316,6 +1316,7 @@ class Supervisor:
                 "pid": run.child.pid if run else None,
                 "reattached": bool(run and run.child.attached),
                 "started_at": self._wall_of(run.started_at) if run else None,
+                "started_at_monotonic": run.started_at if run else None,
                 "uptime_s": round(now - run.started_at, 3) if run else None,
                 "ready": bool(run and run.ready_at is not None and self.state in (State.SETTLING, State.RUNNING)),
                 "ready_at_monotonic": run.ready_at if run else None,

@@ -469,6 +469,10 @@ def decode_routes(chunks: list[bytes], names: dict[int, str], table: int | None 
 
 
 def _dump(sock: NetlinkSocket, af: int, table: int | None, names: dict[int, str]) -> list[Route]:
+    return _dump_later(sock, af, table, names)()
+
+
+def _dump_later(sock: NetlinkSocket, af: int, table: int | None, names: dict[int, str]):
     payload = _RTMSG.pack(af, 0, 0, 0, 0, 0, 0, 0, 0)
     if table is not None:
         # Filtered in the kernel (strict checking): a full BGP table is not decoded here.
@@ -479,8 +483,8 @@ def _dump(sock: NetlinkSocket, af: int, table: int | None, names: dict[int, str]
     except NotFound:
         if table is None:
             raise
-        return []       # the kernel says "FIB table does not exist": no route in it
-    return decode_routes(chunks, names, table, what)
+        return lambda: []       # the kernel says "FIB table does not exist": no route in it
+    return lambda: decode_routes(chunks, names, table, what)
 
 
 def dump_routes(table: int | None = 220, *, rtnl: Rtnl | None = None) -> list[Route]:
@@ -488,6 +492,14 @@ def dump_routes(table: int | None = 220, *, rtnl: Rtnl | None = None) -> list[Ro
     with _socket(rtnl) as sock:
         names = interface_names(sock)
         return _dump(sock, socket.AF_INET, table, names) + _dump(sock, socket.AF_INET6, table, names)
+
+
+def dump_routes_later(table: int | None = 220, *, rtnl: Rtnl | None = None):
+    """As ``dump_routes``, but only the kernel's answer is taken now: returns the decoder of it."""
+    with _socket(rtnl) as sock:
+        names = interface_names(sock)
+        v4, v6 = _dump_later(sock, socket.AF_INET, table, names), _dump_later(sock, socket.AF_INET6, table, names)
+    return lambda: v4() + v6()
 
 
 def delete_lookup_accepts(request: Route, candidate: Route) -> bool:

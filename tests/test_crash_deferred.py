@@ -1,0 +1,164 @@
+"""A crash's snapshot is written after charon's restart: what it holds, and what a supervisor killed
+meanwhile leaves (the intent record, turned into a snapshot that says it was lost and why).
+
+The fake daemon (tests/fake_ikd.py) installs 2,000 objects over its own netlink sockets;
+another process adds foreign state next to them. Small sizes of bench/bench_crash.py: behaviour,
+not times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from supervisor.crash_snapshots import INTENT_PREFIX
+from supervisor.kernel import xfrm
+from supervisor.kernel.routes import Route
+from supervisor.ownership import is_supervisor_block
+from supervisor.snapshot import load_snapshot
+
+from test_flush import SETUP
+from test_recovery import kernel_of, pol, pytestmark_kernel, steps, sup, wait_for_foreign_in_ledger  # noqa: F401
+
+pytestmark = [pytestmark_kernel]
+CHILDREN = 500                  # 3 policies and a route each: 2,000 objects
+
+
+def child(i: int) -> list:
+    remote = f"172.16.{i >> 8}.{i & 255}/32"
+    return [pol("10.1.0.0/16", remote, xfrm.DIR_OUT, "192.0.2.2", i + 1),
+            pol(remote, "10.1.0.0/16", xfrm.DIR_IN, "192.0.2.2", i + 1),
+            pol(remote, "10.1.0.0/16", xfrm.DIR_FWD, "192.0.2.2", i + 1),
+            Route("inet", 220, remote.split("/")[0], 32, protocol=4, gateway="192.0.2.2", oif_name="veth0",
+                  prefsrc="10.1.0.1")]
+
+
+DAEMON_RUN = {"kernel": steps("add", [r for i in range(CHILDREN) for r in child(i)])}
+FOREIGN = "\n".join(f"ip xfrm policy add src 10.200.{i}.0/24 dst 10.201.{i}.0/24 dir out priority 1000 "
+                    "action block" for i in range(200)) + \
+    "\nip route add 172.31.0.0/16 via 192.0.2.3 dev veth0 proto static table 220\n"
+
+
+def comparable(state) -> dict:
+    """Per family, the records as JSON (addresses by address: IPv6 flags change as DAD finishes)."""
+    out = {}
+    for family, records in state.objects.items():
+        if family == "address":
+            out[family] = sorted((r.address, r.prefixlen) for r in records)
+        else:
+            out[family] = sorted(json.dumps(r.to_json(), sort_keys=True) for r in records)
+    return out
+
+
+def snapshot_written(s) -> dict:
+    return s.wait(lambda st: ((st["recovery"] or {}).get("last") or {}).get("at_monotonic", {})
+                  .get("snapshot_written"), what="the deferred snapshot written")["recovery"]["last"]
+
+
+def intents(s) -> list[str]:
+    d = os.path.join(s.p("state"), "snapshots")
+    return [n for n in os.listdir(d) if n.startswith(INTENT_PREFIX)] if os.path.isdir(d) else []
+
+
+def test_the_snapshot_written_after_the_restart_is_the_state_read_at_the_crash(netns, sup):
+    netns.sh(SETUP)
+    s = sup(netns, [DAEMON_RUN, {}], {"mode": "adopt", "adopt_grace": "2s", "fail_closed": True}).start()
+    pid = s.wait_running()["daemon"]["pid"]
+    netns.sh(FOREIGN)                               # after the daemon: foreign by the ledger
+    wait_for_foreign_in_ledger(s, 200)
+    at_crash = kernel_of(netns)
+    os.kill(pid, signal.SIGKILL)
+    s.wait_running(restarts=1)
+    last = snapshot_written(s)
+    at = last["at_monotonic"]
+    assert at["read"] < at["snapshot_written"] and last["action"] == "adopt"
+    snap = load_snapshot(last["snapshot"])
+    assert comparable(snap) == comparable(at_crash)             # exactly what the kernel held at the crash
+    assert snap.context["deferred"]["complete"] is True and snap.daemon["pid"] == pid
+    owned = {f: {json.dumps(snap.objects[f][i].to_json(), sort_keys=True) for i, _ in rows}
+             for f, rows in snap.context["owned"].items()}
+    assert len(owned["xfrm_policy"]) == 3 * CHILDREN and len(owned["route"]) == CHILDREN
+    assert not [p for p in owned["xfrm_policy"] if '"priority": 1000' in p]      # foreign is not charon's
+    assert last["leftovers"]["xfrm_policy"] == 3 * CHILDREN and last["leftovers"]["route"] == CHILDREN
+    assert intents(s) == []                          # the intent went once the snapshot was there
+    [report] = s.reports()
+    assert report["recovery"]["snapshot"] == last["snapshot"]
+    # every leftover decided: the restarted daemon claims none, the grace period removes them all
+    st = s.wait_recovered(timeout=60)
+    assert st["recovery"]["adoption"]["pending"] == 0
+    after = kernel_of(netns)
+    foreign = {p.selector.saddr for p in at_crash.objects["xfrm_policy"] if p.priority == 1000}
+    assert {p.selector.saddr for p in after.objects["xfrm_policy"]
+            if not p.per_socket and not is_supervisor_block(p)} == foreign
+    assert [r.dst for r in after.objects["route"]] == ["172.31.0.0"]           # the foreign look-alike stays
+    assert s.stop() == 0
+
+
+def test_a_supervisor_killed_between_the_spawn_and_the_snapshot_leaves_a_record_the_next_start_completes(
+        netns, sup, monkeypatch):
+    netns.sh(SETUP)
+    monkeypatch.setenv("IPSEC_SUPERVISOR_TEST_SNAPSHOT_DELAY", "60")
+    first = sup(netns, [DAEMON_RUN, {}], {"mode": "adopt", "adopt_grace": "10m"}).start()
+    pid = first.wait_running()["daemon"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    first.wait(lambda st: st["daemon"]["pid"] not in (None, pid), what="charon spawned again")
+    [intent] = intents(first)
+    name = intent[len(INTENT_PREFIX):]
+    snapdir = os.path.join(first.p("state"), "snapshots")
+    assert not os.path.exists(os.path.join(snapdir, name))          # the writer is still waiting
+    first.proc.kill()                               # kill -9 of the supervisor in that window
+    first.proc.wait()
+    first.kill_fakes()
+    monkeypatch.delenv("IPSEC_SUPERVISOR_TEST_SNAPSHOT_DELAY")
+    second = sup(netns, [DAEMON_RUN, {}], {"mode": "adopt", "adopt_grace": "10m"}, directory=first.dir)
+    with open(second.p("counter"), "w") as fh:
+        fh.write("1")                              # the next start is the quiet second run
+    second.start()
+    second.wait_running()
+    deadline = time.monotonic() + 20
+    while not os.path.exists(os.path.join(snapdir, name)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    snap = load_snapshot(os.path.join(snapdir, name))
+    deferred = snap.context["deferred"]
+    assert deferred["complete"] is False and f"(pid {first.proc.pid}) died" in deferred["lost"]
+    assert deferred["intended_at"] and snap.daemon["pid"] == pid
+    assert snap.context["recovery"]["action"] == "adopt"
+    assert len(snap.objects["xfrm_policy"]) >= 3 * CHILDREN        # the state found at this start
+    assert intents(second) == []
+    assert f"the snapshot {name} of" in second.log() and "was never written" in second.log()
+    assert second.stop() == 0
+
+
+def test_the_read_taken_before_the_restart_decodes_to_what_read_state_reads(netns):
+    from supervisor.kernel_state import ReadOptions, read_state, read_state_later
+    netns.sh(SETUP + FOREIGN + "iptables -I INPUT 1 -s 10.6.0.0/16 -m policy --dir in --pol ipsec --reqid 7 "
+             "--proto esp -j ACCEPT\n")
+    with netns.enter():
+        decode = read_state_later(ReadOptions())
+        direct = read_state(ReadOptions())
+    later = decode()                                 # decoded elsewhere, afterwards
+    assert later.netns == direct.netns
+    assert comparable(later) == comparable(direct)
+    assert len(later.objects["xfrm_policy"]) >= 200 and later.objects["firewall"]
+
+
+def test_the_baseline_after_a_flush_is_the_crash_read_minus_what_went_plus_the_blocks():
+    from types import SimpleNamespace
+
+    from supervisor.kernel.netns import NetnsIdentity
+    from supervisor.kernel_state import KernelState, ReadOptions
+    from supervisor.reconcile import ActionResult, DeleteObject, InstallBlockPolicy, Outcome
+    from supervisor.recovery import state_after_flush
+    a, b, c = child(0)[:3]
+    block = SimpleNamespace(key=lambda: ("block",), FAMILY="xfrm_policy")
+    state = KernelState(objects={"xfrm_policy": (a, b, c), "route": ()}, netns=NetnsIdentity(1, None),
+                        options=ReadOptions())
+    results = [ActionResult(InstallBlockPolicy(block, a, "r", "why"), Outcome.DONE),
+               ActionResult(DeleteObject(a, "r", "why"), Outcome.DONE),
+               ActionResult(DeleteObject(b, "r", "why"), Outcome.FAILED, "EPERM")]
+    after = state_after_flush(state, results)
+    assert after.objects["xfrm_policy"] == (b, c, block)          # b failed: still there
