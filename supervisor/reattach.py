@@ -11,11 +11,13 @@ charon's pid file (if there is one) names the same pid. ``gather_facts`` reads /
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from dataclasses import dataclass
 
-from .ledger import Ledger, LedgerError, ledger_path, load_ledger
+from .daemon_record import DaemonRecord, DaemonRecordError, load_record, record_path
+from .ledger import Ledger, LedgerError, ledger_path, load_ledger, resync_ledger, start_ledger
 
 DELETED = " (deleted)"
 
@@ -125,6 +127,40 @@ def _just_spawned(f: ReattachFacts, tick: int) -> ReattachDecision:
     return ReattachDecision(True, f"pid {p.pid} is the {os.path.basename(f.binary)} the earlier supervisor "
                                   f"was spawning when it died (started since tick {tick}, the only one; binary, "
                                   "root, this network namespace)", p.pid, p.start_time, False)
+
+
+@dataclass(frozen=True)
+class Takeover:
+    """The ledger a re-attaching supervisor goes on with, and whether an adoption resumes."""
+
+    ledger: Ledger | None
+    resume_adoption: bool
+    how: str                # for the log: "taken over", ...
+
+
+ALL_STALE = frozenset(("xfrm_sa", "xfrm_policy", "route", "rule", "address"))
+
+
+def take_over(prior: Ledger | None, record: DaemonRecord | None, pid: int, start_time: int | None,
+              state, now: float, *, adopt_mode: bool) -> Takeover:
+    """Pure: the running daemon PID's ledger from the one on disk (PRIOR) and the kernel now (STATE,
+    None: unreadable). The ledger is written beside the restart, so it may still be the crashed
+    predecessor's: then what that one owned is carried over as inherited (the leftovers the dead
+    supervisor was recovering) and, in adopt mode, adopted again; the rest is baseline."""
+    if prior is None:
+        return Takeover(None, False, "unusable, ownership by markers")
+    adopting = (record.adoption_deadline if record is not None else prior.adoption_deadline) is not None
+    if prior.daemon_pid is None or (prior.daemon_pid, prior.daemon_start_time) == (pid, start_time):
+        ledger = resync_ledger(prior, state.objects) if state is not None else \
+            dataclasses.replace(prior, stale=ALL_STALE)
+        return Takeover(dataclasses.replace(ledger, daemon_pid=pid, daemon_start_time=start_time), adopting,
+                        "taken over")
+    if state is None:
+        return Takeover(None, False, f"still the crashed pid {prior.daemon_pid}'s and the kernel unreadable: "
+                                     "ownership by markers")
+    ledger = dataclasses.replace(start_ledger(state, pid, inherited=prior, now=now), daemon_start_time=start_time)
+    return Takeover(ledger, adopt_mode, f"still the crashed pid {prior.daemon_pid}'s (this daemon's was not "
+                                        "written yet): what that one owned is carried over")
 
 
 def boot_tick(proc: str = "/proc") -> int | None:
@@ -243,8 +279,30 @@ def _pid_in(path: str | None) -> int | None:
         return None
 
 
+def with_record(ledger: Ledger | None, record: DaemonRecord | None) -> Ledger | None:
+    """LEDGER with the daemon facts of RECORD, which is written at once and so never older (pure);
+    a record without a ledger (its first write still pending) stands alone."""
+    if record is None:
+        return ledger
+    base = ledger if ledger is not None else Ledger(daemon_pid=None, netns_inode=record.netns_inode, started=0.0)
+    return dataclasses.replace(base, netns_inode=record.netns_inode, daemon_pid=record.daemon_pid,
+                               daemon_start_time=record.daemon_start_time, spawn_tick=record.spawn_tick,
+                               daemon_loaded=record.daemon_loaded, adoption_deadline=record.adoption_deadline)
+
+
+def read_record(run_dir: str) -> tuple[DaemonRecord | None, str | None]:
+    """The daemon record of RUN_DIR and, when there is none to use, why."""
+    try:
+        return load_record(record_path(run_dir)), None
+    except FileNotFoundError:
+        return None, f"no {record_path(run_dir)}"
+    except DaemonRecordError as exc:
+        return None, str(exc)
+
+
 def gather_facts(config, *, path_env: str | None = None, proc: str = "/proc") -> ReattachFacts:
-    """The facts about the charon an earlier supervisor (by its ledger under paths.run_dir) left running."""
+    """The facts about the charon an earlier supervisor (by its daemon record and ledger under
+    paths.run_dir) left running."""
     binary, binary_id = daemon_binary(config.daemon.command[0], path_env)
     netns = os.stat(f"{proc}/thread-self/ns/net").st_ino
     path = ledger_path(config.paths.run_dir)
@@ -256,6 +314,11 @@ def gather_facts(config, *, path_env: str | None = None, proc: str = "/proc") ->
             problem = str(exc)
     else:
         problem = f"no {path}"
+    record, record_problem = read_record(config.paths.run_dir)
+    if record is not None:
+        ledger = with_record(ledger, record)
+    elif ledger is None:
+        problem = f"{problem}; {record_problem}"
     process = process_info(ledger.daemon_pid, proc) if ledger is not None and ledger.daemon_pid else None
     spawned: tuple[ProcessInfo, ...] = ()
     if ledger is not None and ledger.daemon_pid is None and ledger.spawn_tick is not None:

@@ -39,21 +39,22 @@ from typing import Any, Callable, Iterable, Mapping
 
 from vici.protocol import Message, Packet
 
-from . import adopt, daemons
+from . import adopt, daemons, reattach
 from .config import Config, format_duration
 from .errors import KernelError, SupervisorError
 from .kernel.common import Action as KAction
 from .kernel.xfrm import XfrmPolicy
+from .ledger_store import LedgerStore
 from .metrics import tell
 from .kernel_state import KernelState, KernelWatch, ReadOptions, read_state, read_state_later
 from .ledger import (HOW_INHERITED, OWNER_DAEMON, DaemonPorts, Ledger, LedgerError, apply_events, ledger_path, load_ledger,
-                     resync_ledger, save_ledger, start_ledger)
+                     resync_ledger, start_ledger)
 from .ownership import MarkerConfig, Verdict, decide_ownership, is_supervisor_block
 from .policy import Action, Decision, ExitClass, ExitInfo, signal_name
 from .reattach import boot_tick, process_start_time
 from .reconcile import (ActionResult, DeleteObject, InstallBlockPolicy, Keep, Outcome, Plan,
                         RemoveBlockPolicy, blocks_to_remove, execute, plan_flush, plan_keep)
-from .crash_snapshots import (TEST_DELAY_ENV, Writer, complete_unfinished, finish_intent,  # noqa: F401
+from .crash_snapshots import (TEST_DELAY_ENV, complete_unfinished, finish_intent,  # noqa: F401
                               ownership_context, prune_snapshots, snapshot_name, snapshot_paths, write_intent)
 from .snapshot import take_snapshot, write_snapshot_in
 from .trusted_paths import open_own_subdir
@@ -419,9 +420,9 @@ class KernelRecovery:
         self._wakeup = None
         self._jobs: _Jobs | None = None
         self._save_pending = False
-        self._save_lock = threading.Lock()      # one writer at a time, each with the newest ledger
         self._resync_pending = False
-        self._save_error: str | None = None
+        # the daemon record at once, the ledger (and the crash's snapshot) in the writer thread
+        self._store = LedgerStore(lambda: self.config.paths.run_dir, lambda: self._ledger)
         self._blocks: dict[tuple, XfrmPolicy] = {}
         self._unblocking: set[tuple] = set()
         self._stuck: frozenset[int] = frozenset()   # indexes of leftover policies a flush could not delete
@@ -441,7 +442,6 @@ class KernelRecovery:
         self._exit_began = 0.0
         self._overruns: dict[str, int] = {}      # lost notifications per monitor, and re-reads after them
         self._resyncs = 0
-        self._writer: Writer | None = None        # snapshots, records and ledger saves beside the restart
         self.observer = None        # metrics: recovered(section, took, abnormal), overrun(monitor)
 
     # -- wiring (loop thread) ------------------------------------------------------------
@@ -455,7 +455,7 @@ class KernelRecovery:
         self._loop_thread = threading.get_ident()
         self._wakeup = ThreadWakeup(loop)
         self._jobs = _Jobs("recovery-jobs")
-        self._writer = Writer()
+        self._store.start()
         try:
             self._watch = KernelWatch()
         except KernelError as exc:
@@ -470,12 +470,10 @@ class KernelRecovery:
             self._run(self._finish_pending)
         if self._jobs is not None:
             self._jobs.close()
-        if self._writer is not None:
-            self._writer.close()
         if self._adoption is not None and not self._adoption.done:
             log.warning("supervisor exiting during adoption: %d leftover(s) stay in the ledger for the next "
                         "start", len(self._adoption.leftovers) - len(self._adoption.resolved))
-        self._save_now()
+        self._store.close()
         if self._watch is not None and self._loop is not None:
             for fd in (self._watch.xfrm.fileno(), self._watch.rtnl.fileno()):
                 self._loop.forget(fd)
@@ -572,18 +570,21 @@ class KernelRecovery:
             log.warning("cannot read the netlink sockets of %s pid %d (%s); its changes count as foreign "
                         "until it is seen again", self._daemon_name, pid, exc)
             ports = None
-        start_time = process_start_time(pid)
+        start_time = self._daemon_start_time = process_start_time(pid)
+        # At once (a small file, no fsync): a supervisor killed a moment later leaves a record naming
+        # this daemon (pid and start time), so the next one re-attaches instead of starting a second charon.
+        self._store.note_daemon(daemon_pid=pid, daemon_start_time=start_time)
         with self._lock:
             self._ports = ports
-            if self._ledger is not None:
+            # After a crash the ledger is still the dead daemon's until _finish_pending replaces it:
+            # on disk, a ledger names the daemon whose run it describes (reattach tells them apart).
+            if self._ledger is not None and self._pending is None:
                 self._ledger = dataclasses.replace(self._ledger, daemon_pid=pid, daemon_start_time=start_time)
-        self._daemon_start_time = start_time
         if self._pending is not None:
             # charon is back: now the rest of the crash's recovery (ownership, baseline, snapshot)
             self._submit(self._finish_pending, "recovery after the restart")
-        # At once, not debounced: a supervisor killed a moment later leaves a ledger naming this daemon
-        # (pid and start time), so the next one re-attaches instead of starting a second charon.
-        self._save_now()
+        else:
+            self._store.save_later()
 
     def _schedule_save(self) -> None:
         def arm() -> None:
@@ -593,11 +594,7 @@ class KernelRecovery:
 
             def fire() -> None:
                 self._save_pending = False
-                # in the writer: a crash's recovery never waits behind a save of 40,000 entries
-                if self._writer is not None:
-                    self._writer.submit(self._save_now, "save ledger")
-                else:
-                    self._submit(self._save_now, "save ledger")
+                self._store.save_later()    # a crash's recovery never waits behind a save of 40,000 entries
             self._loop.call_later(SAVE_DELAY, fire)
         self._in_loop(arm)
 
@@ -622,26 +619,14 @@ class KernelRecovery:
         done.wait(DRAIN_WAIT)
 
     # -- ledger (jobs thread) ---------------------------------------------------------------
-    def _save_now(self) -> None:
-        with self._save_lock:
-            with self._lock:
-                ledger = self._ledger
-            if ledger is None:
-                return
-            path = ledger_path(self.config.paths.run_dir)
-            try:
-                save_ledger(path, ledger)
-                self._save_error = None
-            except LedgerError as exc:
-                if self._save_error != str(exc):
-                    log.warning("%s; ownership after a supervisor restart falls back to markers", exc)
-                self._save_error = str(exc)
-
     def restore_files(self) -> None:
-        """The run directory was wiped (tmpfiles, an admin): write the ledger again, now."""
-        self._submit(self._save_now, "save ledger (run directory restored)")
+        """The run directory was wiped (tmpfiles, an admin): write the daemon record and the ledger again."""
+        self._store.restore()
 
-    def _set_ledger(self, **changes) -> None:
+    def _set_daemon(self, *, write: bool = True, **changes) -> None:
+        """The daemon's facts for a successor (DaemonRecord fields): in the record now (WRITE), and in
+        the ledger with its next save."""
+        self._store.note_daemon(write=write, **changes)
         with self._lock:
             if self._ledger is not None:
                 self._ledger = dataclasses.replace(self._ledger, **changes)
@@ -679,7 +664,7 @@ class KernelRecovery:
                       "falls back to charon's markers", exc)
             return
         self._install_baseline(state)
-        self._save_now()
+        self._store.save_later()
 
     def _install_baseline(self, state) -> None:
         """The new run's ledger from STATE plus every change buffered since it was read."""
@@ -692,7 +677,7 @@ class KernelRecovery:
             # lets a supervisor killed between the spawn and writing the pid down find that daemon
             # (reattach._just_spawned).
             ledger = dataclasses.replace(ledger, daemon_pid=self._daemon_pid, daemon_start_time=self._daemon_start_time,
-                                         spawn_tick=boot_tick() if self._daemon_pid is None else None)
+                                         spawn_tick=self._store.record.spawn_tick)
             buffered, self._buffer = self._buffer or [], None
             ports = self._ports.update(buffered) if self._ports is not None and self._daemon_pid else frozenset()
             self._ledger = apply_events(ledger, buffered, ports)
@@ -716,6 +701,10 @@ class KernelRecovery:
         spawned (``_finish_pending``): nothing is read or written here then.
         """
         self.config = context.config
+        # Before the spawn: a supervisor killed between the spawn and writing the pid down leaves a
+        # record by which the next one still finds that daemon (reattach._just_spawned).
+        self._store.note_daemon(daemon_pid=None, daemon_start_time=None, spawn_tick=boot_tick(),
+                                daemon_loaded=False, adoption_deadline=None)
         if self._pending is not None:
             return
         self._run(lambda: self._before_start(context))
@@ -754,28 +743,34 @@ class KernelRecovery:
             state = None
             log.error("cannot read the kernel state while re-attaching: %s; the ledger is re-read at the "
                       "next notification", exc)
+        record, _ = reattach.read_record(self.config.paths.run_dir)
+        record = record if record is not None and record.daemon_pid == pid else None
+        t = reattach.take_over(prior, record, pid, start_time, state, self._wall(),
+                               adopt_mode=self.config.recovery.mode == ADOPT)
         with self._lock:
             buffered, self._buffer = self._buffer or [], None
-            if prior is not None:
-                ledger = resync_ledger(prior, state.objects) if state is not None else \
-                    dataclasses.replace(prior, stale=frozenset(("xfrm_sa", "xfrm_policy", "route", "rule", "address")))
-                ledger = dataclasses.replace(ledger, daemon_pid=pid, daemon_start_time=start_time)
-                self._ledger = apply_events(ledger, buffered, ports.update(buffered) if ports else frozenset())
+            if t.ledger is not None:
+                self._ledger = apply_events(t.ledger, buffered, ports.update(buffered) if ports else frozenset())
         if state is not None:
             self._blocks = {p.key(): p for p in state.objects.get("xfrm_policy", ()) if is_supervisor_block(p)}
             self._local_addresses = frozenset(a.address for a in state.objects.get("address", ()))
+            if self.config.snapshots.enabled:       # a crash's snapshot the dead supervisor never wrote
+                complete_unfinished(self.config.snapshot_dir, state, self._wall())
         pending = []
-        if prior is not None and prior.adoption_deadline is not None and self._ledger is not None:
+        if t.resume_adoption and self._ledger is not None:
             pending = [(e.record, e.verdict()) for e in self._ledger.owned() if e.how == HOW_INHERITED]
             if pending:
                 self._carry = pending
                 self._carry_choice = RecoveryChoice(ADOPT, self.config.recovery.fail_closed,
                                                     "an adoption was in progress when the earlier supervisor died")
-        log.info("re-attached to %s pid %d: ledger %s%s%s", self._daemon_name, pid,
-                 "taken over" if prior is not None else "unusable, ownership by markers",
+        log.info("re-attached to %s pid %d: ledger %s%s%s", self._daemon_name, pid, t.how,
                  f", {len(self._blocks)} fail-closed block(s) held" if self._blocks else "",
                  f", adoption of {len(pending)} leftover(s) resumed" if pending else "")
-        self._save_now()
+        self._store.note_daemon(daemon_pid=pid, daemon_start_time=start_time, spawn_tick=None,
+                                daemon_loaded=record.daemon_loaded if record is not None else
+                                bool(prior is not None and prior.daemon_loaded),
+                                adoption_deadline=None)
+        self._store.save_later()
 
     def on_daemon_ready(self, context) -> None:
         """LOADING: check that strongSwan can adopt, start the block timeout, start adopting."""
@@ -793,7 +788,7 @@ class KernelRecovery:
                 log.debug("no VICI version for the adopt check: %s", exc)
         if rc.mode == ADOPT:
             self._note_capability(check_strongswan(self.config, version))
-        self._set_ledger(daemon_loaded=bool(context.load_ok))
+        self._set_daemon(daemon_loaded=bool(context.load_ok), write=False)
         now = self._clock()
         if self._blocks:
             self._block_deadline = now + rc.block_timeout
@@ -804,11 +799,13 @@ class KernelRecovery:
         self._carry, self._carry_choice = [], None
         if carry and choice is not None and choice.action == ADOPT:
             self._adoption = _Adoption(leftovers=carry, started=now, deadline=now + rc.adopt_grace)
-            self._set_ledger(adoption_deadline=self._wall() + rc.adopt_grace)
+            self._set_daemon(adoption_deadline=self._wall() + rc.adopt_grace, write=False)
             log.info("adopting %d leftover(s) of the dead %s: grace period %s", len(carry), self._daemon_name,
                      format_duration(rc.adopt_grace))
             self._queue_adopt_step(0.0)
-        self._save_now()        # "loaded" and the adoption on disk now: a supervisor killed next resumes them
+        # "loaded" and the adoption on disk now: a supervisor killed next resumes them
+        self._store.write_record()
+        self._store.save_later()
 
     def on_daemon_exit(self, exit_info: ExitInfo, decision: Decision) -> None:
         """RECOVERING: snapshot what the dead daemon left, then flush / carry it for adopt or keep."""
@@ -865,7 +862,7 @@ class KernelRecovery:
             log.warning("%s died during adoption; %d leftover(s) not yet decided are leftovers again",
                         self._daemon_name, left)
         self._adoption = None
-        self._set_ledger(adoption_deadline=None, daemon_loaded=False)
+        self._set_daemon(adoption_deadline=None, daemon_loaded=False, write=False)   # it names a dead pid
         self._block_deadline = None
         self._block_initiated.clear()      # a new charon: initiate again if blocks are held
         self._drain_events()
@@ -953,7 +950,7 @@ class KernelRecovery:
         self._carry_choice = choice if carry else None
         self._last = {"at": _dt.datetime.fromtimestamp(self._wall(), _dt.timezone.utc)
                       .isoformat(timespec="seconds"), "after": why, **section}
-        self._save_now()
+        self._store.save_later()
         self._observe("recovered", section, self._clock() - started, abnormal)
         return section
 
@@ -1107,6 +1104,7 @@ class KernelRecovery:
             delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
             if delay > 0:
                 time.sleep(delay)       # tests only: a window in which to kill the supervisor
+            self._store.save_now()      # the new run's ledger first: a successor re-attaches by it
             path = None
             if write:
                 path = self._write_snapshot(state, ownership, choice, p.why, p.pid, "exit", p.daemon, name=p.name,
@@ -1118,11 +1116,10 @@ class KernelRecovery:
                     "at_monotonic": {**section["at_monotonic"], "snapshot_written": self._clock()}}
             if self._last is not None and self._last.get("after") == p.why:
                 self._last = {**self._last, "snapshot": path, "at_monotonic": done["at_monotonic"]}
-            self._save_now()            # the new run's ownership details
             self._observe("recovered", done, self._clock() - p.started, p.abnormal)
             self._publish_section(p.key, done)
-        if self._writer is not None:
-            self._writer.submit(beside, "snapshot of the leftovers")
+        if self._store.writer is not None:
+            self._store.writer.submit(beside, "the new ledger and the snapshot of the leftovers")
         else:
             beside()
 
@@ -1415,8 +1412,8 @@ class KernelRecovery:
         pending = adopt.pending_leftovers(a.leftovers, ledger, frozenset(a.resolved))
         a.pending = len(pending)
         if (grace_over and not queued) or not pending:
-            self._set_ledger(adoption_deadline=None)
-            self._save_now()        # what charon claimed is on disk before anyone asks (reconcile)
+            self._set_daemon(adoption_deadline=None)
+            self._store.save_now()      # what charon claimed is on disk before anyone asks (reconcile)
             a.done = True
             log.info("adoption finished after %.1fs: %s", now - a.started,
                      ", ".join(f"{n} {k}" for k, n in sorted(a.counts.items())) or "nothing left to do")
@@ -1455,7 +1452,7 @@ class KernelRecovery:
             "watching": self._watch is not None,
             "ledger": None if ledger is None else {
                 "path": ledger_path(self.config.paths.run_dir), "daemon_pid": ledger.daemon_pid,
-                "owned": owned, "stale": sorted(ledger.stale), "save_error": self._save_error},
+                "owned": owned, "stale": sorted(ledger.stale), "save_error": self._store.save_error},
             "blocks": blocks,
             "blocks_deadline_in_s": None if self._block_deadline is None or not blocks
             else round(max(0.0, self._block_deadline - now), 3),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -130,6 +131,41 @@ def test_a_supervisor_killed_between_the_spawn_and_the_snapshot_leaves_a_record_
     assert len(snap.objects["xfrm_policy"]) >= 3 * CHILDREN        # the state found at this start
     assert intents(second) == []
     assert f"the snapshot {name} of" in second.log() and "was never written" in second.log()
+    assert second.stop() == 0
+
+
+def test_a_supervisor_killed_before_the_new_ledger_is_written_is_replaced_by_one_that_reattaches_and_adopts(
+        netns, sup, monkeypatch):
+    from supervisor.daemon_record import load_record, record_path
+    from supervisor.ledger import ledger_path, load_ledger
+    netns.sh(SETUP)
+    monkeypatch.setenv("IPSEC_SUPERVISOR_TEST_SNAPSHOT_DELAY", "60")
+    recovery = {"mode": "adopt", "adopt_grace": "2s"}
+    first = sup(netns, [DAEMON_RUN, {}], recovery).start()
+    dead = first.wait_running()["daemon"]["pid"]
+    netns.sh(FOREIGN)                               # after the daemon: foreign by the ledger
+    wait_for_foreign_in_ledger(first, 200)
+    first.wait(lambda st: os.path.exists(ledger_path(first.p("run"))) and
+               len(load_ledger(ledger_path(first.p("run"))).owned("xfrm_policy")) >= 3 * CHILDREN,
+               what="the daemon's objects in the ledger on disk")
+    os.kill(dead, signal.SIGKILL)
+    new = first.wait(lambda st: st["daemon"]["pid"] not in (None, dead), what="charon spawned again")["daemon"]["pid"]
+    record = load_record(record_path(first.p("run")))          # written at the spawn, at once
+    assert (record.daemon_pid, record.spawn_tick is not None) == (new, True)
+    assert load_ledger(ledger_path(first.p("run"))).daemon_pid == dead     # the new ledger waits in the writer
+    first.proc.kill()                               # kill -9 of the supervisor in that window
+    first.proc.wait()
+    monkeypatch.delenv("IPSEC_SUPERVISOR_TEST_SNAPSHOT_DELAY")
+    second = sup(netns, [DAEMON_RUN, {}], recovery, directory=first.dir).start()
+    st = second.wait_running()
+    assert st["daemon"]["pid"] == new and st["daemon"]["reattached"] is True
+    resumed = re.search(r"ledger still the crashed pid (\d+)'s .* adoption of (\d+) leftover\(s\) resumed", second.log())
+    assert resumed and int(resumed[1]) == dead and int(resumed[2]) >= 2000     # what the dead daemon owned
+    assert intents(second) == [] and "was never written" in second.log()       # the lost snapshot, said so
+    second.wait_recovered(timeout=60)               # the dead daemon's leftovers: decided, none stale
+    after = kernel_of(netns)
+    assert {p.priority for p in after.objects["xfrm_policy"] if not p.per_socket} == {1000}   # foreign only
+    assert [r.dst for r in after.objects["route"]] == ["172.31.0.0"]
     assert second.stop() == 0
 
 
