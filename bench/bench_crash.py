@@ -43,6 +43,7 @@ from charon_ns import psk_swanctl_conf, start_supervised_charon  # noqa: E402
 from supervisor.snapshot import load_snapshot  # noqa: E402
 
 CONN = "bench"
+POLL = 0.2                      # seconds between status polls while waiting (see kill_once)
 
 
 def build(ns: str, tunnels: int, firewall: int, workdir: str) -> None:
@@ -87,19 +88,22 @@ def kill_once(sup, check_snapshot: bool) -> dict:
     old, restarts = st["daemon"]["pid"], st["restarts"]
     t0 = time.monotonic()
     os.kill(old, signal.SIGKILL)
+    # The times come from the supervisor's own stamps (CLOCK_MONOTONIC), not from when a poll sees
+    # them: polling its status every 10 ms would only compete with the recovery for the GIL.
     spawned = wait(lambda: (lambda s: s if s["daemon"]["pid"] not in (None, old) else None)(sup.status()),
-                   60, "the new charon's spawn")
+                   60, "the new charon's spawn", poll=POLL)
     spawn = spawned["daemon"]["started_at_monotonic"] - t0
     st = wait(lambda: (lambda s: s if s["restarts"] > restarts and s["state"] == "running" and
                        ((s["recovery"] or {}).get("last") or {}).get("at_monotonic", {}).get("snapshot_written")
-                       else None)(sup.status()), 120, "charon running and the snapshot written", poll=0.05)
+                       else None)(sup.status()), 120, "charon running and the snapshot written", poll=POLL)
     last = st["recovery"]["last"]
     at = last["at_monotonic"]
     out = {"spawn": spawn, "read": at["read"] - t0, "began": at["began"] - t0, "read_began": at["read_began"] - t0, "written": at["snapshot_written"] - t0,
            "flushed": at["flushed"] - t0 if "flushed" in at else None,
            "flush_phases": {k: round(at[k] - t0, 3) for k in ("began", "read", "decoded", "planned", "flushed")
                             if k in at}, "leftovers": last.get("leftover_total"),
-           "snapshot": last.get("snapshot"), "cpu": last.get("cpu_before_restart_s")}
+           "snapshot": last.get("snapshot"), "cpu": last.get("cpu_before_restart_s"),
+           "process_cpu": last.get("process_cpu_before_restart_s")}
     if check_snapshot and last.get("snapshot"):
         snap = load_snapshot(last["snapshot"])
         out["snapshot_counts"] = snap.counts()
@@ -157,9 +161,13 @@ def flush_once(tunnels: int, firewall: int, work: str, i: int) -> dict:
             yaml.safe_dump(cfg, fh)
         os.kill(sup.proc.pid, signal.SIGHUP)
         time.sleep(5.0)                 # the ledger saves of the start are done
+        sys.path.insert(0, "/tmp/crash2"); import threads as _th
+        before = _th.cpu(sup.status()["supervisor"]["pid"])
         r = kill_once(sup, check_snapshot=False)
-        print(f"  flush {i + 1}: kill to (s) {r['flush_phases']}; CPU of the recovery thread before the "
-              f"restart {r['cpu']} s", flush=True)
+        after_cpu = _th.cpu(sup.status()["supervisor"]["pid"])
+        print("THREADS", {t: round(after_cpu[t] - before.get(t, 0), 2) for t in after_cpu})
+        print(f"  flush {i + 1}: kill to (s) {r['flush_phases']}; CPU before the restart: recovery thread "
+              f"{r['cpu']} s, whole supervisor {r['process_cpu']} s", flush=True)
         from supervisor.kernel import netns as _netns
         from supervisor.kernel_state import ReadOptions, read_state
         from supervisor.ownership import is_supervisor_block

@@ -32,6 +32,7 @@ log = logging.getLogger("supervisor.recovery")
 
 INTENT_PREFIX = ".intent-"
 INTENT_SCHEMA = "ipsec-supervisor/snapshot-intent"
+PAUSE_LIMIT = 30.0      # a pause never holds the writer longer (a recovery that never resumes it)
 # Tests only: seconds the writer waits before a deferred snapshot (a window to kill the supervisor in).
 TEST_DELAY_ENV = "IPSEC_SUPERVISOR_TEST_SNAPSHOT_DELAY"
 
@@ -193,6 +194,8 @@ class Writer:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._idle = threading.Event()
         self._idle.set()
+        self._open = threading.Event()     # cleared while a crash's recovery runs before the restart
+        self._open.set()
         self._pending = 0
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
@@ -223,6 +226,20 @@ class Writer:
     def wait_idle(self, timeout: float | None = None) -> bool:
         return self._idle.wait(timeout)
 
+    def pause(self) -> None:
+        """Hold the writer at its next checkpoint: a crash's read and flush before the restart must
+        not share the GIL with a ledger save of 40,000 entries (it made the flush 3x slower)."""
+        self._open.clear()
+
+    def resume(self) -> None:
+        self._open.set()
+
+    def checkpoint(self) -> None:
+        """Called by the writer's jobs between chunks: wait (GIL released) while paused."""
+        if threading.current_thread() is self._thread:
+            self._open.wait(PAUSE_LIMIT)
+
     def close(self, wait: float = 30.0) -> None:
+        self._open.set()
         self._queue.put(None)
         self._thread.join(wait)

@@ -33,7 +33,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from .errors import SupervisorError, UnsafePathError
 from .kernel.common import Action, KernelEvent
@@ -407,9 +407,10 @@ def ledger_to_document(ledger: Ledger) -> dict:
     }
 
 
-def _document_chunks(ledger: Ledger):
+def _document_chunks(ledger: Ledger, pace: Callable[[], None] | None = None):
     """``ledger_to_document`` as JSON text, one entry at a time: one json.dumps of 40,000 entries
-    would hold the GIL for half a second, stalling a crash's kernel read in another thread."""
+    would hold the GIL for half a second, stalling a crash's kernel read in another thread.
+    PACE is called every few hundred entries (the writer thread waits there while told to)."""
     head = ledger_to_document(dataclasses.replace(ledger, entries={}))
     del head["entries"]
     dumps = json.JSONEncoder(separators=(",", ":")).encode
@@ -418,19 +419,22 @@ def _document_chunks(ledger: Ledger):
         entries = ledger.entries.get(family, {}).values()
         yield ("," if i else "") + dumps(family) + ":["
         sep = ""
-        for e in entries:       # one at a time: no 10 MB string of a whole family in memory
+        for n, e in enumerate(entries):     # one at a time: no 10 MB string of a whole family in memory
+            if pace is not None and not n % 256:
+                pace()
             yield sep + dumps(e.to_json())
             sep = ","
         yield "]"
     yield "}}"
 
 
-def save_ledger(path: str, ledger: Ledger) -> str:
-    """Write LEDGER to PATH atomically (temp file, fsync, rename), mode 0600, in a checked directory."""
+def save_ledger(path: str, ledger: Ledger, *, pace: Callable[[], None] | None = None) -> str:
+    """Write LEDGER to PATH atomically (temp file, fsync, rename), mode 0600, in a checked directory
+    (PACE: see ``_document_chunks``)."""
     directory, name = os.path.split(os.path.abspath(path))
     try:
         with open_trusted_dir(directory, create=False, what="the ledger's directory") as d:
-            d.write_atomic(name, _document_chunks(ledger), mode=0o600, prefix=".ledger-")
+            d.write_atomic(name, _document_chunks(ledger, pace), mode=0o600, prefix=".ledger-")
         return path
     except UnsafePathError as exc:
         raise LedgerError(f"cannot write ledger {path}: {exc} (nothing was written)") from None

@@ -63,7 +63,6 @@ from .strongswan_conf import (DEFAULT_PATH as STRONGSWAN_CONF, POLICY_UPDATE, Ad
 
 log = logging.getLogger("supervisor.recovery")
 
-SAVE_DELAY = 1.0            # ledger writes are debounced: at most one per second
 ADOPT_POLL = 0.5            # list-sas polling while adopting (kernel events make it sooner)
 DRAIN_WAIT = 2.0            # how long on_daemon_exit waits for the loop to read pending events
 VICI_TIMEOUT = 5.0
@@ -595,7 +594,7 @@ class KernelRecovery:
             def fire() -> None:
                 self._save_pending = False
                 self._store.save_later()    # a crash's recovery never waits behind a save of 40,000 entries
-            self._loop.call_later(SAVE_DELAY, fire)
+            self._loop.call_later(self._store.save_delay(), fire)
         self._in_loop(arm)
 
     def _schedule_resync(self) -> None:
@@ -887,7 +886,8 @@ class KernelRecovery:
                                             "classification": info.classification.value,
                                             "uptime_s": round(info.uptime, 3)}}
         if decision.action is Action.RESTART and choice.action != NONE:
-            return self._recover_before_restart(choice, why, info, daemon)
+            with self._store.writer_paused():
+                return self._recover_before_restart(choice, why, info, daemon)
         return self._recover(choice, why, info.pid, info.classification.abnormal, "exit", daemon)
 
     # -- the recovery itself (jobs thread) -----------------------------------------------------
@@ -959,7 +959,7 @@ class KernelRecovery:
         """Jobs thread, charon dead: read the state (a flush also acts: charon must start on a clean
         slate), record the snapshot to come, and leave the rest to ``_finish_pending``."""
         section: dict[str, Any] = {"mode": self.config.recovery.mode, **choice.to_json()}
-        started, cpu = self._clock(), time.thread_time()
+        started, cpu, process_cpu = self._clock(), time.thread_time(), time.process_time()
         with self._lock:
             if self._buffer is None:
                 self._buffer = []       # every change from now on goes on top of this read: the next baseline
@@ -1013,7 +1013,10 @@ class KernelRecovery:
                 log.error("cannot record the snapshot to come in %s: %s (it is still written after the "
                           "restart, unprotected)", self.config.snapshot_dir, getattr(exc, "strerror", None) or exc)
         at["intent"] = self._clock()
-        section["cpu_before_restart_s"] = round(time.thread_time() - cpu, 3)     # this thread's: the machine may be busy
+        # this thread's, and the whole supervisor's (other threads compete for the GIL); the wall time
+        # beyond them is the machine's load
+        section["cpu_before_restart_s"] = round(time.thread_time() - cpu, 3)
+        section["process_cpu_before_restart_s"] = round(time.process_time() - process_cpu, 3)
         section.update(snapshot=None if name is None else os.path.join(self.config.snapshot_dir, name),
                        at_monotonic=at)
         self._pending = _Pending((info.pid, info.died_at), choice, why, info.pid, info.classification.abnormal,
@@ -1065,7 +1068,7 @@ class KernelRecovery:
             self._publish_section(p.key, {**section, "error": str(exc)})
             self._take_baseline()
             return
-        section["at_monotonic"] = {**section["at_monotonic"], "decoded": self._clock()}
+        section["at_monotonic"] = {"decoded": self._clock(), **section["at_monotonic"]}    # (a flush decoded before)
         ledger = p.ledger
         if ledger is not None and ledger.stale and p.ownership is None:
             ledger = resync_ledger(ledger, state.objects)
@@ -1148,7 +1151,8 @@ class KernelRecovery:
         sc = self.config.snapshots
         try:
             with open_own_subdir(directory, what="paths.state_dir") as d:     # checked, created 0700
-                path = write_snapshot_in(d, name or snapshot_name(self._wall(), pid, reason), snap)
+                path = write_snapshot_in(d, name or snapshot_name(self._wall(), pid, reason), snap,
+                                         pace=self._store.writer.checkpoint if self._store.writer else None)
                 removed = prune_snapshots(d, sc.keep, sc.max_age, self._wall(), sc.max_bytes)
         except (OSError, SupervisorError) as exc:
             log.error("cannot write the snapshot of the leftovers to %s: %s (recovery goes on without it)",

@@ -17,7 +17,7 @@ import platform
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 try:
     import msgspec
@@ -138,10 +138,14 @@ def _document_chunks(snap: Snapshot) -> Iterator[str]:
     yield "\n }\n}\n"
 
 
-def write_snapshot_in(d: TrustedDir, name: str, snap: Snapshot) -> str:
-    """Write NAME atomically in the checked directory D (relative to its fd), mode 0600."""
+def write_snapshot_in(d: TrustedDir, name: str, snap: Snapshot, *, pace: Callable[[], None] | None = None) -> str:
+    """Write NAME atomically in the checked directory D (relative to its fd), mode 0600; PACE is
+    called between chunks (the recovery's writer thread waits there while a crash is handled)."""
+    chunks = _document_chunks(snap)
+    if pace is not None:
+        chunks = (c for c in chunks if pace() or True)
     try:
-        return d.write_atomic(name, _document_chunks(snap), mode=0o600, prefix=".snapshot-")
+        return d.write_atomic(name, chunks, mode=0o600, prefix=".snapshot-")
     except OSError as exc:
         raise SupervisorError(f"cannot write snapshot {d.join(name)}: {exc.strerror or exc} (in {d.path}; "
                               "nothing was written)") from None

@@ -263,3 +263,15 @@ def test_blocks_still_wanted_by_a_configured_child_outlive_the_timeout():
     # charon re-installing the policy still releases a held block at once
     removed = blocks_to_remove([wanted], [leftover("10.2.0.0")], now=0.0, deadline=10.0, hold=hold)
     assert [r.block for r in removed] == [wanted]
+
+
+
+def test_a_large_batch_is_logged_as_one_line_naming_what_and_by_which_rule():
+    from types import SimpleNamespace
+    from supervisor.reconcile import describe_batch
+    pol = SimpleNamespace(FAMILY="xfrm_policy", describe=lambda: "policy")
+    route = SimpleNamespace(FAMILY="route", describe=lambda: "route")
+    actions = [DeleteObject(pol, "ledger:daemon", "why")] * 3 + [DeleteObject(route, "marker:table", "why")]
+    assert describe_batch(actions) == ("deleting 3 xfrm_policy, 1 route (one batch; charon's by ledger:daemon 3, "
+                                       "marker:table 1)")
+    assert describe_batch([InstallBlockPolicy(pol, pol, "r", "w")] * 2).startswith("installing 2 fail-closed")

@@ -295,3 +295,17 @@ def test_struct_decoder_makes_every_rule_exactly_as_pyroute2_decoding_does(ruled
     for field in ("iif", "oif", "fwmask", "goto", "flow", "suppress_prefixlen", "suppress_ifgroup",
                   "l3mdev", "uid_range", "ip_proto", "sport_range", "dport_range", "tun_id"):
         assert any(getattr(r, field) is not None for r in ours), field
+
+
+@pytest.mark.parametrize("rule", [
+    rules_mod.Rule("inet", 220, table=220),
+    rules_mod.Rule("inet6", 220, table=220),
+    rules_mod.Rule("inet", 1000, table=300, src="10.0.0.0", src_len=8, dst="10.1.0.0", dst_len=16, iif="eth0",
+                   oif="veth1", fwmark=5, fwmask=255, protocol=4, suppress_prefixlen=0, uid_range=(1, 2),
+                   ip_proto=17, sport_range=(1, 3), dport_range=(4, 5), tun_id=7, flow=3),
+    rules_mod.Rule("inet", 5, table=0, action=2, goto=10),
+    rules_mod.Rule("inet6", 7, table=254, l3mdev=1, suppress_ifgroup=3, src="2001:db8::", src_len=32),
+])
+def test_a_rule_delete_is_encoded_without_pyroute2_byte_for_byte_as_pyroute2_would(rule):
+    from supervisor.kernel.rtnl import encode_payload
+    assert rules_mod.encode_rule_delete(rule) == bytes(encode_payload(rules_mod._rule_msg(rule)))
