@@ -161,11 +161,7 @@ def flush_once(tunnels: int, firewall: int, work: str, i: int) -> dict:
             yaml.safe_dump(cfg, fh)
         os.kill(sup.proc.pid, signal.SIGHUP)
         time.sleep(5.0)                 # the ledger saves of the start are done
-        sys.path.insert(0, "/tmp/crash2"); import threads as _th
-        before = _th.cpu(sup.status()["supervisor"]["pid"])
         r = kill_once(sup, check_snapshot=False)
-        after_cpu = _th.cpu(sup.status()["supervisor"]["pid"])
-        print("THREADS", {t: round(after_cpu[t] - before.get(t, 0), 2) for t in after_cpu})
         print(f"  flush {i + 1}: kill to (s) {r['flush_phases']}; CPU before the restart: recovery thread "
               f"{r['cpu']} s, whole supervisor {r['process_cpu']} s", flush=True)
         from supervisor.kernel import netns as _netns
