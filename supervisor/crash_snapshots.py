@@ -217,6 +217,8 @@ class Writer:
                 fn()
             except BaseException:  # noqa: BLE001 - logged; the next job still runs
                 log.exception("recovery writer: '%s' failed", what)
+            # The job's closure holds a crash's whole state (tens of MB): not until the next job.
+            item = fn = None
             with self._lock:
                 self._pending -= 1
                 if not self._pending:

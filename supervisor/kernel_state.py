@@ -140,7 +140,8 @@ def read_state_later(options: ReadOptions = ReadOptions(),
                      families: Iterable[str] | None = None) -> Callable[[], KernelState]:
     """The read of ``read_state`` with the decoding left for later: the kernel's answers are taken
     now (the firewall programs run beside the netlink dumps), and the returned function decodes
-    them into the KernelState of this moment. Any failed dump raises here."""
+    them into the KernelState of this moment (once: each family's answers are dropped as soon as
+    they are decoded, so raw and decoded never coexist whole). Any failed dump raises here."""
     names = list(FAMILIES) if families is None else list(families)
     fw = _firewall_beside() if "firewall" in names else None
     later: dict[str, Callable[[], list]] = {}
@@ -162,7 +163,7 @@ def read_state_later(options: ReadOptions = ReadOptions(),
         later["firewall"] = lambda: rules
 
     def decode() -> KernelState:
-        objects = {name: tuple(later[name]()) for name in names}
+        objects = {name: tuple(later.pop(name)()) for name in names}
         return KernelState(objects=objects, netns=identity, options=options, default_policies=defaults)
     return decode
 

@@ -1069,7 +1069,9 @@ class KernelRecovery:
             self._take_baseline()
             return
         section["at_monotonic"] = {"decoded": self._clock(), **section["at_monotonic"]}    # (a flush decoded before)
-        ledger = p.ledger
+        # The writer's job below keeps P until the snapshot is written: it must not keep the raw
+        # answers, the dead daemon's ledger or a flush's 60,000 results too (the crash's peak RSS).
+        ledger, results, p.decode, p.ledger, p.results = p.ledger, p.results or [], None, None, None
         if ledger is not None and ledger.stale and p.ownership is None:
             ledger = resync_ledger(ledger, state.objects)
         ownership = p.ownership or decide_ownership(state.objects, self._markers, ledger)
@@ -1088,7 +1090,6 @@ class KernelRecovery:
                         "claim is left to them", daemons.describe_all(others))
         after = state
         if choice.action == FLUSH:
-            results = p.results or []
             section["results"] = tally(results)
             failed = {id(r.action.record) for r in results if isinstance(r.action, DeleteObject) and not r.ok}
             carry = [(rec, v) for rec, v in owned if id(rec) in failed]

@@ -14,6 +14,7 @@ import errno
 import gc
 import socket
 import struct
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator
@@ -357,7 +358,7 @@ def route_at(buf: bytes, off: int, end: int, names: dict[int, str], what: str) -
     if family is None or flags & RTM_F_CLONED:
         return None
     size = _ADDR_LEN[af]
-    ntop = socket.inet_ntop
+    ntop, intern = socket.inet_ntop, sys.intern
     u32 = _U32.unpack_from
     table = dst = src = gateway = via = oif = prefsrc = priority = nhid = pref = None
     metrics_at = multipath_at = cacheinfo_at = None
@@ -381,10 +382,10 @@ def route_at(buf: bytes, off: int, end: int, names: dict[int, str], what: str) -
                     (oif,) = u32(buf, s)
             elif attr_type == RTA_GATEWAY:
                 if gateway is None:
-                    gateway = ntop(af, buf[s:s + size])
+                    gateway = intern(ntop(af, buf[s:s + size]))     # a few per table: one string each
             elif attr_type == RTA_PREFSRC:
                 if prefsrc is None:
-                    prefsrc = ntop(af, buf[s:s + size])
+                    prefsrc = intern(ntop(af, buf[s:s + size]))
             elif attr_type == RTA_PRIORITY:
                 if priority is None:
                     (priority,) = u32(buf, s)
