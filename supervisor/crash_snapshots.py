@@ -23,7 +23,8 @@ import logging
 import os
 import queue
 import threading
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 from .errors import UnsafePathError
 from .trusted_paths import STAMPED_NAME, TrustedDir, open_own_subdir, prune_files
@@ -75,6 +76,42 @@ def ownership_context(ownership: Any, state: Any) -> dict:
                 rows.append([i, v.rule])
         owned[family] = rows
     return owned
+
+
+# --- a crash between its read (before the restart) and the rest (after it) --------------------
+
+@dataclass
+class PendingCrash:
+    """A crash's recovery between its kernel read (before the restart) and the rest (after it)."""
+
+    key: tuple                  # (pid, died_at): the crash report waits for this section
+    choice: Any                 # recovery.RecoveryChoice
+    why: str
+    pid: int | None
+    abnormal: bool
+    daemon: dict
+    decode: Callable[[], Any] | None   # the read at the crash: the snapshot, the leftovers, the next baseline
+    ledger: Any                     # the dead daemon's, by which the leftovers are judged
+    ownership: Any              # already decided when a flush ran before the restart
+    results: list | None        # that flush's results
+    name: str | None            # the snapshot's file name; its intent record is on disk
+    section: dict
+    started: float
+    read_at: str                # wall clock of the read, ISO 8601
+
+
+def state_after_flush(state: Any, results: Iterable[Any]) -> Any:
+    """STATE as a flush with RESULTS left it: deleted objects gone, blocks added or removed (pure)."""
+    from .reconcile import DeleteObject, InstallBlockPolicy, RemoveBlockPolicy
+    gone = {id(r.action.record) for r in results if isinstance(r.action, DeleteObject) and r.ok}
+    added = [r.action.block for r in results if isinstance(r.action, InstallBlockPolicy) and r.ok]
+    unblocked = {r.action.block.key() for r in results if isinstance(r.action, RemoveBlockPolicy) and r.ok}
+    objects = {}
+    for family, records in state.objects.items():
+        kept = tuple(x for x in records if id(x) not in gone
+                     and not (family == "xfrm_policy" and unblocked and x.key() in unblocked))
+        objects[family] = kept + tuple(added) if family == "xfrm_policy" else kept
+    return dataclasses.replace(state, objects=objects)
 
 
 # --- intent records ----------------------------------------------------------------------------

@@ -54,8 +54,9 @@ from .policy import Action, Decision, ExitClass, ExitInfo, signal_name
 from .reattach import boot_tick, process_start_time
 from .reconcile import (ActionResult, DeleteObject, InstallBlockPolicy, Keep, Outcome, Plan,
                         RemoveBlockPolicy, blocks_to_remove, execute, plan_flush, plan_keep)
-from .crash_snapshots import (TEST_DELAY_ENV, complete_unfinished, finish_intent,  # noqa: F401
-                              ownership_context, prune_snapshots, snapshot_name, snapshot_paths, write_intent)
+from .crash_snapshots import (TEST_DELAY_ENV, PendingCrash, complete_unfinished, finish_intent,  # noqa: F401
+                              ownership_context, prune_snapshots, snapshot_name, snapshot_paths, state_after_flush,
+                              write_intent)
 from .snapshot import take_snapshot, write_snapshot_in
 from .trusted_paths import open_own_subdir
 from .strongswan_conf import (DEFAULT_PATH as STRONGSWAN_CONF, POLICY_UPDATE, AdoptCapability, SettingsError,
@@ -363,39 +364,6 @@ class _Adoption:
                 "pending": self.pending}
 
 
-@dataclass
-class _Pending:
-    """A crash's recovery between its kernel read (before the restart) and the rest (after it)."""
-
-    key: tuple                  # (pid, died_at): the crash report waits for this section
-    choice: RecoveryChoice
-    why: str
-    pid: int | None
-    abnormal: bool
-    daemon: dict
-    decode: Callable[[], KernelState]   # the read at the crash: the snapshot, the leftovers, the next baseline
-    ledger: Ledger | None       # the dead daemon's, by which the leftovers are judged
-    ownership: Any              # already decided when a flush ran before the restart
-    results: list | None        # that flush's results
-    name: str | None            # the snapshot's file name; its intent record is on disk
-    section: dict
-    started: float
-    read_at: str                # wall clock of the read, ISO 8601
-
-
-def state_after_flush(state: KernelState, results: Iterable[ActionResult]) -> KernelState:
-    """STATE as a flush with RESULTS left it: deleted objects gone, blocks added or removed."""
-    gone = {id(r.action.record) for r in results if isinstance(r.action, DeleteObject) and r.ok}
-    added = [r.action.block for r in results if isinstance(r.action, InstallBlockPolicy) and r.ok]
-    unblocked = {r.action.block.key() for r in results if isinstance(r.action, RemoveBlockPolicy) and r.ok}
-    objects = {}
-    for family, records in state.objects.items():
-        kept = tuple(x for x in records if id(x) not in gone
-                     and not (family == "xfrm_policy" and unblocked and x.key() in unblocked))
-        objects[family] = kept + tuple(added) if family == "xfrm_policy" else kept
-    return dataclasses.replace(state, objects=objects)
-
-
 class KernelRecovery:
     """The supervisor's kernel-state recovery (see the module docstring)."""
 
@@ -437,7 +405,7 @@ class KernelRecovery:
         self._last: dict | None = None
         self._capability: AdoptCapability | None = None
         self._warned: set[str] = set()
-        self._pending: _Pending | None = None     # a crash's recovery, finished after the restart
+        self._pending: PendingCrash | None = None     # a crash's recovery, finished after the restart
         self._exit_began = 0.0
         self._overruns: dict[str, int] = {}      # lost notifications per monitor, and re-reads after them
         self._resyncs = 0
@@ -1019,7 +987,7 @@ class KernelRecovery:
         section["process_cpu_before_restart_s"] = round(time.process_time() - process_cpu, 3)
         section.update(snapshot=None if name is None else os.path.join(self.config.snapshot_dir, name),
                        at_monotonic=at)
-        self._pending = _Pending((info.pid, info.died_at), choice, why, info.pid, info.classification.abnormal,
+        self._pending = PendingCrash((info.pid, info.died_at), choice, why, info.pid, info.classification.abnormal,
                                  daemon, decode, ledger, ownership, results, name, section, started, read_at)
         return section
 

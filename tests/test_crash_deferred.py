@@ -188,7 +188,7 @@ def test_the_baseline_after_a_flush_is_the_crash_read_minus_what_went_plus_the_b
     from supervisor.kernel.netns import NetnsIdentity
     from supervisor.kernel_state import KernelState, ReadOptions
     from supervisor.reconcile import ActionResult, DeleteObject, InstallBlockPolicy, Outcome
-    from supervisor.recovery import state_after_flush
+    from supervisor.crash_snapshots import state_after_flush
     a, b, c = child(0)[:3]
     block = SimpleNamespace(key=lambda: ("block",), FAMILY="xfrm_policy")
     state = KernelState(objects={"xfrm_policy": (a, b, c), "route": ()}, netns=NetnsIdentity(1, None),
