@@ -469,6 +469,24 @@ def test_a_held_start_lock_makes_start_wait_then_give_up(fake):
 
 
 @root_only
+def test_stop_during_a_start_waits_for_it_and_stops_what_it_started(fake):
+    s = fake()
+    start = s.popen("start")
+    try:
+        # The start holds its lock from before it spawns the supervisor until charon is ready.
+        _wait(lambda: os.path.exists(s.p("run/start.lock")) or start.poll() is not None, what="start.lock")
+        r = s.ipsec("stop")
+        assert r.returncode == 0, r.stderr
+        assert start.wait(60) == 0
+    finally:
+        start.stdout.close()
+        start.stderr.close()
+    if "under way" in r.stderr:       # the usual order: the stop came while the start was spawning
+        assert "Stopping ipsec-supervisor" in r.stderr
+    assert s.supervisors() == [] and not os.path.exists(s.pid_file)
+
+
+@root_only
 def test_charon_that_cannot_start_is_explained_and_start_fails(fake):
     s = fake([{"exit_after": 0.05, "exit_code": 66, "pid_file": False,
                "lines": ["00[DMN] integrity check of charon failed"]}])

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from .. import control, presence
 from ..config import Config
 from ..errors import ExitCode, NotRootError, SupervisorError
-from ..runlock import LockHolder, find_lock_holder, release_at, try_lock_at
+from ..runlock import LockHolder, find_lock_holder, held_at, release_at, try_lock_at
 from ..trusted_paths import open_trusted_dir
 from .pidfile import (START_LOCK_NAME, PidFile, inspect_pid_file, is_supervisor_cmdline, pid_file_path,
                       read_cmdline, remove_pid_file, write_pid_file)
@@ -643,6 +643,13 @@ def stop_supervisor(cfg: Config, *, timeout: float, err: TextIO,
                     systemctl: Callable[[list[str]], int] | None = None) -> StopResult:
     """Stop the supervisor (control socket, else SIGTERM), wait, kill if it must; never raises for 'not running'."""
     found = locate(cfg)
+    if not found.running and held_at(cfg.paths.run_dir, START_LOCK_NAME):
+        # An `ipsec start` is spawning a supervisor that has not taken its lock yet: stop what it starts.
+        print("ipsec stop: an 'ipsec start' is under way; waiting for it to finish", file=err)
+        deadline = time.monotonic() + timeout
+        while held_at(cfg.paths.run_dir, START_LOCK_NAME) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        found = locate(cfg)
     lines: list[str] = []
     if not found.running:
         if found.pid_file.state.stale:
