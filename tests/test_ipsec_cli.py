@@ -533,6 +533,20 @@ def test_a_crash_loop_cools_down_and_ipsec_start_then_tries_at_once_and_stop_lea
 
 
 @root_only
+def test_start_nofork_during_a_cooldown_asks_the_paused_supervisor_to_try_again(fake):
+    s = fake([{"signal_after": 0.05, "signal": "SIGSEGV", "pid_file": False}],
+             {"restart": {"crash_loop": {"cooldown": "1h"}}})
+    assert s.ipsec("start").returncode == 1
+    [sup] = s.supervisors()
+    s.set_runs([{}])
+    r = s.ipsec("start", "--nofork", timeout=30)                  # as a service manager's ExecStart runs it
+    assert r.returncode == 0, r.stderr
+    assert "trying again now" in r.stderr and "charon ready" in r.stdout
+    assert s.supervisors() == [sup] and s.status()["state"] in ("settling", "running")
+    assert s.ipsec("stop").returncode == 0
+
+
+@root_only
 def test_configuration_load_failure_is_exit_2_and_charon_keeps_running(fake):
     s = fake(overrides={"daemon": {"load_commands": [["/bin/sh", "-c", "exit 22"]]}})
     r = s.ipsec("start")

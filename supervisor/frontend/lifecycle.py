@@ -605,13 +605,16 @@ def _clear_stale(pid_file: PidFile, err: TextIO) -> None:
             print(f"ipsec: removed {pid_file.describe()}", file=err)
 
 
-def start_foreground(cfg: Config, config_path: str | None, *, verbose: bool, err: TextIO,
-                     run: Callable[[list[str]], int], raw_exit: bool = False) -> int:
+def start_foreground(cfg: Config, config_path: str | None, *, verbose: bool, out: TextIO, err: TextIO,
+                     run: Callable[[list[str]], int], raw_exit: bool = False, timeout: float = 30.0) -> int:
     """`ipsec start --nofork`: run the supervisor in this process (pid file kept meanwhile).
 
-    Returns the `ipsec start` exit code, or with RAW_EXIT the supervisor's own.
+    Returns the `ipsec start` exit code, or with RAW_EXIT the supervisor's own. A supervisor
+    pausing after a crash loop is asked to try again at once, as `ipsec start` does.
     """
     found = locate(cfg)
+    if found.running and found.pid != os.getpid() and (found.status or {}).get("state") in PAUSED_STATES:
+        return _start_again(cfg, found, timeout=timeout, out=out, err=err, poll=0.05)
     if found.running and found.pid != os.getpid():
         _say_already_running(found, err)
         return START_OK
