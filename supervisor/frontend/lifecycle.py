@@ -699,7 +699,11 @@ def stop_supervisor(cfg: Config, *, timeout: float, err: TextIO,
         except ProcessLookupError:
             pass
         wait_pid_exit(pid, 5.0)
-    # A charon outliving its supervisor would be unsupervised: it goes too.
+    # A charon outliving its supervisor would be unsupervised: it goes too. One the supervisor
+    # re-attached to is not its child: the pid file names it, now without a supervisor.
+    orphan = unsupervised_daemon(cfg)
+    if orphan is not None and orphan not in daemons:
+        daemons.append(orphan)
     for dpid in daemons:
         if comm_of(dpid) == daemon_name[:15] and read_cmdline(dpid):
             lines += _stop_daemon(dpid, daemon_name, "outlived its supervisor")
