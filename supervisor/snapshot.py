@@ -163,22 +163,108 @@ def _bad(path: str, problem: str) -> SnapshotError:
 
 def load_snapshot(path: str) -> Snapshot:
     """Read and validate a snapshot; every problem raises SnapshotError naming file and cause."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise SnapshotError(f"cannot read snapshot {path}: {exc.strerror}") from None
-    if not raw.strip():
-        raise _bad(path, "the file is empty")
-    if msgspec is None:
+    return load_snapshots(path)[0]
+
+
+def load_snapshots(*paths: str) -> list[Snapshot]:
+    """Several snapshots, each read and validated as load_snapshot does. With msgspec, a record
+    equal to the one at the same place in the first file is that same object, built once
+    (diff_snapshots then passes over it without a look)."""
+    out: list[Snapshot] = []
+    first: tuple[Snapshot, dict] | None = None
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as exc:
+            raise SnapshotError(f"cannot read snapshot {path}: {exc.strerror}") from None
+        if not raw or raw.isspace():     # (strip() would copy tens of megabytes)
+            raise _bad(path, "the file is empty")
         with no_cycle_collection():
-            return snapshot_from_document(_parse_slowly(raw, path), path)
+            snap, typed = _load_typed(raw, path, first) if msgspec is not None else (None, None)
+            if snap is None:
+                snap = snapshot_from_document(_parse_slowly(raw, path), path)
+        if not out and typed is not None:
+            first = (snap, typed)
+        out.append(snap)
+    return out
+
+
+def _load_typed(raw: bytes, path: str, like: tuple[Snapshot, dict] | None = None
+                ) -> tuple[Snapshot | None, dict | None]:
+    """A version 2 document read by msgspec with the record schemas of snapshot_typed, and its
+    typed records; (None, None) for what the json-module path words better (bad JSON, not an
+    object) or reads (version 1). LIKE: an earlier (snapshot, typed records) to share records with."""
+    from . import snapshot_typed as typed
     try:
-        with no_cycle_collection():
-            doc = msgspec.json.decode(raw)
+        whole = typed.DOCUMENT.decode(raw)      # one pass when the file is valid
     except (msgspec.DecodeError, RecursionError):
-        doc = _parse_slowly(raw, path)      # the json module says where and what
-    return snapshot_from_document(doc, path)
+        whole = None
+    if whole is not None:
+        doc = _head_of(whole)
+        _check_head(doc, path)
+        if doc["version"] < 2:
+            return None, None
+        objects = {name: getattr(whole.objects, name) for name in FAMILIES}
+        return _snapshot_of(doc, _typed_records(objects, doc["version"], path, like), path), objects
+    # Something is wrong: a second look, one family at a time, says what and where.
+    try:
+        head = typed.HEAD.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None, None
+    doc = _head_of(head)
+    _check_head(doc, path)
+    if doc["version"] < 2:
+        return None, None
+    try:
+        raws = typed.OBJECTS.decode(head.objects)
+    except msgspec.ValidationError:
+        raise _bad(path, "'objects' is not a JSON object") from None
+    _check_families(raws, path)
+    objects = {}
+    for name, items in raws.items():
+        try:
+            objects[name] = typed.TYPED.get(name, typed.GENERIC).decode(items)
+        except msgspec.ValidationError as exc:
+            index, problem = typed.where(exc)
+            if index is None:
+                raise _bad(path, f"objects.{name} is not a list") from None
+            raise _bad(path, f"objects.{name}[{index}] is invalid: ValidationError: {problem}") from None
+    return _snapshot_of(doc, _typed_records(objects, doc["version"], path), path), objects
+
+
+def _head_of(head: Any) -> dict:
+    return {key: value for key in head.__struct_fields__ if (value := getattr(head, key)) is not msgspec.UNSET}
+
+
+def _typed_records(objects: dict[str, list], version: int, path: str,
+                   like: tuple[Snapshot, dict] | None = None) -> dict[str, tuple]:
+    from .snapshot_typed import RECORDS
+    loaded: dict[str, tuple] = {}
+    for name in FAMILIES:
+        items = objects.get(name, [])
+        # Only what differs from LIKE's typed record at the same place is checked and built:
+        # an equal one is valid and makes the same record.
+        base_items, base = (like[1].get(name, []), like[0].objects.get(name, ())) if like else ([], ())
+        shared = min(len(items), len(base_items))
+        todo = [i for i in range(shared) if items[i] != base_items[i]] + list(range(shared, len(items)))
+
+        def fail(j: int, exc: Exception, name: str = name, todo: list = todo) -> None:
+            raise _bad(path, f"objects.{name}[{todo[j]}] is invalid: {type(exc).__name__}: {exc}") from None
+
+        subset = items if len(todo) == len(items) else [items[i] for i in todo]
+        built = RECORDS[name](subset, fail) if name in RECORDS else _records(name, subset, version, path, todo)
+        if len(todo) == len(items):
+            loaded[name] = built
+        else:
+            records = list(base[:len(items)])
+            for i, record in zip(todo, built):
+                if i < len(records):
+                    records[i] = record
+                else:
+                    records.append(record)
+            loaded[name] = tuple(records)
+    return loaded
 
 
 def _parse_slowly(raw: bytes, path: str) -> Any:
@@ -200,6 +286,21 @@ def _parse_slowly(raw: bytes, path: str) -> Any:
 def snapshot_from_document(doc: Any, path: str = "<document>") -> Snapshot:
     if not isinstance(doc, dict):
         raise _bad(path, f"top level is a JSON {type(doc).__name__}, not an object")
+    _check_head(doc, path)
+    objects = doc["objects"]
+    if not isinstance(objects, dict):
+        raise _bad(path, "'objects' is not a JSON object")
+    _check_families(objects, path)
+    loaded: dict[str, tuple] = {}
+    for name in FAMILIES:
+        items = objects.get(name, [])
+        if not isinstance(items, list):
+            raise _bad(path, f"objects.{name} is not a list")
+        loaded[name] = _records(name, items, doc["version"], path)
+    return _snapshot_of(doc, loaded, path)
+
+
+def _check_head(doc: dict, path: str) -> None:
     if doc.get("schema") != SCHEMA:
         raise _bad(path, f"schema is {doc.get('schema')!r}, expected {SCHEMA!r}")
     version = doc.get("version")
@@ -209,30 +310,31 @@ def snapshot_from_document(doc: Any, path: str = "<document>") -> Snapshot:
     missing = [k for k in _TOP_KEYS if k not in doc]
     if missing:
         raise _bad(path, f"missing key(s): {', '.join(missing)}")
-    objects = doc["objects"]
-    if not isinstance(objects, dict):
-        raise _bad(path, "'objects' is not a JSON object")
+
+
+def _check_families(objects: dict, path: str) -> None:
     unknown = sorted(set(objects) - set(FAMILIES))
     if unknown:
         raise _bad(path, f"unknown object family {unknown[0]!r} "
                          f"(known: {', '.join(FAMILIES)})")
-    loaded: dict[str, tuple] = {}
-    for name, family in FAMILIES.items():
-        items = objects.get(name, [])
-        if not isinstance(items, list):
-            raise _bad(path, f"objects.{name} is not a list")
-        from_json = family.record_type.from_json
-        records = []
-        with no_cycle_collection():
-            for i, item in enumerate(items):
-                try:
-                    records.append(from_json(_restore(name, item) if version >= 2 else item))
-                except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
-                    raise _bad(path, f"objects.{name}[{i}] is invalid: "
-                                     f"{type(exc).__name__}: {exc}") from None
-        loaded[name] = tuple(records)
+
+
+def _records(name: str, items: list, version: int, path: str, indices: list[int] | None = None) -> tuple:
+    """ITEMS of family NAME as records, each checked by its from_json (INDICES: their places in the file)."""
+    from_json = FAMILIES[name].record_type.from_json
+    records = []
+    for i, item in enumerate(items):
+        try:
+            records.append(from_json(_restore(name, item) if version >= 2 else item))
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            raise _bad(path, f"objects.{name}[{i if indices is None else indices[i]}] is invalid: "
+                             f"{type(exc).__name__}: {exc}") from None
+    return tuple(records)
+
+
+def _snapshot_of(doc: dict, loaded: dict[str, tuple], path: str) -> Snapshot:
     created = doc.get("created_unix")
-    if not isinstance(created, (int, float)):
+    if not isinstance(created, (int, float)) or isinstance(created, bool):
         raise _bad(path, "'created_unix' is missing or not a number")
     for key, kind in (("netns", dict), ("context", dict), ("keys_included", bool),
                       ("host", str), ("kernel", str)):
@@ -267,8 +369,17 @@ def diff_snapshots(a: Snapshot, b: Snapshot) -> dict[str, FamilyDiff]:
     result = {}
     with no_cycle_collection():
         for name in FAMILIES:
-            old = {r.key(): r for r in a.objects.get(name, ())}
-            new = {r.key(): r for r in b.objects.get(name, ())}
+            olds, news = a.objects.get(name, ()), b.objects.get(name, ())
+            # A record at the same place in both, the same object (load_snapshots shares equal
+            # ones) or equal, is unchanged: only the others are matched by identity. (Identities
+            # are unique within a snapshot, so this is what matching all of them would give.)
+            same = [i for i, (x, y) in enumerate(zip(olds, news)) if x is y or x == y]
+            if same:
+                skip = set(same)
+                olds = [r for i, r in enumerate(olds) if i not in skip]
+                news = [r for i, r in enumerate(news) if i not in skip]
+            old = {r.key(): r for r in olds}
+            new = {r.key(): r for r in news}
             added = tuple(new[k] for k in new if k not in old)
             removed = tuple(old[k] for k in old if k not in new)
             # Equal records need no field-by-field look; the others are compared without

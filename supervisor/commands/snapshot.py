@@ -127,15 +127,15 @@ def cmd_show(args) -> int:
     for name, family in FAMILIES.items():
         records = snap.objects.get(name, ())
         print(f"{family.title} ({len(records)}):")
-        for r in records:
-            print(f"  {r.describe()}")
+        if records:
+            sys.stdout.write("".join([f"  {r.describe()}\n" for r in records]))
     return ExitCode.OK
 
 
 def cmd_diff(args) -> int:
     from ..kernel_state import FAMILIES
-    from ..snapshot import diff_snapshots, load_snapshot, no_cycle_collection
-    a, b = load_snapshot(args.a), load_snapshot(args.b)
+    from ..snapshot import diff_snapshots, load_snapshots, no_cycle_collection
+    a, b = load_snapshots(args.a, args.b)
     result = diff_snapshots(a, b)
     if args.json:
         with no_cycle_collection():
