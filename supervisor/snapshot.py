@@ -109,14 +109,20 @@ def _restore(name: str, item: Any) -> Any:
 
 
 def _family_lines(name: str, records: tuple, include_keys: bool) -> str:
+    from .snapshot_lines import LINES
     with no_cycle_collection():
         if msgspec is not None:
-            encode = msgspec.json.Encoder().encode
-            lines = b",\n   ".join([encode(record_json(name, r, include_keys)) for r in records]).decode()
+            encode_bytes = msgspec.json.Encoder().encode
+
+            def generic(record: Any) -> str:
+                return encode_bytes(record_json(name, record, include_keys)).decode()
         else:
             encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-            lines = ",\n   ".join([encode(record_json(name, r, include_keys)) for r in records])
-    return "\n   " + lines if records else ""
+
+            def generic(record: Any) -> str:
+                return encode(record_json(name, record, include_keys))
+        lines = LINES[name](records, generic) if name in LINES else [generic(r) for r in records]
+        return "\n   " + ",\n   ".join(lines) if records else ""
 
 
 def _document_chunks(snap: Snapshot) -> Iterator[str]:

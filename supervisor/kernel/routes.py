@@ -44,6 +44,7 @@ from .rtnl import (
     table_name,
     using,
 )
+from .xfrm import _fast_builder
 
 if TYPE_CHECKING:
     from .rtnl import RouteMsg
@@ -426,10 +427,14 @@ def route_at(buf: bytes, off: int, end: int, names: dict[int, str], what: str) -
                 expires = left // USER_HZ
     except (ValueError, struct.error, OSError) as exc:
         raise KernelError(f"cannot {what}: undecodable route attribute ({exc})") from None
-    return Route(family, rtm_table if table is None else table,
+    return _new_route(family, rtm_table if table is None else table,
                  dst or ("0.0.0.0" if af == socket.AF_INET else "::"), dst_len, rtype, proto, scope,
                  gateway if gateway is not None else via, oif, names.get(oif) if oif else None, prefsrc,
                  src, src_len, tos, priority or 0, metrics, hops, nhid, pref, flags, expires)
+
+
+# A dump builds thousands of these: field stores without the frozen dataclass's __setattr__.
+_new_route = _fast_builder(Route)
 
 
 def _nexthops(buf: bytes, p: int, end: int, af: int, names: dict[int, str], what: str) -> tuple:

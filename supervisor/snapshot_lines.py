@@ -1,0 +1,140 @@
+"""Version 2 lines of policies and routes, written straight from the records.
+
+The generic way builds each record's JSON object (``to_json``) and encodes it: for 30,000
+policies the objects cost more than the encoding. Here each line is one format string with
+the fields in the order ``to_json`` has them, and the sub-records a dump shares (a selector
+used by the in and fwd policies, a template, the counters) are encoded once. The bytes are
+those of the generic way (tests/test_snapshot_lines.py): a record with anything unusual
+(a string that JSON would escape, metrics, nexthops) is left to GENERIC.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .kernel import xfrm as _x
+
+Generic = Callable[[object], str]
+
+
+def plain(text: str) -> bool:
+    """Whether TEXT is written between quotes as it is (no escapes, in any encoder)."""
+    return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
+
+
+def _tokens(names: dict[int, str]) -> dict[int, str]:
+    return {number: f'"{name}"' for number, name in names.items()}
+
+
+_FAMILY = _tokens(_x.FAMILY_NAMES)
+_DIR = _tokens(_x.DIR_NAMES)
+_ACTION = _tokens(_x.ACTION_NAMES)
+_SHARE = _tokens(_x.SHARE_NAMES)
+_PTYPE = _tokens(_x.PTYPE_NAMES)
+_PROTO = _tokens(_x.PROTO_NAMES)
+_MODE = _tokens(_x.MODE_NAMES)
+
+
+def _selector(s: _x.XfrmSelector) -> str | None:
+    if not (plain(s.saddr) and plain(s.daddr)):
+        return None
+    return (f'{{"family":{_FAMILY.get(s.family) or s.family},"saddr":"{s.saddr}","prefixlen_s":{s.prefixlen_s},'
+            f'"daddr":"{s.daddr}","prefixlen_d":{s.prefixlen_d},"proto":{s.proto},"sport":{s.sport},'
+            f'"sport_mask":{s.sport_mask},"dport":{s.dport},"dport_mask":{s.dport_mask},"ifindex":{s.ifindex},'
+            f'"user":{s.user}}}')
+
+
+def _template(t: _x.XfrmTemplate) -> str | None:
+    if not (plain(t.saddr) and plain(t.daddr)):
+        return None
+    return (f'{{"family":{_FAMILY.get(t.family) or t.family},"saddr":"{t.saddr}","daddr":"{t.daddr}",'
+            f'"proto":{_PROTO.get(t.proto) or t.proto},"spi":{t.spi},"reqid":{t.reqid},'
+            f'"mode":{_MODE.get(t.mode) or t.mode},"share":{_SHARE.get(t.share) or t.share},'
+            f'"optional":{t.optional},"aalgos":{t.aalgos},"ealgos":{t.ealgos},"calgos":{t.calgos}}}')
+
+
+def _lifetime(lft: _x.XfrmLifetime) -> str:
+    return (f'"lifetime":{{"soft_byte_limit":{lft.soft_byte_limit},"hard_byte_limit":{lft.hard_byte_limit},'
+            f'"soft_packet_limit":{lft.soft_packet_limit},"hard_packet_limit":{lft.hard_packet_limit},'
+            f'"soft_add_expires_seconds":{lft.soft_add_expires_seconds},'
+            f'"hard_add_expires_seconds":{lft.hard_add_expires_seconds},'
+            f'"soft_use_expires_seconds":{lft.soft_use_expires_seconds},'
+            f'"hard_use_expires_seconds":{lft.hard_use_expires_seconds}}},')
+
+
+def policy_lines(records: tuple, generic: Generic) -> list[str]:
+    """The version 2 line of each XfrmPolicy in RECORDS."""
+    # By id(): the records keep every sub-record alive while this runs. None: not plain.
+    selectors: dict[int, str | None] = {}
+    templates: dict[int, str | None] = {}
+    counters: dict[int, str] = {}
+    no_limits = _x.NO_LIMITS
+    dirs, actions, shares, ptypes = _DIR.get, _ACTION.get, _SHARE.get, _PTYPE.get
+    out = []
+    append = out.append
+    for p in records:
+        sel, ts, cur, lft, mark, attrs = p.selector, p.templates, p.curlft, p.lifetime, p.mark, p.attrs
+        s = selectors.get(id(sel), "")
+        if s == "":
+            s = selectors[id(sel)] = _selector(sel)
+        if len(ts) == 1:
+            t = templates.get(id(ts[0]), "")
+            if t == "":
+                t = templates[id(ts[0])] = _template(ts[0])
+        else:
+            parts = [_template(x) for x in ts]
+            t = None if None in parts else ",".join(parts)
+        c = counters.get(id(cur))
+        if c is None:
+            c = counters[id(cur)] = (f'{{"bytes":{cur.bytes},"packets":{cur.packets},"add_time":{cur.add_time},'
+                                     f'"use_time":{cur.use_time}}}')
+        if s is None or t is None:
+            append(generic(p))
+            continue
+        d, a, sh, pt = p.dir, p.action, p.share, p.ptype
+        append(f'{{"selector":{s},"dir":{dirs(d) or d},"action":{actions(a) or a},"priority":{p.priority},'
+               f'"index":{p.index},"flags":{p.flags},"share":{shares(sh) or sh},'
+               f'{"" if lft is no_limits or lft == no_limits else _lifetime(lft)}'
+               f'"mark":{"null" if mark is None else f"""{{"value":{mark[0]},"mask":{mark[1]}}}"""},'
+               f'"if_id":{p.if_id},"ptype":{ptypes(pt) or pt},"templates":[{t}],'
+               f'"attrs":{_attrs(attrs) if attrs else "[]"},"curlft":{c}}}')
+    return out
+
+
+def _attrs(attrs: tuple) -> str:
+    return "[" + ",".join([f'{{"type":{a},"data":"{d.hex()}"}}' for a, d in attrs]) + "]"
+
+
+_ROUTE = ('{"family":"%s","table":%d,"dst":"%s","dst_len":%d,"type":%d,"protocol":%d,"scope":%d,"gateway":%s,'
+          '"oif":%s,"oif_name":%s,"prefsrc":%s,"src":%s,"src_len":%d,"tos":%d,"priority":%d,"metrics":{},'
+          '"multipath":[],"nhid":%s,"pref":%s,"flags":%d,"expires":%s}')
+
+
+def route_lines(records: tuple, generic: Generic) -> list[str]:
+    """The version 2 line of each Route in RECORDS."""
+    quoted: dict[str | None, str | None] = {None: "null"}      # a string's JSON, None if not plain
+
+    def q(text: str | None) -> str | None:
+        out = quoted.get(text, "")
+        if out == "":
+            out = quoted[text] = f'"{text}"' if plain(text) else None
+        return out
+
+    out = []
+    append = out.append
+    for r in records:
+        family, dst = r.family, r.dst
+        gateway, oif_name, prefsrc, src = q(r.gateway), q(r.oif_name), q(r.prefsrc), q(r.src)
+        if (r.metrics or r.multipath or gateway is None or oif_name is None or prefsrc is None or src is None
+                or not plain(dst) or q(family) is None):
+            append(generic(r))
+            continue
+        oif, nhid, pref, expires = r.oif, r.nhid, r.pref, r.expires
+        append(_ROUTE % (family, r.table, dst, r.dst_len, r.type, r.protocol, r.scope, gateway,
+                         "null" if oif is None else str(oif), oif_name, prefsrc, src, r.src_len, r.tos,
+                         r.priority, "null" if nhid is None else str(nhid), "null" if pref is None else str(pref),
+                         r.flags, "null" if expires is None else str(expires)))
+    return out
+
+
+LINES = {"xfrm_policy": policy_lines, "route": route_lines}
