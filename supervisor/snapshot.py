@@ -2,32 +2,50 @@
 
 The document is versioned JSON.  Records are written one per line so that a
 snapshot of tens of thousands of objects stays greppable and cheap to produce.
-Records are encoded and parsed by msgspec when it is installed (5-7x faster than the json
-module for 30,000 policies, bench/bench_snapshot.py), else by the json module: the same
-document either way. The json module words the errors of a bad file.
+Policies and routes are written by snapshot_lines (straight from the records, or from the
+dump's datagrams), other records by msgspec when many and installed, else by the json module:
+the same bytes every way. Reading uses msgspec's typed decoding when installed
+(snapshot_typed), else the json module; the json module words the errors of a bad JSON file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import os
-import platform
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-try:
-    import msgspec
-except ImportError:     # Debian 12 packages no msgspec: a .deb without it writes the same files, slower
-    msgspec = None
+_UNLOADED = object()
+
+
+def _codec() -> Any:
+    """msgspec, imported on first use (taking a snapshot does not need it); None when not installed
+    (Debian 12 packages no msgspec: a .deb without it writes the same files and reads them slower).
+    Tests set the module attribute ``msgspec`` to None to stand for a system without it."""
+    codec = globals().get("msgspec", _UNLOADED)
+    if codec is _UNLOADED:
+        try:
+            import msgspec as codec
+        except ImportError:
+            codec = None
+        globals()["msgspec"] = codec
+    return codec
+
+
+def __getattr__(name: str) -> Any:
+    if name == "msgspec":
+        return _codec()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 from .atomicfile import write_atomic
 from .errors import SnapshotError, SupervisorError
 from .kernel.xfrm import NO_LIMITS
-from .kernel_state import FAMILIES, KernelState
+from .kernel_state import FAMILIES, KernelState, ReadOptions, read_state
 from .trusted_paths import TrustedDir
 
 SCHEMA = "ipsec-supervisor/snapshot"
@@ -49,14 +67,18 @@ class Snapshot:
     keys_included: bool
     context: dict
     objects: dict[str, tuple] = field(default_factory=dict)
+    # families already encoded (name -> their lines), written instead of objects[name]
+    encoded: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False, repr=False)
 
     def counts(self) -> dict[str, int]:
-        return {name: len(self.objects.get(name, ())) for name in FAMILIES}
+        return {name: len(self.encoded[name] if name in self.encoded else self.objects.get(name, ()))
+                for name in FAMILIES}
 
 
 def take_snapshot(state: KernelState, daemon: dict | None = None,
-                  include_keys: bool = False) -> Snapshot:
-    """Wrap a kernel read with its context. ``daemon``: {"pid":..., "exit":{...}} when known."""
+                  include_keys: bool = False, encoded: dict[str, tuple[str, ...]] | None = None) -> Snapshot:
+    """Wrap a kernel read with its context. ``daemon``: {"pid":..., "exit":{...}} when known;
+    ENCODED: families read as lines already (``read_encoded``)."""
     context: dict[str, Any] = {
         "route_table": state.options.route_table,
         "rule_priority": state.options.rule_priority,
@@ -64,9 +86,26 @@ def take_snapshot(state: KernelState, daemon: dict | None = None,
     }
     if state.default_policies is not None:
         context["xfrm_default_policy"] = state.default_policies.to_json()
-    return Snapshot(created=time.time(), host=socket.gethostname(), kernel=platform.release(),
+    return Snapshot(created=time.time(), host=socket.gethostname(), kernel=os.uname().release,
                     netns=state.netns.to_json(), daemon=daemon, keys_included=include_keys,
-                    context=context, objects=dict(state.objects))
+                    context=context, objects=dict(state.objects), encoded=dict(encoded or {}))
+
+
+def read_encoded(options: ReadOptions, progress=None, include_keys: bool = False
+                 ) -> tuple[KernelState, dict[str, tuple[str, ...]]]:
+    """read_state for a snapshot file and nothing else: the policies go from the dump's
+    datagrams straight into their lines, without records (the bulk of a concentrator's state)."""
+    from .kernel import xfrm
+    from .snapshot_lines import policy_lines_from_dump
+    state = read_state(options, [name for name in FAMILIES if name != "xfrm_policy"], progress)
+    with xfrm.open_socket() as sock:
+        chunks = sock.dump_raw(xfrm.XFRM_MSG_GETPOLICY, b"", xfrm._DUMP_POLICIES)
+        defaults = xfrm.get_default_policies(sock)
+    with no_cycle_collection():
+        lines = tuple(policy_lines_from_dump(chunks, _generic("xfrm_policy", include_keys, many=False)))
+    if progress is not None:
+        progress(FAMILIES["xfrm_policy"], len(lines))
+    return dataclasses.replace(state, default_policies=defaults), {"xfrm_policy": lines}
 
 
 # Version 2 leaves out what version 1 wrote twice or spelled out for every record; loading
@@ -108,21 +147,27 @@ def _restore(name: str, item: Any) -> Any:
     return item
 
 
+def _generic(name: str, include_keys: bool, many: bool = True) -> Callable[[Any], str]:
+    """One record's line the generic way: its JSON object, encoded (by msgspec when MANY records
+    make its import pay: same bytes)."""
+    msgspec = _codec() if many else None
+    if msgspec is not None:
+        encode_bytes = msgspec.json.Encoder().encode
+        return lambda record: encode_bytes(record_json(name, record, include_keys)).decode()
+    encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+    return lambda record: encode(record_json(name, record, include_keys))
+
+
 def _family_lines(name: str, records: tuple, include_keys: bool) -> str:
     from .snapshot_lines import LINES
+    generic = _generic(name, include_keys, many=len(records) > 1000 and name not in LINES)
     with no_cycle_collection():
-        if msgspec is not None:
-            encode_bytes = msgspec.json.Encoder().encode
-
-            def generic(record: Any) -> str:
-                return encode_bytes(record_json(name, record, include_keys)).decode()
-        else:
-            encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-
-            def generic(record: Any) -> str:
-                return encode(record_json(name, record, include_keys))
         lines = LINES[name](records, generic) if name in LINES else [generic(r) for r in records]
-        return "\n   " + ",\n   ".join(lines) if records else ""
+    return _joined(lines)
+
+
+def _joined(lines) -> str:
+    return "\n   " + ",\n   ".join(lines) if lines else ""
 
 
 def _document_chunks(snap: Snapshot) -> Iterator[str]:
@@ -136,10 +181,10 @@ def _document_chunks(snap: Snapshot) -> Iterator[str]:
     yield json.dumps(head, indent=1)[:-2] + ',\n "objects": {'
     first_family = True
     for name in FAMILIES:
-        records = snap.objects.get(name, ())
+        records = snap.encoded[name] if name in snap.encoded else snap.objects.get(name, ())
         yield ("" if first_family else ",") + f"\n  {json.dumps(name)}: ["
         first_family = False
-        yield _family_lines(name, records, snap.keys_included)
+        yield _joined(records) if name in snap.encoded else _family_lines(name, records, snap.keys_included)
         yield "\n  ]" if records else "]"
     yield "\n }\n}\n"
 
@@ -187,7 +232,7 @@ def load_snapshots(*paths: str) -> list[Snapshot]:
         if not raw or raw.isspace():     # (strip() would copy tens of megabytes)
             raise _bad(path, "the file is empty")
         with no_cycle_collection():
-            snap, typed = _load_typed(raw, path, first) if msgspec is not None else (None, None)
+            snap, typed = _load_typed(raw, path, first) if _codec() is not None else (None, None)
             if snap is None:
                 snap = snapshot_from_document(_parse_slowly(raw, path), path)
         if not out and typed is not None:
@@ -202,6 +247,7 @@ def _load_typed(raw: bytes, path: str, like: tuple[Snapshot, dict] | None = None
     typed records; (None, None) for what the json-module path words better (bad JSON, not an
     object) or reads (version 1). LIKE: an earlier (snapshot, typed records) to share records with."""
     from . import snapshot_typed as typed
+    msgspec = _codec()
     try:
         whole = typed.DOCUMENT.decode(raw)      # one pass when the file is valid
     except (msgspec.DecodeError, RecursionError):
@@ -240,7 +286,8 @@ def _load_typed(raw: bytes, path: str, like: tuple[Snapshot, dict] | None = None
 
 
 def _head_of(head: Any) -> dict:
-    return {key: value for key in head.__struct_fields__ if (value := getattr(head, key)) is not msgspec.UNSET}
+    unset = _codec().UNSET
+    return {key: value for key in head.__struct_fields__ if (value := getattr(head, key)) is not unset}
 
 
 def _typed_records(objects: dict[str, list], version: int, path: str,

@@ -138,3 +138,114 @@ def route_lines(records: tuple, generic: Generic) -> list[str]:
 
 
 LINES = {"xfrm_policy": policy_lines, "route": route_lines}
+
+
+# --- policies straight from a dump's datagrams ------------------------------------------------
+#
+# The CLI's snapshot needs no policy records, only their lines: the common shape (one template
+# or none, default lifetime, the attributes a dump of charon's policies has) is formatted from
+# the wire, mirroring xfrm._policy_at; any other message is decoded by _policy_at and left to
+# GENERIC. tests/test_snapshot_lines.py compares both ways on real dumps.
+
+def _selector_raw(buf: bytes, off: int) -> str:
+    (daddr, saddr, dport, dport_mask, sport, sport_mask, family, plen_d, plen_s, proto, ifindex,
+     user) = _x._SEL_STRUCT.unpack_from(buf, off)
+    if family == _x.AF_INET:
+        saddr, daddr = _x._ntop(_x.AF_INET, saddr[:4]), _x._ntop(_x.AF_INET, daddr[:4])
+    else:
+        saddr, daddr = _x._addr(family, saddr), _x._addr(family, daddr)
+    if sport or sport_mask or dport or dport_mask:
+        ntohs = _x._ntohs
+        sport, sport_mask, dport, dport_mask = ntohs(sport), ntohs(sport_mask), ntohs(dport), ntohs(dport_mask)
+    return (f'{{"family":{_FAMILY.get(family) or family},"saddr":"{saddr}","prefixlen_s":{plen_s},'
+            f'"daddr":"{daddr}","prefixlen_d":{plen_d},"proto":{proto},"sport":{sport},'
+            f'"sport_mask":{sport_mask},"dport":{dport},"dport_mask":{dport_mask},"ifindex":{ifindex},'
+            f'"user":{user}}}')
+
+
+def _template_raw(buf: bytes, off: int) -> str:
+    daddr, spi, proto, family, saddr, reqid, mode, share, optional, aalgos, ealgos, calgos = \
+        _x._TMPL.unpack_from(buf, off)
+    if family == _x.AF_INET:
+        saddr, daddr = _x._ntop(_x.AF_INET, saddr[:4]), _x._ntop(_x.AF_INET, daddr[:4])
+    else:
+        saddr, daddr = _x._addr(family, saddr), _x._addr(family, daddr)
+    return (f'{{"family":{_FAMILY.get(family) or family},"saddr":"{saddr}","daddr":"{daddr}",'
+            f'"proto":{_PROTO.get(proto) or proto},"spi":{_x._ntohl(spi) if spi else 0},"reqid":{reqid},'
+            f'"mode":{_MODE.get(mode) or mode},"share":{_SHARE.get(share) or share},'
+            f'"optional":{optional},"aalgos":{aalgos},"ealgos":{ealgos},"calgos":{calgos}}}')
+
+
+def policy_lines_from_dump(chunks: list[bytes], generic: Generic) -> list[str]:
+    """The version 2 line of each policy in the datagrams of a GETPOLICY dump (``dump_raw``)."""
+    selectors: dict[bytes, str] = {}
+    templates: dict[bytes, str] = {}
+    counters: dict[bytes, str] = {}
+    no_limits = _x._NO_LIMITS_RAW
+    tail = _x._POLICY_TAIL.unpack_from
+    header = _x._HDR_LT.unpack_from
+    nla = _x._NLA.unpack_from
+    u32 = _x._U32.unpack_from
+    mark_of = _x._MARK.unpack_from
+    dirs, actions, shares, ptypes = _DIR.get, _ACTION.get, _SHARE.get, _PTYPE.get
+    NEWPOLICY, TMPL, PTYPE, MARK, IF_ID = (_x.XFRM_MSG_NEWPOLICY, _x.XFRMA_TMPL, _x.XFRMA_POLICY_TYPE,
+                                            _x.XFRMA_MARK, _x.XFRMA_IF_ID)
+    SKIP = (_x.XFRMA_PAD, _x.XFRMA_POLICY)
+    out = []
+    append = out.append
+    for buf in chunks:
+        off, end = 0, len(buf)
+        while off < end:
+            length, mtype = header(buf, off)
+            if mtype != NEWPOLICY:
+                off += (length + 3) & ~3
+                continue
+            if length < 16 + 168:
+                raise _x.KernelError(f"cannot {_x._DUMP_POLICIES}: the kernel sent a {length}-byte message, "
+                                     "shorter than its 168-byte header (ABI mismatch?)")
+            info, stop = off + 16, off + length
+            off += (length + 3) & ~3
+            t, mark, if_id, ptype, usual = "", None, 0, 0, buf[info + 56:info + 120] == no_limits
+            a = info + 168
+            while usual and a + 4 <= stop:
+                alen, atype = nla(buf, a)
+                if alen < 4 or a + alen > stop:
+                    usual = False       # _policy_at says what is wrong
+                    break
+                atype &= 0x3FFF
+                if atype == TMPL:
+                    if alen != 68:
+                        usual = False
+                        break
+                    raw = buf[a + 4:a + 68]
+                    t = templates.get(raw)
+                    if t is None:
+                        t = templates[raw] = _template_raw(buf, a + 4)
+                elif atype == PTYPE:
+                    ptype = buf[a + 4]
+                elif atype == MARK:
+                    mark = mark_of(buf, a + 4)
+                elif atype == IF_ID:
+                    (if_id,) = u32(buf, a + 4)
+                elif atype not in SKIP:
+                    usual = False
+                    break
+                a += (alen + 3) & ~3
+            if not usual:
+                append(generic(_x._policy_at(buf, info, info + 168, stop)))
+                continue
+            raw = buf[info:info + 56]
+            s = selectors.get(raw)
+            if s is None:
+                s = selectors[raw] = _selector_raw(buf, info)
+            raw = buf[info + 120:info + 152]
+            c = counters.get(raw)
+            if c is None:
+                cur = _x._CUR_STRUCT.unpack_from(buf, info + 120)
+                c = counters[raw] = f'{{"bytes":{cur[0]},"packets":{cur[1]},"add_time":{cur[2]},"use_time":{cur[3]}}}'
+            priority, index, d, act, flags, sh = tail(buf, info + 152)
+            append(f'{{"selector":{s},"dir":{dirs(d) or d},"action":{actions(act) or act},"priority":{priority},'
+                   f'"index":{index},"flags":{flags},"share":{shares(sh) or sh},'
+                   f'"mark":{"null" if mark is None else f"""{{"value":{mark[0]},"mask":{mark[1]}}}"""},'
+                   f'"if_id":{if_id},"ptype":{ptypes(ptype) or ptype},"templates":[{t}],"attrs":[],"curlft":{c}}}')
+    return out

@@ -48,8 +48,8 @@ def require_root() -> None:
 
 def cmd_take(args) -> int:
     from ..kernel import netns
-    from ..kernel_state import ReadOptions, read_state
-    from ..snapshot import take_snapshot, write_snapshot
+    from ..kernel_state import ReadOptions
+    from ..snapshot import read_encoded, take_snapshot, write_snapshot
     require_root()
     output = args.output
     # On a terminal, say what is being read: tens of thousands of objects take a moment.
@@ -59,10 +59,9 @@ def cmd_take(args) -> int:
         print(f"\r\033[Kread {count} {family.title}", end="", file=sys.stderr, flush=True)
 
     with netns.enter(args.netns):
-        state = read_state(ReadOptions(route_table=args.route_table,
-                                       rule_priority=args.rule_priority),
-                           progress=progress if tty else None)
-    snap = take_snapshot(state, include_keys=args.include_keys)
+        state, encoded = read_encoded(ReadOptions(route_table=args.route_table, rule_priority=args.rule_priority),
+                                      progress=progress if tty else None, include_keys=args.include_keys)
+    snap = take_snapshot(state, include_keys=args.include_keys, encoded=encoded)
     if output is None:
         from ..trusted_paths import initial_netns_inode, instance_dir, netns_instance, open_own_subdir
         # That namespace's supervisor's snapshot directory (per namespace outside the initial one).
