@@ -67,8 +67,8 @@ class Snapshot:
     keys_included: bool
     context: dict
     objects: dict[str, tuple] = field(default_factory=dict)
-    # families already encoded (name -> their lines), written instead of objects[name]
-    encoded: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False, repr=False)
+    # families read as lines to be (snapshot_lines.PolicyDump), written instead of objects[name]
+    encoded: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def counts(self) -> dict[str, int]:
         return {name: len(self.encoded[name] if name in self.encoded else self.objects.get(name, ()))
@@ -76,7 +76,7 @@ class Snapshot:
 
 
 def take_snapshot(state: KernelState, daemon: dict | None = None,
-                  include_keys: bool = False, encoded: dict[str, tuple[str, ...]] | None = None) -> Snapshot:
+                  include_keys: bool = False, encoded: dict[str, Any] | None = None) -> Snapshot:
     """Wrap a kernel read with its context. ``daemon``: {"pid":..., "exit":{...}} when known;
     ENCODED: families read as lines already (``read_encoded``)."""
     context: dict[str, Any] = {
@@ -91,21 +91,20 @@ def take_snapshot(state: KernelState, daemon: dict | None = None,
                     context=context, objects=dict(state.objects), encoded=dict(encoded or {}))
 
 
-def read_encoded(options: ReadOptions, progress=None, include_keys: bool = False
-                 ) -> tuple[KernelState, dict[str, tuple[str, ...]]]:
-    """read_state for a snapshot file and nothing else: the policies go from the dump's
-    datagrams straight into their lines, without records (the bulk of a concentrator's state)."""
+def read_encoded(options: ReadOptions, progress=None, include_keys: bool = False):
+    """read_state for a snapshot file and nothing else: the policies stay the dump's datagrams,
+    formatted straight into their lines while the file is written (the bulk of a concentrator's
+    state, and no record of them is needed). Returns (state, encoded) for take_snapshot."""
     from .kernel import xfrm
-    from .snapshot_lines import policy_lines_from_dump
+    from .snapshot_lines import PolicyDump
     state = read_state(options, [name for name in FAMILIES if name != "xfrm_policy"], progress)
     with xfrm.open_socket() as sock:
         chunks = sock.dump_raw(xfrm.XFRM_MSG_GETPOLICY, b"", xfrm._DUMP_POLICIES)
         defaults = xfrm.get_default_policies(sock)
-    with no_cycle_collection():
-        lines = tuple(policy_lines_from_dump(chunks, _generic("xfrm_policy", include_keys, many=False)))
+    policies = PolicyDump(chunks, _generic("xfrm_policy", include_keys, many=False))
     if progress is not None:
-        progress(FAMILIES["xfrm_policy"], len(lines))
-    return dataclasses.replace(state, default_policies=defaults), {"xfrm_policy": lines}
+        progress(FAMILIES["xfrm_policy"], len(policies))
+    return dataclasses.replace(state, default_policies=defaults), {"xfrm_policy": policies}
 
 
 # Version 2 leaves out what version 1 wrote twice or spelled out for every record; loading
@@ -158,16 +157,19 @@ def _generic(name: str, include_keys: bool, many: bool = True) -> Callable[[Any]
     return lambda record: encode(record_json(name, record, include_keys))
 
 
-def _family_lines(name: str, records: tuple, include_keys: bool) -> str:
+def _family_lines(name: str, records: tuple, include_keys: bool) -> Iterator[str]:
     from .snapshot_lines import LINES
     generic = _generic(name, include_keys, many=len(records) > 1000 and name not in LINES)
-    with no_cycle_collection():
-        lines = LINES[name](records, generic) if name in LINES else [generic(r) for r in records]
-    return _joined(lines)
+    for start in range(0, len(records), BATCH):
+        batch = records[start:start + BATCH]
+        with no_cycle_collection():
+            lines = LINES[name](batch, generic) if name in LINES else [generic(r) for r in batch]
+        yield ",\n   ".join(lines)
 
 
-def _joined(lines) -> str:
-    return "\n   " + ",\n   ".join(lines) if lines else ""
+# Lines are made and written a batch at a time: a fresh allocation of tens of megabytes (one
+# string for a family) costs more in page faults than making its lines (bench_snapshot.py).
+BATCH = 2000
 
 
 def _document_chunks(snap: Snapshot) -> Iterator[str]:
@@ -181,11 +183,17 @@ def _document_chunks(snap: Snapshot) -> Iterator[str]:
     yield json.dumps(head, indent=1)[:-2] + ',\n "objects": {'
     first_family = True
     for name in FAMILIES:
-        records = snap.encoded[name] if name in snap.encoded else snap.objects.get(name, ())
         yield ("" if first_family else ",") + f"\n  {json.dumps(name)}: ["
         first_family = False
-        yield _joined(records) if name in snap.encoded else _family_lines(name, records, snap.keys_included)
-        yield "\n  ]" if records else "]"
+        if name in snap.encoded:
+            pieces = (",\n   ".join(lines) for lines in snap.encoded[name].batches() if lines)
+        else:
+            pieces = _family_lines(name, snap.objects.get(name, ()), snap.keys_included)
+        wrote = False
+        for piece in pieces:
+            yield ",\n   " + piece if wrote else "\n   " + piece
+            wrote = True
+        yield "\n  ]" if wrote else "]"
     yield "\n }\n}\n"
 
 

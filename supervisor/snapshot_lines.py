@@ -10,7 +10,7 @@ those of the generic way (tests/test_snapshot_lines.py): a record with anything 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 from .kernel import xfrm as _x
 
@@ -178,6 +178,50 @@ def _template_raw(buf: bytes, off: int) -> str:
 
 def policy_lines_from_dump(chunks: list[bytes], generic: Generic) -> list[str]:
     """The version 2 line of each policy in the datagrams of a GETPOLICY dump (``dump_raw``)."""
+    return [line for lines in iter_policy_lines(chunks, generic) for line in lines]
+
+
+class PolicyDump:
+    """A GETPOLICY dump standing in for its policies in a snapshot being written: the lines are
+    made a datagram at a time while the file is written, so tens of megabytes of them never
+    exist at once (fresh memory costs more in page faults than making the lines)."""
+
+    def __init__(self, chunks: list[bytes], generic: Generic):
+        self.chunks = chunks
+        self.generic = generic
+        self._count: int | None = None
+
+    def batches(self) -> Iterator[list[str]]:
+        count = 0
+        for lines in iter_policy_lines(self.chunks, self.generic):
+            count += len(lines)
+            yield lines
+        self._count = count
+
+    def __len__(self) -> int:
+        if self._count is None:
+            self._count = sum(1 for data in self.chunks for _ in _policy_messages(data))
+        return self._count
+
+
+def _policy_messages(data: bytes) -> Iterator[int]:
+    off, end = 0, len(data)
+    while off < end:
+        length, mtype = _x._HDR_LT.unpack_from(data, off)
+        if mtype == _x.XFRM_MSG_NEWPOLICY:
+            yield off
+        off += (length + 3) & ~3
+
+
+def iter_policy_lines(chunks: list[bytes], generic: Generic) -> Iterator[list[str]]:
+    """policy_lines_from_dump, one datagram's lines at a time."""
+    try:
+        yield from _policy_lines(chunks, generic)
+    finally:
+        _x._clear_caches()      # of _policy_at, for the unusual ones
+
+
+def _policy_lines(chunks: list[bytes], generic: Generic) -> Iterator[list[str]]:
     selectors: dict[bytes, str] = {}
     templates: dict[bytes, str] = {}
     counters: dict[bytes, str] = {}
@@ -191,9 +235,9 @@ def policy_lines_from_dump(chunks: list[bytes], generic: Generic) -> list[str]:
     NEWPOLICY, TMPL, PTYPE, MARK, IF_ID = (_x.XFRM_MSG_NEWPOLICY, _x.XFRMA_TMPL, _x.XFRMA_POLICY_TYPE,
                                             _x.XFRMA_MARK, _x.XFRMA_IF_ID)
     SKIP = (_x.XFRMA_PAD, _x.XFRMA_POLICY)
-    out = []
-    append = out.append
     for buf in chunks:
+        out: list[str] = []
+        append = out.append
         off, end = 0, len(buf)
         while off < end:
             length, mtype = header(buf, off)
@@ -248,4 +292,4 @@ def policy_lines_from_dump(chunks: list[bytes], generic: Generic) -> list[str]:
                    f'"index":{index},"flags":{flags},"share":{shares(sh) or sh},'
                    f'"mark":{"null" if mark is None else f"""{{"value":{mark[0]},"mask":{mark[1]}}}"""},'
                    f'"if_id":{if_id},"ptype":{ptypes(ptype) or ptype},"templates":[{t}],"attrs":[],"curlft":{c}}}')
-    return out
+        yield out
