@@ -92,19 +92,27 @@ def take_snapshot(state: KernelState, daemon: dict | None = None,
 
 
 def read_encoded(options: ReadOptions, progress=None, include_keys: bool = False):
-    """read_state for a snapshot file and nothing else: the policies stay the dump's datagrams,
-    formatted straight into their lines while the file is written (the bulk of a concentrator's
-    state, and no record of them is needed). Returns (state, encoded) for take_snapshot."""
-    from .kernel import xfrm
-    from .snapshot_lines import PolicyDump
-    state = read_state(options, [name for name in FAMILIES if name != "xfrm_policy"], progress)
+    """read_state for a snapshot file and nothing else: policies and routes stay the dumps'
+    datagrams, formatted straight into their lines while the file is written (the bulk of a
+    concentrator's state, and no record of them is needed). Returns (state, encoded) for
+    take_snapshot."""
+    from .kernel import routes, xfrm
+    from .snapshot_lines import PolicyDump, RouteDump
+    state = read_state(options, [name for name in FAMILIES if name not in ("xfrm_policy", "route")], progress)
     with xfrm.open_socket() as sock:
         chunks = sock.dump_raw(xfrm.XFRM_MSG_GETPOLICY, b"", xfrm._DUMP_POLICIES)
         defaults = xfrm.get_default_policies(sock)
     policies = PolicyDump(chunks, _generic("xfrm_policy", include_keys, many=False))
     if progress is not None:
         progress(FAMILIES["xfrm_policy"], len(policies))
-    return dataclasses.replace(state, default_policies=defaults), {"xfrm_policy": policies}
+    with routes._socket(None) as sock:      # (strict checking: the kernel filters by table)
+        names = routes.interface_names(sock)
+        dumps = [routes.dump_chunks(sock, af, options.route_table) for af in (socket.AF_INET, socket.AF_INET6)]
+    routes_read = RouteDump(dumps, names, options.route_table, _generic("route", include_keys, many=False))
+    if progress is not None:
+        progress(FAMILIES["route"], len(routes_read))
+    return (dataclasses.replace(state, default_policies=defaults),
+            {"xfrm_policy": policies, "route": routes_read})
 
 
 # Version 2 leaves out what version 1 wrote twice or spelled out for every record; loading

@@ -293,3 +293,133 @@ def _policy_lines(chunks: list[bytes], generic: Generic) -> Iterator[list[str]]:
                    f'"mark":{"null" if mark is None else f"""{{"value":{mark[0]},"mask":{mark[1]}}}"""},'
                    f'"if_id":{if_id},"ptype":{ptypes(ptype) or ptype},"templates":[{t}],"attrs":[],"curlft":{c}}}')
         yield out
+
+
+# --- routes straight from a dump's datagrams ---------------------------------------------------
+#
+# As for policies: the usual shape (a table-220 route of charon: table, dst, gateway, oif,
+# prefsrc, priority, and an IPv6 route's cacheinfo and pref) is formatted from the wire,
+# mirroring routes.route_at; any other message is decoded by route_at and left to GENERIC.
+
+def _route_lines(chunks: list[bytes], names: dict[int, str], table: int | None, what: str,
+                 generic: Generic) -> Iterator[list[str]]:
+    from .kernel import routes as r
+    rtmsg, nla, u32, i32 = r._RTMSG.unpack_from, r._NLA.unpack_from, r._U32.unpack_from, r._I32.unpack_from
+    family_names, addr_len, ntop = r.FAMILY_NAMES, r._ADDR_LEN, r.socket.inet_ntop
+    DST, OIF, GATEWAY, PRIORITY, PREFSRC, TABLE, CACHEINFO, PREF = (
+        r.RTA_DST, r.RTA_OIF, r.RTA_GATEWAY, r.RTA_PRIORITY, r.RTA_PREFSRC, r.RTA_TABLE, r.RTA_CACHEINFO, r.RTA_PREF)
+    mask, cloned, newroute, hz = r.NLA_TYPE_MASK, r.RTM_F_CLONED, r.RTM_NEWROUTE, r.USER_HZ
+    oif_names: dict[int, str | None] = {}      # an interface's JSON, None if not plain
+    header = _x._HDR_LT.unpack_from
+    for buf in chunks:
+        out: list[str] = []
+        off, end = 0, len(buf)
+        while off < end:
+            length, mtype = header(buf, off)
+            start, stop = off + 16, off + length
+            off += (length + 3) & ~3
+            if mtype != newroute:
+                continue
+            if length < 16 + 12:
+                raise _x.KernelError(f"cannot {what}: a {length}-byte route message is too short")
+            af, dst_len, src_len, tos, rtm_table, proto, scope, rtype, flags = rtmsg(buf, start)
+            family = family_names.get(af)
+            if family is None or flags & cloned:
+                continue
+            size = addr_len[af]
+            tbl = dst = gateway = oif = prefsrc = priority = pref = expires = None
+            usual, cacheinfo = True, False
+            p = start + 12
+            while p + 4 <= stop:
+                alen, atype = nla(buf, p)
+                if alen < 4 or p + alen > stop:
+                    usual = False
+                    break
+                atype &= mask
+                s = p + 4
+                if atype == DST:
+                    if dst is None:
+                        dst = ntop(af, buf[s:s + size])
+                elif atype == TABLE:
+                    if tbl is None:
+                        (tbl,) = u32(buf, s)
+                elif atype == OIF:
+                    if oif is None:
+                        (oif,) = u32(buf, s)
+                elif atype == GATEWAY:
+                    if gateway is None:
+                        gateway = ntop(af, buf[s:s + size])
+                elif atype == PREFSRC:
+                    if prefsrc is None:
+                        prefsrc = ntop(af, buf[s:s + size])
+                elif atype == PRIORITY:
+                    if priority is None:
+                        (priority,) = u32(buf, s)
+                elif atype == CACHEINFO:
+                    if not cacheinfo:
+                        cacheinfo = True
+                        (left,) = i32(buf, s + 8)
+                        expires = left // hz if left > 0 else None
+                elif atype == PREF:
+                    if pref is None:
+                        pref = buf[s]
+                else:
+                    usual = False
+                    break
+                p += (alen + 3) & ~3
+            if not usual:
+                route = r.route_at(buf, start, stop, names, what)
+                if route is not None and (table is None or route.table == table):
+                    out.append(generic(route))
+                continue
+            if tbl is None:
+                tbl = rtm_table
+            if table is not None and tbl != table:
+                continue
+            name = "null"
+            if oif:
+                name = oif_names.get(oif, "")
+                if name == "":
+                    text = names.get(oif)
+                    name = oif_names[oif] = "null" if text is None else f'"{text}"' if plain(text) else None
+                if name is None:
+                    out.append(generic(r.route_at(buf, start, stop, names, what)))
+                    continue
+            gateway = "null" if gateway is None else '"' + gateway + '"'
+            prefsrc = "null" if prefsrc is None else '"' + prefsrc + '"'
+            out.append(
+                f'{{"family":"{family}","table":{tbl},"dst":"{dst or ("0.0.0.0" if af == 2 else "::")}",'
+                f'"dst_len":{dst_len},"type":{rtype},"protocol":{proto},"scope":{scope},"gateway":{gateway},'
+                f'"oif":{"null" if oif is None else oif},"oif_name":{name},"prefsrc":{prefsrc},"src":null,"src_len":{src_len},'
+                f'"tos":{tos},"priority":{priority or 0},"metrics":{{}},"multipath":[],"nhid":null,'
+                f'"pref":{"null" if pref is None else pref},"flags":{flags},'
+                f'"expires":{"null" if expires is None else expires}}}')
+        yield out
+
+
+class RouteDump:
+    """Route dumps (one per address family) standing in for their routes, as PolicyDump does."""
+
+    def __init__(self, dumps: list[tuple[str, list[bytes]]], names: dict[int, str], table: int | None,
+                 generic: Generic):
+        self.dumps, self.names, self.table, self.generic = dumps, names, table, generic
+        self._count: int | None = None
+
+    def batches(self) -> Iterator[list[str]]:
+        count = 0
+        for what, chunks in self.dumps:
+            for lines in _route_lines(chunks, self.names, self.table, what, self.generic):
+                count += len(lines)
+                yield lines
+        self._count = count
+
+    def __len__(self) -> int:
+        if self._count is None:
+            self._count = sum(len(lines) for lines in self.batches())
+        return self._count
+
+
+def route_lines_from_dump(dumps: list[tuple[str, list[bytes]]], names: dict[int, str], table: int | None,
+                          generic: Generic) -> list[str]:
+    """The version 2 line of each route (of TABLE unless None) in route dumps (``routes.dump_chunks``)."""
+    return [line for lines in RouteDump(dumps, names, table, generic).batches() for line in lines]

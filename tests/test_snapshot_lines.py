@@ -120,3 +120,39 @@ def test_the_snapshot_command_writes_what_the_records_write(netns, tmp_path):
         expected = snapshot.take_snapshot(read_state(ReadOptions()))
     written = load_snapshot(path)
     assert written.objects == expected.objects and written.context == expected.context
+
+
+ROUTE_SHAPES = """
+ip link add veth0 type veth peer name veth1
+ip link set veth0 up
+ip link set veth1 up
+ip addr add 192.0.2.1/24 dev veth0
+ip -6 addr add 2001:db8::1/64 dev veth0 nodad
+ip link add 'we"ird' type veth peer name wp1
+ip link set 'we"ird' up
+ip route add 10.2.0.0/16 via 192.0.2.2 dev veth0 src 192.0.2.1 proto static table 220
+ip route add 10.3.0.0/16 dev veth0 metric 7 table 220
+ip route add blackhole 10.4.0.0/16 table 220
+ip route add 10.5.0.0/16 via 192.0.2.2 dev veth0 mtu 1400 table 220
+ip route add 10.6.0.0/16 table 220 nexthop via 192.0.2.2 dev veth0 nexthop via 192.0.2.3 dev veth0
+ip route add 10.7.0.0/16 dev 'we"ird' table 220
+ip route add 10.8.0.0/16 via 192.0.2.2 dev veth0 table 221
+ip -6 route add fd00:2::/64 via 2001:db8::2 dev veth0 proto static table 220
+ip -6 route add fd00:3::/64 from fd00:1::/64 via 2001:db8::2 dev veth0 table 220
+ip -6 route add fd00:4::/64 via 2001:db8::2 dev veth0 expires 300 table 220
+"""
+
+
+@pytest.mark.parametrize("table", [220, None])
+def test_route_lines_from_a_dump_are_those_of_the_records(netns, table):
+    import socket
+    from supervisor.kernel import routes
+    from supervisor.snapshot_lines import route_lines_from_dump
+    netns.sh(ROUTE_SHAPES)
+    with netns.enter(), routes._socket(None) as sock:
+        names = routes.interface_names(sock)
+        dumps = [routes.dump_chunks(sock, af, table) for af in (socket.AF_INET, socket.AF_INET6)]
+        records = routes.dump_routes(table)
+    assert len(records) >= (9 if table else 12)
+    gen = generic("route")
+    assert route_lines_from_dump(dumps, names, table, gen) == [gen(r) for r in records]

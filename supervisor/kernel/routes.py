@@ -474,18 +474,23 @@ def decode_routes(chunks: list[bytes], names: dict[int, str], table: int | None 
 
 
 def _dump(sock: NetlinkSocket, af: int, table: int | None, names: dict[int, str]) -> list[Route]:
+    what, chunks = dump_chunks(sock, af, table)
+    return decode_routes(chunks, names, table, what)
+
+
+def dump_chunks(sock: NetlinkSocket, af: int, table: int | None) -> tuple[str, list[bytes]]:
+    """(what, datagrams) of a route dump of family AF (for decoders of their own, and decode_routes)."""
     payload = _RTMSG.pack(af, 0, 0, 0, 0, 0, 0, 0, 0)
     if table is not None:
         # Filtered in the kernel (strict checking): a full BGP table is not decoded here.
         payload += pack_attr(RTA_TABLE, _U32.pack(table))
     what = f"dump {FAMILY_NAMES[af]} routes" + (f" of table {table_name(table)}" if table is not None else "")
     try:
-        chunks = sock.dump_raw(RTM_GETROUTE, payload, what)
+        return what, sock.dump_raw(RTM_GETROUTE, payload, what)
     except NotFound:
         if table is None:
             raise
-        return []       # the kernel says "FIB table does not exist": no route in it
-    return decode_routes(chunks, names, table, what)
+        return what, []     # the kernel says "FIB table does not exist": no route in it
 
 
 def dump_routes(table: int | None = 220, *, rtnl: Rtnl | None = None) -> list[Route]:
