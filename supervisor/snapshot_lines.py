@@ -147,33 +147,44 @@ LINES = {"xfrm_policy": policy_lines, "route": route_lines}
 # the wire, mirroring xfrm._policy_at; any other message is decoded by _policy_at and left to
 # GENERIC. tests/test_snapshot_lines.py compares both ways on real dumps.
 
-def _selector_raw(buf: bytes, off: int) -> str:
-    (daddr, saddr, dport, dport_mask, sport, sport_mask, family, plen_d, plen_s, proto, ifindex,
-     user) = _x._SEL_STRUCT.unpack_from(buf, off)
+def _selector_raw(buf: bytes, off: int, shapes: dict) -> str:
+    # What follows the addresses (ports, family, prefix lengths, proto, ifindex, user) is shared by
+    # many selectors: formatted once per distinct value.
+    key = buf[off + 32:off + 56]
+    shape = shapes.get(key)
+    if shape is None:
+        (_, _, dport, dport_mask, sport, sport_mask, family, plen_d, plen_s, proto, ifindex,
+         user) = _x._SEL_STRUCT.unpack_from(buf, off)
+        if sport or sport_mask or dport or dport_mask:
+            ntohs = _x._ntohs
+            sport, sport_mask, dport, dport_mask = ntohs(sport), ntohs(sport_mask), ntohs(dport), ntohs(dport_mask)
+        shape = shapes[key] = (
+            family, f'{{"family":{_FAMILY.get(family) or family},"saddr":"', f'","prefixlen_s":{plen_s},"daddr":"',
+            f'","prefixlen_d":{plen_d},"proto":{proto},"sport":{sport},"sport_mask":{sport_mask},"dport":{dport},'
+            f'"dport_mask":{dport_mask},"ifindex":{ifindex},"user":{user}}}')
+    family, head, middle, tail = shape
     if family == _x.AF_INET:
-        saddr, daddr = _x._ntop(_x.AF_INET, saddr[:4]), _x._ntop(_x.AF_INET, daddr[:4])
-    else:
-        saddr, daddr = _x._addr(family, saddr), _x._addr(family, daddr)
-    if sport or sport_mask or dport or dport_mask:
-        ntohs = _x._ntohs
-        sport, sport_mask, dport, dport_mask = ntohs(sport), ntohs(sport_mask), ntohs(dport), ntohs(dport_mask)
-    return (f'{{"family":{_FAMILY.get(family) or family},"saddr":"{saddr}","prefixlen_s":{plen_s},'
-            f'"daddr":"{daddr}","prefixlen_d":{plen_d},"proto":{proto},"sport":{sport},'
-            f'"sport_mask":{sport_mask},"dport":{dport},"dport_mask":{dport_mask},"ifindex":{ifindex},'
-            f'"user":{user}}}')
+        return head + _x._ntop(_x.AF_INET, buf[off + 16:off + 20]) + middle + _x._ntop(_x.AF_INET, buf[off:off + 4]) + tail
+    return head + _x._addr(family, buf[off + 16:off + 32]) + middle + _x._addr(family, buf[off:off + 16]) + tail
 
 
-def _template_raw(buf: bytes, off: int) -> str:
-    daddr, spi, proto, family, saddr, reqid, mode, share, optional, aalgos, ealgos, calgos = \
-        _x._TMPL.unpack_from(buf, off)
+def _template_raw(buf: bytes, off: int, shapes: dict) -> str:
+    key = buf[off + 16:off + 28] + buf[off + 48:off + 64]     # spi, proto, family; mode ... calgos
+    shape = shapes.get(key)
+    if shape is None:
+        _, spi, proto, family, _, _, mode, share, optional, aalgos, ealgos, calgos = _x._TMPL.unpack_from(buf, off)
+        shape = shapes[key] = (
+            family, f'{{"family":{_FAMILY.get(family) or family},"saddr":"', '","daddr":"',
+            f'","proto":{_PROTO.get(proto) or proto},"spi":{_x._ntohl(spi) if spi else 0},"reqid":',
+            f',"mode":{_MODE.get(mode) or mode},"share":{_SHARE.get(share) or share},"optional":{optional},'
+            f'"aalgos":{aalgos},"ealgos":{ealgos},"calgos":{calgos}}}')
+    family, head, middle, before_reqid, tail = shape
+    (reqid,) = _x._U32.unpack_from(buf, off + 44)
     if family == _x.AF_INET:
-        saddr, daddr = _x._ntop(_x.AF_INET, saddr[:4]), _x._ntop(_x.AF_INET, daddr[:4])
+        saddr, daddr = _x._ntop(_x.AF_INET, buf[off + 28:off + 32]), _x._ntop(_x.AF_INET, buf[off:off + 4])
     else:
-        saddr, daddr = _x._addr(family, saddr), _x._addr(family, daddr)
-    return (f'{{"family":{_FAMILY.get(family) or family},"saddr":"{saddr}","daddr":"{daddr}",'
-            f'"proto":{_PROTO.get(proto) or proto},"spi":{_x._ntohl(spi) if spi else 0},"reqid":{reqid},'
-            f'"mode":{_MODE.get(mode) or mode},"share":{_SHARE.get(share) or share},'
-            f'"optional":{optional},"aalgos":{aalgos},"ealgos":{ealgos},"calgos":{calgos}}}')
+        saddr, daddr = _x._addr(family, buf[off + 28:off + 44]), _x._addr(family, buf[off:off + 16])
+    return f"{head}{saddr}{middle}{daddr}{before_reqid}{reqid}{tail}"
 
 
 def policy_lines_from_dump(chunks: list[bytes], generic: Generic) -> list[str]:
@@ -225,6 +236,7 @@ def _policy_lines(chunks: list[bytes], generic: Generic) -> Iterator[list[str]]:
     selectors: dict[bytes, str] = {}
     templates: dict[bytes, str] = {}
     counters: dict[bytes, str] = {}
+    shapes: dict[bytes, tuple] = {}     # (selectors' and templates' keys differ in length)
     no_limits = _x._NO_LIMITS_RAW
     tail = _x._POLICY_TAIL.unpack_from
     header = _x._HDR_LT.unpack_from
@@ -235,6 +247,7 @@ def _policy_lines(chunks: list[bytes], generic: Generic) -> Iterator[list[str]]:
     NEWPOLICY, TMPL, PTYPE, MARK, IF_ID = (_x.XFRM_MSG_NEWPOLICY, _x.XFRMA_TMPL, _x.XFRMA_POLICY_TYPE,
                                             _x.XFRMA_MARK, _x.XFRMA_IF_ID)
     SKIP = (_x.XFRMA_PAD, _x.XFRMA_POLICY)
+    usual_tmpl, usual_ptype = _x._NLA.pack(68, TMPL), _x._NLA.pack(10, PTYPE)
     for buf in chunks:
         out: list[str] = []
         append = out.append
@@ -251,6 +264,14 @@ def _policy_lines(chunks: list[bytes], generic: Generic) -> Iterator[list[str]]:
             off += (length + 3) & ~3
             t, mark, if_id, ptype, usual = "", None, 0, 0, buf[info + 56:info + 120] == no_limits
             a = info + 168
+            if usual and stop - a == 80 and buf[a:a + 4] == usual_tmpl and buf[a + 68:a + 72] == usual_ptype:
+                # charon's shape (one template, the policy type): no attribute walk
+                raw = buf[a + 4:a + 68]
+                t = templates.get(raw)
+                if t is None:
+                    t = templates[raw] = _template_raw(buf, a + 4, shapes)
+                ptype = buf[a + 72]
+                a = stop
             while usual and a + 4 <= stop:
                 alen, atype = nla(buf, a)
                 if alen < 4 or a + alen > stop:
@@ -264,7 +285,7 @@ def _policy_lines(chunks: list[bytes], generic: Generic) -> Iterator[list[str]]:
                     raw = buf[a + 4:a + 68]
                     t = templates.get(raw)
                     if t is None:
-                        t = templates[raw] = _template_raw(buf, a + 4)
+                        t = templates[raw] = _template_raw(buf, a + 4, shapes)
                 elif atype == PTYPE:
                     ptype = buf[a + 4]
                 elif atype == MARK:
@@ -281,7 +302,7 @@ def _policy_lines(chunks: list[bytes], generic: Generic) -> Iterator[list[str]]:
             raw = buf[info:info + 56]
             s = selectors.get(raw)
             if s is None:
-                s = selectors[raw] = _selector_raw(buf, info)
+                s = selectors[raw] = _selector_raw(buf, info, shapes)
             raw = buf[info + 120:info + 152]
             c = counters.get(raw)
             if c is None:
