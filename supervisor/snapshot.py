@@ -240,13 +240,7 @@ def load_snapshots(*paths: str) -> list[Snapshot]:
     out: list[Snapshot] = []
     first: tuple[Snapshot, dict] | None = None
     for path in paths:
-        try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except OSError as exc:
-            raise SnapshotError(f"cannot read snapshot {path}: {exc.strerror}") from None
-        if not raw or raw.isspace():     # (strip() would copy tens of megabytes)
-            raise _bad(path, "the file is empty")
+        raw = _read(path)
         with no_cycle_collection():
             snap, typed = _load_typed(raw, path, first) if _codec() is not None else (None, None)
             if snap is None:
@@ -262,6 +256,16 @@ def _load_typed(raw: bytes, path: str, like: tuple[Snapshot, dict] | None = None
     """A version 2 document read by msgspec with the record schemas of snapshot_typed, and its
     typed records; (None, None) for what the json-module path words better (bad JSON, not an
     object) or reads (version 1). LIKE: an earlier (snapshot, typed records) to share records with."""
+    found = _typed_document(raw, path)
+    if found is None:
+        return None, None
+    doc, objects = found
+    return _snapshot_of(doc, _typed_records(objects, doc["version"], path, like), path), objects
+
+
+def _typed_document(raw: bytes, path: str) -> tuple[dict, dict[str, list]] | None:
+    """(the document's other keys, its typed records per family) of a version 2 document whose
+    records have the right types; None for the json-module path (see _load_typed)."""
     from . import snapshot_typed as typed
     msgspec = _codec()
     try:
@@ -272,18 +276,17 @@ def _load_typed(raw: bytes, path: str, like: tuple[Snapshot, dict] | None = None
         doc = _head_of(whole)
         _check_head(doc, path)
         if doc["version"] < 2:
-            return None, None
-        objects = {name: getattr(whole.objects, name) for name in FAMILIES}
-        return _snapshot_of(doc, _typed_records(objects, doc["version"], path, like), path), objects
+            return None
+        return doc, {name: getattr(whole.objects, name) for name in FAMILIES}
     # Something is wrong: a second look, one family at a time, says what and where.
     try:
         head = typed.HEAD.decode(raw)
     except (msgspec.DecodeError, RecursionError):
-        return None, None
+        return None
     doc = _head_of(head)
     _check_head(doc, path)
     if doc["version"] < 2:
-        return None, None
+        return None
     try:
         raws = typed.OBJECTS.decode(head.objects)
     except msgspec.ValidationError:
@@ -298,7 +301,7 @@ def _load_typed(raw: bytes, path: str, like: tuple[Snapshot, dict] | None = None
             if index is None:
                 raise _bad(path, f"objects.{name} is not a list") from None
             raise _bad(path, f"objects.{name}[{index}] is invalid: ValidationError: {problem}") from None
-    return _snapshot_of(doc, _typed_records(objects, doc["version"], path), path), objects
+    return doc, objects
 
 
 def _head_of(head: Any) -> dict:
@@ -308,7 +311,6 @@ def _head_of(head: Any) -> dict:
 
 def _typed_records(objects: dict[str, list], version: int, path: str,
                    like: tuple[Snapshot, dict] | None = None) -> dict[str, tuple]:
-    from .snapshot_typed import RECORDS
     loaded: dict[str, tuple] = {}
     for name in FAMILIES:
         items = objects.get(name, [])
@@ -317,12 +319,7 @@ def _typed_records(objects: dict[str, list], version: int, path: str,
         base_items, base = (like[1].get(name, []), like[0].objects.get(name, ())) if like else ([], ())
         shared = min(len(items), len(base_items))
         todo = [i for i in range(shared) if items[i] != base_items[i]] + list(range(shared, len(items)))
-
-        def fail(j: int, exc: Exception, name: str = name, todo: list = todo) -> None:
-            raise _bad(path, f"objects.{name}[{todo[j]}] is invalid: {type(exc).__name__}: {exc}") from None
-
-        subset = items if len(todo) == len(items) else [items[i] for i in todo]
-        built = RECORDS[name](subset, fail) if name in RECORDS else _records(name, subset, version, path, todo)
+        built = _build(name, items, todo, version, path)
         if len(todo) == len(items):
             loaded[name] = built
         else:
@@ -334,6 +331,66 @@ def _typed_records(objects: dict[str, list], version: int, path: str,
                     records.append(record)
             loaded[name] = tuple(records)
     return loaded
+
+
+def _build(name: str, items: list, indices: list[int], version: int, path: str) -> tuple:
+    """The records of the typed ITEMS at INDICES, each checked; errors name the item's index."""
+    from .snapshot_typed import RECORDS
+
+    def fail(j: int, exc: Exception) -> None:
+        raise _bad(path, f"objects.{name}[{indices[j]}] is invalid: {type(exc).__name__}: {exc}") from None
+
+    subset = items if len(indices) == len(items) else [items[i] for i in indices]
+    if name in RECORDS:
+        return RECORDS[name](subset, fail)
+    return _records(name, subset, version, path, indices)
+
+
+def diff_snapshot_files(path_a: str, path_b: str) -> dict[str, FamilyDiff]:
+    """diff_snapshots of two snapshot files. With msgspec, both files are checked whole but only
+    the records that differ between them are built: one equal to the record at the same place in
+    the other file is unchanged (identities are unique within a snapshot)."""
+    if _codec() is None:
+        return diff_snapshots(*load_snapshots(path_a, path_b))
+    from .snapshot_typed import CHECKS
+    found = []
+    with no_cycle_collection():
+        for path in (path_a, path_b):
+            typed = _typed_document(_read(path), path)
+            if typed is None:           # version 1, or not JSON: the whole way says what
+                return diff_snapshots(*load_snapshots(path_a, path_b))
+            _snapshot_of(typed[0], {}, path)       # the document's own keys
+            found.append(typed)
+        (doc_a, objects_a), (doc_b, objects_b) = found
+        result = {}
+        for name in FAMILIES:
+            a, b = objects_a.get(name, []), objects_b.get(name, [])
+            shared = min(len(a), len(b))
+            same = {i for i in range(shared) if a[i] == b[i]}
+            only_a = [i for i in range(len(a)) if i not in same]
+            only_b = [i for i in range(len(b)) if i not in same]
+            if name in CHECKS:
+                def fail(i: int, exc: Exception, name: str = name) -> None:
+                    raise _bad(path_a, f"objects.{name}[{i}] is invalid: {type(exc).__name__}: {exc}") from None
+                CHECKS[name](a, fail)
+                old = _build(name, a, only_a, doc_a["version"], path_a)
+            else:                       # few records: from_json checks them all
+                every = _build(name, a, list(range(len(a))), doc_a["version"], path_a)
+                old = tuple(every[i] for i in only_a)
+            # B's records equal to A's are as valid as those
+            result[name] = _diff_records(old, _build(name, b, only_b, doc_b["version"], path_b))
+    return result
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise SnapshotError(f"cannot read snapshot {path}: {exc.strerror}") from None
+    if not raw or raw.isspace():     # (strip() would copy tens of megabytes)
+        raise _bad(path, "the file is empty")
+    return raw
 
 
 def _parse_slowly(raw: bytes, path: str) -> Any:
@@ -442,18 +499,21 @@ def diff_snapshots(a: Snapshot, b: Snapshot) -> dict[str, FamilyDiff]:
             # A record at the same place in both, the same object (load_snapshots shares equal
             # ones) or equal, is unchanged: only the others are matched by identity. (Identities
             # are unique within a snapshot, so this is what matching all of them would give.)
-            same = [i for i, (x, y) in enumerate(zip(olds, news)) if x is y or x == y]
+            same = {i for i, (x, y) in enumerate(zip(olds, news)) if x is y or x == y}
             if same:
-                skip = set(same)
-                olds = [r for i, r in enumerate(olds) if i not in skip]
-                news = [r for i, r in enumerate(news) if i not in skip]
-            old = {r.key(): r for r in olds}
-            new = {r.key(): r for r in news}
-            added = tuple(new[k] for k in new if k not in old)
-            removed = tuple(old[k] for k in old if k not in new)
-            # Equal records need no field-by-field look; the others are compared without
-            # their volatile fields (counters, use times).
-            changed = tuple((old[k], new[k]) for k in old if k in new and old[k] != new[k]
-                            and _stable(old[k]) != _stable(new[k]))
-            result[name] = FamilyDiff(added, removed, changed)
+                olds = [r for i, r in enumerate(olds) if i not in same]
+                news = [r for i, r in enumerate(news) if i not in same]
+            result[name] = _diff_records(olds, news)
     return result
+
+
+def _diff_records(olds, news) -> FamilyDiff:
+    old = {r.key(): r for r in olds}
+    new = {r.key(): r for r in news}
+    added = tuple(new[k] for k in new if k not in old)
+    removed = tuple(old[k] for k in old if k not in new)
+    # Equal records need no field-by-field look; the others are compared without
+    # their volatile fields (counters, use times).
+    changed = tuple((old[k], new[k]) for k in old if k in new and old[k] != new[k]
+                    and _stable(old[k]) != _stable(new[k]))
+    return FamilyDiff(added, removed, changed)

@@ -318,30 +318,32 @@ def _hops(c: _Checked, hops: tuple[NextHop, ...]) -> tuple[_routes.NextHop, ...]
     return out
 
 
+def _check_route(c: _Checked, r: Route) -> None:
+    family = r.family
+    want, full, version = _VERSION[family], _FULL[family], c.version
+    if version(r.dst) != want:
+        raise ValueError(f"dst {r.dst!r} is not an {family} address")
+    if r.dst_len > full:
+        raise ValueError(f"dst_len must be in 0..{full}, not {r.dst_len}")
+    if r.src_len > full:
+        raise ValueError(f"src_len must be in 0..{full}, not {r.src_len}")
+    for key, value in (("prefsrc", r.prefsrc), ("src", r.src)):
+        if value is not None and version(value) != want:
+            raise ValueError(f"{key} {value!r} is not an {family} address")
+    if r.gateway is not None:
+        version(r.gateway)
+
+
 def route_records(items: list[Route], fail) -> tuple:
     """The Route records of typed ITEMS, checked as Route.from_json checks them."""
     c = _Checked()
-    version = c.version
     out = []
     append = out.append
     for i, r in enumerate(items):
         try:
-            family = r.family
-            want = _VERSION[family]
-            full = _FULL[family]
-            if version(r.dst) != want:
-                raise ValueError(f"dst {r.dst!r} is not an {family} address")
-            if r.dst_len > full:
-                raise ValueError(f"dst_len must be in 0..{full}, not {r.dst_len}")
-            if r.src_len > full:
-                raise ValueError(f"src_len must be in 0..{full}, not {r.src_len}")
-            for key, value in (("prefsrc", r.prefsrc), ("src", r.src)):
-                if value is not None and version(value) != want:
-                    raise ValueError(f"{key} {value!r} is not an {family} address")
-            if r.gateway is not None:
-                version(r.gateway)
+            _check_route(c, r)
             metrics = tuple(sorted(r.metrics.items())) if r.metrics else ()
-            append(_new_route(family, r.table, r.dst, r.dst_len, r.type, r.protocol, r.scope, r.gateway, r.oif,
+            append(_new_route(r.family, r.table, r.dst, r.dst_len, r.type, r.protocol, r.scope, r.gateway, r.oif,
                               r.oif_name, r.prefsrc, r.src, r.src_len, r.tos, r.priority, metrics,
                               _hops(c, r.multipath) if r.multipath else (), r.nhid, r.pref, r.flags,
                               r.expires))
@@ -350,4 +352,44 @@ def route_records(items: list[Route], fail) -> tuple:
     return tuple(out)
 
 
+def check_routes(items: list[Route], fail) -> None:
+    """What route_records checks, without building a record."""
+    c = _Checked()
+    for i, r in enumerate(items):
+        try:
+            _check_route(c, r)
+            if r.multipath:
+                _hops(c, r.multipath)
+        except ValueError as exc:
+            fail(i, exc)
+
+
+def check_policies(items: list[Policy], fail) -> None:
+    """What policy_records checks, without building a record."""
+    c = _Checked()
+    selectors: set[Selector] = set()
+    templates: set[tuple[Template, ...]] = set()
+    address = c.xfrm_address
+    for i, p in enumerate(items):
+        try:
+            s = p.selector
+            if s not in selectors:
+                family = _num(_FAMILY, s.family)
+                address(family, s.saddr)
+                address(family, s.daddr)
+                selectors.add(s)
+            ts = p.templates
+            if ts and ts not in templates:
+                for t in ts:
+                    family = _num(_FAMILY, t.family)
+                    address(family, t.saddr)
+                    address(family, t.daddr)
+                templates.add(ts)
+            for a in p.attrs:
+                bytes.fromhex(a.data)
+        except ValueError as exc:
+            fail(i, exc)
+
+
 RECORDS = {"xfrm_policy": policy_records, "route": route_records}
+CHECKS = {"xfrm_policy": check_policies, "route": check_routes}

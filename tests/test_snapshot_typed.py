@@ -172,3 +172,33 @@ def test_snapshot_show_and_diff_print_the_same_with_and_without_msgspec(tmp_path
                               capture_output=True, text=True)
         assert fast.returncode == slow.returncode == 0, fast.stderr + slow.stderr
         assert fast.stdout == slow.stdout
+
+
+def test_diff_of_files_builds_only_what_differs_and_says_what_the_records_say(tmp_path, monkeypatch):
+    from supervisor.snapshot import diff_snapshot_files
+    b = _changed_copy(tmp_path)
+    built = []
+    real = snapshot._build
+
+    def counting(name, items, indices, version, path):
+        built.append((name, len(indices)))
+        return real(name, items, indices, version, path)
+
+    monkeypatch.setattr(snapshot, "_build", counting)
+    for x, y in ((V2, b), (b, V2), (V2, V2)):
+        assert diff_snapshot_files(x, y) == diff_snapshots(load_snapshot(x), load_snapshot(y))
+    built.clear()
+    diff_snapshot_files(V2, V2)
+    assert all(n == 0 for name, n in built if name in ("xfrm_policy", "route"))
+
+
+def test_diff_of_files_checks_the_records_it_does_not_build(tmp_path):
+    from supervisor.snapshot import diff_snapshot_files
+    with open(V2) as fh:
+        doc = json.load(fh)
+    _policy(doc, 0)["selector"]["saddr"] = "not an address"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))
+    for x, y in ((str(bad), str(bad)), (V2, str(bad)), (str(bad), V2)):
+        with pytest.raises(SnapshotError, match=r"objects\.xfrm_policy\[0\] is invalid"):
+            diff_snapshot_files(x, y)

@@ -144,9 +144,8 @@ def cmd_show(args) -> int:
 
 def cmd_diff(args) -> int:
     from ..kernel_state import FAMILIES
-    from ..snapshot import diff_snapshots, load_snapshots, no_cycle_collection
-    a, b = _settled(lambda: load_snapshots(args.a, args.b))
-    result = diff_snapshots(a, b)
+    from ..snapshot import diff_snapshot_files, no_cycle_collection
+    result = _settled(lambda: diff_snapshot_files(args.a, args.b))
     if args.json:
         with no_cycle_collection():
             doc = {name: {"added": [r.to_json() for r in d.added],
