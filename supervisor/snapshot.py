@@ -91,7 +91,8 @@ def take_snapshot(state: KernelState, daemon: dict | None = None,
                     context=context, objects=dict(state.objects), encoded=dict(encoded or {}))
 
 
-def read_encoded(options: ReadOptions, progress=None, include_keys: bool = False):
+def read_encoded(options: ReadOptions, progress=None, include_keys: bool = False
+                 ) -> tuple[KernelState, dict[str, Any]]:
     """read_state for a snapshot file and nothing else: policies and routes stay the dumps'
     datagrams, formatted straight into their lines while the file is written (the bulk of a
     concentrator's state, and no record of them is needed). Returns (state, encoded) for

@@ -428,9 +428,9 @@ def route_at(buf: bytes, off: int, end: int, names: dict[int, str], what: str) -
     except (ValueError, struct.error, OSError) as exc:
         raise KernelError(f"cannot {what}: undecodable route attribute ({exc})") from None
     return _new_route(family, rtm_table if table is None else table,
-                 dst or ("0.0.0.0" if af == socket.AF_INET else "::"), dst_len, rtype, proto, scope,
-                 gateway if gateway is not None else via, oif, names.get(oif) if oif else None, prefsrc,
-                 src, src_len, tos, priority or 0, metrics, hops, nhid, pref, flags, expires)
+                      dst or ("0.0.0.0" if af == socket.AF_INET else "::"), dst_len, rtype, proto, scope,
+                      gateway if gateway is not None else via, oif, names.get(oif) if oif else None, prefsrc,
+                      src, src_len, tos, priority or 0, metrics, hops, nhid, pref, flags, expires)
 
 
 # A dump builds thousands of these: field stores without the frozen dataclass's __setattr__.
