@@ -183,8 +183,9 @@ def _start(ctx: Context, args, what: str) -> int:
         return lifecycle.START_FAILED
     if args.nofork:
         from . import cli
-        return lifecycle.start_foreground(cfg, ctx.config_path, verbose=ctx.verbose, err=ctx.err, run=cli.main,
-                                          raw_exit=args.raw_exit)
+        timeout = args.timeout if args.timeout is not None else lifecycle.default_start_timeout(cfg)
+        return lifecycle.start_foreground(cfg, ctx.config_path, verbose=ctx.verbose, out=ctx.out, err=ctx.err,
+                                          run=cli.main, raw_exit=args.raw_exit, timeout=timeout)
     timeout = args.timeout if args.timeout is not None else lifecycle.default_start_timeout(cfg)
     return lifecycle.start_detached(cfg, ctx.config_path, timeout=timeout, verbose=ctx.verbose,
                                     out=ctx.out, err=ctx.err)

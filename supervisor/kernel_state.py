@@ -32,6 +32,7 @@ class Family:
     dump: Callable[["ReadOptions"], list]
     delete: Callable[[Any], DeleteResult]
     title: str                  # for humans: "XFRM SAs"
+    start: Callable[["ReadOptions"], Any] | None = None   # starts a dump to run beside the others
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("address", addresses.Address, lambda o: addresses.dump_addresses(),
            addresses.delete_address, "addresses"),
     Family("firewall", firewall.FirewallRule, lambda o: firewall.dump_firewall_rules(),
-           firewall.delete_firewall_rule, "firewall rules"),
+           firewall.delete_firewall_rule, "firewall rules",
+           start=lambda o: firewall.start_dump_firewall_rules()),
 )}
 
 
@@ -80,10 +82,16 @@ def read_state(options: ReadOptions = ReadOptions(),
     """
     names = list(FAMILIES) if families is None else list(families)
     objects = {}
-    for name in names:
-        objects[name] = tuple(FAMILIES[name].dump(options))
-        if progress is not None:
-            progress(FAMILIES[name], len(objects[name]))
+    # The firewall's programs run while netlink is read: the read takes the longer of the two.
+    started = {name: FAMILIES[name].start(options) for name in names if FAMILIES[name].start}
+    try:
+        for name in names:
+            objects[name] = tuple(started[name].result() if name in started else FAMILIES[name].dump(options))
+            if progress is not None:
+                progress(FAMILIES[name], len(objects[name]))
+    finally:
+        for pending in started.values():
+            pending.cancel()
     defaults = xfrm.get_default_policies() if "xfrm_policy" in objects else None
     return KernelState(objects=objects, netns=current_identity(), options=options,
                        default_policies=defaults)

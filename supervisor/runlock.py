@@ -167,6 +167,23 @@ def find_lock_holder(run_dir: str, proc: str = "/proc") -> LockHolder:
             os.close(fd)
 
 
+def held_at(run_dir: str, name: str) -> bool:
+    """Whether someone holds the lock RUN_DIR/NAME now (a missing directory or file: nobody); creates nothing."""
+    try:
+        run = open_trusted_dir(run_dir, create=False)
+    except FileNotFoundError:
+        return False
+    with run:
+        try:
+            fd = run.open(name, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            return _locked(fd)
+        finally:
+            os.close(fd)
+
+
 def _locked(fd: int) -> bool:
     """Whether someone holds an exclusive lock on FD's file: a non-blocking shared lock is refused."""
     try:

@@ -2,32 +2,50 @@
 
 The document is versioned JSON.  Records are written one per line so that a
 snapshot of tens of thousands of objects stays greppable and cheap to produce.
-Records are encoded and parsed by msgspec when it is installed (5-7x faster than the json
-module for 30,000 policies, bench/bench_snapshot.py), else by the json module: the same
-document either way. The json module words the errors of a bad file.
+Policies and routes are written by snapshot_lines (straight from the records, or from the
+dump's datagrams), other records by msgspec when many and installed, else by the json module:
+the same bytes every way. Reading uses msgspec's typed decoding when installed
+(snapshot_typed), else the json module; the json module words the errors of a bad JSON file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import os
-import platform
 import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-try:
-    import msgspec
-except ImportError:     # Debian 12 packages no msgspec: a .deb without it writes the same files, slower
-    msgspec = None
+_UNLOADED = object()
+
+
+def _codec() -> Any:
+    """msgspec, imported on first use (taking a snapshot does not need it); None when not installed
+    (Debian 12 packages no msgspec: a .deb without it writes the same files and reads them slower).
+    Tests set the module attribute ``msgspec`` to None to stand for a system without it."""
+    codec = globals().get("msgspec", _UNLOADED)
+    if codec is _UNLOADED:
+        try:
+            import msgspec as codec
+        except ImportError:
+            codec = None
+        globals()["msgspec"] = codec
+    return codec
+
+
+def __getattr__(name: str) -> Any:
+    if name == "msgspec":
+        return _codec()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 from .atomicfile import write_atomic
 from .errors import SnapshotError, SupervisorError
 from .kernel.xfrm import NO_LIMITS
-from .kernel_state import FAMILIES, KernelState
+from .kernel_state import FAMILIES, KernelState, ReadOptions, read_state
 from .trusted_paths import TrustedDir
 
 SCHEMA = "ipsec-supervisor/snapshot"
@@ -49,14 +67,18 @@ class Snapshot:
     keys_included: bool
     context: dict
     objects: dict[str, tuple] = field(default_factory=dict)
+    # families read as lines to be (snapshot_lines.PolicyDump), written instead of objects[name]
+    encoded: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def counts(self) -> dict[str, int]:
-        return {name: len(self.objects.get(name, ())) for name in FAMILIES}
+        return {name: len(self.encoded[name] if name in self.encoded else self.objects.get(name, ()))
+                for name in FAMILIES}
 
 
 def take_snapshot(state: KernelState, daemon: dict | None = None,
-                  include_keys: bool = False) -> Snapshot:
-    """Wrap a kernel read with its context. ``daemon``: {"pid":..., "exit":{...}} when known."""
+                  include_keys: bool = False, encoded: dict[str, Any] | None = None) -> Snapshot:
+    """Wrap a kernel read with its context. ``daemon``: {"pid":..., "exit":{...}} when known;
+    ENCODED: families read as lines already (``read_encoded``)."""
     context: dict[str, Any] = {
         "route_table": state.options.route_table,
         "rule_priority": state.options.rule_priority,
@@ -64,9 +86,34 @@ def take_snapshot(state: KernelState, daemon: dict | None = None,
     }
     if state.default_policies is not None:
         context["xfrm_default_policy"] = state.default_policies.to_json()
-    return Snapshot(created=time.time(), host=socket.gethostname(), kernel=platform.release(),
+    return Snapshot(created=time.time(), host=socket.gethostname(), kernel=os.uname().release,
                     netns=state.netns.to_json(), daemon=daemon, keys_included=include_keys,
-                    context=context, objects=dict(state.objects))
+                    context=context, objects=dict(state.objects), encoded=dict(encoded or {}))
+
+
+def read_encoded(options: ReadOptions, progress=None, include_keys: bool = False
+                 ) -> tuple[KernelState, dict[str, Any]]:
+    """read_state for a snapshot file and nothing else: policies and routes stay the dumps'
+    datagrams, formatted straight into their lines while the file is written (the bulk of a
+    concentrator's state, and no record of them is needed). Returns (state, encoded) for
+    take_snapshot."""
+    from .kernel import routes, xfrm
+    from .snapshot_lines import PolicyDump, RouteDump
+    state = read_state(options, [name for name in FAMILIES if name not in ("xfrm_policy", "route")], progress)
+    with xfrm.open_socket() as sock:
+        chunks = sock.dump_raw(xfrm.XFRM_MSG_GETPOLICY, b"", xfrm._DUMP_POLICIES)
+        defaults = xfrm.get_default_policies(sock)
+    policies = PolicyDump(chunks, _generic("xfrm_policy", include_keys, many=False))
+    if progress is not None:
+        progress(FAMILIES["xfrm_policy"], len(policies))
+    with routes._socket(None) as sock:      # (strict checking: the kernel filters by table)
+        names = routes.interface_names(sock)
+        dumps = [routes.dump_chunks(sock, af, options.route_table) for af in (socket.AF_INET, socket.AF_INET6)]
+    routes_read = RouteDump(dumps, names, options.route_table, _generic("route", include_keys, many=False))
+    if progress is not None:
+        progress(FAMILIES["route"], len(routes_read))
+    return (dataclasses.replace(state, default_policies=defaults),
+            {"xfrm_policy": policies, "route": routes_read})
 
 
 # Version 2 leaves out what version 1 wrote twice or spelled out for every record; loading
@@ -108,15 +155,30 @@ def _restore(name: str, item: Any) -> Any:
     return item
 
 
-def _family_lines(name: str, records: tuple, include_keys: bool) -> str:
-    with no_cycle_collection():
-        if msgspec is not None:
-            encode = msgspec.json.Encoder().encode
-            lines = b",\n   ".join([encode(record_json(name, r, include_keys)) for r in records]).decode()
-        else:
-            encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-            lines = ",\n   ".join([encode(record_json(name, r, include_keys)) for r in records])
-    return "\n   " + lines if records else ""
+def _generic(name: str, include_keys: bool, many: bool = True) -> Callable[[Any], str]:
+    """One record's line the generic way: its JSON object, encoded (by msgspec when MANY records
+    make its import pay: same bytes)."""
+    msgspec = _codec() if many else None
+    if msgspec is not None:
+        encode_bytes = msgspec.json.Encoder().encode
+        return lambda record: encode_bytes(record_json(name, record, include_keys)).decode()
+    encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+    return lambda record: encode(record_json(name, record, include_keys))
+
+
+def _family_lines(name: str, records: tuple, include_keys: bool) -> Iterator[str]:
+    from .snapshot_lines import LINES
+    generic = _generic(name, include_keys, many=len(records) > 1000 and name not in LINES)
+    for start in range(0, len(records), BATCH):
+        batch = records[start:start + BATCH]
+        with no_cycle_collection():
+            lines = LINES[name](batch, generic) if name in LINES else [generic(r) for r in batch]
+        yield ",\n   ".join(lines)
+
+
+# Lines are made and written a batch at a time: a fresh allocation of tens of megabytes (one
+# string for a family) costs more in page faults than making its lines (bench_snapshot.py).
+BATCH = 2000
 
 
 def _document_chunks(snap: Snapshot) -> Iterator[str]:
@@ -130,11 +192,17 @@ def _document_chunks(snap: Snapshot) -> Iterator[str]:
     yield json.dumps(head, indent=1)[:-2] + ',\n "objects": {'
     first_family = True
     for name in FAMILIES:
-        records = snap.objects.get(name, ())
         yield ("" if first_family else ",") + f"\n  {json.dumps(name)}: ["
         first_family = False
-        yield _family_lines(name, records, snap.keys_included)
-        yield "\n  ]" if records else "]"
+        if name in snap.encoded:
+            pieces = (",\n   ".join(lines) for lines in snap.encoded[name].batches() if lines)
+        else:
+            pieces = _family_lines(name, snap.objects.get(name, ()), snap.keys_included)
+        wrote = False
+        for piece in pieces:
+            yield ",\n   " + piece if wrote else "\n   " + piece
+            wrote = True
+        yield "\n  ]" if wrote else "]"
     yield "\n }\n}\n"
 
 
@@ -167,22 +235,167 @@ def _bad(path: str, problem: str) -> SnapshotError:
 
 def load_snapshot(path: str) -> Snapshot:
     """Read and validate a snapshot; every problem raises SnapshotError naming file and cause."""
+    return load_snapshots(path)[0]
+
+
+def load_snapshots(*paths: str) -> list[Snapshot]:
+    """Several snapshots, each read and validated as load_snapshot does. With msgspec, a record
+    equal to the one at the same place in the first file is that same object, built once
+    (diff_snapshots then passes over it without a look)."""
+    out: list[Snapshot] = []
+    first: tuple[Snapshot, dict] | None = None
+    for path in paths:
+        raw = _read(path)
+        with no_cycle_collection():
+            snap, typed = _load_typed(raw, path, first) if _codec() is not None else (None, None)
+            if snap is None:
+                snap = snapshot_from_document(_parse_slowly(raw, path), path)
+        if not out and typed is not None:
+            first = (snap, typed)
+        out.append(snap)
+    return out
+
+
+def _load_typed(raw: bytes, path: str, like: tuple[Snapshot, dict] | None = None
+                ) -> tuple[Snapshot | None, dict | None]:
+    """A version 2 document read by msgspec with the record schemas of snapshot_typed, and its
+    typed records; (None, None) for what the json-module path words better (bad JSON, not an
+    object) or reads (version 1). LIKE: an earlier (snapshot, typed records) to share records with."""
+    found = _typed_document(raw, path)
+    if found is None:
+        return None, None
+    doc, objects = found
+    return _snapshot_of(doc, _typed_records(objects, doc["version"], path, like), path), objects
+
+
+def _typed_document(raw: bytes, path: str) -> tuple[dict, dict[str, list]] | None:
+    """(the document's other keys, its typed records per family) of a version 2 document whose
+    records have the right types; None for the json-module path (see _load_typed)."""
+    from . import snapshot_typed as typed
+    msgspec = _codec()
+    try:
+        whole = typed.DOCUMENT.decode(raw)      # one pass when the file is valid
+    except (msgspec.DecodeError, RecursionError):
+        whole = None
+    if whole is not None:
+        doc = _head_of(whole)
+        _check_head(doc, path)
+        if doc["version"] < 2:
+            return None
+        return doc, {name: getattr(whole.objects, name) for name in FAMILIES}
+    # Something is wrong: a second look, one family at a time, says what and where.
+    try:
+        head = typed.HEAD.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    doc = _head_of(head)
+    _check_head(doc, path)
+    if doc["version"] < 2:
+        return None
+    try:
+        raws = typed.OBJECTS.decode(head.objects)
+    except msgspec.ValidationError:
+        raise _bad(path, "'objects' is not a JSON object") from None
+    _check_families(raws, path)
+    objects = {}
+    for name, items in raws.items():
+        try:
+            objects[name] = typed.TYPED.get(name, typed.GENERIC).decode(items)
+        except msgspec.ValidationError as exc:
+            index, problem = typed.where(exc)
+            if index is None:
+                raise _bad(path, f"objects.{name} is not a list") from None
+            raise _bad(path, f"objects.{name}[{index}] is invalid: ValidationError: {problem}") from None
+    return doc, objects
+
+
+def _head_of(head: Any) -> dict:
+    unset = _codec().UNSET
+    return {key: value for key in head.__struct_fields__ if (value := getattr(head, key)) is not unset}
+
+
+def _typed_records(objects: dict[str, list], version: int, path: str,
+                   like: tuple[Snapshot, dict] | None = None) -> dict[str, tuple]:
+    loaded: dict[str, tuple] = {}
+    for name in FAMILIES:
+        items = objects.get(name, [])
+        # Only what differs from LIKE's typed record at the same place is checked and built:
+        # an equal one is valid and makes the same record.
+        base_items, base = (like[1].get(name, []), like[0].objects.get(name, ())) if like else ([], ())
+        shared = min(len(items), len(base_items))
+        todo = [i for i in range(shared) if items[i] != base_items[i]] + list(range(shared, len(items)))
+        built = _build(name, items, todo, version, path)
+        if len(todo) == len(items):
+            loaded[name] = built
+        else:
+            records = list(base[:len(items)])
+            for i, record in zip(todo, built):
+                if i < len(records):
+                    records[i] = record
+                else:
+                    records.append(record)
+            loaded[name] = tuple(records)
+    return loaded
+
+
+def _build(name: str, items: list, indices: list[int], version: int, path: str) -> tuple:
+    """The records of the typed ITEMS at INDICES, each checked; errors name the item's index."""
+    from .snapshot_typed import RECORDS
+
+    def fail(j: int, exc: Exception) -> None:
+        raise _bad(path, f"objects.{name}[{indices[j]}] is invalid: {type(exc).__name__}: {exc}") from None
+
+    subset = items if len(indices) == len(items) else [items[i] for i in indices]
+    if name in RECORDS:
+        return RECORDS[name](subset, fail)
+    return _records(name, subset, version, path, indices)
+
+
+def diff_snapshot_files(path_a: str, path_b: str) -> dict[str, FamilyDiff]:
+    """diff_snapshots of two snapshot files. With msgspec, both files are checked whole but only
+    the records that differ between them are built: one equal to the record at the same place in
+    the other file is unchanged (identities are unique within a snapshot)."""
+    if _codec() is None:
+        return diff_snapshots(*load_snapshots(path_a, path_b))
+    from .snapshot_typed import CHECKS
+    found = []
+    with no_cycle_collection():
+        for path in (path_a, path_b):
+            typed = _typed_document(_read(path), path)
+            if typed is None:           # version 1, or not JSON: the whole way says what
+                return diff_snapshots(*load_snapshots(path_a, path_b))
+            _snapshot_of(typed[0], {}, path)       # the document's own keys
+            found.append(typed)
+        (doc_a, objects_a), (doc_b, objects_b) = found
+        result = {}
+        for name in FAMILIES:
+            a, b = objects_a.get(name, []), objects_b.get(name, [])
+            shared = min(len(a), len(b))
+            same = {i for i in range(shared) if a[i] == b[i]}
+            only_a = [i for i in range(len(a)) if i not in same]
+            only_b = [i for i in range(len(b)) if i not in same]
+            if name in CHECKS:
+                def fail(i: int, exc: Exception, name: str = name) -> None:
+                    raise _bad(path_a, f"objects.{name}[{i}] is invalid: {type(exc).__name__}: {exc}") from None
+                CHECKS[name](a, fail)
+                old = _build(name, a, only_a, doc_a["version"], path_a)
+            else:                       # few records: from_json checks them all
+                every = _build(name, a, list(range(len(a))), doc_a["version"], path_a)
+                old = tuple(every[i] for i in only_a)
+            # B's records equal to A's are as valid as those
+            result[name] = _diff_records(old, _build(name, b, only_b, doc_b["version"], path_b))
+    return result
+
+
+def _read(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as exc:
         raise SnapshotError(f"cannot read snapshot {path}: {exc.strerror}") from None
-    if not raw.strip():
+    if not raw or raw.isspace():     # (strip() would copy tens of megabytes)
         raise _bad(path, "the file is empty")
-    if msgspec is None:
-        with no_cycle_collection():
-            return snapshot_from_document(_parse_slowly(raw, path), path)
-    try:
-        with no_cycle_collection():
-            doc = msgspec.json.decode(raw)
-    except (msgspec.DecodeError, RecursionError):
-        doc = _parse_slowly(raw, path)      # the json module says where and what
-    return snapshot_from_document(doc, path)
+    return raw
 
 
 def _parse_slowly(raw: bytes, path: str) -> Any:
@@ -204,6 +417,21 @@ def _parse_slowly(raw: bytes, path: str) -> Any:
 def snapshot_from_document(doc: Any, path: str = "<document>") -> Snapshot:
     if not isinstance(doc, dict):
         raise _bad(path, f"top level is a JSON {type(doc).__name__}, not an object")
+    _check_head(doc, path)
+    objects = doc["objects"]
+    if not isinstance(objects, dict):
+        raise _bad(path, "'objects' is not a JSON object")
+    _check_families(objects, path)
+    loaded: dict[str, tuple] = {}
+    for name in FAMILIES:
+        items = objects.get(name, [])
+        if not isinstance(items, list):
+            raise _bad(path, f"objects.{name} is not a list")
+        loaded[name] = _records(name, items, doc["version"], path)
+    return _snapshot_of(doc, loaded, path)
+
+
+def _check_head(doc: dict, path: str) -> None:
     if doc.get("schema") != SCHEMA:
         raise _bad(path, f"schema is {doc.get('schema')!r}, expected {SCHEMA!r}")
     version = doc.get("version")
@@ -213,30 +441,31 @@ def snapshot_from_document(doc: Any, path: str = "<document>") -> Snapshot:
     missing = [k for k in _TOP_KEYS if k not in doc]
     if missing:
         raise _bad(path, f"missing key(s): {', '.join(missing)}")
-    objects = doc["objects"]
-    if not isinstance(objects, dict):
-        raise _bad(path, "'objects' is not a JSON object")
+
+
+def _check_families(objects: dict, path: str) -> None:
     unknown = sorted(set(objects) - set(FAMILIES))
     if unknown:
         raise _bad(path, f"unknown object family {unknown[0]!r} "
                          f"(known: {', '.join(FAMILIES)})")
-    loaded: dict[str, tuple] = {}
-    for name, family in FAMILIES.items():
-        items = objects.get(name, [])
-        if not isinstance(items, list):
-            raise _bad(path, f"objects.{name} is not a list")
-        from_json = family.record_type.from_json
-        records = []
-        with no_cycle_collection():
-            for i, item in enumerate(items):
-                try:
-                    records.append(from_json(_restore(name, item) if version >= 2 else item))
-                except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
-                    raise _bad(path, f"objects.{name}[{i}] is invalid: "
-                                     f"{type(exc).__name__}: {exc}") from None
-        loaded[name] = tuple(records)
+
+
+def _records(name: str, items: list, version: int, path: str, indices: list[int] | None = None) -> tuple:
+    """ITEMS of family NAME as records, each checked by its from_json (INDICES: their places in the file)."""
+    from_json = FAMILIES[name].record_type.from_json
+    records = []
+    for i, item in enumerate(items):
+        try:
+            records.append(from_json(_restore(name, item) if version >= 2 else item))
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            raise _bad(path, f"objects.{name}[{i if indices is None else indices[i]}] is invalid: "
+                             f"{type(exc).__name__}: {exc}") from None
+    return tuple(records)
+
+
+def _snapshot_of(doc: dict, loaded: dict[str, tuple], path: str) -> Snapshot:
     created = doc.get("created_unix")
-    if not isinstance(created, (int, float)):
+    if not isinstance(created, (int, float)) or isinstance(created, bool):
         raise _bad(path, "'created_unix' is missing or not a number")
     for key, kind in (("netns", dict), ("context", dict), ("keys_included", bool),
                       ("host", str), ("kernel", str)):
@@ -271,13 +500,25 @@ def diff_snapshots(a: Snapshot, b: Snapshot) -> dict[str, FamilyDiff]:
     result = {}
     with no_cycle_collection():
         for name in FAMILIES:
-            old = {r.key(): r for r in a.objects.get(name, ())}
-            new = {r.key(): r for r in b.objects.get(name, ())}
-            added = tuple(new[k] for k in new if k not in old)
-            removed = tuple(old[k] for k in old if k not in new)
-            # Equal records need no field-by-field look; the others are compared without
-            # their volatile fields (counters, use times).
-            changed = tuple((old[k], new[k]) for k in old if k in new and old[k] != new[k]
-                            and _stable(old[k]) != _stable(new[k]))
-            result[name] = FamilyDiff(added, removed, changed)
+            olds, news = a.objects.get(name, ()), b.objects.get(name, ())
+            # A record at the same place in both, the same object (load_snapshots shares equal
+            # ones) or equal, is unchanged: only the others are matched by identity. (Identities
+            # are unique within a snapshot, so this is what matching all of them would give.)
+            same = {i for i, (x, y) in enumerate(zip(olds, news)) if x is y or x == y}
+            if same:
+                olds = [r for i, r in enumerate(olds) if i not in same]
+                news = [r for i, r in enumerate(news) if i not in same]
+            result[name] = _diff_records(olds, news)
     return result
+
+
+def _diff_records(olds, news) -> FamilyDiff:
+    old = {r.key(): r for r in olds}
+    new = {r.key(): r for r in news}
+    added = tuple(new[k] for k in new if k not in old)
+    removed = tuple(old[k] for k in old if k not in new)
+    # Equal records need no field-by-field look; the others are compared without
+    # their volatile fields (counters, use times).
+    changed = tuple((old[k], new[k]) for k in old if k in new and old[k] != new[k]
+                    and _stable(old[k]) != _stable(new[k]))
+    return FamilyDiff(added, removed, changed)

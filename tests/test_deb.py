@@ -103,6 +103,8 @@ def test_packaged_unit_is_the_repository_unit_with_the_package_paths(deb):
     assert f"\nExecStart={PREFIX}/bin/ipsec-supervisor run\n" in unit
     assert "\nConflicts=strongswan-starter.service strongswan.service\n" in unit
     assert _member(deb, "/usr/share/doc/ipsec-supervisor/README.md") is not None
+    rules = open(os.path.join(ROOT, "etc", "prometheus", "ipsec-supervisor-rules.yml"), "rb").read()
+    assert _member(deb, "/usr/share/doc/ipsec-supervisor/ipsec-supervisor-rules.yml")[1] == rules
 
 
 @needs_dpkg

@@ -344,7 +344,7 @@ def test_from_json_refuses_a_non_object():
 # --------------------------------------------------------------------------
 
 class FakeTools:
-    """Stands in for _find_binary/_run: canned output per program, a log of what ran."""
+    """Stands in for _find_binary/_run (and _start/_finish): canned output per program, a log of what ran."""
 
     def __init__(self, monkeypatch, installed, outputs):
         self.installed = set(installed)
@@ -352,6 +352,8 @@ class FakeTools:
         self.calls: list[list[str]] = []
         monkeypatch.setattr(fw, "_find_binary", lambda name: f"/fake/{name}" if name in self.installed else None)
         monkeypatch.setattr(fw, "_run", self.run)
+        monkeypatch.setattr(fw, "_start", self.run)     # a dump's listings: the answer comes at once
+        monkeypatch.setattr(fw, "_finish", lambda argv, done: done)
 
     def run(self, argv, stdin=None):
         self.calls.append(list(argv))
@@ -959,3 +961,16 @@ def test_batch_restore_reads_specs_exactly_as_save_printed_them(netns, backend):
     with netns.enter():
         assert fw.delete_firewall_rules([commented]) == [DeleteResult.DELETED]
         assert [r.rule for r in fw.dump_firewall_rules([backend])] == [plain.rule]
+
+
+def test_a_dump_runs_its_listings_side_by_side_and_a_cancelled_one_leaves_no_process(netns):
+    import psutil
+    netns.sh("iptables -A INPUT -s 192.0.2.0/24 -j ACCEPT")
+    with netns.enter():
+        pending = fw.start_dump_firewall_rules()
+        running = psutil.Process().children()
+        assert len(running) >= 2            # every installed listing at once, not one after the other
+        assert any(r.rule == "-s 192.0.2.0/24 -j ACCEPT" for r in pending.result())
+        cancelled = fw.start_dump_firewall_rules()
+        cancelled.cancel()
+    assert not psutil.Process().children()

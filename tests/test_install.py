@@ -97,6 +97,9 @@ def test_make_install_into_a_destdir(tmp_path):
     drop_in = open(os.path.join(ROOT, "etc", "ipsec-supervisor.service.d", "charon-user.conf")).read()
     assert (dest / "usr/local/share/doc/ipsec-supervisor/charon-user.conf").read_text() == drop_in
     assert not (dest / "usr/local/lib/systemd/system/ipsec-supervisor.service.d").exists()
+    # The alert rules are for the Prometheus server: shipped next to the README.
+    rules = open(os.path.join(ROOT, "etc", "prometheus", "ipsec-supervisor-rules.yml")).read()
+    assert (dest / "usr/local/share/doc/ipsec-supervisor/ipsec-supervisor-rules.yml").read_text() == rules
     assert not (dest / "etc/systemd/system/ipsec-supervisor.service.d").exists()
     assert os.readlink(dest / "usr/local/sbin/ipsec-supervisor") == f"{PREFIX}/bin/ipsec-supervisor"
     assert not (dest / "usr/local/sbin/ipsec").exists()            # Debian's /usr/sbin/ipsec is not shadowed

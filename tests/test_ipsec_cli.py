@@ -469,6 +469,24 @@ def test_a_held_start_lock_makes_start_wait_then_give_up(fake):
 
 
 @root_only
+def test_stop_during_a_start_waits_for_it_and_stops_what_it_started(fake):
+    s = fake()
+    start = s.popen("start")
+    try:
+        # The start holds its lock from before it spawns the supervisor until charon is ready.
+        _wait(lambda: os.path.exists(s.p("run/start.lock")) or start.poll() is not None, what="start.lock")
+        r = s.ipsec("stop")
+        assert r.returncode == 0, r.stderr
+        assert start.wait(60) == 0
+    finally:
+        start.stdout.close()
+        start.stderr.close()
+    if "under way" in r.stderr:       # the usual order: the stop came while the start was spawning
+        assert "Stopping ipsec-supervisor" in r.stderr
+    assert s.supervisors() == [] and not os.path.exists(s.pid_file)
+
+
+@root_only
 def test_charon_that_cannot_start_is_explained_and_start_fails(fake):
     s = fake([{"exit_after": 0.05, "exit_code": 66, "pid_file": False,
                "lines": ["00[DMN] integrity check of charon failed"]}])
@@ -512,6 +530,20 @@ def test_a_crash_loop_cools_down_and_ipsec_start_then_tries_at_once_and_stop_lea
     assert os.listdir(s.p("run")) == [], os.listdir(s.p("run"))   # no pid file, socket, lock or record
     assert not os.path.exists(s.p("starter.fake.pid"))
     assert not os.path.exists(s.p("fake.vici"))                   # the fake leaves it, as charon does
+
+
+@root_only
+def test_start_nofork_during_a_cooldown_asks_the_paused_supervisor_to_try_again(fake):
+    s = fake([{"signal_after": 0.05, "signal": "SIGSEGV", "pid_file": False}],
+             {"restart": {"crash_loop": {"cooldown": "1h"}}})
+    assert s.ipsec("start").returncode == 1
+    [sup] = s.supervisors()
+    s.set_runs([{}])
+    r = s.ipsec("start", "--nofork", timeout=30)                  # as a service manager's ExecStart runs it
+    assert r.returncode == 0, r.stderr
+    assert "trying again now" in r.stderr and "charon ready" in r.stdout
+    assert s.supervisors() == [sup] and s.status()["state"] in ("settling", "running")
+    assert s.ipsec("stop").returncode == 0
 
 
 @root_only

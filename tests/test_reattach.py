@@ -360,6 +360,20 @@ def test_ipsec_status_tells_the_truth_and_ipsec_start_reattaches(ns_charon, netn
     assert r.returncode == 0 and charons_in(netns) == [], r.stderr
 
 
+@needs_charon
+def test_ipsec_stop_that_must_kill_a_hung_reattached_supervisor_stops_its_charon_too(ns_charon, netns):
+    sup = ns_charon("flush")
+    pid = sup.wait_recovered()["daemon"]["pid"]
+    kill_supervisor(sup)
+    start_again(sup, netns)                      # re-attached: charon is not the new supervisor's child
+    os.kill(sup.proc.pid, signal.SIGSTOP)        # hung: no answer on the control socket
+    r = subprocess.run(["nsenter", "-t", str(pid), "-n", "-m", sys.executable, "-m", "supervisor.ipsec_cli",
+                        "--config", sup.config_path, "stop", "--timeout", "0"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=60)
+    assert "killed it (SIGKILL)" in r.stderr and "outlived its supervisor" in r.stderr, r.stderr
+    assert charons_in(netns) == [], r.stderr
+
+
 NET2 = """
       net2 {
         local_ts = 10.3.0.0/16

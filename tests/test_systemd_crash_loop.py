@@ -12,7 +12,7 @@ import time
 import pytest
 
 import nspawn
-from test_systemd_unit import DROP_IN, UNIT_NAME, container_tier, unit_text
+from test_systemd_unit import UNIT_NAME, container_tier, unit_container
 
 FAILING = """\
 daemon:
@@ -29,16 +29,7 @@ health:
 
 @pytest.fixture(scope="module")
 def box(tmp_path_factory):
-    log = tmp_path_factory.mktemp("nspawn") / "nspawn.log"
-    c = nspawn.Container(log_path=str(log))
-    c.start()
-    try:
-        c.write(f"/etc/systemd/system/{UNIT_NAME}", unit_text())
-        c.write(f"/etc/systemd/system/{UNIT_NAME}.d/test.conf", DROP_IN)
-        c.systemctl("daemon-reload")
-        yield c
-    finally:
-        c.poweroff()
+    yield from unit_container(tmp_path_factory, {})
 
 
 @pytest.fixture

@@ -194,21 +194,29 @@ connections {
 """
 
 
-@pytest.fixture(scope="module")
-def box(tmp_path_factory):
-    """One container for the module, the unit installed; each test starts from 'stopped'."""
+def unit_container(tmp_path_factory, files: dict[str, tuple[str, int]]):
+    """A container with the unit (and its test drop-in) installed plus `files` (path -> text, mode)."""
     log = tmp_path_factory.mktemp("nspawn") / "nspawn.log"
     c = nspawn.Container(log_path=str(log))
     c.start()
     try:
         c.write(f"/etc/systemd/system/{UNIT_NAME}", unit_text())
         c.write(f"/etc/systemd/system/{UNIT_NAME}.d/test.conf", DROP_IN)
-        c.write("/etc/ipsec-supervisor/supervisor.yaml", SUPERVISOR_YAML)
-        c.write("/etc/swanctl/conf.d/ipsv-test.conf", SWANCTL_CONF, 0o600)
+        for path, (text, mode) in files.items():
+            c.write(path, text, mode)
         c.systemctl("daemon-reload")
         yield c
     finally:
         c.poweroff()
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory):
+    """One container for the module, the unit installed; each test starts from 'stopped'."""
+    yield from unit_container(tmp_path_factory, {
+        "/etc/ipsec-supervisor/supervisor.yaml": (SUPERVISOR_YAML, 0o644),
+        "/etc/swanctl/conf.d/ipsv-test.conf": (SWANCTL_CONF, 0o600),
+    })
 
 
 @pytest.fixture

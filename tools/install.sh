@@ -189,6 +189,9 @@ install -m 0644 "$SRC/README.md" "$DESTDIR$DOCDIR/README.md"
 # Not enabled: only for charon.user in strongswan.conf (README "Security").
 install -m 0644 "$SRC/etc/ipsec-supervisor.service.d/charon-user.conf" "$DESTDIR$DOCDIR/charon-user.conf"
 say "drop-in for charon.user: $DOCDIR/charon-user.conf (not enabled; see its header)"
+# Prometheus alert rules: for the Prometheus server's rule_files, usually on another host (README "Monitoring").
+install -m 0644 "$SRC/etc/prometheus/ipsec-supervisor-rules.yml" "$DESTDIR$DOCDIR/ipsec-supervisor-rules.yml"
+say "Prometheus alert rules: $DOCDIR/ipsec-supervisor-rules.yml (copy them to the Prometheus server)"
 
 if [ -z "$DESTDIR" ] && [ -d /run/systemd/system ]; then
   systemctl daemon-reload

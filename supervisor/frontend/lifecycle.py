@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from .. import control, presence
 from ..config import Config
 from ..errors import ExitCode, NotRootError, SupervisorError
-from ..runlock import LockHolder, find_lock_holder, release_at, try_lock_at
+from ..runlock import LockHolder, find_lock_holder, held_at, release_at, try_lock_at
 from ..trusted_paths import open_trusted_dir
 from .pidfile import (START_LOCK_NAME, PidFile, inspect_pid_file, is_supervisor_cmdline, pid_file_path,
                       read_cmdline, remove_pid_file, write_pid_file)
@@ -494,26 +494,7 @@ def start_detached(cfg: Config, config_path: str | None, *, timeout: float, verb
         write_pid_file(pid_file_path(run_dir), child.pid)
         if err.isatty():
             print(f"Starting ipsec-supervisor (pid {child.pid}), log: {sink.where}", file=err)
-        last_status: dict | None = None
-        seen: set[str] = set()
-        while True:
-            exited = child.poll()
-            status = None
-            if exited is None:
-                try:
-                    answer = control.request(run_dir, "status", timeout=2.0)
-                    if answer.get("ok"):
-                        status = last_status = answer["status"]
-                except (SupervisorError, OSError):    # not up yet, or exiting while answering
-                    pass
-            verdict = judge_start(status, exited, time.monotonic() - t0, timeout)
-            note = _progress_note(status, seen)
-            if note and err.isatty():
-                print(f"  {note}", file=err)
-            if verdict.outcome is StartOutcome.WAITING:
-                time.sleep(poll)
-                continue
-            break
+        verdict, last_status, exited = _wait_decided(run_dir, child.poll, t0, timeout, poll, err)
         if exited is None and verdict.outcome is StartOutcome.FAILED and cfg.restart.crash_loop.action == "exit":
             try:                # it gave up and exits: its exit code and crash report say more
                 exited = child.wait(5.0)
@@ -526,16 +507,10 @@ def start_detached(cfg: Config, config_path: str | None, *, timeout: float, verb
             if other.running:   # lost a race against a supervisor started another way
                 _say_already_running(other, err)
                 return START_OK
-        took = time.monotonic() - t0
-        if verdict.outcome is StartOutcome.READY:
-            daemon = last_status["daemon"] if last_status else {}
-            print(f"ipsec-supervisor started (pid {child.pid}): charon ready (pid {daemon.get('pid')}) "
-                  f"in {took:.1f}s", file=out)
-            return START_OK
-        if verdict.outcome is StartOutcome.CONFIG_FAILED:
-            print(f"ipsec start: charon runs (pid {last_status['daemon']['pid']}), but {verdict.reason}; "
-                  f"fix it and run 'ipsec reload'", file=err)
-            return START_BAD_CONFIG
+        said = _say_ready(verdict, last_status, f"ipsec-supervisor started (pid {child.pid})",
+                          time.monotonic() - t0, out, err)
+        if said is not None:
+            return said
         reports = crash_reports_since(cfg, started_wall)
         tail = tail_of(sink.path, sink.offset, 10) if sink.path else []
         for line in explain_failure(verdict, last_status, reports, tail, sink.where, exited is None):
@@ -555,34 +530,58 @@ def _start_again(cfg: Config, found: Located, *, timeout: float, out: TextIO, er
     except (SupervisorError, OSError) as exc:
         print(f"ipsec start: cannot ask ipsec-supervisor (pid {pid}) to start charon: {exc}", file=err)
         return START_FAILED
+
+    def exited() -> int | None:
+        return START_FAILED if read_cmdline(pid) in (None, []) else None
     t0 = time.monotonic()
-    last_status = found.status
+    verdict, last_status, gone = _wait_decided(run_dir, exited, t0, timeout, poll, err, found.status)
+    if gone is not None:
+        print(f"ipsec start: ipsec-supervisor (pid {pid}) exited while charon was starting again "
+              f"(its log and 'ipsec crashes' say why)", file=err)
+        return START_FAILED
+    said = _say_ready(verdict, last_status, f"ipsec-supervisor (pid {pid})", time.monotonic() - t0, out, err)
+    if said is not None:
+        return said
+    for line in explain_failure(verdict, last_status, [], [], None, True):
+        print(line, file=err)
+    return verdict.exit_code or START_FAILED
+
+
+def _wait_decided(run_dir: str, exited: Callable[[], int | None], t0: float, timeout: float, poll: float,
+                  err: TextIO, last_status: dict | None = None) -> tuple[StartVerdict, dict | None, int | None]:
+    """Poll the supervisor's status until a start is decided: (verdict, last status seen, exit code or None)."""
+    seen: set[str] = set()
     while True:
+        code = exited()
         status = None
-        try:
-            answer = control.request(run_dir, "status", timeout=2.0)
-            status = answer["status"] if answer.get("ok") else None
-        except (SupervisorError, OSError):
-            if read_cmdline(pid) in (None, []):
-                print(f"ipsec start: ipsec-supervisor (pid {pid}) exited while charon was starting again "
-                      f"(its log and 'ipsec crashes' say why)", file=err)
-                return START_FAILED
-        last_status = status or last_status
-        verdict = judge_start(status, None, time.monotonic() - t0, timeout)
+        if code is None:
+            try:
+                answer = control.request(run_dir, "status", timeout=2.0)
+                if answer.get("ok"):
+                    status = last_status = answer["status"]
+            except (SupervisorError, OSError):    # not up yet, or exiting while answering
+                pass
+        verdict = judge_start(status, code, time.monotonic() - t0, timeout)
+        note = _progress_note(status, seen)
+        if note and err.isatty():
+            print(f"  {note}", file=err)
         if verdict.outcome is not StartOutcome.WAITING:
-            break
+            return verdict, last_status, code
         time.sleep(poll)
+
+
+def _say_ready(verdict: StartVerdict, last_status: dict | None, who: str, took: float,
+               out: TextIO, err: TextIO) -> int | None:
+    """Say a start's good or config-failed outcome; its exit code, or None for a failure still to explain."""
     if verdict.outcome is StartOutcome.READY:
-        print(f"ipsec-supervisor (pid {pid}): charon ready (pid {last_status['daemon'].get('pid')}) in "
-              f"{time.monotonic() - t0:.1f}s", file=out)
+        daemon = (last_status or {}).get("daemon") or {}
+        print(f"{who}: charon ready (pid {daemon.get('pid')}) in {took:.1f}s", file=out)
         return START_OK
     if verdict.outcome is StartOutcome.CONFIG_FAILED:
         print(f"ipsec start: charon runs (pid {last_status['daemon']['pid']}), but {verdict.reason}; "
               f"fix it and run 'ipsec reload'", file=err)
         return START_BAD_CONFIG
-    for line in explain_failure(verdict, last_status, [], [], None, True):
-        print(line, file=err)
-    return verdict.exit_code or START_FAILED
+    return None
 
 
 def _reattach_verdict(cfg: Config) -> reattach.ReattachDecision | None:
@@ -606,13 +605,16 @@ def _clear_stale(pid_file: PidFile, err: TextIO) -> None:
             print(f"ipsec: removed {pid_file.describe()}", file=err)
 
 
-def start_foreground(cfg: Config, config_path: str | None, *, verbose: bool, err: TextIO,
-                     run: Callable[[list[str]], int], raw_exit: bool = False) -> int:
+def start_foreground(cfg: Config, config_path: str | None, *, verbose: bool, out: TextIO, err: TextIO,
+                     run: Callable[[list[str]], int], raw_exit: bool = False, timeout: float = 30.0) -> int:
     """`ipsec start --nofork`: run the supervisor in this process (pid file kept meanwhile).
 
-    Returns the `ipsec start` exit code, or with RAW_EXIT the supervisor's own.
+    Returns the `ipsec start` exit code, or with RAW_EXIT the supervisor's own. A supervisor
+    pausing after a crash loop is asked to try again at once, as `ipsec start` does.
     """
     found = locate(cfg)
+    if found.running and found.pid != os.getpid() and (found.status or {}).get("state") in PAUSED_STATES:
+        return _start_again(cfg, found, timeout=timeout, out=out, err=err, poll=0.05)
     if found.running and found.pid != os.getpid():
         _say_already_running(found, err)
         return START_OK
@@ -644,6 +646,13 @@ def stop_supervisor(cfg: Config, *, timeout: float, err: TextIO,
                     systemctl: Callable[[list[str]], int] | None = None) -> StopResult:
     """Stop the supervisor (control socket, else SIGTERM), wait, kill if it must; never raises for 'not running'."""
     found = locate(cfg)
+    if not found.running and held_at(cfg.paths.run_dir, START_LOCK_NAME):
+        # An `ipsec start` is spawning a supervisor that has not taken its lock yet: stop what it starts.
+        print("ipsec stop: an 'ipsec start' is under way; waiting for it to finish", file=err)
+        deadline = time.monotonic() + timeout
+        while held_at(cfg.paths.run_dir, START_LOCK_NAME) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        found = locate(cfg)
     lines: list[str] = []
     if not found.running:
         if found.pid_file.state.stale:
@@ -690,7 +699,11 @@ def stop_supervisor(cfg: Config, *, timeout: float, err: TextIO,
         except ProcessLookupError:
             pass
         wait_pid_exit(pid, 5.0)
-    # A charon outliving its supervisor would be unsupervised: it goes too.
+    # A charon outliving its supervisor would be unsupervised: it goes too. One the supervisor
+    # re-attached to is not its child: the pid file names it, now without a supervisor.
+    orphan = unsupervised_daemon(cfg)
+    if orphan is not None and orphan not in daemons:
+        daemons.append(orphan)
     for dpid in daemons:
         if comm_of(dpid) == daemon_name[:15] and read_cmdline(dpid):
             lines += _stop_daemon(dpid, daemon_name, "outlived its supervisor")

@@ -5,7 +5,7 @@ with a ``-m policy --pol ipsec --reqid N`` match and removes them only on
 down-client, which a crashed charon never runs. This module dumps every rule
 of every backend present, recognises updown's shapes, and deletes exactly one
 rule (or many, one restore script per table). Parsing is pure; every program is
-started by ``_run``.
+started by ``_run``, or by ``_start`` for the listings a dump runs side by side.
 """
 
 from __future__ import annotations
@@ -445,6 +445,33 @@ def _run(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedP
         raise FirewallError(f"cannot run `{shlex.join(argv)}`: {exc.strerror}") from None
 
 
+def _start(argv: Sequence[str]) -> subprocess.Popen:
+    """Start one listing program in this thread's network namespace (``_finish`` waits for it)."""
+    try:
+        return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=dict(os.environ, LC_ALL="C"))
+    except FileNotFoundError:
+        raise FirewallError(f"cannot run `{shlex.join(argv)}`: {argv[0]} not found") from None
+    except OSError as exc:
+        raise FirewallError(f"cannot run `{shlex.join(argv)}`: {exc.strerror}") from None
+
+
+def _finish(argv: Sequence[str], proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=COMMAND_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        _abandon(proc)
+        raise FirewallError(f"`{shlex.join(argv)}` did not finish within "
+                            f"{COMMAND_TIMEOUT_SECONDS:g}s (killed; retry later)") from None
+    return subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
+
+
+def _abandon(proc: subprocess.Popen | subprocess.CompletedProcess) -> None:
+    if isinstance(proc, subprocess.Popen) and proc.returncode is None:
+        proc.kill()
+        proc.communicate()
+
+
 def _failure(what: str, argv: Sequence[str], proc: subprocess.CompletedProcess) -> FirewallError:
     stderr = (proc.stderr or "").strip() or "(no error output)"
     return FirewallError(f"{what}: `{shlex.join(argv)}` exited with status {proc.returncode}: {stderr}")
@@ -476,9 +503,18 @@ def _nft_ruleset() -> list[FirewallRule] | None:
     if binary is None:
         log.debug("nft not installed: skipping native nftables rules")
         return None
+    return _parse_nft(_checked(_NFT_LIST_FAILED, _nft_list_argv(binary)))
+
+
+_NFT_LIST_FAILED = "cannot list nftables rules (the firewall snapshot is incomplete)"
+
+
+def _nft_list_argv(binary: str) -> list[str]:
     # -s (stateless) leaves counter values out, so expressions stay stable.
-    out = _checked("cannot list nftables rules (the firewall snapshot is incomplete)",
-                   [binary, "-j", "-s", "list", "ruleset"])
+    return [binary, "-j", "-s", "list", "ruleset"]
+
+
+def _parse_nft(out: str) -> list[FirewallRule]:
     try:
         return parse_nft_json(out)
     except (ValueError, KeyError, TypeError) as exc:
@@ -490,37 +526,79 @@ def _parse_checked(text: str, backend: str) -> tuple[list[FirewallRule], Iptable
     try:
         return _parse_save(text, backend)
     except ValueError as exc:
-        raise FirewallError(f"cannot list {backend} rules: {backend}-save printed output "
-                            f"we do not understand ({exc})") from None
+        raise FirewallError(f"cannot list {backend} rules: {backend}-save printed "
+                            f"output we do not understand ({exc})") from None
 
 
 def dump_firewall_rules(backends: Iterable[str] = BACKENDS) -> list[FirewallRule]:
     """Every rule of every table of every installed backend, nft minus what iptables-nft shows."""
+    return start_dump_firewall_rules(backends).result()
+
+
+class PendingDump:
+    """The listing programs of a dump, started; ``result()`` waits for them and parses."""
+
+    def __init__(self, wanted: tuple[str, ...], jobs: list[tuple[str, list[str], subprocess.Popen]]):
+        self._wanted = wanted
+        self._jobs = jobs
+
+    def result(self) -> list[FirewallRule]:
+        """What dump_firewall_rules returns; FirewallError if a program failed."""
+        outputs: dict[str, str] = {}
+        try:
+            for backend, argv, proc in self._jobs:
+                done = _finish(argv, proc)
+                if done.returncode != 0:
+                    raise _failure(_NFT_LIST_FAILED if backend == NFT else
+                                   f"cannot list {backend} rules (the firewall snapshot is incomplete)", argv, done)
+                outputs[backend] = done.stdout
+        finally:
+            self.cancel()
+        rules: list[FirewallRule] = []
+        layouts: dict[str, IptablesLayout] = {}
+        for backend in IPTABLES_BACKENDS:
+            if backend not in outputs:
+                continue
+            found, layout = _parse_checked(outputs[backend], backend)
+            if backend.endswith("-nft"):
+                layouts[_BACKEND_FAMILY[backend]] = layout
+            if backend in self._wanted:
+                rules.extend(found)
+        if NFT in outputs:
+            rules.extend(select_native_nft_rules(_parse_nft(outputs[NFT]), layouts))
+        return rules
+
+    def cancel(self) -> None:
+        """Stop and reap what still runs (after a failure, or when the result is not wanted)."""
+        for _, _, proc in self._jobs:
+            _abandon(proc)
+
+
+def start_dump_firewall_rules(backends: Iterable[str] = BACKENDS) -> PendingDump:
+    """Start every listing program a dump needs, side by side; they run while the caller reads
+    netlink (each takes a few milliseconds, mostly starting up)."""
     wanted = tuple(backends)
     for b in wanted:
         if b not in BACKENDS:
             raise ValueError(f"unknown firewall backend {b!r} (known: {', '.join(BACKENDS)})")
-    rules: list[FirewallRule] = []
-    layouts: dict[str, IptablesLayout] = {}
-    nft_backends = [b for b in IPTABLES_BACKENDS if b.endswith("-nft")]
-    for backend in IPTABLES_BACKENDS:
-        # The nf_tables layouts are needed to filter nft's listing even when
-        # only nft was asked for.
-        if backend not in wanted and not (NFT in wanted and backend in nft_backends):
-            continue
-        text = _save_text(backend)
-        if text is None:
-            continue
-        found, layout = _parse_checked(text, backend)
-        if backend in nft_backends:
-            layouts[_BACKEND_FAMILY[backend]] = layout
-        if backend in wanted:
-            rules.extend(found)
-    if NFT in wanted:
-        nft_rules = _nft_ruleset()
-        if nft_rules is not None:
-            rules.extend(select_native_nft_rules(nft_rules, layouts))
-    return rules
+    jobs: list[tuple[str, list[str], subprocess.Popen]] = []
+    try:
+        for backend in IPTABLES_BACKENDS + (NFT,):
+            # The nf_tables layouts are needed to filter nft's listing even when only nft was asked for.
+            if backend not in wanted and not (NFT in wanted and backend.endswith("-nft")):
+                continue
+            binary = _find_binary(backend if backend == NFT else f"{backend}-save")
+            if binary is None:
+                log.debug("%s not installed: skipping %s rules", backend if backend == NFT else f"{backend}-save",
+                          backend)
+                continue
+            # Full dump, never -t: asking legacy for a table it has not got creates it.
+            argv = _nft_list_argv(binary) if backend == NFT else [binary]
+            jobs.append((backend, argv, _start(argv)))
+    except BaseException:
+        PendingDump(wanted, jobs).cancel()
+        raise
+    return PendingDump(wanted, jobs)
 
 
 # --------------------------------------------------------------------------

@@ -38,8 +38,11 @@ def _setns(fd: int, what: str) -> None:
     global _libc
     import ctypes
     if _libc is None:
-        import ctypes.util
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The interpreter's own symbols include libc's; ctypes.util.find_library("c") would run
+        # ldconfig (8 ms) on every command that enters a namespace.
+        _libc = ctypes.CDLL(None, use_errno=True)
+        if not hasattr(_libc, "setns"):
+            _libc = ctypes.CDLL("libc.so.6", use_errno=True)
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise NetnsError(f"cannot enter network namespace {what}: {os.strerror(err)}")

@@ -45,6 +45,7 @@ from .rtnl import (
     table_name,
     using,
 )
+from .xfrm import _fast_builder
 
 if TYPE_CHECKING:
     from .rtnl import RouteMsg
@@ -427,10 +428,14 @@ def route_at(buf: bytes, off: int, end: int, names: dict[int, str], what: str) -
                 expires = left // USER_HZ
     except (ValueError, struct.error, OSError) as exc:
         raise KernelError(f"cannot {what}: undecodable route attribute ({exc})") from None
-    return Route(family, rtm_table if table is None else table,
-                 dst or ("0.0.0.0" if af == socket.AF_INET else "::"), dst_len, rtype, proto, scope,
-                 gateway if gateway is not None else via, oif, names.get(oif) if oif else None, prefsrc,
-                 src, src_len, tos, priority or 0, metrics, hops, nhid, pref, flags, expires)
+    return _new_route(family, rtm_table if table is None else table,
+                      dst or ("0.0.0.0" if af == socket.AF_INET else "::"), dst_len, rtype, proto, scope,
+                      gateway if gateway is not None else via, oif, names.get(oif) if oif else None, prefsrc,
+                      src, src_len, tos, priority or 0, metrics, hops, nhid, pref, flags, expires)
+
+
+# A dump builds thousands of these: field stores without the frozen dataclass's __setattr__.
+_new_route = _fast_builder(Route)
 
 
 def _nexthops(buf: bytes, p: int, end: int, af: int, names: dict[int, str], what: str) -> tuple:
@@ -470,22 +475,29 @@ def decode_routes(chunks: list[bytes], names: dict[int, str], table: int | None 
 
 
 def _dump(sock: NetlinkSocket, af: int, table: int | None, names: dict[int, str]) -> list[Route]:
-    return _dump_later(sock, af, table, names)()
+    what, chunks = dump_chunks(sock, af, table)
+    return decode_routes(chunks, names, table, what)
 
 
 def _dump_later(sock: NetlinkSocket, af: int, table: int | None, names: dict[int, str]):
+    """The dump now, decoded when the returned function is called (a crash's read before the restart)."""
+    what, chunks = dump_chunks(sock, af, table)
+    return lambda: decode_routes(chunks, names, table, what)
+
+
+def dump_chunks(sock: NetlinkSocket, af: int, table: int | None) -> tuple[str, list[bytes]]:
+    """(what, datagrams) of a route dump of family AF (for decoders of their own, and decode_routes)."""
     payload = _RTMSG.pack(af, 0, 0, 0, 0, 0, 0, 0, 0)
     if table is not None:
         # Filtered in the kernel (strict checking): a full BGP table is not decoded here.
         payload += pack_attr(RTA_TABLE, _U32.pack(table))
     what = f"dump {FAMILY_NAMES[af]} routes" + (f" of table {table_name(table)}" if table is not None else "")
     try:
-        chunks = sock.dump_raw(RTM_GETROUTE, payload, what)
+        return what, sock.dump_raw(RTM_GETROUTE, payload, what)
     except NotFound:
         if table is None:
             raise
-        return lambda: []       # the kernel says "FIB table does not exist": no route in it
-    return lambda: decode_routes(chunks, names, table, what)
+        return what, []     # the kernel says "FIB table does not exist": no route in it
 
 
 def dump_routes(table: int | None = 220, *, rtnl: Rtnl | None = None) -> list[Route]:

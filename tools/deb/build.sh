@@ -132,6 +132,7 @@ install -m 0644 "$HERE/copyright" "$DOC/copyright"
 for dropin in "$SRC"/etc/ipsec-supervisor.service.d/*.conf; do   # optional drop-ins, to copy by hand
   [ ! -e "$dropin" ] || install -m 0644 "$dropin" "$DOC/"
 done
+install -m 0644 "$SRC/etc/prometheus/ipsec-supervisor-rules.yml" "$DOC/"   # for the Prometheus server
 {
   echo "ipsec-supervisor ($DEB_VERSION) unstable; urgency=medium"
   echo

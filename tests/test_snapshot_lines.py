@@ -1,0 +1,159 @@
+"""Policies and routes written straight from the records: the bytes of the generic encoder.
+
+No kernel needed: the records come from tests/fixtures/snapshots/tunnels-crash-v2.json (every
+field of a policy and a route used), plus look-alikes with strings JSON must escape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+from supervisor import snapshot
+from supervisor.kernel.routes import Route
+from supervisor.kernel.xfrm import XfrmSelector
+from supervisor.snapshot import load_snapshot, record_json
+from supervisor.snapshot_lines import LINES, plain
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+V2 = os.path.join(ROOT, "tests", "fixtures", "snapshots", "tunnels-crash-v2.json")
+
+
+def generic(name):
+    encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+    return lambda record: encode(record_json(name, record, False))
+
+
+def odd(name, records):
+    """Records whose strings need escaping: they must take the generic way."""
+    if name == "route":
+        return [dataclasses.replace(records[0], oif_name='ve"th\\0'), dataclasses.replace(records[0], dst="\u00e9")]
+    sel = records[0].selector
+    return [dataclasses.replace(records[0], selector=dataclasses.replace(sel, saddr="a\nb")),
+            dataclasses.replace(records[1], selector=XfrmSelector(0, "\u2603", 0, "", 0))]
+
+
+@pytest.mark.parametrize("name", sorted(LINES))
+def test_lines_are_the_bytes_of_the_generic_encoder(name):
+    records = load_snapshot(V2).objects[name]
+    records = tuple(records) + tuple(odd(name, records))
+    assert LINES[name](records, generic(name)) == [generic(name)(r) for r in records]
+
+
+@pytest.mark.parametrize("name", sorted(LINES))
+def test_with_msgspec_the_same_lines_come_out(name):
+    msgspec = pytest.importorskip("msgspec")
+    records = load_snapshot(V2).objects[name]
+    records = tuple(records) + tuple(odd(name, records))
+    encode = msgspec.json.Encoder().encode
+    assert LINES[name](records, lambda r: encode(record_json(name, r, False)).decode()) == \
+        [generic(name)(r) for r in records]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("192.0.2.1", True), ("fd00::1", True), ("", True), ('a"b', False), ("a\\b", False), ("a\tb", False),
+    ("\x7f", False), ("\u00e9", False)])
+def test_plain_strings_are_those_no_encoder_escapes(text, expected):
+    assert plain(text) is expected
+
+
+def test_a_written_snapshot_reads_back_equal_with_and_without_msgspec(tmp_path, monkeypatch):
+    snap = load_snapshot(V2)
+    routes = snap.objects["route"] + (Route("inet", 220, "10.9.0.0", 16, oif_name='we"ird'),)
+    snap = dataclasses.replace(snap, objects={**snap.objects, "route": routes})
+    fast, slow = str(tmp_path / "fast.json"), str(tmp_path / "slow.json")
+    snapshot.write_snapshot(fast, snap)
+    monkeypatch.setattr(snapshot, "msgspec", None)
+    snapshot.write_snapshot(slow, snap)
+    assert open(fast, "rb").read() == open(slow, "rb").read()
+    assert load_snapshot(slow) == snap
+
+
+POLICY_SHAPES = """
+ip xfrm policy add src 10.1.0.0/16 dst 10.2.0.0/16 dir out priority 375423 \
+  tmpl src 192.0.2.1 dst 192.0.2.2 proto esp reqid 1 mode tunnel
+ip xfrm policy add src 10.2.0.0/16 dst 10.1.0.0/16 dir in priority 375423 \
+  tmpl src 192.0.2.2 dst 192.0.2.1 proto esp reqid 1 mode tunnel
+ip xfrm policy add src 10.2.0.0/16 dst 10.1.0.0/16 dir fwd priority 375423 \
+  tmpl src 192.0.2.2 dst 192.0.2.1 proto esp reqid 1 mode tunnel level use
+ip xfrm policy add src 10.3.0.0/16 dst 10.4.0.0/16 proto tcp sport 500 dport 4500 dir out priority 9 \
+  mark 0x2a mask 0xff if_id 7 flag localok flag icmp action block
+ip xfrm policy add src 10.5.0.0/16 dst 10.6.0.0/16 proto icmp type 8 code 0 dir in ptype sub
+ip xfrm policy add src fd00:1::/64 dst fd00:2::/64 dir out priority 334463 \
+  tmpl src 2001:db8::1 dst 2001:db8::2 proto esp spi 0x1234 reqid 2 mode tunnel
+ip xfrm policy add src 10.7.0.0/16 dst 10.8.0.0/16 dir out limit time-hard 3600 limit byte-soft 100000 \
+  tmpl src 192.0.2.1 dst 192.0.2.7 proto esp reqid 3 mode tunnel
+ip xfrm policy add src 10.9.0.0/16 dst 10.10.0.0/16 dir out \
+  tmpl src 192.0.2.1 dst 192.0.2.9 proto comp reqid 4 mode tunnel \
+  tmpl src 192.0.2.1 dst 192.0.2.9 proto esp reqid 4 mode tunnel
+ip xfrm policy add dir out
+"""
+
+
+def test_policy_lines_from_a_dump_are_those_of_the_records(netns):
+    from supervisor.kernel import xfrm
+    from supervisor.snapshot_lines import policy_lines_from_dump
+    netns.sh(POLICY_SHAPES)
+    with netns.enter(), xfrm.open_socket() as sock:
+        chunks = sock.dump_raw(xfrm.XFRM_MSG_GETPOLICY)
+    records = xfrm.decode_policies(chunks)
+    assert len(records) == 9
+    gen = generic("xfrm_policy")
+    assert policy_lines_from_dump(chunks, gen) == [gen(r) for r in records]
+
+
+def test_the_snapshot_command_writes_what_the_records_write(netns, tmp_path):
+    import subprocess
+    import sys
+    from supervisor.kernel_state import ReadOptions, read_state
+    netns.sh(POLICY_SHAPES + "ip link add veth0 type veth peer name veth1\nip link set veth0 up\n"
+             "ip addr add 192.0.2.1/24 dev veth0\n"
+             "ip route add 10.2.0.0/16 via 192.0.2.2 dev veth0 proto static table 220\n")
+    path = str(tmp_path / "cli.json")
+    r = subprocess.run([sys.executable, "-m", "supervisor.cli", "snapshot", "--netns", netns.name, "-o", path],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    with netns.enter():
+        expected = snapshot.take_snapshot(read_state(ReadOptions()))
+    written = load_snapshot(path)
+    assert written.objects == expected.objects and written.context == expected.context
+
+
+ROUTE_SHAPES = """
+ip link add veth0 type veth peer name veth1
+ip link set veth0 up
+ip link set veth1 up
+ip addr add 192.0.2.1/24 dev veth0
+ip -6 addr add 2001:db8::1/64 dev veth0 nodad
+ip link add 'we"ird' type veth peer name wp1
+ip link set 'we"ird' up
+ip route add 10.2.0.0/16 via 192.0.2.2 dev veth0 src 192.0.2.1 proto static table 220
+ip route add 10.3.0.0/16 dev veth0 metric 7 table 220
+ip route add blackhole 10.4.0.0/16 table 220
+ip route add 10.5.0.0/16 via 192.0.2.2 dev veth0 mtu 1400 table 220
+ip route add 10.6.0.0/16 table 220 nexthop via 192.0.2.2 dev veth0 nexthop via 192.0.2.3 dev veth0
+ip route add 10.7.0.0/16 dev 'we"ird' table 220
+ip route add 10.8.0.0/16 via 192.0.2.2 dev veth0 table 221
+ip -6 route add fd00:2::/64 via 2001:db8::2 dev veth0 proto static table 220
+ip -6 route add fd00:3::/64 from fd00:1::/64 via 2001:db8::2 dev veth0 table 220
+ip -6 route add fd00:4::/64 via 2001:db8::2 dev veth0 expires 300 table 220
+"""
+
+
+@pytest.mark.parametrize("table", [220, None])
+def test_route_lines_from_a_dump_are_those_of_the_records(netns, table):
+    import socket
+    from supervisor.kernel import routes
+    from supervisor.snapshot_lines import route_lines_from_dump
+    netns.sh(ROUTE_SHAPES)
+    with netns.enter(), routes._socket(None) as sock:
+        names = routes.interface_names(sock)
+        dumps = [routes.dump_chunks(sock, af, table) for af in (socket.AF_INET, socket.AF_INET6)]
+    # the same datagrams both ways (an expiring route's seconds move on between two dumps)
+    records = [r for what, chunks in dumps for r in routes.decode_routes(chunks, names, table, what)]
+    assert len(records) >= (9 if table else 12)
+    gen = generic("route")
+    assert route_lines_from_dump(dumps, names, table, gen) == [gen(r) for r in records]
