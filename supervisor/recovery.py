@@ -15,30 +15,24 @@ each daemon run it decides with pure functions and acts in one place:
   timeout, and start adopting (``adopt.plan_adopt``, one step at a time, in a
   worker of its own so readiness is never delayed).
 
-All kernel work runs in one worker thread (``_Jobs``); the loop thread only
+All kernel work runs in one worker thread (``worker.SerialWorker``); the loop thread only
 reads notifications and updates the ledger, which is immutable (swapped under
 a lock). The ledger is saved atomically under the run directory, debounced.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import datetime as _dt
 import logging
 import os
-import queue
-import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
-
-from vici.protocol import Message, Packet
+from typing import Any, Callable, Iterable
 
 from . import adopt, daemons, reattach
 from .config import Config, format_duration
@@ -51,13 +45,16 @@ from .kernel_state import KernelState, KernelWatch, ReadOptions, read_state, rea
 from .ledger import (HOW_INHERITED, OWNER_DAEMON, DaemonPorts, Ledger, LedgerError, apply_events, ledger_path, load_ledger,
                      resync_ledger, start_ledger)
 from .ownership import MarkerConfig, Verdict, decide_ownership, is_supervisor_block
-from .policy import Action, Decision, ExitClass, ExitInfo, signal_name
+from .policy import Action, Decision, ExitInfo, signal_name
 from .reattach import boot_tick, process_start_time
+from .recovery_choice import (ADOPT, FLUSH, KEEP, NONE, RecoveryChoice, choose_recovery, leftover_counts,
+                              recovery_plan, tally, tally_rules)
+from .vici_client import ViciError, initiate_child, list_conns, list_sas, vici_command
+from .worker import SerialWorker
 from .reconcile import (ActionResult, DeleteObject, InstallBlockPolicy, Keep, Outcome, Plan,
-                        RemoveBlockPolicy, blocks_to_remove, execute, plan_flush, plan_keep)
-from .crash_snapshots import (TEST_DELAY_ENV, PendingCrash, complete_unfinished, finish_intent,  # noqa: F401
-                              ownership_context, prune_snapshots, snapshot_name, snapshot_paths, state_after_flush,
-                              write_intent)
+                        RemoveBlockPolicy, blocks_to_remove, execute)
+from .crash_snapshots import (TEST_DELAY_ENV, PendingCrash, complete_unfinished, finish_intent, ownership_context,
+                              prune_snapshots, snapshot_name, state_after_flush, write_intent)
 from .snapshot import take_snapshot, write_snapshot_in
 from .trusted_paths import open_own_subdir
 from .strongswan_conf import (DEFAULT_PATH as STRONGSWAN_CONF, POLICY_UPDATE, AdoptCapability, SettingsError,
@@ -67,193 +64,7 @@ log = logging.getLogger("supervisor.recovery")
 
 ADOPT_POLL = 0.5            # list-sas polling while adopting (kernel events make it sooner)
 DRAIN_WAIT = 2.0            # how long on_daemon_exit waits for the loop to read pending events
-VICI_TIMEOUT = 5.0
 
-# What recovery does with the leftovers of one daemon run (choose_recovery).
-FLUSH, ADOPT, KEEP, NONE = "flush", "adopt", "keep", "none"
-
-
-# --- deciding (pure) -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RecoveryChoice:
-    """What to do with the leftovers of one run: FLUSH/ADOPT/KEEP/NONE, fail-closed or not, and why."""
-
-    action: str
-    fail_closed: bool
-    reason: str
-
-    def to_json(self) -> dict:
-        return {"action": self.action, "fail_closed": self.fail_closed, "reason": self.reason}
-
-
-def choose_recovery(mode: str, *, fail_closed: bool, on_stop: str, exit_class: ExitClass | None,
-                    decision: Action | None, can_adopt: bool = True) -> RecoveryChoice:
-    """The recovery for one daemon exit (EXIT_CLASS None, DECISION None: leftovers found at startup).
-
-    A requested stop follows ``on_stop`` (a flush then mirrors a clean charon stop: no
-    blocks); a charon that will not come back (not restarted, crash loop) cannot adopt,
-    so adopt and keep leave the state as it is; a crash-loop cooldown flushes fail-closed
-    (unless keep); a restart follows ``mode``.
-    """
-    if mode == NONE:
-        return RecoveryChoice(NONE, False, "recovery.mode is none")
-    if decision is Action.STOP and exit_class is ExitClass.REQUESTED_STOP:
-        if on_stop == FLUSH:
-            return RecoveryChoice(FLUSH, False, "requested stop: remove what charon left behind "
-                                                "(recovery.on_stop flush)")
-        return RecoveryChoice(KEEP, False, "requested stop: recovery.on_stop is keep")
-    if decision is Action.COOLDOWN:
-        # Down for minutes: the dead charon's SAs must not carry traffic nobody rekeys, and nothing
-        # may leave in cleartext; the retry then starts on a clean slate (keep stays keep).
-        if mode == KEEP:
-            return RecoveryChoice(KEEP, False, "crash-loop cooldown: recovery.mode keep")
-        return RecoveryChoice(FLUSH, fail_closed, f"crash-loop cooldown: charon stays down; flushed "
-                                                  f"{'fail-closed ' if fail_closed else ''}until the next try")
-    if decision in (Action.STOP, Action.GIVE_UP):
-        why = "gave up (crash loop)" if decision is Action.GIVE_UP else "charon is not restarted"
-        if mode == FLUSH:
-            return RecoveryChoice(FLUSH, fail_closed, f"{why}: recovery.mode flush")
-        return RecoveryChoice(KEEP, False, f"{why}: nothing can adopt the leftovers; left in place "
-                                           "(the next start of the supervisor recovers them)")
-    if mode == ADOPT and not can_adopt:
-        return RecoveryChoice(FLUSH, fail_closed, "recovery.mode adopt, but this strongSwan cannot adopt: "
-                                                  "flushing instead")
-    if mode == FLUSH:
-        return RecoveryChoice(FLUSH, fail_closed, "recovery.mode flush: charon starts on a clean slate")
-    if mode == ADOPT:
-        return RecoveryChoice(ADOPT, fail_closed, "recovery.mode adopt: left in place for the restarted charon")
-    return RecoveryChoice(KEEP, False, "recovery.mode keep")
-
-
-def leftover_counts(owned: Iterable[tuple[Any, Verdict]]) -> dict[str, int]:
-    counts = {family: 0 for family in ("xfrm_sa", "xfrm_policy", "route", "rule", "address", "firewall")}
-    for record, _ in owned:
-        counts[record.FAMILY] = counts.get(record.FAMILY, 0) + 1
-    return counts
-
-
-def tally_rules(verdicts: Iterable[Verdict]) -> dict[str, int]:
-    """How many leftovers each ownership rule made charon's (ledger:* by port id, marker:* by markers)."""
-    out: dict[str, int] = {}
-    for v in verdicts:
-        out[v.rule] = out.get(v.rule, 0) + 1
-    return out
-
-
-def tally(results: Iterable[ActionResult]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for r in results:
-        out[r.outcome.value] = out.get(r.outcome.value, 0) + 1
-    return out
-
-
-def recovery_plan(choice: RecoveryChoice, state: Any, ownership: Any, others: Iterable[Any] = ()) -> Plan:
-    """The plan for CHOICE over STATE (KernelState or Snapshot) as judged by OWNERSHIP;
-    OTHERS are the other IKE daemons in the namespace (``ownership.deletion_hold``)."""
-    if choice.action == FLUSH:
-        return plan_flush(state, ownership, fail_closed=choice.fail_closed, others=tuple(others))
-    if choice.action == ADOPT:
-        return adopt.plan_wait(ownership.owned(), "adopt: left in place while charon restarts; charon "
-                                                  "claims it once ready, the rest goes after "
-                                                  "recovery.adopt_grace")
-    plan = plan_keep(state, ownership)
-    return dataclasses.replace(plan, mode=choice.action)
-
-
-# --- VICI (blocking, with a deadline on every read) ----------------------------------------
-
-
-class ViciError(SupervisorError):
-    """charon's VICI socket did not answer as expected."""
-
-
-def vici_command(path: str, command: str, message: Mapping | None = None, *, stream: str | None = None,
-                 timeout: float = VICI_TIMEOUT) -> tuple[dict, list[dict]]:
-    """One VICI command (with its streamed events when STREAM names them): (answer, events).
-
-    Every read has the overall deadline, so a hung charon costs TIMEOUT at most. The answer
-    is decoded to text; events stay raw (the parsers in supervisor.adopt decode them).
-    """
-    deadline = time.monotonic() + timeout
-
-    def recv_exact(sock: socket.socket, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ViciError(f"no answer to {command} on {path} within {timeout:g}s")
-            sock.settimeout(left)
-            try:
-                chunk = sock.recv(n - len(data))
-            except socket.timeout:
-                raise ViciError(f"no answer to {command} on {path} within {timeout:g}s") from None
-            if not chunk:
-                raise ViciError(f"{path} closed the connection during {command}")
-            data += chunk
-        return data
-
-    def recv(sock: socket.socket):
-        (length,) = struct.unpack("!I", recv_exact(sock, 4))
-        if length > 16 << 20:
-            raise ViciError(f"{path} sent a {length}-byte packet during {command}")
-        return Packet.parse(recv_exact(sock, length))
-
-    def send(sock: socket.socket, packet: bytes) -> None:
-        sock.sendall(struct.pack("!I", len(packet)) + packet)
-
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(max(0.001, deadline - time.monotonic()))
-            sock.connect(path)
-            if stream:
-                send(sock, Packet.register_event(stream))
-                reply = recv(sock)
-                if reply.response_type != Packet.EVENT_CONFIRM:
-                    raise ViciError(f"charon refused to stream {stream} events on {path}")
-            payload = Message.serialize(dict(message)) if message else None
-            send(sock, Packet.request(command, payload))
-            events: list[dict] = []
-            while True:
-                reply = recv(sock)
-                if reply.response_type == Packet.EVENT:
-                    events.append(Message.deserialize(reply.payload))
-                    continue
-                if reply.response_type == Packet.CMD_UNKNOWN:
-                    raise ViciError(f"charon does not know the VICI command {command} ({path})")
-                if reply.response_type != Packet.CMD_RESPONSE:
-                    raise ViciError(f"unexpected VICI packet type {reply.response_type} for {command}")
-                answer = adopt._text(dict(Message.deserialize(reply.payload)))
-                break
-            if stream:
-                send(sock, Packet.unregister_event(stream))
-    except OSError as exc:
-        raise ViciError(f"cannot talk to charon on {path} ({command}): {exc.strerror or exc}") from None
-    except ViciError:
-        raise
-    except Exception as exc:     # the vici package raises struct.error and friends on garbage
-        raise ViciError(f"undecodable VICI answer to {command} on {path}: {exc}") from None
-    return answer, events
-
-
-def list_conns(path: str, timeout: float = VICI_TIMEOUT) -> tuple[adopt.ConfiguredChild, ...]:
-    _, events = vici_command(path, "list-conns", stream="list-conn", timeout=timeout)
-    return adopt.parse_list_conns(events)
-
-
-def list_sas(path: str, timeout: float = VICI_TIMEOUT) -> tuple[adopt.ActiveIke, ...]:
-    _, events = vici_command(path, "list-sas", stream="list-sa", timeout=timeout)
-    return adopt.parse_list_sas(events)
-
-
-def initiate_child(path: str, conn: str, child: str, timeout: float = VICI_TIMEOUT) -> str:
-    """Ask charon to establish CHILD of CONN without waiting for it (VICI timeout -1)."""
-    answer, _ = vici_command(path, "initiate", {"child": child, "ike": conn, "timeout": "-1",
-                                                "init-limits": "no"}, timeout=timeout)
-    if answer.get("success") != "yes":
-        raise ViciError(f"charon refused to initiate {conn}/{child}: {answer.get('errmsg') or 'no reason given'}")
-    return "charon is establishing it"
 
 
 # --- the strongSwan installation ---------------------------------------------------------
@@ -285,53 +96,6 @@ def check_strongswan(config: Config, daemon_version: str | None = None) -> Adopt
         return check_adopt_capability(version, as_bool(lookup(settings, POLICY_UPDATE, namespace)))
     except SettingsError as exc:
         return check_adopt_capability(version, None, settings_problem=str(exc))
-
-
-# --- the worker ---------------------------------------------------------------------------
-
-
-class _Jobs:
-    """One thread for all kernel and VICI work: jobs run one at a time, in order."""
-
-    def __init__(self, name: str):
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.closed = False
-        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            fn, future, what = item
-            if what is not None and self.closed:
-                future.cancel()         # background work is dropped at exit; waited-for calls still run
-                continue
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn())
-            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits, or logged
-                future.set_exception(exc)
-                if what is not None:
-                    log.error("recovery job '%s' failed", what, exc_info=exc)
-
-    def submit(self, fn: Callable[[], None], what: str) -> None:
-        """Run FN in the worker, not waiting for it; a failure is logged naming WHAT."""
-        if not self.closed:
-            self._queue.put((fn, concurrent.futures.Future(), what))
-
-    def call(self, fn: Callable[[], Any]) -> Any:
-        """Run FN in the worker and wait for its result (its exception is raised here)."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put((fn, future, None))
-        return future.result()
-
-    def close(self, wait: float = 5.0) -> None:
-        self.closed = True
-        self._queue.put(None)
-        self._thread.join(wait)
 
 
 @dataclass
@@ -386,7 +150,7 @@ class KernelRecovery:
         self._loop = None
         self._loop_thread: int | None = None
         self._wakeup = None
-        self._jobs: _Jobs | None = None
+        self._jobs: SerialWorker | None = None
         self._save_pending = False
         self._resync_pending = False
         # the daemon record at once, the ledger (and the crash's snapshot) in the writer thread
@@ -424,7 +188,7 @@ class KernelRecovery:
         self._loop = loop
         self._loop_thread = threading.get_ident()
         self._wakeup = ThreadWakeup(loop)
-        self._jobs = _Jobs("recovery-jobs")
+        self._jobs = SerialWorker("recovery-jobs")
         self._store.start()
         try:
             self._watch = KernelWatch()

@@ -198,7 +198,7 @@ class _Namespaced:
     def vici(self, command: str, message: dict | None = None, stream: str | None = None,
              timeout: float = 10.0) -> tuple[dict, list[dict]]:
         """One VICI command to this charon: (answer, streamed events)."""
-        from supervisor.recovery import vici_command
+        from supervisor.vici_client import vici_command
         return vici_command(self.vici_path, command, message, stream=stream, timeout=timeout)
 
     def list_sas(self) -> list[dict]:

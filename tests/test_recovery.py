@@ -35,8 +35,8 @@ from supervisor.kernel_state import ReadOptions, read_state
 from supervisor.ledger import OWNER_FOREIGN, ledger_path, load_ledger
 from supervisor.ownership import is_supervisor_block
 from supervisor.policy import Action, ExitClass
-from supervisor.recovery import (ADOPT, FLUSH, KEEP, NONE, choose_recovery, prune_snapshots, snapshot_name,
-                                 snapshot_paths)
+from supervisor.crash_snapshots import prune_snapshots, snapshot_name, snapshot_paths
+from supervisor.recovery_choice import ADOPT, FLUSH, KEEP, NONE, choose_recovery
 from supervisor.snapshot import load_snapshot
 from supervisor.strongswan_conf import (SettingsError, as_bool, check_adopt_capability, lookup, parse_settings,
                                         parse_version, read_settings)

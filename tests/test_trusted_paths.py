@@ -18,7 +18,7 @@ import pytest
 from supervisor import crashreport
 from supervisor.errors import ExitCode, UnsafePathError
 from supervisor.frontend.lifecycle import open_log_sink
-from supervisor.recovery import prune_snapshots
+from supervisor.crash_snapshots import prune_snapshots
 from supervisor.runlock import LOCK_NAME, find_lock_holder, lock_run_dir
 from supervisor.trusted_paths import DirEntry, files_to_prune, open_own_subdir, open_trusted_dir
 

@@ -253,7 +253,8 @@ def cmd_reconcile(args) -> int:
     from ..kernel_state import ReadOptions, read_state
     from ..ledger import HOW_INHERITED
     from ..ownership import MarkerConfig, decide_ownership
-    from ..recovery import (ADOPT, NONE, ViciError, choose_recovery, list_conns, list_sas, recovery_plan)
+    from ..recovery_choice import ADOPT, NONE, choose_recovery, recovery_plan
+    from ..vici_client import ViciError, list_conns, list_sas
     from ..policy import Action
 
     _require_root()

@@ -90,7 +90,7 @@ def parse_conns(events: Iterable[Mapping]) -> tuple[str, ...]:
 
 def read_view(path: str, timeout: float, clock: Callable[[], float] = time.monotonic) -> CharonView:
     """Ask charon on PATH for its view, all within TIMEOUT; never raises (``up`` False says why)."""
-    from ..recovery import ViciError, vici_command
+    from ..vici_client import ViciError, vici_command
     start = clock()
     deadline = start + timeout
 
