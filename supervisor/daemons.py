@@ -122,19 +122,23 @@ class Binary:
 # --- deciding (pure) ---------------------------------------------------------------------
 
 
-def runs_binary(facts: ProcessFacts, binary: Binary) -> bool:
-    """Whether the process runs BINARY: same path and the same file, or the path of a binary
-    replaced since it started (" (deleted)", a package upgrade)."""
-    if facts.exe is None:
+def runs_file(exe: str | None, exe_id: tuple[int, int] | None, path: str, file_id: tuple[int, int] | None) -> bool:
+    """Whether a process whose /proc/PID/exe reads EXE (file EXE_ID) runs the binary at PATH (file FILE_ID):
+    same path and the same file, or the path of a binary replaced since it started (" (deleted)", an upgrade)."""
+    if exe is None:
         return False
-    link = facts.exe
-    deleted = link.endswith(DELETED)
+    deleted = exe.endswith(DELETED)
     if deleted:
-        link = link[:-len(DELETED)]
-    if os.path.normpath(link) != binary.path:
+        exe = exe[:-len(DELETED)]
+    if os.path.normpath(exe) != path:
         return False
     # Same path but another file: a charon of a container with its own root, not ours.
-    return deleted or (facts.exe_id is not None and facts.exe_id == binary.file_id)
+    return deleted or (exe_id is not None and exe_id == file_id)
+
+
+def runs_binary(facts: ProcessFacts, binary: Binary) -> bool:
+    """Whether the process runs BINARY (``runs_file``)."""
+    return runs_file(facts.exe, facts.exe_id, binary.path, binary.file_id)
 
 
 def is_supervisor(facts: ProcessFacts, interpreter: tuple[int, int] | None) -> bool:

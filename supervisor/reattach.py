@@ -16,10 +16,10 @@ import os
 import shutil
 from dataclasses import dataclass
 
+from .daemons import runs_file
 from .daemon_record import DaemonRecord, DaemonRecordError, load_record, record_path
 from .ledger import Ledger, LedgerError, ledger_path, load_ledger, resync_ledger, start_ledger
 
-DELETED = " (deleted)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,19 +61,6 @@ class ReattachDecision:
     loaded: bool = False                    # the earlier supervisor finished loading its configuration
 
 
-def runs_binary(exe: str | None, exe_id: tuple[int, int] | None, binary: str,
-                binary_id: tuple[int, int] | None) -> bool:
-    """The process runs BINARY: the same path and file, or the path of a binary replaced since (an upgrade)."""
-    # (the daemons module has the same rule for ProcessFacts; one of the two goes at the merge)
-    if exe is None:
-        return False
-    deleted = exe.endswith(DELETED)
-    path = exe[:-len(DELETED)] if deleted else exe
-    if os.path.normpath(path) != binary:
-        return False
-    return deleted or (exe_id is not None and exe_id == binary_id)
-
-
 def decide_reattach(f: ReattachFacts) -> ReattachDecision:
     """Re-attach only to the exact process the ledger names; every "no" says why (pure)."""
     led = f.ledger
@@ -98,7 +85,7 @@ def decide_reattach(f: ReattachFacts) -> ReattachDecision:
     if p.start_time != led.daemon_start_time:
         return ReattachDecision(False, f"pid {pid} was started at tick {p.start_time}, the ledger's daemon at "
                                        f"tick {led.daemon_start_time}: the pid was reused")
-    if not runs_binary(p.exe, p.exe_id, f.binary, f.binary_id):
+    if not runs_file(p.exe, p.exe_id, f.binary, f.binary_id):
         return ReattachDecision(False, f"pid {pid} runs {p.exe or 'an unknown program'}, not {f.binary}")
     if p.uid != 0:
         return ReattachDecision(False, f"pid {pid} runs as uid {p.uid}, not root")
@@ -114,7 +101,7 @@ def _just_spawned(f: ReattachFacts, tick: int) -> ReattachDecision:
     the binary, as root, in this namespace, started since the spawn began, is that daemon."""
     found = [p for p in f.spawned if not p.zombie and p.netns_inode == f.netns_inode and p.uid == 0
              and p.start_time is not None and p.start_time >= tick
-             and runs_binary(p.exe, p.exe_id, f.binary, f.binary_id)]
+             and runs_file(p.exe, p.exe_id, f.binary, f.binary_id)]
     if not found:
         return ReattachDecision(False, f"the earlier supervisor was spawning a daemon (tick {tick}); none runs")
     if len(found) > 1:
