@@ -227,7 +227,25 @@ def _parse_ts_list(items: Iterable[str]) -> tuple[TrafficSelector, ...]:
     return tuple(out)
 
 
+_BITS = {socket.AF_INET: 32, socket.AF_INET6: 128}
+
+
 def _range_of(address: str, prefixlen: int) -> tuple[int, int, int]:
+    """(family, first, last) of ADDRESS/PREFIXLEN; ValueError when it is not an address and prefix."""
+    # Fast path for the canonical text the netlink decoder writes (inet_ntop): a concentrator's
+    # adoption reads tens of thousands of these per step, and ipaddress takes 5-10x as long.
+    # Anything else (non-canonical, odd prefix) takes ipaddress's path and its verdict.
+    if type(prefixlen) is int:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        bits = _BITS[family]
+        try:
+            packed = socket.inet_pton(family, address)
+        except (OSError, ValueError):
+            packed = None
+        if packed is not None and 0 <= prefixlen <= bits and socket.inet_ntop(family, packed) == address:
+            host = (1 << (bits - prefixlen)) - 1
+            low = int.from_bytes(packed, "big") & ~host
+            return family, low, low | host
     net = ipaddress.ip_network(f"{address}/{prefixlen}", strict=False)
     family = socket.AF_INET if net.version == 4 else socket.AF_INET6
     return family, int(net.network_address), int(net.broadcast_address)
@@ -327,6 +345,59 @@ def _address_in(address: str, entries: Sequence[str]) -> str:
                 return "yes"
         if kind in ("any", "hostname"):
             verdict = "unknown"
+    return verdict
+
+
+def _ip_int(address: str) -> tuple[int, int] | None:
+    """(IP version, integer) of a canonical address text; None for anything else (see _range_of)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        packed = socket.inet_pton(family, address)
+    except (OSError, ValueError):
+        return None
+    if socket.inet_ntop(family, packed) != address:
+        return None
+    return (6 if family == socket.AF_INET6 else 4), int.from_bytes(packed, "big")
+
+
+def _parsed_entries(entries: Sequence[str]) -> tuple | None:
+    """ENTRIES (local_addrs / remote_addrs) read once for ``_address_in_parsed``: per entry
+    (version, first, last) or None (a wildcard or host name: "unknown"); None when one is
+    something only ``_address_in`` itself judges the same way (scoped, mixed-family ranges)."""
+    out = []
+    for entry in entries:
+        kind = _peer_kind(entry)
+        e = entry.strip()
+        if "%" in e and kind != "any":
+            return None
+        if kind == "address":
+            a = ipaddress.ip_address(e)
+            out.append((a.version, int(a), int(a)))
+        elif kind == "subnet":
+            n = ipaddress.ip_network(e, strict=False)
+            out.append((n.version, int(n.network_address), int(n.broadcast_address)))
+        elif kind == "range":
+            lo, hi = (ipaddress.ip_address(p.strip()) for p in e.split("-", 1))
+            if lo.version != hi.version:
+                return None
+            out.append((lo.version, int(lo), int(hi)))
+        else:
+            out.append(None)
+    return tuple(out)
+
+
+def _address_in_parsed(address: str, entries: Sequence[str], parsed: tuple | None) -> str:
+    """_address_in(ADDRESS, ENTRIES) with ENTRIES read beforehand (PARSED, from _parsed_entries)."""
+    addr = _ip_int(address) if parsed is not None and entries else None
+    if addr is None:
+        return _address_in(address, entries)
+    verdict = "no"
+    version, value = addr
+    for p in parsed:
+        if p is None:
+            verdict = "unknown"
+        elif p[0] == version and p[1] <= value <= p[2]:
+            return "yes"
     return verdict
 
 
@@ -528,6 +599,109 @@ def _covered(selector: XfrmSelector, local_ts: Sequence[TrafficSelector],
     return True, exact
 
 
+class _SideIndex:
+    """One side's traffic selectors of every configured child, by address: which children may
+    cover an address range (a superset: protocol and ports are left to ``_covered``)."""
+
+    __slots__ = ("dynamic", "blocks", "prefixes", "ranges")
+
+    def __init__(self) -> None:
+        self.dynamic: list[int] = []                          # children with a "dynamic" selector
+        self.blocks: dict[tuple[int, int, int], list[int]] = {}   # (family, prefix, first) -> children
+        self.prefixes: dict[int, list[int]] = {}             # family -> prefix lengths in use
+        self.ranges: list[tuple[int, int, int, int]] = []    # (family, first, last, child): a..b ranges
+
+    def add(self, i: int, ts: TrafficSelector) -> None:
+        if ts.dynamic:
+            self.dynamic.append(i)
+            return
+        size = ts.high - ts.low + 1
+        bits = _BITS.get(ts.family)
+        if bits is None or size <= 0 or size & (size - 1) or ts.low & (size - 1):
+            self.ranges.append((ts.family, ts.low, ts.high, i))
+            return
+        prefix = bits - (size.bit_length() - 1)
+        self.blocks.setdefault((ts.family, prefix, ts.low), []).append(i)
+        if prefix not in self.prefixes.setdefault(ts.family, []):
+            self.prefixes[ts.family].append(prefix)
+
+    def lookup(self, family: int, low: int, high: int) -> list[list[int]]:
+        """Lists of the children with a selector on this side whose addresses include LOW..HIGH."""
+        out = [self.dynamic] if low == high and self.dynamic else []
+        bits = _BITS.get(family, 0)
+        for prefix in self.prefixes.get(family, ()):
+            host = (1 << (bits - prefix)) - 1
+            first = low & ~host
+            if high <= first | host:
+                hit = self.blocks.get((family, prefix, first))
+                if hit:
+                    out.append(hit)
+        if self.ranges:
+            hit = [i for f, lo, hi, i in self.ranges if f == family and lo <= low and high <= hi]
+            if hit:
+                out.append(hit)
+        return out
+
+
+def _parsed_or_none(entries: Sequence[str]) -> tuple | None:
+    try:
+        return _parsed_entries(entries)
+    except ValueError:
+        return None             # _address_in raises the same error when it is asked
+
+
+class _ChildIndex:
+    """Configured children indexed by their traffic selectors, so a leftover is compared with the
+    few that can cover it instead of all of them; candidates come in configuration order."""
+
+    __slots__ = ("children", "local", "remote", "addrs")
+
+    def __init__(self, configured: Sequence[ConfiguredChild]) -> None:
+        self.children = tuple(configured)
+        self.local, self.remote = _SideIndex(), _SideIndex()
+        # each child's (local_addrs, remote_addrs), read once; by id: children are compared by value
+        self.addrs: dict[int, tuple] = {}
+        for i, child in enumerate(self.children):
+            self.addrs[id(child)] = (_parsed_or_none(child.local_addrs), _parsed_or_none(child.remote_addrs))
+            for ts in child.local_ts:
+                self.local.add(i, ts)
+            for ts in child.remote_ts:
+                self.remote.add(i, ts)
+
+    def candidates(self, selectors: Sequence[XfrmSelector]) -> list[ConfiguredChild]:
+        """Every child that may cover all of SELECTORS (local -> remote), in configuration order."""
+        if not self.children or not selectors:
+            return list(self.children) if selectors else []
+        best = None
+        # A child must cover every selector on both sides: any one (selector, side) gives a
+        # superset; take the smallest.
+        for s in selectors:
+            for index, source in ((self.local, True), (self.remote, False)):
+                family, low, high, _ = _side(s, source)
+                hits = index.lookup(family, low, high)
+                size = sum(map(len, hits))
+                if best is None or size < best[0]:
+                    best = (size, hits)
+                    if size == 0:
+                        return []
+        hits = best[1]
+        found = hits[0] if len(hits) == 1 else set().union(*hits)
+        return [self.children[i] for i in sorted(set(found))]
+
+
+_INDEX_CACHE: list = [None, None]      # (configured tuple, its _ChildIndex): one adoption's list-conns
+
+
+def _child_index(configured: Sequence[ConfiguredChild]) -> _ChildIndex:
+    """The index of CONFIGURED; a tuple (immutable, as list-conns gives it) is indexed once."""
+    if type(configured) is not tuple:
+        return _ChildIndex(configured)
+    if _INDEX_CACHE[0] is not configured:
+        _INDEX_CACHE[1] = _ChildIndex(configured)
+        _INDEX_CACHE[0] = configured
+    return _INDEX_CACHE[1]
+
+
 def _mode_compatible(leftover: LeftoverChild, child: ConfiguredChild) -> bool:
     if leftover.mode is None:
         return child.mode in ("TUNNEL", "TRANSPORT", "BEET")
@@ -537,19 +711,26 @@ def _mode_compatible(leftover: LeftoverChild, child: ConfiguredChild) -> bool:
 def match_leftover(leftover: LeftoverChild, configured: Sequence[ConfiguredChild],
                    active: Sequence[ActiveIke] = ()) -> Match:
     """The best configured child for LEFTOVER; ambiguity or no candidate gives child None."""
+    reqid_owner = frozenset((c.conn, c.child) for ike in active for c in ike.children
+                            if c.reqid == leftover.reqid)
+    return _match(leftover, _child_index(configured), reqid_owner)
+
+
+def _match(leftover: LeftoverChild, index: _ChildIndex, reqid_owner: frozenset[tuple[str, str]]) -> Match:
+    """match_leftover against INDEX; REQID_OWNER: the (conn, child) charon runs the leftover's reqid for."""
     if not leftover.selectors:
         return Match(leftover, None, "no policy left to tell its traffic selectors")
-    reqid_owner = {(c.conn, c.child) for ike in active for c in ike.children if c.reqid == leftover.reqid}
     scored = []
-    for child in configured:
+    for child in index.candidates(leftover.selectors):
         if not _mode_compatible(leftover, child):
             continue
         covered = [_covered(s, child.local_ts, child.remote_ts) for s in leftover.selectors]
         if not all(c for c, _ in covered):
             continue
         exact = all(e for _, e in covered)
-        peer = _address_in(leftover.peer, child.remote_addrs) if leftover.peer else "unknown"
-        local = _address_in(leftover.local, child.local_addrs) if leftover.local else "unknown"
+        local_addrs, remote_addrs = index.addrs[id(child)]
+        peer = _address_in_parsed(leftover.peer, child.remote_addrs, remote_addrs) if leftover.peer else "unknown"
+        local = _address_in_parsed(leftover.local, child.local_addrs, local_addrs) if leftover.local else "unknown"
         if peer == "no" or local == "no":
             continue
         same_reqid = (child.conn, child.child) in reqid_owner
@@ -573,18 +754,28 @@ def match_leftover(leftover: LeftoverChild, configured: Sequence[ConfiguredChild
 def _replacement(leftover: LeftoverChild, child: ConfiguredChild,
                  active: Sequence[ActiveIke]) -> ActiveChild | None:
     """A live CHILD_SA of CHILD (not one of the leftover's SPIs) that carries the leftover's traffic."""
+    return _replacement_in(leftover, child, _live_children(active))
+
+
+def _live_children(active: Sequence[ActiveIke]) -> dict[tuple[str, str], list[ActiveChild]]:
+    """charon's live CHILD_SAs by (connection, child name), in list-sas order."""
+    out: dict[tuple[str, str], list[ActiveChild]] = {}
     for ike in active:
-        if ike.conn != child.conn:
-            continue
         for c in ike.children:
-            if c.child != child.child or not c.live:
-                continue
-            if {c.spi_in, c.spi_out} & leftover.spis:
-                continue
-            if c.local_ts and c.remote_ts and not all(
-                    _covered(s, c.local_ts, c.remote_ts)[0] for s in leftover.selectors):
-                continue        # narrowed to other traffic: not this leftover's replacement
-            return c
+            if c.live:
+                out.setdefault((ike.conn, c.child), []).append(c)
+    return out
+
+
+def _replacement_in(leftover: LeftoverChild, child: ConfiguredChild,
+                    live: Mapping[tuple[str, str], Sequence[ActiveChild]]) -> ActiveChild | None:
+    for c in live.get((child.conn, child.child), ()):
+        if {c.spi_in, c.spi_out} & leftover.spis:
+            continue
+        if c.local_ts and c.remote_ts and not all(
+                _covered(s, c.local_ts, c.remote_ts)[0] for s in leftover.selectors):
+            continue        # narrowed to other traffic: not this leftover's replacement
+        return c
     return None
 
 
@@ -644,7 +835,7 @@ def configured_for(policy: XfrmPolicy, configured: Sequence[ConfiguredChild] | N
     if configured is None:
         return None
     selector = policy.selector if policy.dir == xfrm.DIR_OUT else _reversed(policy.selector)
-    for child in configured:
+    for child in _child_index(configured).candidates((selector,)):
         if child.mode in ("PASS", "DROP"):
             continue
         if _covered(selector, child.local_ts, child.remote_ts)[0]:
@@ -743,6 +934,12 @@ def _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, 
             firewall_by_reqid.setdefault(record.updown.reqid, []).append(record)
     wanted: dict[tuple[str, str], list[LeftoverChild]] = {}
     notes: dict[tuple, str] = {}
+    index = _child_index(configured) if configured is not None else None
+    live_children = _live_children(active)
+    reqid_owners: dict[int, set[tuple[str, str]]] = {}
+    for ike in active:
+        for c in ike.children:
+            reqid_owners.setdefault(c.reqid, set()).add((c.conn, c.child))
 
     # Every leftover describes its CHILD_SA (policies charon already took back still tell the
     # selectors and the peer); only what is still unclaimed is acted on.
@@ -750,8 +947,8 @@ def _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, 
         mine = [r for r in leftover.sas + leftover.policies if leftover_key(r) in unclaimed]
         if not mine:
             continue
-        match = match_leftover(leftover, configured, active) if configured is not None else \
-            Match(leftover, None, "charon's configuration is unknown (VICI did not answer)")
+        match = _match(leftover, index, frozenset(reqid_owners.get(leftover.reqid, ()))) \
+            if index is not None else Match(leftover, None, "charon's configuration is unknown (VICI did not answer)")
         if explain:
             text = f"{leftover.describe()}: " + (f"matches {match.child.name} ({match.reason})"
                                                  if match.child else match.reason)
@@ -759,7 +956,7 @@ def _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, 
                 notes[leftover_key(r)] = text
         if match.child is None:
             continue
-        new = _replacement(leftover, match.child, active)
+        new = _replacement_in(leftover, match.child, live_children)
         if new is not None:
             for sa in leftover.sas:
                 if leftover_key(sa) in unclaimed and sa.spi not in live_spis and not sa.larval:
