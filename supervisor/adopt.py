@@ -654,19 +654,27 @@ class _ChildIndex:
     """Configured children indexed by their traffic selectors, so a leftover is compared with the
     few that can cover it instead of all of them; candidates come in configuration order."""
 
-    __slots__ = ("children", "local", "remote", "addrs")
+    __slots__ = ("children", "local", "remote", "addrs", "_initiable")
 
     def __init__(self, configured: Sequence[ConfiguredChild]) -> None:
         self.children = tuple(configured)
         self.local, self.remote = _SideIndex(), _SideIndex()
         # each child's (local_addrs, remote_addrs), read once; by id: children are compared by value
         self.addrs: dict[int, tuple] = {}
+        self._initiable: dict[int, bool] = {}
         for i, child in enumerate(self.children):
             self.addrs[id(child)] = (_parsed_or_none(child.local_addrs), _parsed_or_none(child.remote_addrs))
             for ts in child.local_ts:
                 self.local.add(i, ts)
             for ts in child.remote_ts:
                 self.remote.add(i, ts)
+
+    def initiable(self, child: ConfiguredChild) -> bool:
+        """child.initiable_peer(), asked once per child of this index."""
+        known = self._initiable.get(id(child))
+        if known is None:
+            known = self._initiable[id(child)] = child.initiable_peer()
+        return known
 
     def candidates(self, selectors: Sequence[XfrmSelector]) -> list[ConfiguredChild]:
         """Every child that may cover all of SELECTORS (local -> remote), in configuration order."""
@@ -689,17 +697,18 @@ class _ChildIndex:
         return [self.children[i] for i in sorted(set(found))]
 
 
-_INDEX_CACHE: list = [None, None]      # (configured tuple, its _ChildIndex): one adoption's list-conns
+_INDEX_CACHE: list = [None]      # (configured tuple, its _ChildIndex): the latest list-conns answer
 
 
 def _child_index(configured: Sequence[ConfiguredChild]) -> _ChildIndex:
     """The index of CONFIGURED; a tuple (immutable, as list-conns gives it) is indexed once."""
-    if type(configured) is not tuple:
-        return _ChildIndex(configured)
-    if _INDEX_CACHE[0] is not configured:
-        _INDEX_CACHE[1] = _ChildIndex(configured)
-        _INDEX_CACHE[0] = configured
-    return _INDEX_CACHE[1]
+    cached = _INDEX_CACHE[0]
+    if cached is not None and cached[0] is configured:
+        return cached[1]
+    index = _ChildIndex(configured)
+    if type(configured) is tuple:
+        _INDEX_CACHE[0] = (configured, index)      # one slot, replaced whole: no torn pair
+    return index
 
 
 def _mode_compatible(leftover: LeftoverChild, child: ConfiguredChild) -> bool:
@@ -894,11 +903,77 @@ def _expires_first(leftover: LeftoverChild) -> float:
     return min(times, default=float("inf"))
 
 
+class _Memo:
+    """What the steps of one adoption share: the leftovers grouped into CHILD_SAs, each record's
+    key, and each group's match (kept while the same list-conns answer and reqids are asked about)."""
+
+    __slots__ = ("leftovers", "local_addresses", "groups", "keys", "numbers", "number_of", "matches")
+
+    def __init__(self, leftovers: Sequence[tuple[Any, Verdict]], local_addresses: frozenset[str]) -> None:
+        self.leftovers = leftovers              # held: the ids below stay the records'
+        self.local_addresses = local_addresses
+        # Each distinct leftover key gets a number: sets of those are cheaper than sets of keys
+        # (a policy's key hashes its whole selector again every time).
+        self.keys: dict[int, tuple] = {}
+        self.numbers: dict[tuple, int] = {}
+        self.number_of: dict[int, int] = {}
+        for r, _ in leftovers:
+            key = self.keys[id(r)] = leftover_key(r)
+            self.number_of[id(r)] = self.numbers.setdefault(key, len(self.numbers))
+        self.groups = group_leftovers([r for r, _ in leftovers], local_addresses)
+        self.matches: dict[int, tuple[_ChildIndex, frozenset, Match]] = {}
+
+    def key(self, record: Any) -> tuple:
+        key = self.keys.get(id(record))
+        return key if key is not None else leftover_key(record)
+
+    def number(self, record: Any) -> int:
+        """The number of RECORD's leftover key (records with equal keys share it)."""
+        n = self.number_of.get(id(record))
+        return n if n is not None else self.numbers.setdefault(leftover_key(record), len(self.numbers))
+
+    def match(self, i: int, index: _ChildIndex, owners: frozenset[tuple[str, str]]) -> Match:
+        known = self.matches.get(i)
+        if known is not None and known[0] is index and known[1] == owners:
+            return known[2]
+        match = _match(self.groups[i], index, owners)
+        self.matches[i] = (index, owners, match)
+        return match
+
+
+_MEMO: list = [None]       # the adoption in progress (its leftovers: a tuple, the same every step)
+
+
+def _memo_for(leftovers: Sequence[tuple[Any, Verdict]], local_addresses: frozenset[str]) -> _Memo:
+    memo = _MEMO[0]
+    if memo is not None and memo.leftovers is leftovers and memo.local_addresses == local_addresses:
+        return memo
+    memo = _Memo(leftovers, local_addresses)
+    if type(leftovers) is tuple:
+        _MEMO[0] = memo
+    return memo
+
+
+def forget() -> None:
+    """Drop what plan_adopt kept between the steps of an adoption (it has ended)."""
+    _MEMO[0] = None
+
+
 def _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, initiated, connecting_since,
                 parallel, local_addresses, markers, fail_closed, initiate, explain, others) -> Plan:
-    pending = pending_leftovers(leftovers, ledger, resolved)
-    verdict_of = {leftover_key(r): v for r, v, _ in pending}
-    unclaimed = {leftover_key(r) for r, _, s in pending if s == UNCLAIMED}
+    memo = _memo_for(leftovers, local_addresses)
+    key_of = memo.number            # within one plan, a key's number stands for the key
+    # resolved keys as numbers: one lookup per resolved key, not one hash of every leftover's key
+    done = {memo.numbers[k] for k in resolved if k in memo.numbers}
+    pending = []
+    for record, verdict in leftovers:
+        if key_of(record) in done:
+            continue
+        status = leftover_status(record, ledger)
+        if status not in (GONE, FOREIGN):
+            pending.append((record, verdict, status))
+    verdict_of = {key_of(r): v for r, v, _ in pending}
+    unclaimed = {key_of(r) for r, _, s in pending if s == UNCLAIMED}
     decided: set[tuple] = set()
     keeps: list = []
     initiations: list = []
@@ -906,7 +981,7 @@ def _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, 
     active = tuple(active or ())
 
     def held(record: Any) -> str | None:
-        return deletion_hold(record, verdict_of[leftover_key(record)], others)
+        return deletion_hold(record, verdict_of[key_of(record)], others)
 
     def decide_delete(record: Any, reason: str) -> None:
         hold = held(record)
@@ -914,11 +989,11 @@ def _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, 
             keep(record, f"{hold}; not deleted although {reason}")
             return
         deletes[record.FAMILY].append((record, reason))
-        decided.add(leftover_key(record))
+        decided.add(key_of(record))
 
     def keep(record: Any, reason: str) -> None:
-        keeps.append(Keep(record, verdict_of[leftover_key(record)].rule, reason))
-        decided.add(leftover_key(record))
+        keeps.append(Keep(record, verdict_of[key_of(record)].rule, reason))
+        decided.add(key_of(record))
 
     for record, verdict, status in pending:
         if status == CLAIMED:
@@ -943,35 +1018,38 @@ def _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, 
 
     # Every leftover describes its CHILD_SA (policies charon already took back still tell the
     # selectors and the peer); only what is still unclaimed is acted on.
-    for leftover in group_leftovers([r for r, _ in leftovers], local_addresses):
-        mine = [r for r in leftover.sas + leftover.policies if leftover_key(r) in unclaimed]
+    for i, leftover in enumerate(memo.groups):
+        mine = [r for r in leftover.sas + leftover.policies if key_of(r) in unclaimed]
         if not mine:
             continue
-        match = _match(leftover, index, frozenset(reqid_owners.get(leftover.reqid, ()))) \
+        match = memo.match(i, index, frozenset(reqid_owners.get(leftover.reqid, ()))) \
             if index is not None else Match(leftover, None, "charon's configuration is unknown (VICI did not answer)")
         if explain:
             text = f"{leftover.describe()}: " + (f"matches {match.child.name} ({match.reason})"
                                                  if match.child else match.reason)
             for r in mine:
-                notes[leftover_key(r)] = text
+                notes[key_of(r)] = text
         if match.child is None:
             continue
         new = _replacement_in(leftover, match.child, live_children)
         if new is not None:
             for sa in leftover.sas:
-                if leftover_key(sa) in unclaimed and sa.spi not in live_spis and not sa.larval:
+                if key_of(sa) in unclaimed and sa.spi not in live_spis and not sa.larval:
                     decide_delete(sa, f"replaced by charon's {new.describe()}")
             if new.reqid != leftover.reqid:
                 for rule in firewall_by_reqid.get(leftover.reqid, ()):
-                    if leftover_key(rule) in unclaimed:
+                    if key_of(rule) in unclaimed:
                         decide_delete(rule, f"updown rule for reqid {leftover.reqid}, replaced by "
                                             f"{new.describe()}")
             continue
         key = (match.child.conn, match.child.child)
-        if initiate and match.child.initiable_peer() and key not in initiated and leftover.peer:
+        if key in initiated or not initiate or not leftover.peer:
+            continue
+        if index.initiable(match.child):
             if match.child.conn in busy_conns:
-                notes.update({leftover_key(r): f"charon is establishing {match.child.conn} already; waiting"
-                              for r in mine})
+                if explain:
+                    notes.update({key_of(r): f"charon is establishing {match.child.conn} already; waiting"
+                                  for r in mine})
             else:
                 wanted.setdefault(key, []).append(leftover)
 
@@ -983,18 +1061,19 @@ def _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, 
     busy_now = establishing(active, initiated, connecting_since, now) if by_conn else frozenset()
     turn = list(by_conn)[:max(0, parallel - len(busy_now))]
     queued = tuple(list(by_conn)[len(turn):])
+    why = (f"waiting its turn: {', '.join(sorted(busy_now | set(turn)))} being established "
+           f"(recovery.adopt_initiate_parallel is {parallel})")
     for conn in queued:
         for key in by_conn[conn]:
             for leftover in wanted.pop(key):
-                why = (f"waiting its turn: {', '.join(sorted(busy_now | set(turn)))} being established "
-                       f"(recovery.adopt_initiate_parallel is {parallel})")
-                notes.update({leftover_key(r): why for r in leftover.sas + leftover.policies})
+                if explain:         # notes only explain WaitFor actions
+                    notes.update({key_of(r): why for r in leftover.sas + leftover.policies})
 
     for conn, child in (key for conn in turn for key in by_conn[conn]):
         group = wanted[(conn, child)]
         first = group[0]
-        rule = next(verdict_of[leftover_key(r)].rule for r in first.sas + first.policies
-                    if leftover_key(r) in verdict_of)
+        rule = next(verdict_of[key_of(r)].rule for r in first.sas + first.policies
+                    if key_of(r) in verdict_of)
         how = ("a CHILD_SA in its established IKE_SA" if conn in up_conns else
                "a new IKE_SA whose INITIAL_CONTACT makes the peer drop the dead charon's SAs")
         initiations.append(InitiateChild(conn, child, first.peer, tuple(g.reqid for g in group), rule,
@@ -1039,7 +1118,7 @@ def _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, 
     blocks: list = []
     waits: list = []
     for record, verdict, status in pending:
-        key = leftover_key(record)
+        key = key_of(record)
         if key in decided:
             continue
         why = superseded(record)
@@ -1076,7 +1155,7 @@ def _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, 
     for family in FLUSH_ORDER:
         for record, reason in deletes[family]:
             after = (block_at[id(record)],) if id(record) in block_at else ()
-            actions.append(DeleteObject(record, verdict_of[leftover_key(record)].rule, reason, after))
+            actions.append(DeleteObject(record, verdict_of[key_of(record)].rule, reason, after))
     # Initiations last: the clean-up (iptables runs) does not compete with the exchange for CPU.
     actions.extend(initiations)
     actions.extend(waits)
