@@ -62,7 +62,12 @@ def scenario_for(target: str, tunnels: int, max_window: float, grace: str | None
     extra = {"adopt_initiate_parallel": parallel}
     if grace:
         extra["adopt_grace"] = grace
-    settings = LabSettings(recovery=recovery_settings(extra) if kind == "adopt" else {})
+    # Loading N connections while charon starts half of them takes minutes under emulation, and
+    # its VICI answers stall meanwhile: limits that grow with N (the lab's are for a few tunnels).
+    slow = {"daemon": {"load_timeout": f"{max(60, 2 * tunnels)}s"},
+            "health": {"interval": f"{max(5, tunnels // 10)}s", "timeout": f"{max(5, tunnels // 10)}s"}} \
+        if tunnels > 50 else {}
+    settings = LabSettings(recovery=recovery_settings(extra) if kind == "adopt" else {}, supervisor=slow)
     common = dict(tunnels=tunnels, ping_sample=SAMPLE, settings=settings, warmup=3.0, min_observe=10.0,
                   settle=3.0, max_observe=max_window, until_all_back=True, prefix="ipsvscale")
     if kind == "starter":
