@@ -164,9 +164,9 @@ def phases(ns: str, workdir: str, env: dict) -> None:
         print(f"  {label:<46} {t * 1000:6.0f}ms  {len(out) / max(1, len(docs)):.0f} bytes per policy")
 
 
-def adopt_step(state, n: int) -> tuple[float, float, float, int]:
-    """Seconds of adopt planning right after the restart: (the first step, a later step, the step
-    after the grace, leftovers). Every owned leftover; one configured child per tunnel (its selectors
+def adopt_step(state, n: int) -> tuple[tuple, tuple, tuple, int]:
+    """(wall, cpu) seconds of adopt planning right after the restart: (the first step, a later step,
+    the step after the grace, leftovers). Every owned leftover; one configured child per tunnel (its selectors
     and peer, as list-conns shows them); nothing active. The first step and the sweep start cold
     (configured children indexed, leftovers grouped and keyed: fresh copies each run); a later step
     is what the supervisor's following steps cost (same leftovers and list-conns answer)."""
@@ -185,6 +185,16 @@ def adopt_step(state, n: int) -> tuple[float, float, float, int]:
 
     def step(lo, conf, **kw):
         return plan_adopt(lo, configured=conf, **{**common, **kw})
+
+    def best(fn, runs: int = 3):
+        """((wall, cpu) of the fastest of RUNS, its result); CPU time barely moves under load."""
+        times, result = [], None
+        for _ in range(runs):
+            gc.collect()
+            w, c = time.perf_counter(), time.process_time()
+            result = fn()
+            times.append((time.perf_counter() - w, time.process_time() - c))
+        return min(times), result
     # as the supervisor steps: the plan's own work only (WaitFor actions left out)
     first, plan = best(lambda: step(tuple(leftovers), tuple(configured), now=0.0, deadline=60.0))
     initiations = [a for a in plan.actions if a.KIND == "initiate"]
@@ -198,6 +208,21 @@ def adopt_step(state, n: int) -> tuple[float, float, float, int]:
                     runs=1)
     adopt.forget()
     return first, later, swept, len(leftovers)
+
+
+def adopt_curve(sizes: list[int], workdir: str) -> None:
+    """Only adopt planning at each size (the namespace is built, read and removed; nothing flushed)."""
+    detail = []
+    for n in sizes:
+        ns = f"ipsv-bsnap-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        try:
+            bench_flush.build(ns, n, min(100, n), workdir)
+            with netns.enter(ns):
+                state = read_state(ReadOptions())
+        finally:
+            bench_flush.remove(ns)
+        detail.append((n, [adopt_step(state, n)], 0))
+    print_adopt(detail, max(sizes))
 
 
 def curve(sizes: list[int], workdir: str, adopt_max: int) -> None:
@@ -242,7 +267,12 @@ def curve(sizes: list[int], workdir: str, adopt_max: int) -> None:
     print(f"  {'tunnels':>8} {'dump':>8} {'decode':>8} {'encode':>8} {'write+fsync':>11} {'MB':>6} {'ip -batch del':>14}")
     for n, (d, dec, enc, wr, ip, _), size in detail:
         print(f"  {n:>8} {d:7.3f}s {dec:7.3f}s {enc:7.3f}s {wr:10.3f}s {size / 1e6:6.1f} {ip:13.3f}s")
-    print("adopt planning (adopt.plan_adopt, no ledger, one configured child per tunnel, nothing active yet):")
+    print_adopt(detail, adopt_max)
+
+
+def print_adopt(detail: list, adopt_max: int) -> None:
+    print("adopt planning (adopt.plan_adopt, no ledger, one configured child per tunnel, nothing active yet; "
+          "wall s, us per leftover; best of 3):")
     print(f"  {'tunnels':>8} {'leftovers':>9} {'first step':>10} {'us/left':>8} {'later step':>10} {'us/left':>8} "
           f"{'after grace':>11} {'us/left':>8}")
     for n, (*_, adopt), _ in detail:
@@ -250,8 +280,9 @@ def curve(sizes: list[int], workdir: str, adopt_max: int) -> None:
             print(f"  {n:>8} (not measured: above --adopt-max {adopt_max})")
             continue
         first, later, swept, count = adopt
-        print(f"  {n:>8} {count:>9} " + " ".join(f"{t:{w}.3f}s {t / count * 1e6:8.1f}"
-                                                  for t, w in ((first, 9), (later, 9), (swept, 10))))
+        print(f"  {n:>8} {count:>9} " + " ".join(f"{t[0]:{w}.3f}s {t[0] / count * 1e6:8.1f}"
+                                                  for t, w in ((first, 9), (later, 9), (swept, 10)))
+              + "   cpu " + " / ".join(f"{t[1]:.3f}s" for t in (first, later, swept)))
     print("first step: the supervisor's first step after the restart (indexes list-conns, groups and matches every "
           "leftover, initiates one); later step: the next ones (same leftovers and list-conns: grouping and matches "
           "kept); after grace: the sweep (every leftover deleted, fail-closed blocks for configured selectors)")
@@ -265,6 +296,7 @@ def main() -> int:
     parser.add_argument("--dir", help="where the files go (default: a new directory under /var/tmp, on disk "
                                       "like /var/lib/ipsec-supervisor)")
     parser.add_argument("--curve", metavar="N,N,...", help="only the cost curve at these tunnel counts")
+    parser.add_argument("--adopt-only", action="store_true", help="with --curve: only adopt planning")
     parser.add_argument("--adopt-max", type=int, default=30000, metavar="N",
                         help="time adopt planning in the curve up to N tunnels (default %(default)s)")
     args = parser.parse_args()
@@ -276,7 +308,11 @@ def main() -> int:
     env["PYTHONPYCACHEPREFIX"] = os.path.join(workdir, "pycache")     # bytecode cached, as installed
     try:
         if args.curve:
-            curve([int(n) for n in args.curve.split(",")], workdir, args.adopt_max)
+            sizes = [int(n) for n in args.curve.split(",")]
+            if args.adopt_only:
+                adopt_curve(sizes, workdir)
+            else:
+                curve(sizes, workdir, args.adopt_max)
             return 0
         ns = f"ipsv-bsnap-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         try:
