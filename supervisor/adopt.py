@@ -679,7 +679,7 @@ class _ChildIndex:
     def candidates(self, selectors: Sequence[XfrmSelector]) -> list[ConfiguredChild]:
         """Every child that may cover all of SELECTORS (local -> remote), in configuration order."""
         if not self.children or not selectors:
-            return list(self.children) if selectors else []
+            return []
         best = None
         # A child must cover every selector on both sides: any one (selector, side) gives a
         # superset; take the smallest.
