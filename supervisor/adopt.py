@@ -907,25 +907,19 @@ class _Memo:
     """What the steps of one adoption share: the leftovers grouped into CHILD_SAs, each record's
     key, and each group's match (kept while the same list-conns answer and reqids are asked about)."""
 
-    __slots__ = ("leftovers", "local_addresses", "groups", "keys", "numbers", "number_of", "matches")
+    __slots__ = ("leftovers", "local_addresses", "groups", "numbers", "number_of", "matches")
 
     def __init__(self, leftovers: Sequence[tuple[Any, Verdict]], local_addresses: frozenset[str]) -> None:
         self.leftovers = leftovers              # held: the ids below stay the records'
         self.local_addresses = local_addresses
         # Each distinct leftover key gets a number: sets of those are cheaper than sets of keys
         # (a policy's key hashes its whole selector again every time).
-        self.keys: dict[int, tuple] = {}
         self.numbers: dict[tuple, int] = {}
         self.number_of: dict[int, int] = {}
         for r, _ in leftovers:
-            key = self.keys[id(r)] = leftover_key(r)
-            self.number_of[id(r)] = self.numbers.setdefault(key, len(self.numbers))
+            self.number_of[id(r)] = self.numbers.setdefault(leftover_key(r), len(self.numbers))
         self.groups = group_leftovers([r for r, _ in leftovers], local_addresses)
         self.matches: dict[int, tuple[_ChildIndex, frozenset, Match]] = {}
-
-    def key(self, record: Any) -> tuple:
-        key = self.keys.get(id(record))
-        return key if key is not None else leftover_key(record)
 
     def number(self, record: Any) -> int:
         """The number of RECORD's leftover key (records with equal keys share it)."""
@@ -957,6 +951,7 @@ def _memo_for(leftovers: Sequence[tuple[Any, Verdict]], local_addresses: frozens
 def forget() -> None:
     """Drop what plan_adopt kept between the steps of an adoption (it has ended)."""
     _MEMO[0] = None
+    _INDEX_CACHE[0] = None
 
 
 def _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, initiated, connecting_since,
