@@ -62,7 +62,12 @@ def scenario_for(target: str, tunnels: int, max_window: float, grace: str | None
     extra = {"adopt_initiate_parallel": parallel}
     if grace:
         extra["adopt_grace"] = grace
-    settings = LabSettings(recovery=recovery_settings(extra) if kind == "adopt" else {})
+    # Loading N connections while charon starts half of them takes minutes under emulation, and
+    # its VICI answers stall meanwhile: limits that grow with N (the lab's are for a few tunnels).
+    slow = {"daemon": {"load_timeout": f"{max(60, 2 * tunnels)}s"},
+            "health": {"interval": f"{max(5, tunnels // 10)}s", "timeout": f"{max(5, tunnels // 10)}s"}} \
+        if tunnels > 50 else {}
+    settings = LabSettings(recovery=recovery_settings(extra) if kind == "adopt" else {}, supervisor=slow)
     common = dict(tunnels=tunnels, ping_sample=SAMPLE, settings=settings, warmup=3.0, min_observe=10.0,
                   settle=3.0, max_observe=max_window, until_all_back=True, prefix="ipsvscale")
     if kind == "starter":
@@ -174,6 +179,29 @@ def print_table(results: dict, tunnels: int) -> None:
                   + (f"; adoption {r['adoption']}" if r.get("adoption") else ""))
 
 
+def serial_order(targets: list[str]) -> list[str]:
+    """The adopt targets first, then the starter: its window is sized by their convergence."""
+    return [t for t in targets if t != "starter"] + [t for t in targets if t == "starter"]
+
+
+def starter_window(outcomes: dict, max_window: float, factor: float) -> float:
+    """The starter's watch: at least FACTOR x the slowest adopt convergence measured before it
+    (a starter that has not converged when it ends shows adopt/starter < 1/FACTOR), else MAX_WINDOW."""
+    converged = [summarize_converged(o) for o in outcomes.values() if not isinstance(o, Exception)]
+    converged = [c for c in converged if c is not None]
+    if not factor or not converged:
+        return max_window
+    return max(max_window, factor * max(converged))
+
+
+def summarize_converged(out) -> float | None:
+    """Seconds from the kill until every tunnel was back and every leftover decided (None: never)."""
+    done_at = adoption_finished_at(out.moon_output) or out.adoption_done_at
+    if out.all_back_at is None or (out.scenario.moon == "supervisor" and done_at is None):
+        return None
+    return max(out.all_back_at, done_at or 0.0) - out.kill_at
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tunnels", type=int, default=50, help="tunnels in each lab (1..250, default 50)")
@@ -182,6 +210,11 @@ def main() -> int:
     ap.add_argument("--grace", default=None, help="recovery.adopt_grace for the adopt targets (default: its default)")
     ap.add_argument("--side-by-side", action="store_true", help="all targets at once (shares the CPU)")
     ap.add_argument("--max-window", type=float, default=400.0, help="longest watch after a kill (s, default 400)")
+    ap.add_argument("--starter-factor", type=float, default=5.5, metavar="F",
+                    help="one after the other, the adopt targets run first and the starter is watched for at "
+                         "least F x their slowest convergence (default %(default)s; 0: --max-window)")
+    ap.add_argument("--starter-max", type=float, default=3600.0, metavar="S",
+                    help="but never longer than S seconds (default %(default)s)")
     ap.add_argument("--json", action="store_true", help="also print the results as JSON")
     ap.add_argument("--keep-files", action="store_true",
                     help="keep the labs' configs, logs and captures (in the VM: copied to its vm-results folder)")
@@ -211,9 +244,12 @@ def main() -> int:
         # set-up grows with the tunnels (about 2 s each under emulation), then the watch window
         per_target = args.max_window + 120 + 3 * args.tunnels
         budget = (1 if args.side_by_side else len(targets)) * per_target + 120
+        if "starter" in targets and not args.side_by_side and args.starter_factor:
+            budget += min(args.starter_max, args.starter_factor * args.max_window) - args.max_window
         argv = [os.path.join(ROOT, "tools", "vm-run"), "--timeout", str(int(budget)), "--memory", "2G", "--",
                 ".venv/bin/python", "bench/bench_adopt_scale.py", "--where", "here", "--targets", ",".join(targets),
-                "--tunnels", str(args.tunnels), "--max-window", str(args.max_window)] + \
+                "--tunnels", str(args.tunnels), "--max-window", str(args.max_window),
+                "--starter-factor", str(args.starter_factor), "--starter-max", str(args.starter_max)] + \
             (["--grace", args.grace] if args.grace else []) + \
             (["--side-by-side"] if args.side_by_side else []) + (["--json"] if args.json else []) + \
             (["--keep-files"] if args.keep_files else [])
@@ -222,10 +258,24 @@ def main() -> int:
     from lab.scenario import keep_workdir, run_crashes
     t0 = time.monotonic()
     work = tempfile.mkdtemp(prefix="ipsv-bench-scale-")
+
+    def say(m: str) -> None:
+        print(f"[{time.monotonic() - t0:6.1f}s] {m}", flush=True)
     try:
-        scenarios = {t: scenario_for(t, args.tunnels, args.max_window, args.grace) for t in targets}
-        outcomes = run_crashes(scenarios, work, parallel=args.side_by_side,
-                               say=lambda m: print(f"[{time.monotonic() - t0:6.1f}s] {m}", flush=True))
+        if args.side_by_side:
+            scenarios = {t: scenario_for(t, args.tunnels, args.max_window, args.grace) for t in targets}
+            outcomes = run_crashes(scenarios, work, parallel=True, say=say)
+        else:
+            outcomes = {}
+            for t in serial_order(targets):
+                window = args.max_window
+                if t == "starter":
+                    window = min(args.starter_max, starter_window(outcomes, args.max_window, args.starter_factor))
+                    if window > args.max_window:
+                        say(f"starter: watching up to {window:.0f} s ({args.starter_factor} x adopt's slowest "
+                            "convergence), so a starter that does not converge in it shows a ratio below 1/5")
+                outcomes.update(run_crashes({t: scenario_for(t, args.tunnels, window, args.grace)}, work,
+                                            parallel=False, say=say))
     finally:
         if args.keep_files:
             print(f"lab files kept in {keep_workdir(work, 'bench-adopt-scale')}")

@@ -412,7 +412,8 @@ class Charon:
                         raise LabError(f"swanctl --load-all in {self.site.name} failed ({r.returncode}): "
                                        f"{r.stderr.strip() or r.stdout.strip()}")
                     loaded = True
-                if want <= self.loaded_conns():
+                # a hundred connections take the emulated VM's charon seconds to list
+                if want <= self.loaded_conns(timeout=30.0 if len(want) > 20 else 5.0):
                     return pid
             time.sleep(0.2)
         raise LabError(f"{self.site.name}'s charon ({self.kind}) not ready with {', '.join(sorted(want))} loaded "

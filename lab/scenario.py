@@ -132,7 +132,7 @@ def run_crash(sc: Scenario, workdir: str, say: Callable[[str], None] = _say_noth
         sun.wait_ready(timeout=180)
         say(f"sun: charon ready; starting moon's charon under {sc.label}")
         moon.start()
-        moon.wait_ready(timeout=300)
+        moon.wait_ready(timeout=300 + 2 * sc.tunnels)     # a scale lab's moon loads N connections
         out.setup_s = time.monotonic() - t0
         say(f"moon: charon ready after {out.setup_s:.1f}s; waiting for the tunnels")
         if sc.tunnels:

@@ -214,7 +214,9 @@ def build_lab(lab: Lab, extra: dict[str, str] | None = None) -> None:
         _run("ip", "-n", lab.moon.netns, "link", "add", OUTER_IF, "type", "veth",
              "peer", "name", OUTER_IF, "netns", lab.sun.netns)
         for site in lab.sites:
-            sh_in(site.netns, site_script(lab, site) + (extra or {}).get(site.name, ""))
+            # one `ip` per tunnel address: under emulation 200 of them can take a minute
+            sh_in(site.netns, site_script(lab, site) + (extra or {}).get(site.name, ""),
+                  timeout=60 + len(lab.tunnels))
     except BaseException:
         remove_lab(lab)
         raise

@@ -227,7 +227,25 @@ def _parse_ts_list(items: Iterable[str]) -> tuple[TrafficSelector, ...]:
     return tuple(out)
 
 
+_BITS = {socket.AF_INET: 32, socket.AF_INET6: 128}
+
+
 def _range_of(address: str, prefixlen: int) -> tuple[int, int, int]:
+    """(family, first, last) of ADDRESS/PREFIXLEN; ValueError when it is not an address and prefix."""
+    # Fast path for the canonical text the netlink decoder writes (inet_ntop): a concentrator's
+    # adoption reads tens of thousands of these per step, and ipaddress takes 5-10x as long.
+    # Anything else (non-canonical, odd prefix) takes ipaddress's path and its verdict.
+    if type(prefixlen) is int:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        bits = _BITS[family]
+        try:
+            packed = socket.inet_pton(family, address)
+        except (OSError, ValueError):
+            packed = None
+        if packed is not None and 0 <= prefixlen <= bits and socket.inet_ntop(family, packed) == address:
+            host = (1 << (bits - prefixlen)) - 1
+            low = int.from_bytes(packed, "big") & ~host
+            return family, low, low | host
     net = ipaddress.ip_network(f"{address}/{prefixlen}", strict=False)
     family = socket.AF_INET if net.version == 4 else socket.AF_INET6
     return family, int(net.network_address), int(net.broadcast_address)
@@ -327,6 +345,59 @@ def _address_in(address: str, entries: Sequence[str]) -> str:
                 return "yes"
         if kind in ("any", "hostname"):
             verdict = "unknown"
+    return verdict
+
+
+def _ip_int(address: str) -> tuple[int, int] | None:
+    """(IP version, integer) of a canonical address text; None for anything else (see _range_of)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        packed = socket.inet_pton(family, address)
+    except (OSError, ValueError):
+        return None
+    if socket.inet_ntop(family, packed) != address:
+        return None
+    return (6 if family == socket.AF_INET6 else 4), int.from_bytes(packed, "big")
+
+
+def _parsed_entries(entries: Sequence[str]) -> tuple | None:
+    """ENTRIES (local_addrs / remote_addrs) read once for ``_address_in_parsed``: per entry
+    (version, first, last) or None (a wildcard or host name: "unknown"); None when one is
+    something only ``_address_in`` itself judges the same way (scoped, mixed-family ranges)."""
+    out = []
+    for entry in entries:
+        kind = _peer_kind(entry)
+        e = entry.strip()
+        if "%" in e and kind != "any":
+            return None
+        if kind == "address":
+            a = ipaddress.ip_address(e)
+            out.append((a.version, int(a), int(a)))
+        elif kind == "subnet":
+            n = ipaddress.ip_network(e, strict=False)
+            out.append((n.version, int(n.network_address), int(n.broadcast_address)))
+        elif kind == "range":
+            lo, hi = (ipaddress.ip_address(p.strip()) for p in e.split("-", 1))
+            if lo.version != hi.version:
+                return None
+            out.append((lo.version, int(lo), int(hi)))
+        else:
+            out.append(None)
+    return tuple(out)
+
+
+def _address_in_parsed(address: str, entries: Sequence[str], parsed: tuple | None) -> str:
+    """_address_in(ADDRESS, ENTRIES) with ENTRIES read beforehand (PARSED, from _parsed_entries)."""
+    addr = _ip_int(address) if parsed is not None and entries else None
+    if addr is None:
+        return _address_in(address, entries)
+    verdict = "no"
+    version, value = addr
+    for p in parsed:
+        if p is None:
+            verdict = "unknown"
+        elif p[0] == version and p[1] <= value <= p[2]:
+            return "yes"
     return verdict
 
 
@@ -528,6 +599,118 @@ def _covered(selector: XfrmSelector, local_ts: Sequence[TrafficSelector],
     return True, exact
 
 
+class _SideIndex:
+    """One side's traffic selectors of every configured child, by address: which children may
+    cover an address range (a superset: protocol and ports are left to ``_covered``)."""
+
+    __slots__ = ("dynamic", "blocks", "prefixes", "ranges")
+
+    def __init__(self) -> None:
+        self.dynamic: list[int] = []                          # children with a "dynamic" selector
+        self.blocks: dict[tuple[int, int, int], list[int]] = {}   # (family, prefix, first) -> children
+        self.prefixes: dict[int, list[int]] = {}             # family -> prefix lengths in use
+        self.ranges: list[tuple[int, int, int, int]] = []    # (family, first, last, child): a..b ranges
+
+    def add(self, i: int, ts: TrafficSelector) -> None:
+        if ts.dynamic:
+            self.dynamic.append(i)
+            return
+        size = ts.high - ts.low + 1
+        bits = _BITS.get(ts.family)
+        if bits is None or size <= 0 or size & (size - 1) or ts.low & (size - 1):
+            self.ranges.append((ts.family, ts.low, ts.high, i))
+            return
+        prefix = bits - (size.bit_length() - 1)
+        self.blocks.setdefault((ts.family, prefix, ts.low), []).append(i)
+        if prefix not in self.prefixes.setdefault(ts.family, []):
+            self.prefixes[ts.family].append(prefix)
+
+    def lookup(self, family: int, low: int, high: int) -> list[list[int]]:
+        """Lists of the children with a selector on this side whose addresses include LOW..HIGH."""
+        out = [self.dynamic] if low == high and self.dynamic else []
+        bits = _BITS.get(family, 0)
+        for prefix in self.prefixes.get(family, ()):
+            host = (1 << (bits - prefix)) - 1
+            first = low & ~host
+            if high <= first | host:
+                hit = self.blocks.get((family, prefix, first))
+                if hit:
+                    out.append(hit)
+        if self.ranges:
+            hit = [i for f, lo, hi, i in self.ranges if f == family and lo <= low and high <= hi]
+            if hit:
+                out.append(hit)
+        return out
+
+
+def _parsed_or_none(entries: Sequence[str]) -> tuple | None:
+    try:
+        return _parsed_entries(entries)
+    except ValueError:
+        return None             # _address_in raises the same error when it is asked
+
+
+class _ChildIndex:
+    """Configured children indexed by their traffic selectors, so a leftover is compared with the
+    few that can cover it instead of all of them; candidates come in configuration order."""
+
+    __slots__ = ("children", "local", "remote", "addrs", "_initiable")
+
+    def __init__(self, configured: Sequence[ConfiguredChild]) -> None:
+        self.children = tuple(configured)
+        self.local, self.remote = _SideIndex(), _SideIndex()
+        # each child's (local_addrs, remote_addrs), read once; by id: children are compared by value
+        self.addrs: dict[int, tuple] = {}
+        self._initiable: dict[int, bool] = {}
+        for i, child in enumerate(self.children):
+            self.addrs[id(child)] = (_parsed_or_none(child.local_addrs), _parsed_or_none(child.remote_addrs))
+            for ts in child.local_ts:
+                self.local.add(i, ts)
+            for ts in child.remote_ts:
+                self.remote.add(i, ts)
+
+    def initiable(self, child: ConfiguredChild) -> bool:
+        """child.initiable_peer(), asked once per child of this index."""
+        known = self._initiable.get(id(child))
+        if known is None:
+            known = self._initiable[id(child)] = child.initiable_peer()
+        return known
+
+    def candidates(self, selectors: Sequence[XfrmSelector]) -> list[ConfiguredChild]:
+        """Every child that may cover all of SELECTORS (local -> remote), in configuration order."""
+        if not self.children or not selectors:
+            return []
+        best = None
+        # A child must cover every selector on both sides: any one (selector, side) gives a
+        # superset; take the smallest.
+        for s in selectors:
+            for index, source in ((self.local, True), (self.remote, False)):
+                family, low, high, _ = _side(s, source)
+                hits = index.lookup(family, low, high)
+                size = sum(map(len, hits))
+                if best is None or size < best[0]:
+                    best = (size, hits)
+                    if size == 0:
+                        return []
+        hits = best[1]
+        found = hits[0] if len(hits) == 1 else set().union(*hits)
+        return [self.children[i] for i in sorted(set(found))]
+
+
+_INDEX_CACHE: list = [None]      # (configured tuple, its _ChildIndex): the latest list-conns answer
+
+
+def _child_index(configured: Sequence[ConfiguredChild]) -> _ChildIndex:
+    """The index of CONFIGURED; a tuple (immutable, as list-conns gives it) is indexed once."""
+    cached = _INDEX_CACHE[0]
+    if cached is not None and cached[0] is configured:
+        return cached[1]
+    index = _ChildIndex(configured)
+    if type(configured) is tuple:
+        _INDEX_CACHE[0] = (configured, index)      # one slot, replaced whole: no torn pair
+    return index
+
+
 def _mode_compatible(leftover: LeftoverChild, child: ConfiguredChild) -> bool:
     if leftover.mode is None:
         return child.mode in ("TUNNEL", "TRANSPORT", "BEET")
@@ -537,19 +720,26 @@ def _mode_compatible(leftover: LeftoverChild, child: ConfiguredChild) -> bool:
 def match_leftover(leftover: LeftoverChild, configured: Sequence[ConfiguredChild],
                    active: Sequence[ActiveIke] = ()) -> Match:
     """The best configured child for LEFTOVER; ambiguity or no candidate gives child None."""
+    reqid_owner = frozenset((c.conn, c.child) for ike in active for c in ike.children
+                            if c.reqid == leftover.reqid)
+    return _match(leftover, _child_index(configured), reqid_owner)
+
+
+def _match(leftover: LeftoverChild, index: _ChildIndex, reqid_owner: frozenset[tuple[str, str]]) -> Match:
+    """match_leftover against INDEX; REQID_OWNER: the (conn, child) charon runs the leftover's reqid for."""
     if not leftover.selectors:
         return Match(leftover, None, "no policy left to tell its traffic selectors")
-    reqid_owner = {(c.conn, c.child) for ike in active for c in ike.children if c.reqid == leftover.reqid}
     scored = []
-    for child in configured:
+    for child in index.candidates(leftover.selectors):
         if not _mode_compatible(leftover, child):
             continue
         covered = [_covered(s, child.local_ts, child.remote_ts) for s in leftover.selectors]
         if not all(c for c, _ in covered):
             continue
         exact = all(e for _, e in covered)
-        peer = _address_in(leftover.peer, child.remote_addrs) if leftover.peer else "unknown"
-        local = _address_in(leftover.local, child.local_addrs) if leftover.local else "unknown"
+        local_addrs, remote_addrs = index.addrs[id(child)]
+        peer = _address_in_parsed(leftover.peer, child.remote_addrs, remote_addrs) if leftover.peer else "unknown"
+        local = _address_in_parsed(leftover.local, child.local_addrs, local_addrs) if leftover.local else "unknown"
         if peer == "no" or local == "no":
             continue
         same_reqid = (child.conn, child.child) in reqid_owner
@@ -573,18 +763,28 @@ def match_leftover(leftover: LeftoverChild, configured: Sequence[ConfiguredChild
 def _replacement(leftover: LeftoverChild, child: ConfiguredChild,
                  active: Sequence[ActiveIke]) -> ActiveChild | None:
     """A live CHILD_SA of CHILD (not one of the leftover's SPIs) that carries the leftover's traffic."""
+    return _replacement_in(leftover, child, _live_children(active))
+
+
+def _live_children(active: Sequence[ActiveIke]) -> dict[tuple[str, str], list[ActiveChild]]:
+    """charon's live CHILD_SAs by (connection, child name), in list-sas order."""
+    out: dict[tuple[str, str], list[ActiveChild]] = {}
     for ike in active:
-        if ike.conn != child.conn:
-            continue
         for c in ike.children:
-            if c.child != child.child or not c.live:
-                continue
-            if {c.spi_in, c.spi_out} & leftover.spis:
-                continue
-            if c.local_ts and c.remote_ts and not all(
-                    _covered(s, c.local_ts, c.remote_ts)[0] for s in leftover.selectors):
-                continue        # narrowed to other traffic: not this leftover's replacement
-            return c
+            if c.live:
+                out.setdefault((ike.conn, c.child), []).append(c)
+    return out
+
+
+def _replacement_in(leftover: LeftoverChild, child: ConfiguredChild,
+                    live: Mapping[tuple[str, str], Sequence[ActiveChild]]) -> ActiveChild | None:
+    for c in live.get((child.conn, child.child), ()):
+        if {c.spi_in, c.spi_out} & leftover.spis:
+            continue
+        if c.local_ts and c.remote_ts and not all(
+                _covered(s, c.local_ts, c.remote_ts)[0] for s in leftover.selectors):
+            continue        # narrowed to other traffic: not this leftover's replacement
+        return c
     return None
 
 
@@ -644,7 +844,7 @@ def configured_for(policy: XfrmPolicy, configured: Sequence[ConfiguredChild] | N
     if configured is None:
         return None
     selector = policy.selector if policy.dir == xfrm.DIR_OUT else _reversed(policy.selector)
-    for child in configured:
+    for child in _child_index(configured).candidates((selector,)):
         if child.mode in ("PASS", "DROP"):
             continue
         if _covered(selector, child.local_ts, child.remote_ts)[0]:
@@ -703,11 +903,72 @@ def _expires_first(leftover: LeftoverChild) -> float:
     return min(times, default=float("inf"))
 
 
+class _Memo:
+    """What the steps of one adoption share: the leftovers grouped into CHILD_SAs, each record's
+    key, and each group's match (kept while the same list-conns answer and reqids are asked about)."""
+
+    __slots__ = ("leftovers", "local_addresses", "groups", "numbers", "number_of", "matches")
+
+    def __init__(self, leftovers: Sequence[tuple[Any, Verdict]], local_addresses: frozenset[str]) -> None:
+        self.leftovers = leftovers              # held: the ids below stay the records'
+        self.local_addresses = local_addresses
+        # Each distinct leftover key gets a number: sets of those are cheaper than sets of keys
+        # (a policy's key hashes its whole selector again every time).
+        self.numbers: dict[tuple, int] = {}
+        self.number_of: dict[int, int] = {}
+        for r, _ in leftovers:
+            self.number_of[id(r)] = self.numbers.setdefault(leftover_key(r), len(self.numbers))
+        self.groups = group_leftovers([r for r, _ in leftovers], local_addresses)
+        self.matches: dict[int, tuple[_ChildIndex, frozenset, Match]] = {}
+
+    def number(self, record: Any) -> int:
+        """The number of RECORD's leftover key (records with equal keys share it)."""
+        n = self.number_of.get(id(record))
+        return n if n is not None else self.numbers.setdefault(leftover_key(record), len(self.numbers))
+
+    def match(self, i: int, index: _ChildIndex, owners: frozenset[tuple[str, str]]) -> Match:
+        known = self.matches.get(i)
+        if known is not None and known[0] is index and known[1] == owners:
+            return known[2]
+        match = _match(self.groups[i], index, owners)
+        self.matches[i] = (index, owners, match)
+        return match
+
+
+_MEMO: list = [None]       # the adoption in progress (its leftovers: a tuple, the same every step)
+
+
+def _memo_for(leftovers: Sequence[tuple[Any, Verdict]], local_addresses: frozenset[str]) -> _Memo:
+    memo = _MEMO[0]
+    if memo is not None and memo.leftovers is leftovers and memo.local_addresses == local_addresses:
+        return memo
+    memo = _Memo(leftovers, local_addresses)
+    if type(leftovers) is tuple:
+        _MEMO[0] = memo
+    return memo
+
+
+def forget() -> None:
+    """Drop what plan_adopt kept between the steps of an adoption (it has ended)."""
+    _MEMO[0] = None
+    _INDEX_CACHE[0] = None
+
+
 def _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, initiated, connecting_since,
                 parallel, local_addresses, markers, fail_closed, initiate, explain, others) -> Plan:
-    pending = pending_leftovers(leftovers, ledger, resolved)
-    verdict_of = {leftover_key(r): v for r, v, _ in pending}
-    unclaimed = {leftover_key(r) for r, _, s in pending if s == UNCLAIMED}
+    memo = _memo_for(leftovers, local_addresses)
+    key_of = memo.number            # within one plan, a key's number stands for the key
+    # resolved keys as numbers: one lookup per resolved key, not one hash of every leftover's key
+    done = {memo.numbers[k] for k in resolved if k in memo.numbers}
+    pending = []
+    for record, verdict in leftovers:
+        if key_of(record) in done:
+            continue
+        status = leftover_status(record, ledger)
+        if status not in (GONE, FOREIGN):
+            pending.append((record, verdict, status))
+    verdict_of = {key_of(r): v for r, v, _ in pending}
+    unclaimed = {key_of(r) for r, _, s in pending if s == UNCLAIMED}
     decided: set[tuple] = set()
     keeps: list = []
     initiations: list = []
@@ -715,7 +976,7 @@ def _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, 
     active = tuple(active or ())
 
     def held(record: Any) -> str | None:
-        return deletion_hold(record, verdict_of[leftover_key(record)], others)
+        return deletion_hold(record, verdict_of[key_of(record)], others)
 
     def decide_delete(record: Any, reason: str) -> None:
         hold = held(record)
@@ -723,11 +984,11 @@ def _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, 
             keep(record, f"{hold}; not deleted although {reason}")
             return
         deletes[record.FAMILY].append((record, reason))
-        decided.add(leftover_key(record))
+        decided.add(key_of(record))
 
     def keep(record: Any, reason: str) -> None:
-        keeps.append(Keep(record, verdict_of[leftover_key(record)].rule, reason))
-        decided.add(leftover_key(record))
+        keeps.append(Keep(record, verdict_of[key_of(record)].rule, reason))
+        decided.add(key_of(record))
 
     for record, verdict, status in pending:
         if status == CLAIMED:
@@ -743,38 +1004,47 @@ def _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, 
             firewall_by_reqid.setdefault(record.updown.reqid, []).append(record)
     wanted: dict[tuple[str, str], list[LeftoverChild]] = {}
     notes: dict[tuple, str] = {}
+    index = _child_index(configured) if configured is not None else None
+    live_children = _live_children(active)
+    reqid_owners: dict[int, set[tuple[str, str]]] = {}
+    for ike in active:
+        for c in ike.children:
+            reqid_owners.setdefault(c.reqid, set()).add((c.conn, c.child))
 
     # Every leftover describes its CHILD_SA (policies charon already took back still tell the
     # selectors and the peer); only what is still unclaimed is acted on.
-    for leftover in group_leftovers([r for r, _ in leftovers], local_addresses):
-        mine = [r for r in leftover.sas + leftover.policies if leftover_key(r) in unclaimed]
+    for i, leftover in enumerate(memo.groups):
+        mine = [r for r in leftover.sas + leftover.policies if key_of(r) in unclaimed]
         if not mine:
             continue
-        match = match_leftover(leftover, configured, active) if configured is not None else \
-            Match(leftover, None, "charon's configuration is unknown (VICI did not answer)")
+        match = memo.match(i, index, frozenset(reqid_owners.get(leftover.reqid, ()))) \
+            if index is not None else Match(leftover, None, "charon's configuration is unknown (VICI did not answer)")
         if explain:
             text = f"{leftover.describe()}: " + (f"matches {match.child.name} ({match.reason})"
                                                  if match.child else match.reason)
             for r in mine:
-                notes[leftover_key(r)] = text
+                notes[key_of(r)] = text
         if match.child is None:
             continue
-        new = _replacement(leftover, match.child, active)
+        new = _replacement_in(leftover, match.child, live_children)
         if new is not None:
             for sa in leftover.sas:
-                if leftover_key(sa) in unclaimed and sa.spi not in live_spis and not sa.larval:
+                if key_of(sa) in unclaimed and sa.spi not in live_spis and not sa.larval:
                     decide_delete(sa, f"replaced by charon's {new.describe()}")
             if new.reqid != leftover.reqid:
                 for rule in firewall_by_reqid.get(leftover.reqid, ()):
-                    if leftover_key(rule) in unclaimed:
+                    if key_of(rule) in unclaimed:
                         decide_delete(rule, f"updown rule for reqid {leftover.reqid}, replaced by "
                                             f"{new.describe()}")
             continue
         key = (match.child.conn, match.child.child)
-        if initiate and match.child.initiable_peer() and key not in initiated and leftover.peer:
+        if key in initiated or not initiate or not leftover.peer:
+            continue
+        if index.initiable(match.child):
             if match.child.conn in busy_conns:
-                notes.update({leftover_key(r): f"charon is establishing {match.child.conn} already; waiting"
-                              for r in mine})
+                if explain:
+                    notes.update({key_of(r): f"charon is establishing {match.child.conn} already; waiting"
+                                  for r in mine})
             else:
                 wanted.setdefault(key, []).append(leftover)
 
@@ -786,18 +1056,19 @@ def _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, 
     busy_now = establishing(active, initiated, connecting_since, now) if by_conn else frozenset()
     turn = list(by_conn)[:max(0, parallel - len(busy_now))]
     queued = tuple(list(by_conn)[len(turn):])
+    why = (f"waiting its turn: {', '.join(sorted(busy_now | set(turn)))} being established "
+           f"(recovery.adopt_initiate_parallel is {parallel})")
     for conn in queued:
         for key in by_conn[conn]:
             for leftover in wanted.pop(key):
-                why = (f"waiting its turn: {', '.join(sorted(busy_now | set(turn)))} being established "
-                       f"(recovery.adopt_initiate_parallel is {parallel})")
-                notes.update({leftover_key(r): why for r in leftover.sas + leftover.policies})
+                if explain:         # notes only explain WaitFor actions
+                    notes.update({key_of(r): why for r in leftover.sas + leftover.policies})
 
     for conn, child in (key for conn in turn for key in by_conn[conn]):
         group = wanted[(conn, child)]
         first = group[0]
-        rule = next(verdict_of[leftover_key(r)].rule for r in first.sas + first.policies
-                    if leftover_key(r) in verdict_of)
+        rule = next(verdict_of[key_of(r)].rule for r in first.sas + first.policies
+                    if key_of(r) in verdict_of)
         how = ("a CHILD_SA in its established IKE_SA" if conn in up_conns else
                "a new IKE_SA whose INITIAL_CONTACT makes the peer drop the dead charon's SAs")
         initiations.append(InitiateChild(conn, child, first.peer, tuple(g.reqid for g in group), rule,
@@ -842,7 +1113,7 @@ def _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, 
     blocks: list = []
     waits: list = []
     for record, verdict, status in pending:
-        key = leftover_key(record)
+        key = key_of(record)
         if key in decided:
             continue
         why = superseded(record)
@@ -879,7 +1150,7 @@ def _plan_adopt(leftovers, ledger, configured, active, now, deadline, resolved, 
     for family in FLUSH_ORDER:
         for record, reason in deletes[family]:
             after = (block_at[id(record)],) if id(record) in block_at else ()
-            actions.append(DeleteObject(record, verdict_of[leftover_key(record)].rule, reason, after))
+            actions.append(DeleteObject(record, verdict_of[key_of(record)].rule, reason, after))
     # Initiations last: the clean-up (iptables runs) does not compete with the exchange for CPU.
     actions.extend(initiations)
     actions.extend(waits)

@@ -102,7 +102,7 @@ def check_strongswan(config: Config, daemon_version: str | None = None) -> Adopt
 class _Adoption:
     """An adoption in progress (mutable; only the jobs thread changes it)."""
 
-    leftovers: list[tuple[Any, Verdict]]
+    leftovers: tuple[tuple[Any, Verdict], ...]
     started: float
     deadline: float
     resolved: set = dataclasses.field(default_factory=set)
@@ -532,7 +532,8 @@ class KernelRecovery:
         carry, choice = self._carry, self._carry_choice
         self._carry, self._carry_choice = [], None
         if carry and choice is not None and choice.action == ADOPT:
-            self._adoption = _Adoption(leftovers=carry, started=now, deadline=now + rc.adopt_grace)
+            # a tuple: adopt.plan_adopt keeps its grouping and matches for the same tuple between steps
+            self._adoption = _Adoption(leftovers=tuple(carry), started=now, deadline=now + rc.adopt_grace)
             self._set_daemon(adoption_deadline=self._wall() + rc.adopt_grace, write=False)
             log.info("adopting %d leftover(s) of the dead %s: grace period %s", len(carry), self._daemon_name,
                      format_duration(rc.adopt_grace))
@@ -1155,6 +1156,7 @@ class KernelRecovery:
             self._set_daemon(adoption_deadline=None)
             self._store.save_now()      # what charon claimed is on disk before anyone asks (reconcile)
             a.done = True
+            adopt.forget()          # the grouping and matches kept between steps
             log.info("adoption finished after %.1fs: %s", now - a.started,
                      ", ".join(f"{n} {k}" for k, n in sorted(a.counts.items())) or "nothing left to do")
             if self._blocks:

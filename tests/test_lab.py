@@ -301,3 +301,21 @@ def test_the_scale_bench_reads_its_targets_and_the_supervisor_s_adoption_end():
     at = bench.adoption_finished_at(log)
     assert at == time.mktime(time.strptime("2026-12-05 05:16:59", "%Y-%m-%d %H:%M:%S")) + 0.401
     assert bench.adoption_finished_at(log.splitlines()[0]) is None
+
+
+def test_the_scale_bench_watches_the_starter_for_a_multiple_of_adopt_s_convergence():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import types
+    import bench_adopt_scale as bench
+    assert bench.serial_order(["starter", "adopt-1", "adopt-4"]) == ["adopt-1", "adopt-4", "starter"]
+
+    def outcome(back, done, moon="supervisor"):
+        return types.SimpleNamespace(kill_at=1000.0, all_back_at=None if back is None else 1000.0 + back,
+                                     adoption_done_at=None if done is None else 1000.0 + done, moon_output="",
+                                     scenario=types.SimpleNamespace(moon=moon))
+    runs = {"adopt-1": outcome(130.0, 140.0), "adopt-4": outcome(120.0, 150.0)}
+    assert bench.starter_window(runs, 400.0, 5.5) == 5.5 * 150.0        # the slowest convergence decides
+    assert bench.starter_window(runs, 1000.0, 5.5) == 1000.0            # never shorter than --max-window
+    assert bench.starter_window(runs, 400.0, 0) == 400.0
+    # an adoption that did not converge (or failed) sizes nothing
+    assert bench.starter_window({"adopt-1": outcome(None, 140.0), "adopt-4": RuntimeError("x")}, 400.0, 5.5) == 400.0
