@@ -89,6 +89,19 @@ def adopt_deadline(started: float, grace: float, last_initiated: float | None, q
     return max(started, last_initiated if last_initiated is not None else started) + grace
 
 
+STEP_PACE = 4.0     # an adoption step's CPU time x this passes before the next: at most 1/5 of a CPU
+
+
+def step_wait(now: float, last_ended: float | None, last_cpu: float, pace: float = STEP_PACE) -> float:
+    """How long the next adoption step waits: none until the last one's CPU time x PACE has passed
+    since it ended. Steps are triggered by every kernel event and by polling; at hundreds of
+    connections one step (list-sas, planning) costs enough that back to back they would take the
+    CPU charon needs to establish the very connections the adoption waits for."""
+    if last_ended is None:
+        return 0.0
+    return max(0.0, last_ended + pace * last_cpu - now)
+
+
 # --- actions of their own ---------------------------------------------------------
 
 

@@ -118,6 +118,8 @@ class _Adoption:
     last_active: Any = None
     pending: int | None = None      # leftovers still undecided after the last step
     last_initiated: float | None = None
+    step_ended: float | None = None     # when the last step ended, and its CPU time (adopt.step_wait)
+    step_cpu: float = 0.0
     queued: int = 0                 # connections waiting their turn to be initiated (they hold the grace)
 
     def to_json(self, now: float) -> dict:
@@ -126,7 +128,7 @@ class _Adoption:
                 "grace_left_s": None if self.done or self.deadline == float("inf")
                 else round(max(0.0, self.deadline - now), 3), "queued": self.queued,
                 "steps": self.steps, "results": dict(self.counts), "last_error": self.last_error,
-                "pending": self.pending}
+                "pending": self.pending, "last_step_cpu_s": round(self.step_cpu, 4)}
 
 
 class KernelRecovery:
@@ -1089,6 +1091,17 @@ class KernelRecovery:
         a.step_queued = False
         if a is not self._adoption or a.done:
             return
+        wait = adopt.step_wait(self._clock(), a.step_ended, a.step_cpu)
+        if wait > 0:
+            self._queue_adopt_step(wait)
+            return
+        cpu = time.thread_time()
+        try:
+            self._adopt_step_paced(a)
+        finally:
+            a.step_cpu, a.step_ended = time.thread_time() - cpu, self._clock()
+
+    def _adopt_step_paced(self, a: _Adoption) -> None:
         rc = self.config.recovery
         path = self.config.daemon.vici_socket
         now = self._clock()

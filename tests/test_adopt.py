@@ -530,3 +530,13 @@ def test_adopt_plans_are_json_safe(tunnels):
     assert {a["kind"] for a in doc["actions"]} >= {"keep", "delete", "install-block"}
     init = plan_for(tunnels).to_json()["actions"]
     assert any(a["kind"] == "initiate" and a["conn"] == "site-a" and a["reqids"] == [1] for a in init)
+
+
+@pytest.mark.parametrize("now, ended, cpu, wait", [
+    (10.0, None, 0.0, 0.0),          # the first step: at once
+    (10.0, 10.0, 0.002, 0.008),      # a 2 ms step (a small lab): the next 8 ms later, unnoticeable
+    (10.0, 9.0, 0.5, 1.0),           # a 0.5 s step: the next no sooner than 2 s after it ended
+    (12.0, 9.0, 0.5, 0.0),           # that time has passed
+])
+def test_adoption_steps_are_paced_by_their_own_cpu_time(now, ended, cpu, wait):
+    assert adopt.step_wait(now, ended, cpu) == pytest.approx(wait)
