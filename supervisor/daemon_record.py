@@ -14,12 +14,15 @@ disk is already this daemon's or still its predecessor's.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
 
 from .errors import SupervisorError, UnsafePathError
 from .trusted_paths import open_trusted_dir
+
+log = logging.getLogger("supervisor.recovery")
 
 RECORD_FILE = "daemon.json"
 SCHEMA = "ipsec-supervisor/daemon"
@@ -64,6 +67,17 @@ def save_record(run_dir: str, record: DaemonRecord) -> str:
         raise DaemonRecordError(f"cannot write the daemon record {path}: {getattr(exc, 'strerror', None) or exc} "
                                 "(a supervisor started after this one may not find the running charon)") from None
     return path
+
+
+def remove_record(run_dir: str) -> None:
+    """Remove RUN_DIR/daemon.json if it is there (the supervisor stops and no daemon runs)."""
+    try:
+        with open_trusted_dir(run_dir, create=False, what="the run directory") as d:
+            d.unlink(RECORD_FILE)
+    except FileNotFoundError:
+        pass
+    except (OSError, UnsafePathError) as exc:
+        log.warning("cannot remove the daemon record %s: %s", record_path(run_dir), getattr(exc, "strerror", None) or exc)
 
 
 def load_record(path: str) -> DaemonRecord:

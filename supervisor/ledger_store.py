@@ -18,7 +18,7 @@ import time
 from typing import Callable
 
 from .crash_snapshots import Writer
-from .daemon_record import DaemonRecord, DaemonRecordError, save_record
+from .daemon_record import DaemonRecord, DaemonRecordError, remove_record, save_record
 from .ledger import Ledger, LedgerError, ledger_path, save_ledger
 
 log = logging.getLogger("supervisor.recovery")
@@ -35,6 +35,7 @@ class LedgerStore:
         self._save_lock = threading.Lock()  # one ledger write at a time, each with the newest ledger
         self._errors: dict[str, str | None] = {"ledger": None, "record": None}
         self.record = DaemonRecord(None, None)
+        self._record_lock = threading.Lock()    # changed from the hook thread and the jobs thread
         self.writer: Writer | None = None
         self._last_cost = 0.0               # CPU seconds of the last ledger write
 
@@ -64,21 +65,30 @@ class LedgerStore:
         at most a tenth of a core rather than all of it."""
         return max(MIN_SAVE_DELAY, 10 * self._last_cost)
 
-    def close(self) -> None:
-        """Let the writer finish what is queued (bounded), then write the ledger one last time."""
+    def close(self, daemon_running: bool = False) -> None:
+        """Let the writer finish what is queued (bounded), then write the ledger one last time; the
+        daemon record goes unless a daemon still runs (nothing of ours stays in /run but the ledger)."""
         if self.writer is not None:
             self.writer.close()
             self.writer = None
         self.save_now()
+        if not daemon_running:
+            with self._record_lock:
+                remove_record(self._run_dir())
 
     # -- the daemon record: synchronous, small ---------------------------------------------------
     def note_daemon(self, *, write: bool = True, **changes) -> None:
         """Change the daemon record (fields of DaemonRecord) and, with WRITE, put it on disk now."""
-        self.record = dataclasses.replace(self.record, **changes)
-        if write:
-            self.write_record()
+        with self._record_lock:         # a change and its write together: never an older record over a newer
+            self.record = dataclasses.replace(self.record, **changes)
+            if write:
+                self._write_record()
 
     def write_record(self) -> None:
+        with self._record_lock:
+            self._write_record()
+
+    def _write_record(self) -> None:
         try:
             save_record(self._run_dir(), self.record)
             self._errors["record"] = None

@@ -272,7 +272,8 @@ def with_record(ledger: Ledger | None, record: DaemonRecord | None) -> Ledger | 
     if record is None:
         return ledger
     base = ledger if ledger is not None else Ledger(daemon_pid=None, netns_inode=record.netns_inode, started=0.0)
-    return dataclasses.replace(base, netns_inode=record.netns_inode, daemon_pid=record.daemon_pid,
+    netns = record.netns_inode if record.netns_inode is not None else base.netns_inode
+    return dataclasses.replace(base, netns_inode=netns, daemon_pid=record.daemon_pid,
                                daemon_start_time=record.daemon_start_time, spawn_tick=record.spawn_tick,
                                daemon_loaded=record.daemon_loaded, adoption_deadline=record.adoption_deadline)
 

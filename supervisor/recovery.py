@@ -173,6 +173,7 @@ class KernelRecovery:
         self._capability: AdoptCapability | None = None
         self._warned: set[str] = set()
         self._pending: PendingCrash | None = None     # a crash's recovery, finished after the restart
+        self._finishing = False                         # _finish_pending under way (jobs thread)
         self._exit_began = 0.0
         self._overruns: dict[str, int] = {}      # lost notifications per monitor, and re-reads after them
         self._resyncs = 0
@@ -192,6 +193,7 @@ class KernelRecovery:
         self._wakeup = ThreadWakeup(loop)
         self._jobs = SerialWorker("recovery-jobs")
         self._store.start()
+        self._store.note_daemon(write=False, netns_inode=self._netns_inode())   # whose daemon the record names
         try:
             self._watch = KernelWatch()
         except KernelError as exc:
@@ -209,7 +211,8 @@ class KernelRecovery:
         if self._adoption is not None and not self._adoption.done:
             log.warning("supervisor exiting during adoption: %d leftover(s) stay in the ledger for the next "
                         "start", len(self._adoption.leftovers) - len(self._adoption.resolved))
-        self._store.close()
+        adopt.forget()
+        self._store.close(daemon_running=self._daemon_pid is not None)
         if self._watch is not None and self._loop is not None:
             for fd in (self._watch.xfrm.fileno(), self._watch.rtnl.fileno()):
                 self._loop.forget(fd)
@@ -566,7 +569,8 @@ class KernelRecovery:
         """Whether this exit's recovery changes nothing in the kernel before the restart."""
         rc = self.config.recovery
         can_adopt = self._capability.can_adopt if self._capability is not None else True
-        return (decision.action is Action.RESTART and self._pending is None and self._jobs is not None
+        return (decision.action is Action.RESTART and self._pending is None and not self._finishing
+                and self._jobs is not None
                 and (rc.mode == KEEP or (rc.mode == ADOPT and can_adopt)))
 
     def crash_report_section(self, exit_info: ExitInfo) -> dict | None:
@@ -599,6 +603,7 @@ class KernelRecovery:
             log.warning("%s died during adoption; %d leftover(s) not yet decided are leftovers again",
                         self._daemon_name, left)
         self._adoption = None
+        adopt.forget()                      # the dead adoption's grouping and matches
         self._set_daemon(adoption_deadline=None, daemon_loaded=False, write=False)   # it names a dead pid
         self._block_deadline = None
         self._block_initiated.clear()      # a new charon: initiate again if blocks are held
@@ -792,13 +797,22 @@ class KernelRecovery:
     def _finish_pending(self) -> None:
         """Jobs thread, charon spawned again: judge the crash's leftovers, carry them, install the
         new baseline from the crash's read, and hand the snapshot and the ledger to the writer."""
-        p, self._pending = self._pending, None
-        if p is None:
+        if self._pending is None:
             return
+        # Set before _pending is cleared: a crash meanwhile must not take the read-only path (_reads_only)
+        # while this one's baseline and buffer are still being installed.
+        self._finishing = True
+        try:
+            self._finish(self._pending)
+        finally:
+            self._finishing = False
+
+    def _finish(self, p: PendingCrash) -> None:
+        self._pending = None
         choice, section = p.choice, dict(p.section)
         try:
             state = p.decode()
-        except KernelError as exc:
+        except Exception as exc:        # KernelError, or a malformed dump the decoders did not expect
             log.error("cannot decode the kernel state read after %s: %s; no snapshot, leftovers judged at "
                       "the next crash", p.why, exc)
             if p.name is not None:
@@ -852,8 +866,8 @@ class KernelRecovery:
                 path = self._write_snapshot(state, ownership, choice, p.why, p.pid, "exit", p.daemon, name=p.name,
                                             deferred={"complete": True, "read_at": p.read_at,
                                                       "written_after_restart": True})
-            if p.name is not None:
-                finish_intent(self.config.snapshot_dir, p.name)
+            if p.name is not None and (path is not None or not write):
+                finish_intent(self.config.snapshot_dir, p.name)     # else the next start says it was lost
             done = {**section, "snapshot": path,
                     "at_monotonic": {**section["at_monotonic"], "snapshot_written": self._clock()}}
             if self._last is not None and self._last.get("after") == p.why:

@@ -10,6 +10,7 @@ those of the generic way (tests/test_snapshot_lines.py): a record with anything 
 
 from __future__ import annotations
 
+import struct as _struct
 from typing import Callable, Iterator
 
 from .kernel import xfrm as _x
@@ -330,6 +331,7 @@ def _route_lines(chunks: list[bytes], names: dict[int, str], table: int | None, 
     DST, OIF, GATEWAY, PRIORITY, PREFSRC, TABLE, CACHEINFO, PREF = (
         r.RTA_DST, r.RTA_OIF, r.RTA_GATEWAY, r.RTA_PRIORITY, r.RTA_PREFSRC, r.RTA_TABLE, r.RTA_CACHEINFO, r.RTA_PREF)
     mask, cloned, newroute, hz = r.NLA_TYPE_MASK, r.RTM_F_CLONED, r.RTM_NEWROUTE, r.USER_HZ
+    addresses = (DST, GATEWAY, PREFSRC)
     oif_names: dict[int, str | None] = {}      # an interface's JSON, None if not plain
     header = _x._HDR_LT.unpack_from
     for buf in chunks:
@@ -351,43 +353,49 @@ def _route_lines(chunks: list[bytes], names: dict[int, str], table: int | None, 
             tbl = dst = gateway = oif = prefsrc = priority = pref = expires = None
             usual, cacheinfo = True, False
             p = start + 12
-            while p + 4 <= stop:
-                alen, atype = nla(buf, p)
-                if alen < 4 or p + alen > stop:
-                    usual = False
-                    break
-                atype &= mask
-                s = p + 4
-                if atype == DST:
-                    if dst is None:
-                        dst = ntop(af, buf[s:s + size])
-                elif atype == TABLE:
-                    if tbl is None:
-                        (tbl,) = u32(buf, s)
-                elif atype == OIF:
-                    if oif is None:
-                        (oif,) = u32(buf, s)
-                elif atype == GATEWAY:
-                    if gateway is None:
-                        gateway = ntop(af, buf[s:s + size])
-                elif atype == PREFSRC:
-                    if prefsrc is None:
-                        prefsrc = ntop(af, buf[s:s + size])
-                elif atype == PRIORITY:
-                    if priority is None:
-                        (priority,) = u32(buf, s)
-                elif atype == CACHEINFO:
-                    if not cacheinfo:
-                        cacheinfo = True
-                        (left,) = i32(buf, s + 8)
-                        expires = left // hz if left > 0 else None
-                elif atype == PREF:
-                    if pref is None:
-                        pref = buf[s]
-                else:
-                    usual = False
-                    break
-                p += (alen + 3) & ~3
+            try:
+                while p + 4 <= stop:
+                    alen, atype = nla(buf, p)
+                    if alen < 4 or p + alen > stop:
+                        usual = False
+                        break
+                    atype &= mask
+                    s = p + 4
+                    if atype in addresses and alen - 4 != size:
+                        usual = False       # not an address of this family: route_at says what it is
+                        break
+                    if atype == DST:
+                        if dst is None:
+                            dst = ntop(af, buf[s:s + size])
+                    elif atype == TABLE:
+                        if tbl is None:
+                            (tbl,) = u32(buf, s)
+                    elif atype == OIF:
+                        if oif is None:
+                            (oif,) = u32(buf, s)
+                    elif atype == GATEWAY:
+                        if gateway is None:
+                            gateway = ntop(af, buf[s:s + size])
+                    elif atype == PREFSRC:
+                        if prefsrc is None:
+                            prefsrc = ntop(af, buf[s:s + size])
+                    elif atype == PRIORITY:
+                        if priority is None:
+                            (priority,) = u32(buf, s)
+                    elif atype == CACHEINFO:
+                        if not cacheinfo:
+                            cacheinfo = True
+                            (left,) = i32(buf, s + 8)
+                            expires = left // hz if left > 0 else None
+                    elif atype == PREF:
+                        if pref is None:
+                            pref = buf[s]
+                    else:
+                        usual = False
+                        break
+                    p += (alen + 3) & ~3
+            except (ValueError, IndexError, _struct.error):
+                usual = False      # a malformed attribute: route_at decodes it, or says what is wrong
             if not usual:
                 route = r.route_at(buf, start, stop, names, what)
                 if route is not None and (table is None or route.table == table):

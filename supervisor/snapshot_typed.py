@@ -105,7 +105,8 @@ class Policy(Struct, frozen=True):
     templates: tuple[Template, ...]
     attrs: tuple[RawAttr, ...]
     curlft: LifetimeCur
-    lifetime: Optional[Lifetime] = None       # version 2 leaves out the no-limits default
+    # version 2 leaves out the no-limits default; an explicit null is refused, as the json path does
+    lifetime: Union[Lifetime, msgspec.UnsetType] = msgspec.UNSET
 
 
 class NextHop(Struct, frozen=True):
@@ -292,7 +293,7 @@ def policy_records(items: list[Policy], fail) -> tuple:
                                                 p.action, p.share, p.ptype)
             append(new(selector(s) or _selector(c, s), direction(d, d), action(a, a), p.priority, p.index,
                        p.flags, share(sh, sh),
-                       no_limits if lft is None else _x.XfrmLifetime(*msgspec.structs.astuple(lft)),
+                       no_limits if lft is msgspec.UNSET else _x.XfrmLifetime(*msgspec.structs.astuple(lft)),
                        None if m is None else (m.value, m.mask), p.if_id, ptype(pt, pt),
                        templates(ts) or (_templates(c, ts) if ts else ()),
                        tuple((a.type, bytes.fromhex(a.data)) for a in p.attrs) if p.attrs else (),

@@ -83,6 +83,7 @@ CORRUPT = [
     ("template spi negative", lambda d: _policy(d)["templates"][0].update(spi=-1), "xfrm_policy[12]"),
     ("attribute data not hex", lambda d: _policy(d)["attrs"][0].update(data="zz"), "xfrm_policy[12]"),
     ("lifetime of the wrong shape", lambda d: _policy(d).update(lifetime=[1, 2]), "xfrm_policy[12]"),
+    ("lifetime null", lambda d: _policy(d).update(lifetime=None), "xfrm_policy[12]"),
     ("mark without mask", lambda d: _policy(d).update(mark={"value": 1}), "xfrm_policy[12]"),
     ("route dst of the other family", lambda d: _route(d).update(dst="10.0.0.0"), "route[2]"),
     ("route dst not an address", lambda d: _route(d, 0).update(dst="10.2.0.0/16"), "route[0]"),

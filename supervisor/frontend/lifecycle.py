@@ -273,6 +273,11 @@ def unsupervised_daemon(cfg: Config) -> int | None:
         return None
     if comm_of(pid) != name[:15] or not read_cmdline(pid):
         return None
+    try:        # a pid reused by a charon of another network namespace (a container's) is not ours
+        if os.stat(f"/proc/{pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino:
+            return None
+    except OSError:
+        return None
     parent = _ppid(pid)
     if parent is None:
         return None
