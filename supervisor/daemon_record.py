@@ -124,10 +124,3 @@ def record_from_document(doc: object, path: str = "<document>") -> DaemonRecord:
         raise bad("'adoption_deadline' is not a finite number or null")
     return DaemonRecord(ints["netns_inode"], ints["daemon_pid"], ints["daemon_start_time"], ints["spawn_tick"],
                         loaded, deadline)
-
-
-def ledger_is_of(ledger, record: DaemonRecord) -> bool:
-    """Whether LEDGER (as saved) describes the run of the daemon RECORD names (pure)."""
-    if record.daemon_pid is None:
-        return ledger.daemon_pid is None and ledger.spawn_tick == record.spawn_tick
-    return (ledger.daemon_pid, ledger.daemon_start_time) == (record.daemon_pid, record.daemon_start_time)
