@@ -38,28 +38,10 @@ import psutil  # noqa: E402
 import yaml  # noqa: E402
 
 from bench_flush import SETUP, charon_lines, ip_batch, remove, run  # noqa: E402
-from charon_ns import start_supervised_charon  # noqa: E402
+from charon_ns import start_supervised_charon, trap_conns_conf  # noqa: E402
 from supervisor.kernel import netns as _netns  # noqa: E402
 from supervisor.kernel_state import ReadOptions, read_state  # noqa: E402
 from supervisor.ledger import OWNER_DAEMON, ledger_path, load_ledger  # noqa: E402
-
-
-def swanctl_conf(conns: int) -> str:
-    out = ["connections {"]
-    for i in range(conns):
-        out.append(f"""  c{i} {{
-    local_addrs = 198.51.100.1
-    remote_addrs = 198.51.100.2
-    local {{ auth = psk
-            id = moon }}
-    remote {{ auth = psk
-             id = sun }}
-    children {{ net {{ local_ts = 10.0.0.0/8
-                     remote_ts = 172.20.{i >> 8}.{i & 255}/32
-                     start_action = trap }} }}
-  }}""")
-    out.append("}\nsecrets { ike-sun { id = sun\n secret = 0sFpZAZqEN6Ti9sqt4ZP5EWcqx } }\n")
-    return "\n".join(out)
 
 
 def trap_policies(ns: str) -> list:
@@ -110,7 +92,9 @@ def main() -> int:
             run(["ip", "netns", "add", ns])
             ip_batch(ns, SETUP.splitlines(), work)
             t0 = time.monotonic()
-            sup = start_supervised_charon(ns, work, swanctl_conf=swanctl_conf(args.conns), mode="adopt",
+            conf = trap_conns_conf(args.conns, lambda i: f"172.20.{i >> 8}.{i & 255}/32", local_ts="10.0.0.0/8",
+                                   local="198.51.100.1", remote="198.51.100.2")
+            sup = start_supervised_charon(ns, work, swanctl_conf=conf, mode="adopt",
                                           supervisor={"health": {"enabled": False},
                                                       "snapshots": {"keep": 2},
                                                       "daemon": {"load_timeout": "5m"},

@@ -73,6 +73,24 @@ secrets {{ ike-sun {{ id = sun
 """
 
 
+def trap_conns_conf(n: int, remote_ts, *, local_ts: str = "10.1.0.0/16", local: str = "192.0.2.1",
+                    remote: str = "192.0.2.2", prefix: str = "c") -> str:
+    """swanctl.conf of N PSK connections PREFIX0.. (moon to sun), each one trap child from LOCAL_TS to
+    REMOTE_TS(i): charon installs 3N trap policies as it loads them (scale and burst tests)."""
+    conns = "\n".join(f"""  {prefix}{i} {{
+    local_addrs = {local}
+    remote_addrs = {remote}
+    local {{ auth = psk
+            id = moon }}
+    remote {{ auth = psk
+             id = sun }}
+    children {{ net {{ local_ts = {local_ts}
+                     remote_ts = {remote_ts(i)}
+                     start_action = trap }} }}
+  }}""" for i in range(n))
+    return f"connections {{\n{conns}\n}}\nsecrets {{ ike-sun {{ id = sun\n secret = 0sFpZAZqEN6Ti9sqt4ZP5EWcqx }} }}\n"
+
+
 def strongswan_conf(log_path: str, *, ike_port: int = 500, nat_port: int = 4500, snippet: bool = True,
                     debug: int = 2, extra: str = "") -> str:
     """strongswan.conf for a test charon: explicit plugins, a file log, VICI under the private /run."""

@@ -5,7 +5,6 @@ by its netlink port id, a kill -9 judges them all charon's by the ledger, and no
 from __future__ import annotations
 
 import os
-import signal
 
 import pytest
 
@@ -13,7 +12,7 @@ from supervisor.kernel_state import ReadOptions, read_state
 from supervisor.ledger import OWNER_DAEMON, ledger_path, load_ledger
 from supervisor.snapshot import load_snapshot
 
-from charon_ns import CHARON, SWANCTL, start_supervised_charon
+from charon_ns import CHARON, SWANCTL, start_supervised_charon, trap_conns_conf
 from test_flush import SETUP
 
 pytestmark = [
@@ -24,22 +23,6 @@ pytestmark = [
 CONNS = 150
 
 
-def swanctl_conf(conns: int) -> str:
-    body = "".join(f"""  c{i} {{
-    local_addrs = 192.0.2.1
-    remote_addrs = 192.0.2.2
-    local {{ auth = psk
-            id = moon }}
-    remote {{ auth = psk
-             id = sun }}
-    children {{ net {{ local_ts = 10.1.0.0/16
-                     remote_ts = 172.20.{i >> 8}.{i & 255}/32
-                     start_action = trap }} }}
-  }}
-""" for i in range(conns))
-    return f"connections {{\n{body}}}\nsecrets {{ ike-sun {{ id = sun\n secret = 0sFpZAZqEN6Ti9sqt4ZP5EWcqx }} }}\n"
-
-
 def traps(ns) -> list:
     with ns.enter():
         pols = read_state(ReadOptions(), families=["xfrm_policy"]).objects["xfrm_policy"]
@@ -48,7 +31,7 @@ def traps(ns) -> list:
 
 def test_every_trap_policy_of_a_burst_is_attributed_to_charon_by_the_ledger(netns, tmp_path):
     netns.sh(SETUP + "ip xfrm policy add src 10.7.0.0/16 dst 10.8.0.0/16 dir out priority 1000 action block\n")
-    sup = start_supervised_charon(netns.name, str(tmp_path), swanctl_conf=swanctl_conf(CONNS), mode="adopt",
+    sup = start_supervised_charon(netns.name, str(tmp_path), swanctl_conf=trap_conns_conf(CONNS, lambda i: f"172.20.{i >> 8}.{i & 255}/32"), mode="adopt",
                                   supervisor={"recovery": {"adopt_grace": "10m"}}, timeout=120)
     try:
         sup.wait(lambda s: len(traps(netns)) >= 2 * CONNS, timeout=60, what="the trap policies")

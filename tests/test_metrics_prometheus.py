@@ -20,7 +20,7 @@ import urllib.request
 
 import pytest
 
-from charon_ns import CHARON, SWANCTL, start_supervised_charon
+from charon_ns import CHARON, SWANCTL, start_supervised_charon, trap_conns_conf
 from test_flush import SETUP
 from test_metrics import parse, value
 from test_recovery_charon import SWANCTL_CONF
@@ -204,23 +204,8 @@ def test_a_scrape_while_charon_is_stopped_returns_within_the_timeout_with_charon
     assert sup.stop() == 0
 
 
-def many_traps(n: int) -> str:
-    conns = "\n".join(f"""  t{i} {{
-    local_addrs = 192.0.2.1
-    remote_addrs = 192.0.2.2
-    local {{ auth = psk
-            id = moon }}
-    remote {{ auth = psk
-             id = sun }}
-    children {{ net {{ local_ts = 10.1.0.0/16
-                     remote_ts = 10.{2 + i // 250}.{i % 250}.0/24
-                     start_action = trap }} }}
-  }}""" for i in range(n))
-    return f"connections {{\n{conns}\n}}\nsecrets {{ ike-sun {{ id = sun\n secret = 0sFpZAZqEN6Ti9sqt4ZP5EWcqx }} }}\n"
-
-
 def test_a_thousand_trap_policies_scrape_in_under_a_second_within_the_label_bound(supervised, netns):
-    sup = supervised(swanctl_conf=many_traps(1000), mode="flush", metrics={"max_children": 100},
+    sup = supervised(swanctl_conf=trap_conns_conf(1000, lambda i: f"10.{2 + i // 250}.{i % 250}.0/24", prefix="t"), mode="flush", metrics={"max_children": 100},
                      daemon={"load_timeout": "120s"})
     m, _ = scrape(netns)               # the first one warms up (imports, sockets)
     times = []
