@@ -40,6 +40,7 @@ sys.path.insert(0, HERE)
 import bench_flush  # noqa: E402
 from supervisor import snapshot as snapshot_module  # noqa: E402
 from supervisor.kernel import netns, xfrm  # noqa: E402
+from supervisor.kernel.common import without_cycle_collection  # noqa: E402
 from supervisor.kernel_state import FAMILIES, ReadOptions, read_state  # noqa: E402
 from supervisor.snapshot import diff_snapshots, load_snapshot, take_snapshot, write_snapshot  # noqa: E402
 
@@ -147,7 +148,7 @@ def phases(ns: str, workdir: str, env: dict) -> None:
     with open(path, "rb") as fh:
         raw = fh.read()
     from supervisor import snapshot_typed
-    with snapshot_module.no_cycle_collection():         # as load_snapshot parses
+    with without_cycle_collection():         # as load_snapshot parses
         t, _ = cpu_best(lambda: snapshot_module.msgspec.json.decode(raw))
         print(f"  {'parse (msgspec, untyped)':<52} {t * 1000:6.0f}ms")
         t, _ = cpu_best(lambda: snapshot_typed.DOCUMENT.decode(raw))
@@ -169,7 +170,7 @@ def phases(ns: str, workdir: str, env: dict) -> None:
     print(f"  {'diff_snapshots of equal records, not shared':<52} {t * 1000:6.0f}ms")
 
     policies = snap.objects["xfrm_policy"]
-    with snapshot_module.no_cycle_collection():
+    with without_cycle_collection():
         docs = [snapshot_module.record_json("xfrm_policy", r, False) for r in policies]
         v1 = [r.to_json() for r in policies]
     from supervisor.snapshot_lines import policy_lines
@@ -273,7 +274,7 @@ def curve(sizes: list[int], workdir: str, adopt_max: int) -> None:
             bench_flush.build(ns, n, fw, workdir)
             with netns.enter(ns), xfrm.open_socket() as sock:
                 t_dump, chunks = best(lambda: sock.dump_raw(xfrm.XFRM_MSG_GETPOLICY))
-                with snapshot_module.no_cycle_collection():
+                with without_cycle_collection():
                     t_decode, _ = best(lambda: xfrm.decode_policies(chunks))
                 state = read_state(ReadOptions())
             snap = take_snapshot(state)

@@ -48,7 +48,8 @@ from .kernel import xfrm
 from .kernel.xfrm import XfrmPolicy, XfrmSA, XfrmSelector
 from .ledger import HOW_ADDED, OWNER_DAEMON, TRACKED, Ledger
 from .ownership import (DEFAULT_MARKERS, MarkerConfig, Verdict, classify_rule, deletion_hold,
-                        is_supervisor_block, without_cycle_collection)
+                        is_supervisor_block)
+from .kernel.common import without_cycle_collection
 from .reconcile import (FLUSH_ORDER, DeleteObject, InstallBlockPolicy, Keep, Plan, block_policy_for,
                         needs_block)
 

@@ -27,14 +27,13 @@ in swanctl.conf bypasses the formula and is not recognised by this marker.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import gc
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from .kernel import xfrm
+from .kernel.common import without_cycle_collection
 from .kernel.xfrm import XfrmPolicy, XfrmSA
 
 # Our fail-closed block policies carry this in the selector's ``user`` field: the
@@ -325,19 +324,6 @@ class Ownership:
             owned = sum(1 for _, v in pairs if v.owned)
             out[name] = {"owned": owned, "foreign": len(pairs) - owned}
         return out
-
-
-@contextlib.contextmanager
-def without_cycle_collection():
-    """Pause the cycle collector while building many small acyclic objects (it rescans them
-    over and over: half the time of judging or planning 30,000 policies)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _ledger_verdict(ledger: Any, record: Any) -> Verdict | None:

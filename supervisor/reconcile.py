@@ -54,7 +54,8 @@ from .kernel.netlink import AlreadyExists, NetlinkSocket
 from .kernel.rtnl import Rtnl
 from .kernel.xfrm import XfrmPolicy, XfrmSelector
 from .ownership import (SUPERVISOR_BLOCK_UID, Ownership, deletion_hold, is_supervisor_block,
-                        replace_selector_user, without_cycle_collection)
+                        replace_selector_user)
+from .kernel.common import without_cycle_collection
 
 log = logging.getLogger(__name__)
 

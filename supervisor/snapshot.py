@@ -10,9 +10,7 @@ the same bytes every way. Reading uses msgspec's typed decoding when installed
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 import json
 import os
 import socket
@@ -44,6 +42,7 @@ def __getattr__(name: str) -> Any:
 
 from .atomicfile import write_atomic
 from .errors import SnapshotError, SupervisorError
+from .kernel.common import without_cycle_collection
 from .kernel.xfrm import NO_LIMITS
 from .kernel_state import FAMILIES, KernelState, ReadOptions, read_state
 from .trusted_paths import TrustedDir
@@ -126,18 +125,6 @@ DERIVED = {"route": ("type_name", "protocol_name", "scope_name"),
 NO_LIMITS_JSON = NO_LIMITS.to_json()
 
 
-@contextlib.contextmanager
-def no_cycle_collection():
-    """Tens of thousands of small acyclic dicts make the cycle collector rescan them over and over."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def record_json(name: str, record: Any, include_keys: bool) -> dict:
     """One record as version 2 writes it."""
     doc = record.to_json(include_keys=include_keys)
@@ -171,7 +158,7 @@ def _family_lines(name: str, records: tuple, include_keys: bool) -> Iterator[str
     generic = _generic(name, include_keys, many=len(records) > 1000 and name not in LINES)
     for start in range(0, len(records), BATCH):
         batch = records[start:start + BATCH]
-        with no_cycle_collection():
+        with without_cycle_collection():
             lines = LINES[name](batch, generic) if name in LINES else [generic(r) for r in batch]
         yield ",\n   ".join(lines)
 
@@ -246,7 +233,7 @@ def load_snapshots(*paths: str) -> list[Snapshot]:
     first: tuple[Snapshot, dict] | None = None
     for path in paths:
         raw = _read(path)
-        with no_cycle_collection():
+        with without_cycle_collection():
             snap, typed = _load_typed(raw, path, first) if _codec() is not None else (None, None)
             if snap is None:
                 snap = snapshot_from_document(_parse_slowly(raw, path), path)
@@ -359,7 +346,7 @@ def diff_snapshot_files(path_a: str, path_b: str) -> dict[str, FamilyDiff]:
         return diff_snapshots(*load_snapshots(path_a, path_b))
     from .snapshot_typed import CHECKS
     found = []
-    with no_cycle_collection():
+    with without_cycle_collection():
         for path in (path_a, path_b):
             typed = _typed_document(_read(path), path)
             if typed is None:           # version 1, or not JSON: the whole way says what
@@ -498,7 +485,7 @@ def _stable(record: Any) -> dict:
 def diff_snapshots(a: Snapshot, b: Snapshot) -> dict[str, FamilyDiff]:
     """Per family: what B has that A has not, what A had that B lacks, what changed."""
     result = {}
-    with no_cycle_collection():
+    with without_cycle_collection():
         for name in FAMILIES:
             olds, news = a.objects.get(name, ()), b.objects.get(name, ())
             # A record at the same place in both, the same object (load_snapshots shares equal

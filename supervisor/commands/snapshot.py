@@ -108,8 +108,8 @@ def _settled(load):
     """LOAD()'s snapshots, kept out of the cycle collector's sight: the records are acyclic, and a
     collection right after loading tens of thousands of them costs 30 ms each time (a program only)."""
     import gc
-    from ..snapshot import no_cycle_collection
-    with no_cycle_collection():
+    from ..kernel.common import without_cycle_collection
+    with without_cycle_collection():
         loaded = load()
         gc.freeze()
     return loaded
@@ -117,10 +117,11 @@ def _settled(load):
 
 def cmd_show(args) -> int:
     from ..kernel_state import FAMILIES
-    from ..snapshot import load_snapshot, no_cycle_collection
+    from ..kernel.common import without_cycle_collection
+    from ..snapshot import load_snapshot
     snap = _settled(lambda: load_snapshot(args.file))
     if args.json:
-        with no_cycle_collection():
+        with without_cycle_collection():
             doc = {"created": snap.created, "host": snap.host, "kernel": snap.kernel,
                    "netns": snap.netns, "daemon": snap.daemon, "keys_included": snap.keys_included,
                    "context": snap.context,
@@ -144,10 +145,11 @@ def cmd_show(args) -> int:
 
 def cmd_diff(args) -> int:
     from ..kernel_state import FAMILIES
-    from ..snapshot import diff_snapshot_files, no_cycle_collection
+    from ..kernel.common import without_cycle_collection
+    from ..snapshot import diff_snapshot_files
     result = _settled(lambda: diff_snapshot_files(args.a, args.b))
     if args.json:
-        with no_cycle_collection():
+        with without_cycle_collection():
             doc = {name: {"added": [r.to_json() for r in d.added],
                           "removed": [r.to_json() for r in d.removed],
                           "changed": [{"old": o.to_json(), "new": n.to_json()} for o, n in d.changed]}
