@@ -27,10 +27,8 @@ would share the emulated CPU and blur each other's times).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -255,7 +253,7 @@ def main() -> int:
             (["--keep-files"] if args.keep_files else [])
         return subprocess.call(argv, cwd=ROOT)
 
-    from lab.scenario import keep_workdir, run_crashes
+    from lab.scenario import finish_workdir, report_runs, run_crashes
     t0 = time.monotonic()
     work = tempfile.mkdtemp(prefix="ipsv-bench-scale-")
 
@@ -277,20 +275,9 @@ def main() -> int:
                 outcomes.update(run_crashes({t: scenario_for(t, args.tunnels, window, args.grace)}, work,
                                             parallel=False, say=say))
     finally:
-        if args.keep_files:
-            print(f"lab files kept in {keep_workdir(work, 'bench-adopt-scale')}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    results = {}
-    for t in targets:
-        o = outcomes[t]
-        results[t] = {"error": str(o)} if isinstance(o, Exception) else summarize(o)
-    print_table(results, args.tunnels)
-    print(f"\n{'side by side' if args.side_by_side else 'one after the other'}, {time.monotonic() - t0:.0f} s in all"
-          + (" (inside the real-kernel VM: emulated CPU)" if in_vm() else ""))
-    if args.json:
-        print(json.dumps(results, indent=2))
-    return 0 if not any("error" in r for r in results.values()) else 1
+        finish_workdir(work, args.keep_files, "bench-adopt-scale")
+    return report_runs(targets, outcomes, summarize, lambda r: print_table(r, args.tunnels),
+                       side_by_side=args.side_by_side, started=t0, as_json=args.json)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,7 @@ them one after the other (closer to an idle machine, about four times longer).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -169,7 +167,7 @@ def main() -> int:
             (["--json"] if args.json else []) + (["--keep-files"] if args.keep_files else [])
         return subprocess.call(argv, cwd=ROOT)
 
-    from lab.scenario import keep_workdir, run_crashes
+    from lab.scenario import finish_workdir, report_runs, run_crashes
     t0 = time.monotonic()
     work = tempfile.mkdtemp(prefix="ipsv-bench-outage-")
     try:
@@ -177,20 +175,9 @@ def main() -> int:
         outcomes = run_crashes(scenarios, work, parallel=not args.serial,
                                say=lambda m: print(f"[{time.monotonic() - t0:6.1f}s] {m}", flush=True))
     finally:
-        if args.keep_files:
-            print(f"lab files kept in {keep_workdir(work, 'bench-outage')}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    results = {}
-    for t in targets:
-        o = outcomes[t]
-        results[t] = {"error": str(o)} if isinstance(o, Exception) else summarize(o)
-    print_table(results, args.max_window)
-    print(f"\n{'side by side' if not args.serial else 'one after the other'}, "
-          f"{time.monotonic() - t0:.0f} s in all" + (" (inside the real-kernel VM: emulated CPU)" if in_vm() else ""))
-    if args.json:
-        print(json.dumps(results, indent=2))
-    return 0 if not any("error" in r for r in results.values()) else 1
+        finish_workdir(work, args.keep_files, "bench-outage")
+    return report_runs(targets, outcomes, summarize, lambda r: print_table(r, args.max_window),
+                       side_by_side=not args.serial, started=t0, as_json=args.json)
 
 
 if __name__ == "__main__":

@@ -409,3 +409,28 @@ def keep_workdir(workdir: str, name: str = "lab") -> str:
     shutil.rmtree(workdir, ignore_errors=True)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return os.path.relpath(dest, root) + " (the same path on the host)"
+
+
+def finish_workdir(workdir: str, keep: bool, name: str) -> None:
+    """At the end of a benchmark: keep its lab files (``keep_workdir``, said where) or remove them."""
+    import shutil
+    if keep:
+        print(f"lab files kept in {keep_workdir(workdir, name)}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def report_runs(targets, outcomes: dict, summarize: Callable, print_table: Callable[[dict], None], *,
+                side_by_side: bool, started: float, as_json: bool) -> int:
+    """A benchmark's table over its targets (an Exception outcome is that target's error), how long
+    it all took, the JSON when asked; the exit code: 1 if a target failed."""
+    import json
+    from .preflight import in_vm
+    results = {t: {"error": str(outcomes[t])} if isinstance(outcomes[t], Exception) else summarize(outcomes[t])
+               for t in targets}
+    print_table(results)
+    print(f"\n{'side by side' if side_by_side else 'one after the other'}, {time.monotonic() - started:.0f} s in all"
+          + (" (inside the real-kernel VM: emulated CPU)" if in_vm() else ""))
+    if as_json:
+        print(json.dumps(results, indent=2))
+    return 0 if not any("error" in r for r in results.values()) else 1
