@@ -233,7 +233,82 @@ def iter_policy_lines(chunks: list[bytes], generic: Generic) -> Iterator[list[st
         _x._clear_caches()      # of _policy_at, for the unusual ones
 
 
+# --- charon's usual policy message, compiled -------------------------------------------------
+#
+# Nearly every policy charon installs is one 264-byte message: the header, the policy info, one
+# template and the policy type. Policies of one "shape" differ only in their addresses, priority,
+# index, reqid and counters; the rest of their line is the same text. So the message's bytes with
+# those fields zeroed (an int and a mask: one C operation) name the shape, and the shape's line is
+# compiled once into a function of the fields that vary. Its text is made of numbers and our own
+# name tables only (no string from the message), and it is checked against the line the walk
+# makes of the same message: a function that does not give those very bytes is never used (that
+# shape keeps the walk).
+
+_USUAL_LENGTH = 16 + 168 + 68 + 12
+_SEL_AF, _TMPL_AF = 16 + 40, 16 + 168 + 4 + 24      # the families' offsets in the message
+_MAX_SHAPES = 1024          # more distinct shapes than this: the rest are walked
+
+
+def _varying_mask() -> int:
+    keep = bytearray(b"\xff" * _USUAL_LENGTH)
+    info, tmpl = 16, 16 + 168 + 4
+    for start, size in ((8, 8),                              # nlmsg_seq, nlmsg_pid
+                        (info, 32),                          # selector daddr, saddr
+                        (info + 120, 32 + 8),                # curlft; priority, index
+                        (tmpl, 16), (tmpl + 28, 16 + 4)):    # template daddr; saddr, reqid
+        keep[start:start + size] = bytes(size)
+    return int.from_bytes(keep, "little")
+
+
+_SHAPE_MASK = _varying_mask()
+_FIELDS = {_x.AF_INET: "4s12x", _x.AF_INET6: "16s"}
+
+
+def _shape_struct(sel_af: int, tmpl_af: int) -> _struct.Struct:
+    """The fields of a usual message that vary within its shape, in the order of the message:
+    selector daddr, saddr, the four counters, priority, index, template daddr, saddr, reqid."""
+    sel, tmpl = _FIELDS[sel_af], _FIELDS[tmpl_af]
+    return _struct.Struct(f"=16x{sel}{sel}24x64x4QII8x4x{tmpl}8x4x{tmpl}I16x12x")
+
+
+def _compile_shape(buf: bytes, off: int, line: str, selector_shapes: dict) -> Callable[[bytes, int], str] | None:
+    """The line function (buffer, offset) of the shape of the usual message at OFF whose walked
+    line is LINE; None when it would not give LINE."""
+    sel_af = buf[off + _SEL_AF] | buf[off + _SEL_AF + 1] << 8
+    tmpl_af = buf[off + _TMPL_AF] | buf[off + _TMPL_AF + 1] << 8
+    if sel_af not in _FIELDS or tmpl_af not in _FIELDS:
+        return None
+    info, tmpl = off + 16, off + 16 + 168 + 4
+    _selector_raw(buf, info, selector_shapes)
+    _, sel_head, sel_middle, sel_tail = selector_shapes[buf[info + 32:info + 56]]
+    _, spi, proto, _, _, _, mode, share, optional, aalgos, ealgos, calgos = _x._TMPL.unpack_from(buf, tmpl)
+    _, _, d, act, flags, sh = _x._POLICY_TAIL.unpack_from(buf, info + 152)
+    ptype = buf[off + _USUAL_LENGTH - 8]
+    # (text, then the expression of the field that follows it)
+    pieces = [('{"selector":' + sel_head, "ntop(sa, ss)"), (sel_middle, "ntop(sa, sd)"),
+              (sel_tail + f',"dir":{_DIR.get(d) or d},"action":{_ACTION.get(act) or act},"priority":', "priority"),
+              (',"index":', "index"),
+              (f',"flags":{flags},"share":{_SHARE.get(sh) or sh},"mark":null,"if_id":0,'
+               f'"ptype":{_PTYPE.get(ptype) or ptype},"templates":[{{"family":{_FAMILY.get(tmpl_af) or tmpl_af},'
+               '"saddr":"', "ntop(ta, ts)"),
+              ('","daddr":"', "ntop(ta, td)"),
+              (f'","proto":{_PROTO.get(proto) or proto},"spi":{_x._ntohl(spi) if spi else 0},"reqid":', "reqid"),
+              (f',"mode":{_MODE.get(mode) or mode},"share":{_SHARE.get(share) or share},"optional":{optional},'
+               f'"aalgos":{aalgos},"ealgos":{ealgos},"calgos":{calgos}}}],"attrs":[],"curlft":{{"bytes":', "cb"),
+              (',"packets":', "cp"), (',"add_time":', "ca"), (',"use_time":', "cu"), ("}}", None)]
+    body = "".join(text.replace("{", "{{").replace("}", "}}") + ("" if expr is None else "{" + expr + "}")
+                   for text, expr in pieces)
+    namespace = {"unpack": _shape_struct(sel_af, tmpl_af).unpack_from, "ntop": _x._ntop, "sa": sel_af, "ta": tmpl_af}
+    exec("def line(buf, off):\n"
+         "    sd, ss, cb, cp, ca, cu, priority, index, td, ts, reqid = unpack(buf, off)\n"
+         f"    return f{body!r}\n", namespace)
+    fn = namespace["line"]
+    return fn if fn(buf, off) == line else None
+
+
 def _policy_lines(chunks: list[bytes], generic: Generic) -> Iterator[list[str]]:
+    compiled: dict[int, Callable | None] = {}       # a usual message's shape -> its line function, None: walk it
+    from_bytes, shape_mask, usual_length = int.from_bytes, _SHAPE_MASK, _USUAL_LENGTH
     selectors: dict[bytes, str] = {}
     templates: dict[bytes, str] = {}
     counters: dict[bytes, str] = {}
@@ -261,8 +336,15 @@ def _policy_lines(chunks: list[bytes], generic: Generic) -> Iterator[list[str]]:
             if length < 16 + 168:
                 raise _x.KernelError(f"cannot {_x._DUMP_POLICIES}: the kernel sent a {length}-byte message, "
                                      "shorter than its 168-byte header (ABI mismatch?)")
-            info, stop = off + 16, off + length
+            start, info, stop = off, off + 16, off + length
             off += (length + 3) & ~3
+            key = None
+            if length == usual_length:
+                key = from_bytes(buf[start:stop], "little") & shape_mask
+                shape = compiled.get(key, False)
+                if shape:
+                    append(shape(buf, start))
+                    continue
             t, mark, if_id, ptype, usual = "", None, 0, 0, buf[info + 56:info + 120] == no_limits
             a = info + 168
             if usual and stop - a == 80 and buf[a:a + 4] == usual_tmpl and buf[a + 68:a + 72] == usual_ptype:
@@ -310,10 +392,13 @@ def _policy_lines(chunks: list[bytes], generic: Generic) -> Iterator[list[str]]:
                 cur = _x._CUR_STRUCT.unpack_from(buf, info + 120)
                 c = counters[raw] = f'{{"bytes":{cur[0]},"packets":{cur[1]},"add_time":{cur[2]},"use_time":{cur[3]}}}'
             priority, index, d, act, flags, sh = tail(buf, info + 152)
-            append(f'{{"selector":{s},"dir":{dirs(d) or d},"action":{actions(act) or act},"priority":{priority},'
-                   f'"index":{index},"flags":{flags},"share":{shares(sh) or sh},'
-                   f'"mark":{"null" if mark is None else f"""{{"value":{mark[0]},"mask":{mark[1]}}}"""},'
-                   f'"if_id":{if_id},"ptype":{ptypes(ptype) or ptype},"templates":[{t}],"attrs":[],"curlft":{c}}}')
+            line = (f'{{"selector":{s},"dir":{dirs(d) or d},"action":{actions(act) or act},"priority":{priority},'
+                    f'"index":{index},"flags":{flags},"share":{shares(sh) or sh},'
+                    f'"mark":{"null" if mark is None else f"""{{"value":{mark[0]},"mask":{mark[1]}}}"""},'
+                    f'"if_id":{if_id},"ptype":{ptypes(ptype) or ptype},"templates":[{t}],"attrs":[],"curlft":{c}}}')
+            append(line)
+            if key is not None and key not in compiled and len(compiled) < _MAX_SHAPES:
+                compiled[key] = _compile_shape(buf, start, line, shapes)
         yield out
 
 
@@ -334,6 +419,9 @@ def _route_lines(chunks: list[bytes], names: dict[int, str], table: int | None, 
     addresses = (DST, GATEWAY, PREFSRC)
     oif_names: dict[int, str | None] = {}      # an interface's JSON, None if not plain
     header = _x._HDR_LT.unpack_from
+    from_bytes = int.from_bytes
+    layouts: dict[int, list[tuple[int, dict[int, tuple]]]] = {}     # length -> [(mask, {key: shape})]
+    learned = 0
     for buf in chunks:
         out: list[str] = []
         off, end = 0, len(buf)
@@ -343,6 +431,17 @@ def _route_lines(chunks: list[bytes], names: dict[int, str], table: int | None, 
             off += (length + 3) & ~3
             if mtype != newroute:
                 continue
+            for mask, shapes in layouts.get(length, ()):
+                shape = shapes.get(from_bytes(buf[start - 16:stop], "little") & mask)
+                if shape is not None:
+                    unpack, af, fmt = shape
+                    dst_len, dst = unpack(buf, start - 16)
+                    out.append(fmt % (ntop(af, dst), dst_len))
+                    break
+            else:
+                shape = None
+            if shape is not None:
+                continue
             if length < 16 + 12:
                 raise _x.KernelError(f"cannot {what}: a {length}-byte route message is too short")
             af, dst_len, src_len, tos, rtm_table, proto, scope, rtype, flags = rtmsg(buf, start)
@@ -351,7 +450,7 @@ def _route_lines(chunks: list[bytes], names: dict[int, str], table: int | None, 
                 continue
             size = addr_len[af]
             tbl = dst = gateway = oif = prefsrc = priority = pref = expires = None
-            usual, cacheinfo = True, False
+            usual, cacheinfo, dst_at, cacheinfo_at = True, False, 0, 0
             p = start + 12
             try:
                 while p + 4 <= stop:
@@ -366,7 +465,7 @@ def _route_lines(chunks: list[bytes], names: dict[int, str], table: int | None, 
                         break
                     if atype == DST:
                         if dst is None:
-                            dst = ntop(af, buf[s:s + size])
+                            dst, dst_at = ntop(af, buf[s:s + size]), s
                     elif atype == TABLE:
                         if tbl is None:
                             (tbl,) = u32(buf, s)
@@ -384,7 +483,7 @@ def _route_lines(chunks: list[bytes], names: dict[int, str], table: int | None, 
                             (priority,) = u32(buf, s)
                     elif atype == CACHEINFO:
                         if not cacheinfo:
-                            cacheinfo = True
+                            cacheinfo, cacheinfo_at = True, s
                             (left,) = i32(buf, s + 8)
                             expires = left // hz if left > 0 else None
                     elif atype == PREF:
@@ -416,14 +515,53 @@ def _route_lines(chunks: list[bytes], names: dict[int, str], table: int | None, 
                     continue
             gateway = "null" if gateway is None else '"' + gateway + '"'
             prefsrc = "null" if prefsrc is None else '"' + prefsrc + '"'
-            out.append(
-                f'{{"family":"{family}","table":{tbl},"dst":"{dst or ("0.0.0.0" if af == 2 else "::")}",'
-                f'"dst_len":{dst_len},"type":{rtype},"protocol":{proto},"scope":{scope},"gateway":{gateway},'
-                f'"oif":{"null" if oif is None else oif},"oif_name":{name},"prefsrc":{prefsrc},"src":null,"src_len":{src_len},'
-                f'"tos":{tos},"priority":{priority or 0},"metrics":{{}},"multipath":[],"nhid":null,'
-                f'"pref":{"null" if pref is None else pref},"flags":{flags},'
-                f'"expires":{"null" if expires is None else expires}}}')
+
+            def line(dst, dst_len):
+                return (f'{{"family":"{family}","table":{tbl},"dst":"{dst}",'
+                        f'"dst_len":{dst_len},"type":{rtype},"protocol":{proto},"scope":{scope},"gateway":{gateway},'
+                        f'"oif":{"null" if oif is None else oif},"oif_name":{name},"prefsrc":{prefsrc},"src":null,'
+                        f'"src_len":{src_len},"tos":{tos},"priority":{priority or 0},"metrics":{{}},"multipath":[],'
+                        f'"nhid":null,"pref":{"null" if pref is None else pref},"flags":{flags},'
+                        f'"expires":{"null" if expires is None else expires}}}')
+
+            text = line(dst or ("0.0.0.0" if af == 2 else "::"), dst_len)
+            out.append(text)
+            if dst_at and learned < _MAX_SHAPES:
+                learned += 1
+                _learn_route(layouts, buf, start - 16, length, af, dst_at, size, cacheinfo_at,
+                             line(_DST, _DST_LEN), text)
         yield out
+
+
+_DST, _DST_LEN = "\x00dst\x00", "\x00dst_len\x00"      # can be nothing else in a line (not plain)
+
+
+def _learn_route(layouts: dict, buf: bytes, msg: int, length: int, af: int, dst_at: int, size: int,
+                 cacheinfo_at: int, template: str, text: str) -> None:
+    """Compile the shape of the route message at MSG (its walked line: TEXT; TEMPLATE: the same
+    with the destination and its length left open): routes of one shape differ in nothing else.
+    The fields that vary within a shape, masked out of the key: the header's sequence and port, the
+    destination and its length, and an IPv6 route's cache counters (not its expiry)."""
+    keep = bytearray(b"\xff" * length)
+    dst, dst_len = dst_at - msg, 16 + 1
+    varying = [(8, 8), (dst_len, 1), (dst, size)]
+    if cacheinfo_at:
+        ci = cacheinfo_at - msg
+        varying += [(ci, 8), (ci + 12, 20)]     # all but rta_expires
+    for at, n in varying:
+        keep[at:at + n] = bytes(n)
+    mask = int.from_bytes(keep, "little")
+    fmt = template.replace("%", "%%").replace(_DST, "%s").replace(_DST_LEN, "%d")
+    unpack = _struct.Struct(f"={dst_len}xB{dst - dst_len - 1}x{size}s").unpack_from
+    shape = (unpack, af, fmt)
+    dst_len_value, dst_raw = unpack(buf, msg)
+    if fmt % (_x._ntop(af, dst_raw), dst_len_value) != text:
+        return
+    for known, shapes in layouts.setdefault(length, []):
+        if known == mask:
+            shapes[int.from_bytes(buf[msg:msg + length], "little") & mask] = shape
+            return
+    layouts[length].append((mask, {int.from_bytes(buf[msg:msg + length], "little") & mask: shape}))
 
 
 class RouteDump:

@@ -157,3 +157,89 @@ def test_route_lines_from_a_dump_are_those_of_the_records(netns, table):
     assert len(records) >= (9 if table else 12)
     gen = generic("route")
     assert route_lines_from_dump(dumps, names, table, gen) == [gen(r) for r in records]
+
+
+def _batch(netns, text: str) -> None:
+    """Many `ip` commands at once (one process; too long for a shell's argument list)."""
+    import subprocess
+    commands = "".join(line[3:] + "\n" for line in text.splitlines() if line.startswith("ip "))
+    subprocess.run(["ip", "netns", "exec", netns.name, "ip", "-batch", "-"], input=commands, text=True, check=True)
+
+
+def _many_policies(count: int) -> str:
+    """COUNT tunnels of charon's usual shape (one template, the policy type), IPv4 in IPv4, IPv6 in
+    IPv6 and IPv6 in IPv4, two prefix lengths and some counters' worth of variety."""
+    lines = []
+    for i in range(count):
+        a, b = divmod(i, 250)
+        plen = 24 if i % 2 else 32
+        lines += [f"ip xfrm policy add src 10.{a}.{b}.0/{plen} dst 10.200.{b}.0/24 dir out priority {1000 + i} "
+                  f"tmpl src 192.0.2.1 dst 198.51.{a}.{b + 1} proto esp reqid {i + 1} mode tunnel",
+                  f"ip xfrm policy add src 10.200.{b}.0/24 dst 10.{a}.{b}.0/{plen} dir fwd priority {1000 + i} "
+                  f"tmpl src 198.51.{a}.{b + 1} dst 192.0.2.1 proto esp reqid {i + 1} mode tunnel level use",
+                  f"ip xfrm policy add src fd00:{a}:{b}::/64 dst fd01::{b:x}/128 dir in priority {2000 + i} "
+                  f"tmpl src 2001:db8::{b + 1:x} dst 2001:db8::1 proto esp reqid {i + 1} mode tunnel",
+                  f"ip xfrm policy add src fd02:{a}:{b}::/64 dst fd03::/64 dir out priority {3000 + i} "
+                  f"tmpl src 192.0.2.1 dst 198.51.{a}.{b + 1} proto esp reqid {i + 1} mode tunnel"]
+    return "\n".join(lines) + "\n"
+
+
+def test_compiled_shapes_give_the_walked_lines_of_many_policies(netns):
+    # hundreds of policies of a few shapes: after its first message, each shape is formatted from
+    # its compiled format; every line must still be the records' own
+    from supervisor import snapshot_lines
+    from supervisor.kernel import xfrm
+    netns.sh(POLICY_SHAPES)
+    _batch(netns, _many_policies(300))
+    with netns.enter(), xfrm.open_socket() as sock:
+        chunks = sock.dump_raw(xfrm.XFRM_MSG_GETPOLICY)
+    records = xfrm.decode_policies(chunks)
+    assert len(records) == 9 + 4 * 300
+    compiled = []
+    real = snapshot_lines._compile_shape
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(snapshot_lines, "_compile_shape", lambda *a: compiled.append(real(*a)) or compiled[-1])
+        gen = generic("xfrm_policy")
+        assert snapshot_lines.policy_lines_from_dump(chunks, gen) == [gen(r) for r in records]
+    # a handful of shapes for 1,200 policies, each compiled once (none refused)
+    assert 4 <= len(compiled) <= 16 and all(compiled)
+
+
+def test_a_compiled_format_that_misses_the_walked_line_is_never_used(netns):
+    from supervisor import snapshot_lines
+    from supervisor.kernel import xfrm
+    _batch(netns, _many_policies(3))
+    with netns.enter(), xfrm.open_socket() as sock:
+        chunks = sock.dump_raw(xfrm.XFRM_MSG_GETPOLICY)
+    buf = chunks[0]
+    assert snapshot_lines._compile_shape(buf, 0, "not the line of this message", {}) is None
+    line = snapshot_lines.policy_lines_from_dump([buf[:xfrm._HDR_LT.unpack_from(buf, 0)[0]]], None)[0]
+    assert snapshot_lines._compile_shape(buf, 0, line, {}) is not None
+
+
+def test_compiled_route_shapes_give_the_walked_lines_of_many_routes(netns):
+    import socket
+    from supervisor import snapshot_lines
+    from supervisor.kernel import routes
+    netns.sh(ROUTE_SHAPES)
+    script = []
+    for i in range(400):
+        a, b = divmod(i, 200)
+        script.append(f"ip route add 10.{100 + a}.{b}.0/{24 + a} via 192.0.2.2 dev veth0 src 192.0.2.1 "
+                      f"proto static table 220")
+        script.append(f"ip route add fd10:{a}:{b}::/64 via 2001:db8::2 dev veth0 table 220"
+                      + (" expires 600" if i % 50 == 0 else ""))
+    _batch(netns, "\n".join(script))
+    with netns.enter(), routes._socket(None) as sock:
+        names = routes.interface_names(sock)
+        dumps = [routes.dump_chunks(sock, af, 220) for af in (socket.AF_INET, socket.AF_INET6)]
+    records = [r for what, chunks in dumps for r in routes.decode_routes(chunks, names, 220, what)]
+    assert len(records) >= 800
+    learned = []
+    real = snapshot_lines._learn_route
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(snapshot_lines, "_learn_route", lambda *a: learned.append(1) or real(*a))
+        gen = generic("route")
+        assert snapshot_lines.route_lines_from_dump(dumps, names, 220, gen) == [gen(r) for r in records]
+    # the expiring ones (their expiry differs) and the odd shapes walked; the rest compiled
+    assert len(learned) < 40
