@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from . import adopt, daemons, reattach
-from .config import Config, format_duration
+from .config import Config, RecoveryConfig, format_duration
 from .errors import KernelError, SupervisorError
 from .kernel.common import Action as KAction
 from .kernel.xfrm import XfrmPolicy
@@ -551,13 +551,18 @@ class KernelRecovery:
         """RECOVERING: snapshot what the dead daemon left, then flush / carry it for adopt or keep."""
         section: dict = {"error": "recovery did not finish"}
         key = (exit_info.pid, exit_info.died_at)
+        # One reading of the recovery settings and of the adopt check decides both where the recovery
+        # runs and what it does: a reload (on the supervisor's thread) may replace them meanwhile, and
+        # a flush must never run here beside an adoption step on the jobs thread.
+        rc = self.config.recovery
+        can_adopt = self._capability.can_adopt if self._capability is not None else True
         try:
-            if self._reads_only(decision):
+            if self._reads_only(decision, rc, can_adopt):
                 # Here, not behind the jobs thread (an adoption step over 30,000 leftovers may be
                 # running there): adopt and keep only read the kernel before the restart.
-                section = self._on_exit(exit_info, decision)
+                section = self._on_exit(exit_info, decision, rc, can_adopt)
             else:
-                section = self._run(lambda: self._on_exit(exit_info, decision))
+                section = self._run(lambda: self._on_exit(exit_info, decision, rc, can_adopt))
         except Exception as exc:
             section = {"error": f"{type(exc).__name__}: {exc}"}
             raise
@@ -565,10 +570,8 @@ class KernelRecovery:
             if self._pending is None or self._pending.key != key:
                 self._publish_section(key, section)     # else: once its snapshot is written
 
-    def _reads_only(self, decision: Decision) -> bool:
+    def _reads_only(self, decision: Decision, rc: RecoveryConfig, can_adopt: bool) -> bool:
         """Whether this exit's recovery changes nothing in the kernel before the restart."""
-        rc = self.config.recovery
-        can_adopt = self._capability.can_adopt if self._capability is not None else True
         return (decision.action is Action.RESTART and self._pending is None and not self._finishing
                 and self._jobs is not None
                 and (rc.mode == KEEP or (rc.mode == ADOPT and can_adopt)))
@@ -593,8 +596,7 @@ class KernelRecovery:
                 self._sections.pop(old, None)
                 self._section_ready.pop(old, None)
 
-    def _on_exit(self, info: ExitInfo, decision: Decision) -> dict:
-        rc = self.config.recovery
+    def _on_exit(self, info: ExitInfo, decision: Decision, rc: RecoveryConfig, can_adopt: bool) -> dict:
         self._exit_began = self._clock()
         if self._pending is not None:
             self._finish_pending()          # the restart failed before spawning: finish the last crash first
@@ -621,7 +623,6 @@ class KernelRecovery:
             self._carry, self._carry_choice = [], None
             return {"mode": rc.mode, "action": NONE, "fail_closed": False, "reason": reason,
                     "other_daemons": [d.to_json() for d in running]}
-        can_adopt = self._capability.can_adopt if self._capability is not None else True
         choice = choose_recovery(rc.mode, fail_closed=rc.fail_closed, on_stop=rc.on_stop,
                                  exit_class=info.classification, decision=decision.action,
                                  can_adopt=can_adopt)

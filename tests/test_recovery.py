@@ -118,6 +118,36 @@ def test_the_crash_report_waits_for_the_recovery_and_says_when_it_did_not_finish
     assert rec.status()["ledger"] is None and rec.status()["mode"] == "adopt"
 
 
+
+def test_a_reload_during_an_exit_does_not_change_what_that_exit_does(tmp_path, monkeypatch):
+    # where the recovery runs (here, reading only) and what it does are decided by one reading of
+    # the settings: a reload that lands in between (flush instead of adopt) waits for the next exit
+    from supervisor import recovery
+    from supervisor.config import parse_config
+    from supervisor.policy import Cause, Decision, ExitInfo
+    from supervisor.recovery_choice import RecoveryChoice
+    paths = f"paths: {{run_dir: {tmp_path}/run, state_dir: {tmp_path}}}\n"
+    rec = recovery.KernelRecovery(parse_config("recovery: {mode: adopt}\n" + paths))
+    reloaded = parse_config("recovery: {mode: flush}\n" + paths)
+    where, modes = [], []
+
+    def reads_only(decision, rc, can_adopt):
+        where.append(rc.mode)
+        rec.on_config(reloaded)             # the supervisor's thread applies a reload now
+        return True
+
+    def choose(mode, **kw):
+        modes.append(mode)
+        return RecoveryChoice(NONE, False, "test")
+
+    monkeypatch.setattr(rec, "_reads_only", reads_only)
+    monkeypatch.setattr(recovery, "choose_recovery", choose)
+    monkeypatch.setattr(rec, "_ike_daemons", lambda *a, **kw: [])
+    rec.on_daemon_exit(ExitInfo(42, None, 9, False, Cause.NONE, ExitClass.SIGNALED, 1.0, 2.0),
+                       Decision(R, "restart"))
+    assert where == modes == ["adopt"]
+    assert rec.config.recovery.mode == "flush"      # the next exit decides with the reload
+
 # --- snapshot retention ---------------------------------------------------------------------
 
 def test_snapshots_are_pruned_by_count_and_by_age(tmp_path):
