@@ -92,7 +92,22 @@ def keys(ns) -> set[tuple]:
 @pytest.fixture
 def addressed(netns):
     netns.sh(ADDRESSES)
+    _settled(netns)
     return netns
+
+
+def _settled(ns, timeout: float = 10.0) -> None:
+    """Wait for the kernel's own addresses: the veths' link-local ones come a moment after the
+    links are up (from a work queue), so a dump and `ip` a moment apart could see different sets."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        links = {link["ifname"]: link for link in json.loads(ns.run("ip", "-j", "addr", "show").stdout)}
+        if all(any(a.get("scope") == "link" and a["family"] == "inet6" and not a.get("tentative")
+                   for a in links[name]["addr_info"]) for name in ("v0", "v1")):
+            return
+        assert time.monotonic() < deadline, f"no link-local addresses on v0/v1 after {timeout} s: {links}"
+        time.sleep(0.05)
 
 
 def find(addresses: list[Address], address: str, ifname: str) -> Address:
