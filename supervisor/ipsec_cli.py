@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from . import __version__, control
 from .config import Config, load_config
+from .argparser import Parser
 from .errors import ConfigError, ExitCode, NotRootError, SupervisorError, printable
 from .frontend import forward, lifecycle
 from .frontend.pidfile import PidState, read_cmdline
@@ -116,7 +117,7 @@ class Context:
         print(text, file=self.err)
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(Parser):
     def error(self, message: str):
         raise SupervisorError(f"{self.prog}: {message}", ExitCode.USAGE)
 

@@ -138,3 +138,36 @@ def test_a_configuration_with_a_syntax_error_is_reported_as_before(tmp_path):
     with pytest.raises(ConfigError, match=r"^cannot parse x.yaml \(line 3 column 4\): mapping values are not "
                                           r"allowed here$"):
         parse_config("daemon:\n- a\n  b: [", "x.yaml")
+
+
+@pytest.mark.parametrize("columns", [None, "", "0", "-3", "wide", "57", "200"])
+def test_the_parsers_measure_the_terminal_as_shutil_does(columns, monkeypatch):
+    """argparser.Parser passes argparse the width shutil would give it, without importing shutil."""
+    import shutil
+
+    from supervisor.argparser import terminal_columns
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    assert terminal_columns() == shutil.get_terminal_size().columns
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_ipsec_status_of_an_answering_supervisor_never_reads_the_kernels_lock_table(fake, monkeypatch):
+    """/proc/locks' first read in a process waits 10-25 ms for the kernel: only a silent supervisor needs it."""
+    from supervisor import runlock
+    from supervisor.config import load_config
+    from supervisor.frontend import lifecycle
+    s = fake()
+    assert s.ipsec("start").returncode == 0
+    asked = []
+    real = runlock.find_lock_holder
+
+    def spy(run_dir, proc="/proc", **kw):
+        asked.append(kw.get("pid", True))
+        return real(run_dir, proc, **kw)
+    monkeypatch.setattr(lifecycle, "find_lock_holder", spy)
+    found = lifecycle.locate(load_config(s.config))
+    assert found.status is not None and found.running and found.pid == s.pid()
+    assert asked == [False]
