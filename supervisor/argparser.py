@@ -11,6 +11,8 @@ import argparse
 import os
 import sys
 
+from .errors import ExitCode, SupervisorError
+
 
 def terminal_columns() -> int:
     """``shutil.get_terminal_size().columns``: $COLUMNS, else the terminal of stdout, else 80."""
@@ -31,3 +33,10 @@ class Parser(argparse.ArgumentParser):
     def _get_formatter(self):
         # HelpFormatter subtracts 2 from the width it measures itself, not from one it is given
         return self.formatter_class(prog=self.prog, width=terminal_columns() - 2)
+
+
+class UsageErrorParser(Parser):
+    """``ipsec``'s parsers: a usage error is a SupervisorError (exit 2), worded by argparse."""
+
+    def error(self, message: str):
+        raise SupervisorError(f"{self.prog}: {message}", ExitCode.USAGE)

@@ -21,9 +21,10 @@ from test_ipsec_cli import fake  # noqa: F401 - the fixture: a supervisor.yaml r
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Never needed to answer a status or print help: kernel code, VICI, the YAML parser when no
-# file is read, logging, subprocesses, the recovery and supervision machinery.
+# file is read, logging, subprocesses, the recovery and supervision machinery; argparse only for
+# `ipsec-supervisor` (`ipsec status [NAME] [--json]` is parsed without it).
 HEAVY = ("yaml", "logging", "subprocess", "typing", "psutil", "pyroute2", "vici", "tempfile", "platform",
-         "shutil", "pathlib", "urllib", "ipaddress", "importlib.metadata", "email",
+         "shutil", "pathlib", "urllib", "ipaddress", "importlib.metadata", "email", "argparse", "gettext",
          "supervisor.kernel", "supervisor.kernel_state", "supervisor.snapshot", "supervisor.ledger",
          "supervisor.ownership", "supervisor.reconcile", "supervisor.recovery", "supervisor.adopt",
          "supervisor.starter", "supervisor.eventloop", "supervisor.legacy", "supervisor.crashreport",
@@ -111,7 +112,7 @@ def test_a_configuration_beyond_plain_yaml_is_still_read_by_pyyaml(tmp_path):
 def test_ipsec_supervisor_help_registers_every_command_without_kernel_or_legacy_code(tmp_path):
     rc, modules = imported_by("cli", ["--help"], tmp_path)
     assert rc == 0
-    assert heavy_in(modules, allowed=("logging", "typing")) == []
+    assert heavy_in(modules, allowed=("logging", "typing", "argparse", "gettext")) == []
     assert {f"supervisor.commands.{m}" for m in commands.MODULE_OF.values()} <= modules
 
 
@@ -121,7 +122,7 @@ def test_a_command_imports_only_its_own_command_module(command, tmp_path):
     assert rc == 0
     loaded = {m.rsplit(".", 1)[1] for m in modules if m.startswith("supervisor.commands.")}
     assert loaded == {commands.MODULE_OF[command]}
-    assert heavy_in(modules, allowed=("logging", "typing")) == []
+    assert heavy_in(modules, allowed=("logging", "typing", "argparse", "gettext")) == []
 
 
 def test_the_command_table_names_the_module_that_registers_each_command():
@@ -185,3 +186,24 @@ def test_ipsec_status_of_an_answering_supervisor_never_reads_the_kernels_lock_ta
     found = lifecycle.locate(load_config(s.config))
     assert found.status is not None and found.running and found.pid == s.pid()
     assert asked == [False]
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["home"], ["home", "x", "y"], ["--json"], ["home", "--json"], ["--json", "home", "x"], ["home", "x", "--json"],
+    ["--config", "/etc/s.yaml"], ["--config", "/etc/s.yaml", "home", "--json"], ["home", "--json", "x"],
+    ["--config"], ["--config", "-x"], ["--config", ""], ["--config", "a", "--config", "b"], ["--config=/a"],
+    ["--js"], ["-h"], ["--help"], ["--", "home"], ["-"], [""], ["home", ""], ["--json", "--json"], ["-x", "home"],
+    ["home", "--config", "/a", "x"], ["--bogus"],
+])
+def test_ipsec_status_parses_the_polled_forms_without_argparse_as_argparse_does(argv):
+    from supervisor import ipsec_cli
+    from supervisor.errors import SupervisorError
+    plain = ipsec_cli.plain_status_args(argv)
+    try:
+        parsed = vars(ipsec_cli._status_parser("status").parse_args(argv))
+    except (SupervisorError, SystemExit):
+        parsed = None               # a usage error, or --help: argparse's own output
+    if plain is not None:
+        assert vars(plain) == parsed
+    assert plain is not None or argv not in ([], ["home"], ["--json"], ["home", "--json"],
+                                             ["--config", "/etc/s.yaml", "home", "--json"])
