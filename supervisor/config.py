@@ -341,6 +341,8 @@ def _section(cls, doc: str):
 
 @dataclass(frozen=True, slots=True)
 class DaemonConfig:
+    """daemon: the supervised IKE daemon."""
+
     command: tuple[str, ...] = _key(command(), ("/usr/lib/ipsec/charon",),
                                     "the IKE daemon's argv (charon, or charon-systemd with pid_file: null)")
     pid_file: str | None = _key(abs_path(nullable=True), "/var/run/charon.pid",
@@ -369,6 +371,8 @@ class DaemonConfig:
 
 @dataclass(frozen=True, slots=True)
 class BackoffConfig:
+    """restart.backoff: delays between restarts."""
+
     initial: float = _key(duration(), 0.0, "delay of the first restart after a stable run (0: at once)")
     step: float = _key(duration(), 1.0, "delay of the second restart in a row; times factor for each further one")
     factor: float = _key(number(1.0, 100.0), 2.0, "growth of the delay per consecutive restart")
@@ -379,6 +383,8 @@ class BackoffConfig:
 
 @dataclass(frozen=True, slots=True)
 class CrashLoopConfig:
+    """restart.crash_loop: when to give up."""
+
     max_deaths: int = _key(number(0, 10000, integer=True), 5, "deaths within window that make us give up; 0: never")
     window: float = _key(duration(positive=True), 60.0, "the sliding window for max_deaths")
     action: str = _key(choice(GIVE_UP_ACTIONS), "cooldown",
@@ -391,6 +397,8 @@ class CrashLoopConfig:
 
 @dataclass(frozen=True, slots=True)
 class RestartConfig:
+    """restart: the restart policy."""
+
     policy: str = _key(choice(RESTART_POLICIES), "on-failure", "when to restart")
     prevent_exit_codes: tuple[int, ...] = _key(exit_codes(), (64, 65, 66), "exit codes that are never restarted")
     force_exit_codes: tuple[int, ...] = _key(exit_codes(), (), "exit codes that are always restarted")
@@ -401,6 +409,8 @@ class RestartConfig:
 
 @dataclass(frozen=True, slots=True)
 class HealthConfig:
+    """health: the VICI health probe."""
+
     enabled: bool = _key(boolean(), True, "probe the daemon over VICI while it runs")
     interval: float = _key(duration(positive=True), 10.0, "time between probes")
     timeout: float = _key(duration(positive=True), 3.0, "time a probe may take")
@@ -410,12 +420,16 @@ class HealthConfig:
 
 @dataclass(frozen=True, slots=True)
 class StopConfig:
+    """stop: the graceful stop."""
+
     signal: str = _key(signal_name(), "SIGTERM", "graceful stop signal")
     timeout: float = _key(duration(positive=True), 10.0, "time to exit before SIGKILL")
 
 
 @dataclass(frozen=True, slots=True)
 class HooksConfig:
+    """hooks: commands run on events."""
+
     timeout: float = _key(duration(positive=True), 10.0, "time limit of a hook without its own")
     on_crash: tuple = _key(hooks(), (), "run after every abnormal exit")
     on_give_up: tuple = _key(hooks(), (), "run when the crash-loop limit is reached")
@@ -427,6 +441,8 @@ class HooksConfig:
 
 @dataclass(frozen=True, slots=True)
 class PathsConfig:
+    """paths: where the supervisor keeps its files."""
+
     run_dir: str = _key(abs_path(), "/run/ipsec-supervisor", "control socket and lock (root only)")
     state_dir: str = _key(abs_path(), "/var/lib/ipsec-supervisor",
                           "crash reports go to STATE_DIR/crashes, snapshots to STATE_DIR/snapshots")
@@ -434,12 +450,16 @@ class PathsConfig:
 
 @dataclass(frozen=True, slots=True)
 class CrashReportsConfig:
+    """crash_reports: one JSON report per abnormal exit."""
+
     enabled: bool = _key(boolean(), True, "write a JSON report per abnormal exit")
     keep: int = _key(number(1, 100000, integer=True), 100, "newest reports kept; older ones are removed")
 
 
 @dataclass(frozen=True, slots=True)
 class SnapshotsConfig:
+    """snapshots: of the kernel state a dead daemon left."""
+
     enabled: bool = _key(boolean(), True, "snapshot the kernel state a dead daemon left, before recovery acts")
     keep: int = _key(number(1, 100000, integer=True), 50, "newest snapshots kept; older ones are removed")
     max_age: float = _key(duration(), 30 * 86400.0, "snapshots older than this are removed; 0: no age limit")
@@ -449,6 +469,8 @@ class SnapshotsConfig:
 
 @dataclass(frozen=True, slots=True)
 class RecoveryConfig:
+    """recovery: what happens to the kernel state a dead daemon left."""
+
     mode: str = _key(choice(RECOVERY_MODES), "adopt", "what to do with the kernel state a dead daemon left")
     timeout: float = _key(duration(positive=True), 60.0, "time limit of each recovery step")
     fail_closed: bool = _key(boolean(), True, "block policies stand in for removed out/fwd policies")
@@ -467,6 +489,8 @@ class RecoveryConfig:
 
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
+    """metrics: Prometheus metrics."""
+
     listen: str | None = _key(listen_address(nullable=True), None,
                               "HOST:PORT serving /metrics for Prometheus (e.g. 127.0.0.1:9089); null: off")
     textfile: str | None = _key(prom_file(nullable=True), None,
@@ -479,6 +503,8 @@ class MetricsConfig:
 
 @dataclass(frozen=True, slots=True)
 class Config:
+    """The whole configuration (``source``: the file it was read from, or BUILTIN)."""
+
     daemon: DaemonConfig = _section(DaemonConfig, "the supervised IKE daemon")
     restart: RestartConfig = _section(RestartConfig, "restart policy")
     health: HealthConfig = _section(HealthConfig, "health probe")

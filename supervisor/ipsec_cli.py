@@ -103,6 +103,8 @@ def help_text() -> str:
 
 @dataclass
 class Context:
+    """One `ipsec` invocation: its global options, output streams and configuration."""
+
     config_path: str | None = None
     verbose: bool = False
     out: TextIO = field(default_factory=lambda: sys.stdout)

@@ -50,6 +50,8 @@ class StartOutcome(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class StartVerdict:
+    """Where a detached start stands (judge_start)."""
+
     outcome: StartOutcome
     exit_code: int | None = None
     reason: str = ""
