@@ -118,10 +118,14 @@ def install_copy(work: str) -> str:
         shutil.copy(os.path.join(ROOT, name), src)
     shutil.copytree(os.path.join(ROOT, "supervisor"), os.path.join(src, "supervisor"),
                     ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", venv], check=True)
-    subprocess.run([DEV_PYTHON, "-m", "pip", "--python", os.path.join(venv, "bin", "python"), "install", "-q",
-                    "--disable-pip-version-check", "--no-deps", src], check=True,
-                   env={k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"})
+    subprocess.run([DEV_PYTHON, "-m", "venv", "--without-pip", venv], check=True)   # on the .venv's base Python
+    try:
+        subprocess.run([DEV_PYTHON, "-m", "pip", "--python", os.path.join(venv, "bin", "python"), "install", "-q",
+                        "--disable-pip-version-check", "--no-deps", src], check=True,
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"})
+    except subprocess.CalledProcessError as exc:
+        raise SystemExit(f"bench_cli: pip could not install a copy of {ROOT} (exit {exc.returncode}; it builds "
+                         "with setuptools from the package index); --as-checkout measures the .venv instead") from None
     site = subprocess.run([os.path.join(venv, "bin", "python"), "-c", "import sysconfig; "
                            "print(sysconfig.get_path('purelib'))"], check=True, capture_output=True,
                           text=True).stdout.strip()
