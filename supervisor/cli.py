@@ -8,6 +8,7 @@ import sys
 
 from . import __version__
 from . import commands
+from .argparser import Parser
 from .errors import ExitCode, SupervisorError
 
 EXIT_CODE_HELP = "exit codes:\n" + "\n".join(
@@ -15,7 +16,7 @@ EXIT_CODE_HELP = "exit codes:\n" + "\n".join(
 )
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(Parser):
     def error(self, message: str):  # argparse exits 2 on usage errors too; keep its text
         self.print_usage(sys.stderr)
         self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")

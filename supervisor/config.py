@@ -341,6 +341,8 @@ def _section(cls, doc: str):
 
 @dataclass(frozen=True, slots=True)
 class DaemonConfig:
+    """daemon: the supervised IKE daemon."""
+
     command: tuple[str, ...] = _key(command(), ("/usr/lib/ipsec/charon",),
                                     "the IKE daemon's argv (charon, or charon-systemd with pid_file: null)")
     pid_file: str | None = _key(abs_path(nullable=True), "/var/run/charon.pid",
@@ -369,6 +371,8 @@ class DaemonConfig:
 
 @dataclass(frozen=True, slots=True)
 class BackoffConfig:
+    """restart.backoff: delays between restarts."""
+
     initial: float = _key(duration(), 0.0, "delay of the first restart after a stable run (0: at once)")
     step: float = _key(duration(), 1.0, "delay of the second restart in a row; times factor for each further one")
     factor: float = _key(number(1.0, 100.0), 2.0, "growth of the delay per consecutive restart")
@@ -379,6 +383,8 @@ class BackoffConfig:
 
 @dataclass(frozen=True, slots=True)
 class CrashLoopConfig:
+    """restart.crash_loop: when to give up."""
+
     max_deaths: int = _key(number(0, 10000, integer=True), 5, "deaths within window that make us give up; 0: never")
     window: float = _key(duration(positive=True), 60.0, "the sliding window for max_deaths")
     action: str = _key(choice(GIVE_UP_ACTIONS), "cooldown",
@@ -391,6 +397,8 @@ class CrashLoopConfig:
 
 @dataclass(frozen=True, slots=True)
 class RestartConfig:
+    """restart: the restart policy."""
+
     policy: str = _key(choice(RESTART_POLICIES), "on-failure", "when to restart")
     prevent_exit_codes: tuple[int, ...] = _key(exit_codes(), (64, 65, 66), "exit codes that are never restarted")
     force_exit_codes: tuple[int, ...] = _key(exit_codes(), (), "exit codes that are always restarted")
@@ -401,6 +409,8 @@ class RestartConfig:
 
 @dataclass(frozen=True, slots=True)
 class HealthConfig:
+    """health: the VICI health probe."""
+
     enabled: bool = _key(boolean(), True, "probe the daemon over VICI while it runs")
     interval: float = _key(duration(positive=True), 10.0, "time between probes")
     timeout: float = _key(duration(positive=True), 3.0, "time a probe may take")
@@ -410,12 +420,16 @@ class HealthConfig:
 
 @dataclass(frozen=True, slots=True)
 class StopConfig:
+    """stop: the graceful stop."""
+
     signal: str = _key(signal_name(), "SIGTERM", "graceful stop signal")
     timeout: float = _key(duration(positive=True), 10.0, "time to exit before SIGKILL")
 
 
 @dataclass(frozen=True, slots=True)
 class HooksConfig:
+    """hooks: commands run on events."""
+
     timeout: float = _key(duration(positive=True), 10.0, "time limit of a hook without its own")
     on_crash: tuple = _key(hooks(), (), "run after every abnormal exit")
     on_give_up: tuple = _key(hooks(), (), "run when the crash-loop limit is reached")
@@ -427,6 +441,8 @@ class HooksConfig:
 
 @dataclass(frozen=True, slots=True)
 class PathsConfig:
+    """paths: where the supervisor keeps its files."""
+
     run_dir: str = _key(abs_path(), "/run/ipsec-supervisor", "control socket and lock (root only)")
     state_dir: str = _key(abs_path(), "/var/lib/ipsec-supervisor",
                           "crash reports go to STATE_DIR/crashes, snapshots to STATE_DIR/snapshots")
@@ -434,12 +450,16 @@ class PathsConfig:
 
 @dataclass(frozen=True, slots=True)
 class CrashReportsConfig:
+    """crash_reports: one JSON report per abnormal exit."""
+
     enabled: bool = _key(boolean(), True, "write a JSON report per abnormal exit")
     keep: int = _key(number(1, 100000, integer=True), 100, "newest reports kept; older ones are removed")
 
 
 @dataclass(frozen=True, slots=True)
 class SnapshotsConfig:
+    """snapshots: of the kernel state a dead daemon left."""
+
     enabled: bool = _key(boolean(), True, "snapshot the kernel state a dead daemon left, before recovery acts")
     keep: int = _key(number(1, 100000, integer=True), 50, "newest snapshots kept; older ones are removed")
     max_age: float = _key(duration(), 30 * 86400.0, "snapshots older than this are removed; 0: no age limit")
@@ -449,6 +469,8 @@ class SnapshotsConfig:
 
 @dataclass(frozen=True, slots=True)
 class RecoveryConfig:
+    """recovery: what happens to the kernel state a dead daemon left."""
+
     mode: str = _key(choice(RECOVERY_MODES), "adopt", "what to do with the kernel state a dead daemon left")
     timeout: float = _key(duration(positive=True), 60.0, "time limit of each recovery step")
     fail_closed: bool = _key(boolean(), True, "block policies stand in for removed out/fwd policies")
@@ -467,6 +489,8 @@ class RecoveryConfig:
 
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
+    """metrics: Prometheus metrics."""
+
     listen: str | None = _key(listen_address(nullable=True), None,
                               "HOST:PORT serving /metrics for Prometheus (e.g. 127.0.0.1:9089); null: off")
     textfile: str | None = _key(prom_file(nullable=True), None,
@@ -479,6 +503,8 @@ class MetricsConfig:
 
 @dataclass(frozen=True, slots=True)
 class Config:
+    """The whole configuration (``source``: the file it was read from, or BUILTIN)."""
+
     daemon: DaemonConfig = _section(DaemonConfig, "the supervised IKE daemon")
     restart: RestartConfig = _section(RestartConfig, "restart policy")
     health: HealthConfig = _section(HealthConfig, "health probe")
@@ -721,12 +747,48 @@ def _compose(text: str) -> yaml.Node | None:
 MAX_CONFIG_BYTES = 1024 * 1024
 
 
+def _build_plain(cls, data: Any):
+    """CLS from plain values (plainyaml); _Invalid on the first problem: PyYAML's path then words them all."""
+    if not isinstance(data, dict):
+        raise _Invalid("must be a mapping")
+    by_name = {f.name: f for f in _fields(cls)}
+    values: dict[str, Any] = {}
+    for name, raw in data.items():
+        f = by_name.get(name)
+        if f is None:
+            raise _Invalid("is not a known key")
+        if _is_section(f):
+            values[name] = _build_plain(_section_type(cls, f), {} if raw is None else raw)
+        else:
+            values[name] = f.metadata["rule"](raw)
+    return cls(**values)
+
+
+def _parse_plain(text: str, source: str) -> Config | None:
+    """The Config of a valid file in plain YAML, read without PyYAML (10 ms of every `ipsec status`);
+    None for any other file or any problem: parse_config's PyYAML path reads it and words the errors."""
+    from . import plainyaml
+    data = plainyaml.load(text)
+    if data is None:
+        return None
+    try:
+        cfg = _build_plain(Config, data)
+    except _Invalid:
+        return None
+    problems = _Problems(source)
+    _cross_check(cfg, None, problems)
+    return None if problems.items else dataclasses.replace(cfg, source=source)
+
+
 def parse_config(text: str, source: str = "<string>") -> Config:
     """A validated Config from YAML text; ConfigError lists every problem with its line."""
-    import yaml
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{source} is {len(text)} characters long; a configuration file is at most "
                           f"{MAX_CONFIG_BYTES} (nothing was applied)")
+    plain = _parse_plain(text, source)
+    if plain is not None:
+        return plain
+    import yaml
     try:
         root = _compose(text)
     except RecursionError:

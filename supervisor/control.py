@@ -10,14 +10,15 @@ from __future__ import annotations
 import errno
 import json
 import os
-import socket
-import struct
 
 from .errors import ExitCode, NotRootError, SupervisorError
 
 # `typing` and the event loop are for type checkers only: the client side (ipsec status) needs neither.
+# Nor the socket module: its wrapper class pulls in selectors and array, 3 ms of every polled `ipsec
+# status`; `request` uses the C module under it, the server (in the supervisor) the socket module.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import socket
     from typing import Callable
 
     from .eventloop import Loop
@@ -71,6 +72,8 @@ class Deferred:
 
 
 def peer_uid(sock: socket.socket) -> int:
+    import socket
+    import struct
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
     return uid
@@ -91,6 +94,7 @@ class ControlServer:
         from .trusted_paths import open_trusted_dir
         with open_trusted_dir(self.run_dir, what="paths.run_dir", tighten=True) as run:
             run.unlink(SOCKET_NAME)     # stale: the run-dir lock proves nobody else serves it
+            import socket
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
             old = os.umask(0o177)
             try:
@@ -232,8 +236,10 @@ class _Client:
 
 def request(run_dir: str, command: str, timeout: float = CLIENT_TIMEOUT, **args) -> dict:
     """Send one command to the running supervisor; SupervisorError (exit 7) if none runs."""
+    import _socket
     path = socket_path(run_dir)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    try:
         sock.settimeout(timeout)
         try:
             sock.connect(path)
@@ -256,13 +262,15 @@ def request(run_dir: str, command: str, timeout: float = CLIENT_TIMEOUT, **args)
                 if not chunk:
                     break
                 buf += chunk
-        except socket.timeout:
+        except TimeoutError:        # socket.timeout
             raise SupervisorError(f"ipsec-supervisor did not answer on {path} within {timeout:g}s "
                                   f"(it may be busy or hung)") from None
         except (ConnectionResetError, BrokenPipeError):
             # The supervisor exited while answering (e.g. it was stopping): it is gone now.
             raise SupervisorError(f"ipsec-supervisor closed {path} without answering '{command}' "
                                   f"(it is exiting or has exited)", ExitCode.NOT_RUNNING) from None
+    finally:
+        sock.close()
     try:
         answer = json.loads(buf.split(b"\n", 1)[0])
     except ValueError:

@@ -8,7 +8,6 @@ snapshots, crashes).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -21,10 +20,13 @@ from .errors import ConfigError, ExitCode, NotRootError, SupervisorError, printa
 from .frontend import forward, lifecycle
 from .frontend.pidfile import PidState, read_cmdline
 
-# `typing` is imported for type checkers only: every polled `ipsec status` would pay 3 ms for it.
+# `typing` is imported for type checkers only: every polled `ipsec status` would pay 3 ms for it;
+# argparse (3-4 ms with gettext and locale) only by commands that parse more than `status [NAME]`.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Callable, TextIO
+
+    from .argparser import Parser
 
 PROG = "ipsec"
 
@@ -101,6 +103,8 @@ def help_text() -> str:
 
 @dataclass
 class Context:
+    """One `ipsec` invocation: its global options, output streams and configuration."""
+
     config_path: str | None = None
     verbose: bool = False
     out: TextIO = field(default_factory=lambda: sys.stdout)
@@ -116,13 +120,9 @@ class Context:
         print(text, file=self.err)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise SupervisorError(f"{self.prog}: {message}", ExitCode.USAGE)
-
-
-def _parser(command: str, config: bool = True) -> _Parser:
-    p = _Parser(prog=f"{PROG} {command}", add_help=True)
+def _parser(command: str, config: bool = True) -> Parser:
+    from .argparser import UsageErrorParser
+    p = UsageErrorParser(prog=f"{PROG} {command}", add_help=True)
     if config:
         p.add_argument("--config", metavar="PATH")
     return p
@@ -141,7 +141,8 @@ def _is_root() -> bool:
 # ---------------------------------------------------------------------------
 # start / stop / restart
 
-def _start_parser(command: str) -> _Parser:
+def _start_parser(command: str) -> Parser:
+    import argparse
     p = _parser(command)
     p.add_argument("--nofork", action="store_true", help="run in the foreground")
     p.add_argument("--timeout", type=float, metavar="S",
@@ -191,7 +192,7 @@ def _start(ctx: Context, args, what: str) -> int:
                                     out=ctx.out, err=ctx.err)
 
 
-def _stop_parser(command: str) -> _Parser:
+def _stop_parser(command: str) -> Parser:
     p = _parser(command)
     p.add_argument("--timeout", type=float, metavar="S",
                    help="how long to wait for the supervisor to exit before killing it")
@@ -428,12 +429,42 @@ def _vici_list_sas(cfg: Config, name: str | None) -> list | str:
         return f"cannot list SAs over {path}: {exc}"
 
 
-def cmd_status(ctx: Context, name: str, argv: list[str]) -> int:
+def _status_parser(name: str) -> Parser:
+    import argparse
     p = _parser(name)
     p.add_argument("conn", nargs="?", metavar="NAME")
     p.add_argument("extra", nargs="*", help=argparse.SUPPRESS)   # strongSwan's script ignores them
     p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def plain_status_args(argv: list[str]):
+    """What _status_parser makes of the forms polled every few seconds ([NAME...] [--json] [--config PATH],
+    names side by side), without argparse; None for anything else (argparse then parses or refuses it)."""
+    from types import SimpleNamespace
+    names: list[str] = []
+    config, as_json, names_ended = None, False, False
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--json":
+            as_json = True
+        elif a == "--config":
+            if config is not None or i + 1 >= len(argv) or not argv[i + 1] or argv[i + 1].startswith("-"):
+                return None
+            config = argv[i + 1]
+            i += 1
+        elif a.startswith("-") or not a or names_ended:
+            return None     # other options, "-", "--", names split by an option: argparse's rules
+        else:
+            names.append(a)
+        names_ended = names_ended or (bool(names) and a.startswith("-"))
+        i += 1
+    return SimpleNamespace(config=config, conn=names[0] if names else None, extra=names[1:], json=as_json)
+
+
+def cmd_status(ctx: Context, name: str, argv: list[str]) -> int:
+    args = plain_status_args(argv) or _status_parser(name).parse_args(argv)
     _merge_config(ctx, args)
     cfg = ctx.config()
     try:
@@ -475,6 +506,8 @@ def cmd_status(ctx: Context, name: str, argv: list[str]) -> int:
 
 def _subparser_options(name: str) -> set[str] | None:
     """Option strings `ipsec-supervisor NAME` accepts; None if there is no such command."""
+    import argparse
+
     from . import cli
     parser = cli.build_parser(name)
     for action in parser._actions:   # argparse keeps subparsers only here

@@ -71,8 +71,8 @@ def execute(plan, handlers=None, on_result=None):
 
 
 def _common_parser():
-    import argparse
-    p = argparse.ArgumentParser(add_help=False)
+    from ..argparser import Parser
+    p = Parser(add_help=False)
     p.add_argument("--netns", metavar="NAME", help="network namespace to work in (/run/netns/NAME)")
     p.add_argument("--ledger", metavar="FILE",
                    help=f"ownership ledger (default: {LEDGER} when present)")

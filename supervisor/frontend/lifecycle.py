@@ -50,6 +50,8 @@ class StartOutcome(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class StartVerdict:
+    """Where a detached start stands (judge_start)."""
+
     outcome: StartOutcome
     exit_code: int | None = None
     reason: str = ""
@@ -153,8 +155,8 @@ class Located:
 def locate(cfg: Config, timeout: float = 3.0) -> Located:
     """Ask the control socket; the supervisor lock says whether one runs, else the supervisor's process
     (its run directory may have been wiped under it).  NotRootError when not allowed."""
-    try:
-        lock = find_lock_holder(cfg.paths.run_dir)
+    try:    # whether it is held; the holder's pid only when the supervisor does not answer (_without_status)
+        lock = find_lock_holder(cfg.paths.run_dir, pid=False)
     except PermissionError:
         lock = LockHolder(os.path.join(cfg.paths.run_dir, "supervisor.lock"), False)
     pid_file = inspect_pid_file(pid_file_path(cfg.paths.run_dir), lock.held)
@@ -172,6 +174,11 @@ def locate(cfg: Config, timeout: float = 3.0) -> Located:
 
 
 def _without_status(cfg: Config, pid_file: PidFile, error: str, lock: LockHolder) -> Located:
+    if lock.held and lock.pid is None:
+        try:
+            lock = find_lock_holder(cfg.paths.run_dir)
+        except PermissionError:
+            pass
     found = Located(None, pid_file, error, lock)
     if found.running:
         return found

@@ -27,6 +27,8 @@ _libc = None
 
 @dataclass(frozen=True, slots=True)
 class NetnsIdentity:
+    """Which network namespace: its inode, and its /run/netns name when it has one."""
+
     inode: int              # inode of /proc/self/ns/net: unique while the namespace lives
     name: str | None        # name under /run/netns, when it has one
 
