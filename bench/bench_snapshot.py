@@ -13,7 +13,9 @@ on all alike): ``ip xfrm policy`` and ``ip route show table 220`` writing their 
 (the baseline is their sum), ``ipsec-supervisor snapshot --netns NS --output FILE`` (written
 durably: fsync, as always), ``snapshot show FILE`` and ``snapshot diff FILE FILE2`` to
 /dev/null. Medians of wall and CPU time (CPU barely moves when other work loads the machine).
-Then, in this process, where the time goes: imports, each family's dump and decode, encoding,
+The supervisor runs as installed: a pip-installed copy in a temporary virtual environment
+(bench_cli.install_copy; ``--as-checkout``: the .venv's editable install, whose import hook
+costs every start about 10 ms a user does not pay). Then, in this process, where the time goes: imports, each family's dump and decode, encoding,
 writing, parsing and validating, the diff; and the record encoders side by side (goal <= 3x).
 """
 
@@ -37,6 +39,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
+import bench_cli  # noqa: E402
 import bench_flush  # noqa: E402
 from supervisor import snapshot as snapshot_module  # noqa: E402
 from supervisor.kernel import netns, xfrm  # noqa: E402
@@ -90,19 +93,19 @@ def cpu_best(fn, runs: int = 3):
     return best(fn, runs, time.process_time)
 
 
-def whole_process(ns: str, tunnels: int, runs: int, workdir: str, env: dict) -> None:
+def whole_process(ns: str, tunnels: int, runs: int, workdir: str, env: dict, supervisor: str) -> None:
     snap_a, snap_b = os.path.join(workdir, "a.json"), os.path.join(workdir, "b.json")
     for path in (snap_a, snap_b):               # the files show and diff read (and warm-up)
-        child_run([SUPERVISOR, "snapshot", "--netns", ns, "--output", path], os.devnull, env)
+        child_run([supervisor, "snapshot", "--netns", ns, "--output", path], os.devnull, env)
     commands = {
         "ip xfrm policy > file": (["ip", "-n", ns, "xfrm", "policy"], os.path.join(workdir, "ip-policy.txt")),
         "ip route show table 220 > file": (["ip", "-n", ns, "route", "show", "table", "220"],
                                            os.path.join(workdir, "ip-route.txt")),
         "ipsec-supervisor snapshot --output FILE": (
-            [SUPERVISOR, "snapshot", "--netns", ns, "--output", os.path.join(workdir, "s.json")], os.devnull),
-        "ipsec-supervisor snapshot show FILE": ([SUPERVISOR, "snapshot", "show", snap_a], os.devnull),
-        "ipsec-supervisor snapshot diff A B": ([SUPERVISOR, "snapshot", "diff", snap_a, snap_b], os.devnull),
-        "ipsec-supervisor snapshot show FILE --json": ([SUPERVISOR, "snapshot", "show", snap_a, "--json"],
+            [supervisor, "snapshot", "--netns", ns, "--output", os.path.join(workdir, "s.json")], os.devnull),
+        "ipsec-supervisor snapshot show FILE": ([supervisor, "snapshot", "show", snap_a], os.devnull),
+        "ipsec-supervisor snapshot diff A B": ([supervisor, "snapshot", "diff", snap_a, snap_b], os.devnull),
+        "ipsec-supervisor snapshot show FILE --json": ([supervisor, "snapshot", "show", snap_a, "--json"],
                                                        os.devnull),
     }
     times = rounds(commands, runs, env)
@@ -328,6 +331,9 @@ def main() -> int:
     parser.add_argument("--adopt-only", action="store_true", help="with --curve: only adopt planning")
     parser.add_argument("--adopt-max", type=int, default=30000, metavar="N",
                         help="time adopt planning in the curve up to N tunnels (default %(default)s)")
+    parser.add_argument("--as-checkout", action="store_true",
+                        help="run the .venv's console script (an editable install: its import hook costs "
+                             "~10 ms a start) instead of a pip-installed copy, as bench_cli.py does")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench_snapshot: needs root (creates network namespaces)", file=sys.stderr)
@@ -350,7 +356,9 @@ def main() -> int:
             print(f"{args.tunnels} tunnels ({3 * args.tunnels} policies, {args.tunnels} table-220 routes, "
                   f"rule 220, foreign state) built in {time.perf_counter() - start:.1f}s; load average "
                   f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-            whole_process(ns, args.tunnels, args.runs, workdir, env)
+            supervisor = SUPERVISOR if args.as_checkout else os.path.join(
+                bench_cli.install_copy(os.path.join(workdir, "installed")), "ipsec-supervisor")
+            whole_process(ns, args.tunnels, args.runs, workdir, env, supervisor)
             phases(ns, workdir, env)
         finally:
             bench_flush.remove(ns)

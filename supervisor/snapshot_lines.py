@@ -261,6 +261,7 @@ def _varying_mask() -> int:
 
 
 _SHAPE_MASK = _varying_mask()
+_USUAL_TMPL, _USUAL_PTYPE = _x._NLA.pack(68, _x.XFRMA_TMPL), _x._NLA.pack(10, _x.XFRMA_POLICY_TYPE)
 _FIELDS = {_x.AF_INET: "4s12x", _x.AF_INET6: "16s"}
 
 
@@ -276,9 +277,12 @@ def _compile_shape(buf: bytes, off: int, line: str, selector_shapes: dict) -> Ca
     line is LINE; None when it would not give LINE."""
     sel_af = buf[off + _SEL_AF] | buf[off + _SEL_AF + 1] << 8
     tmpl_af = buf[off + _TMPL_AF] | buf[off + _TMPL_AF + 1] << 8
-    if sel_af not in _FIELDS or tmpl_af not in _FIELDS:
-        return None
     info, tmpl = off + 16, off + 16 + 168 + 4
+    # The layout the fields are read in: the template, then the policy type, and no lifetime
+    # limits. (Every message of the shape has these very bytes: only the varying fields differ.)
+    if (sel_af not in _FIELDS or tmpl_af not in _FIELDS or buf[tmpl - 4:tmpl] != _USUAL_TMPL
+            or buf[tmpl + 64:tmpl + 68] != _USUAL_PTYPE or buf[info + 56:info + 120] != _x._NO_LIMITS_RAW):
+        return None
     _selector_raw(buf, info, selector_shapes)
     _, sel_head, sel_middle, sel_tail = selector_shapes[buf[info + 32:info + 56]]
     _, spi, proto, _, _, _, mode, share, optional, aalgos, ealgos, calgos = _x._TMPL.unpack_from(buf, tmpl)
@@ -323,7 +327,7 @@ def _policy_lines(chunks: list[bytes], generic: Generic) -> Iterator[list[str]]:
     NEWPOLICY, TMPL, PTYPE, MARK, IF_ID = (_x.XFRM_MSG_NEWPOLICY, _x.XFRMA_TMPL, _x.XFRMA_POLICY_TYPE,
                                             _x.XFRMA_MARK, _x.XFRMA_IF_ID)
     SKIP = (_x.XFRMA_PAD, _x.XFRMA_POLICY)
-    usual_tmpl, usual_ptype = _x._NLA.pack(68, TMPL), _x._NLA.pack(10, PTYPE)
+    usual_tmpl, usual_ptype = _USUAL_TMPL, _USUAL_PTYPE
     for buf in chunks:
         out: list[str] = []
         append = out.append

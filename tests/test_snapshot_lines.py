@@ -213,8 +213,16 @@ def test_a_compiled_format_that_misses_the_walked_line_is_never_used(netns):
         chunks = sock.dump_raw(xfrm.XFRM_MSG_GETPOLICY)
     buf = chunks[0]
     assert snapshot_lines._compile_shape(buf, 0, "not the line of this message", {}) is None
-    line = snapshot_lines.policy_lines_from_dump([buf[:xfrm._HDR_LT.unpack_from(buf, 0)[0]]], None)[0]
-    assert snapshot_lines._compile_shape(buf, 0, line, {}) is not None
+    first = buf[:xfrm._HDR_LT.unpack_from(buf, 0)[0]]
+    line = snapshot_lines.policy_lines_from_dump([first], None)[0]
+    assert snapshot_lines._compile_shape(first, 0, line, {}) is not None
+    # the same length in another layout (a padding attribute where the policy type was): the walk
+    # reads it, the shape is never compiled, whatever the line
+    odd = bytearray(first)
+    odd[252:256] = xfrm._NLA.pack(12, xfrm.XFRMA_PAD)
+    odd = bytes(odd)
+    line = snapshot_lines.policy_lines_from_dump([odd], None)[0]
+    assert '"ptype":"main"' in line and snapshot_lines._compile_shape(odd, 0, line, {}) is None
 
 
 def test_compiled_route_shapes_give_the_walked_lines_of_many_routes(netns):
