@@ -69,6 +69,11 @@ def ownership_context(ownership: Any, state: Any) -> dict:
     """For the snapshot: which objects (index per family) were charon's, by which rule."""
     owned: dict[str, list] = {}
     for family, records in state.objects.items():
+        pairs = ownership.verdicts.get(family, ())
+        if len(pairs) == len(records) and all(r is judged for r, (judged, _) in zip(records, pairs)):
+            # the state judged itself (the usual case): its verdicts in order, no lookup table
+            owned[family] = [[i, v.rule] for i, (_, v) in enumerate(pairs) if v.owned]
+            continue
         rows = []
         for i, record in enumerate(records):
             v = ownership.verdict_of(record)

@@ -43,7 +43,7 @@ from .ledger_store import LedgerStore
 from .metrics import tell
 from .kernel_state import KernelState, KernelWatch, ReadOptions, read_state, read_state_later
 from .ledger import (HOW_INHERITED, OWNER_DAEMON, DaemonPorts, Ledger, LedgerError, apply_events, ledger_path, load_ledger,
-                     resync_ledger, start_ledger)
+                     resync_ledger, reuse_records, start_ledger)
 from .ownership import MarkerConfig, Verdict, decide_ownership, is_supervisor_block
 from .policy import Action, Decision, ExitInfo, signal_name
 from .reattach import boot_tick, process_start_time
@@ -402,7 +402,9 @@ class KernelRecovery:
             log.error("cannot read the kernel state for the ownership baseline: %s; ownership of this run "
                       "falls back to charon's markers", exc)
             return
-        self._install_baseline(state)
+        with self._lock:
+            prior = self._ledger
+        self._install_baseline(dataclasses.replace(state, objects=reuse_records(state.objects, prior)))
         self._store.save_later()
 
     def _install_baseline(self, state) -> None:
@@ -824,6 +826,10 @@ class KernelRecovery:
         # The writer's job below keeps P until the snapshot is written: it must not keep the raw
         # answers, the dead daemon's ledger or a flush's 60,000 results too (the crash's peak RSS).
         ledger, results, p.decode, p.ledger, p.results = p.ledger, p.results or [], None, None, None
+        if p.ownership is None:
+            # Nothing judged by identity yet (a flush's plan was): what the kernel still holds unchanged
+            # is the dead daemon's ledger's objects, not a second copy of them.
+            state = dataclasses.replace(state, objects=reuse_records(state.objects, ledger))
         if ledger is not None and ledger.stale and p.ownership is None:
             ledger = resync_ledger(ledger, state.objects)
         ownership = p.ownership or decide_ownership(state.objects, self._markers, ledger)
@@ -847,6 +853,7 @@ class KernelRecovery:
             carry = [(rec, v) for rec, v in owned if id(rec) in failed]
             self._stuck = frozenset(rec.index for rec, _ in carry if rec.FAMILY == "xfrm_policy")
             after = state_after_flush(state, results)
+            after = dataclasses.replace(after, objects=reuse_records(after.objects, ledger))
         else:
             carry = owned
         self._carry, self._carry_choice = carry, (choice if carry else None)
