@@ -95,7 +95,7 @@ class PendingCrash:
     pid: int | None
     abnormal: bool
     daemon: dict
-    decode: Callable[[], Any] | None   # the read at the crash: the snapshot, the leftovers, the next baseline
+    decode: Callable[..., Any] | None  # the read at the crash (optional SHARE: see kernel_state.read_state_later)
     ledger: Any                     # the dead daemon's, by which the leftovers are judged
     ownership: Any              # already decided when a flush ran before the restart
     results: list | None        # that flush's results

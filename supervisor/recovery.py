@@ -43,7 +43,7 @@ from .ledger_store import LedgerStore
 from .metrics import tell
 from .kernel_state import KernelState, KernelWatch, ReadOptions, read_state, read_state_later
 from .ledger import (HOW_INHERITED, OWNER_DAEMON, DaemonPorts, Ledger, LedgerError, apply_events, ledger_path, load_ledger,
-                     resync_ledger, reuse_records, start_ledger)
+                     resync_ledger, reuse_records, sharer, start_ledger)
 from .ownership import MarkerConfig, Verdict, decide_ownership, is_supervisor_block
 from .policy import Action, Decision, ExitInfo, signal_name
 from .reattach import boot_tick, process_start_time
@@ -790,11 +790,15 @@ class KernelRecovery:
         if not paused:
             self._in_loop(self._on_kernel)      # what queued meanwhile (or the overrun), at once
 
-    def _read_later(self) -> Callable[[], KernelState]:
+    def _read_later(self) -> Callable[..., KernelState]:
         if self._read is read_state:
             return read_state_later(self._options)
         state = self._read(self._options)       # a reader given for tests decodes at once
-        return lambda: state
+
+        def decode(share: Callable[[Any], Any] | None = None) -> KernelState:
+            return state if share is None else dataclasses.replace(state, objects={
+                family: tuple(map(share, records)) for family, records in state.objects.items()})
+        return decode
 
     def _finish_pending(self) -> None:
         """Jobs thread, charon spawned again: judge the crash's leftovers, carry them, install the
@@ -813,7 +817,9 @@ class KernelRecovery:
         self._pending = None
         choice, section = p.choice, dict(p.section)
         try:
-            state = p.decode()
+            # Nothing judged by identity yet (a flush's plan was): what the kernel still holds unchanged
+            # becomes the dead daemon's ledger's objects as it is decoded, not a second copy of them.
+            state = p.decode() if p.ownership is not None else p.decode(sharer(p.ledger))
         except Exception as exc:        # KernelError, or a malformed dump the decoders did not expect
             log.error("cannot decode the kernel state read after %s: %s; no snapshot, leftovers judged at "
                       "the next crash", p.why, exc)
@@ -826,10 +832,6 @@ class KernelRecovery:
         # The writer's job below keeps P until the snapshot is written: it must not keep the raw
         # answers, the dead daemon's ledger or a flush's 60,000 results too (the crash's peak RSS).
         ledger, results, p.decode, p.ledger, p.results = p.ledger, p.results or [], None, None, None
-        if p.ownership is None:
-            # Nothing judged by identity yet (a flush's plan was): what the kernel still holds unchanged
-            # is the dead daemon's ledger's objects, not a second copy of them.
-            state = dataclasses.replace(state, objects=reuse_records(state.objects, ledger))
         if ledger is not None and ledger.stale and p.ownership is None:
             ledger = resync_ledger(ledger, state.objects)
         ownership = p.ownership or decide_ownership(state.objects, self._markers, ledger)

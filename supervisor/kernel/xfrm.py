@@ -20,7 +20,7 @@ import struct
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 from ..errors import KernelError
 from .common import Action, DeleteResult, KernelEvent
@@ -1098,14 +1098,22 @@ _DUMP_POLICIES = "dump SPD entries (XFRM policies)"
 _DUMP_SAS = "dump SAD entries (XFRM states)"
 
 
-def decode_policies(chunks: list[bytes]) -> list[XfrmPolicy]:
-    """The policies in the datagrams of a GETPOLICY dump (``NetlinkSocket.dump_raw``)."""
-    return _decode_messages(chunks, XFRM_MSG_NEWPOLICY, 168, _policy_at, _DUMP_POLICIES)
+def decode_policies(chunks: list[bytes], share: Callable[[Any], Any] | None = None) -> list[XfrmPolicy]:
+    """The policies in the datagrams of a GETPOLICY dump (``NetlinkSocket.dump_raw``); SHARE, if
+    given, maps each record as it is decoded (e.g. to an equal one already held: ``ledger.sharer``)."""
+    return _decode_messages(chunks, XFRM_MSG_NEWPOLICY, 168, _sharing(_policy_at, share), _DUMP_POLICIES)
 
 
-def decode_sas(chunks: list[bytes]) -> list[XfrmSA]:
-    """The SAs in the datagrams of a GETSA dump (``NetlinkSocket.dump_raw``)."""
-    return _decode_messages(chunks, XFRM_MSG_NEWSA, 224, _sa_at, _DUMP_SAS)
+def decode_sas(chunks: list[bytes], share: Callable[[Any], Any] | None = None) -> list[XfrmSA]:
+    """The SAs in the datagrams of a GETSA dump (``NetlinkSocket.dump_raw``); SHARE as for policies."""
+    return _decode_messages(chunks, XFRM_MSG_NEWSA, 224, _sharing(_sa_at, share), _DUMP_SAS)
+
+
+def _sharing(decode, share):
+    # one record at a time: a duplicate of what is held already is freed before the next is built
+    if share is None:
+        return decode
+    return lambda buf, info, attrs, end: share(decode(buf, info, attrs, end))
 
 
 def get_default_policies(sock: NetlinkSocket | None = None) -> XfrmDefaultPolicy:
