@@ -217,22 +217,24 @@ def complete_unfinished(directory: str, state: Any, now_wall: float) -> list[str
 
 # --- the writer thread -------------------------------------------------------------------------
 
-def _trim() -> None:
-    """Give the heap freed by a big snapshot back to the system (glibc keeps it otherwise: the
-    supervisor's RSS would stay at the crash's peak)."""
+def libc_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, others)."""
     try:
         import ctypes
-        ctypes.CDLL(None).malloc_trim(0)
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
-        pass        # not glibc
-
+        return None
 
 
 class Writer:
     """One thread writing snapshots and records beside the restart; jobs run in order, and
     ``close`` waits for queued ones (bounded), since each is the only copy of what it writes."""
 
-    def __init__(self, name: str = "recovery-writer"):
+    def __init__(self, name: str = "recovery-writer",
+                 find_trim: Callable[[], Callable[[int], int] | None] = libc_malloc_trim):
+        self._find_trim = find_trim
+        self._trim: Callable[[int], int] | None = None
+        self.trims = 0                      # times the heap was handed back (tests, diagnostics)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._idle = threading.Event()
         self._idle.set()
@@ -263,9 +265,22 @@ class Writer:
             item = fn = None
             with self._lock:
                 self._pending -= 1
-                if not self._pending:
-                    _trim()
-                    self._idle.set()
+                drained = not self._pending
+            if drained:
+                self._give_back()
+                with self._lock:
+                    if not self._pending:
+                        self._idle.set()
+
+    def _give_back(self) -> None:
+        """Once the queue is drained (after a crash: the ledger and the snapshot both written), hand
+        the C heap's free pages back to the system: glibc keeps them, and the supervisor's RSS would
+        stay at the crash's peak (10-20 MB at 10,000 tunnels; about 1 ms, off the restart's path)."""
+        if self._find_trim is not None:
+            self._trim, self._find_trim = self._find_trim(), None    # looked up once
+        if self._trim is not None:
+            self._trim(0)
+            self.trims += 1
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         return self._idle.wait(timeout)
