@@ -267,12 +267,12 @@ class Writer:
                 self._pending -= 1
                 drained = not self._pending
             if drained:
-                self._give_back()
+                self.give_back()
                 with self._lock:
                     if not self._pending:
                         self._idle.set()
 
-    def _give_back(self) -> None:
+    def give_back(self) -> None:
         """Once the queue is drained (after a crash: the ledger and the snapshot both written), hand
         the C heap's free pages back to the system: glibc keeps them, and the supervisor's RSS would
         stay at the crash's peak (10-20 MB at 10,000 tunnels; about 1 ms, off the restart's path)."""

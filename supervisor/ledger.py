@@ -288,24 +288,20 @@ def resync_ledger(ledger: Ledger, objects: Mapping[str, Iterable[Any]]) -> Ledge
 
 
 def sharer(ledger: Ledger | None) -> Callable[[Any], Any]:
-    """record -> the object LEDGER holds under its key when the two are equal, else record itself
-    (each ledger object is given out once, so distinct objects of a read stay distinct).
+    """record -> the object LEDGER holds under its key when the two are equal, else record itself.
 
     A re-read of an unchanged kernel then costs no second copy of it: the read's duplicates are
     freed at once instead of living on in the next ledger while the previous one's objects are
     freed around the memory still in use (the allocator keeps both: a crash with 10,000
-    tunnels' state left the supervisor 1.3x its steady RSS).
+    tunnels' state left the supervisor 1.3x its steady RSS). Equal records are interchangeable
+    (frozen), and a consistent dump holds one object per key (``dump_raw`` redoes an interrupted one).
     """
     entries = ledger.entries if ledger is not None else {}
-    given: set[int] = set()
 
     def share(record: Any) -> Any:
         table = entries.get(record.FAMILY)
         entry = table.get(record.key()) if table else None
-        if entry is None or id(entry.record) in given or entry.record != record:
-            return record
-        given.add(id(entry.record))
-        return entry.record
+        return entry.record if entry is not None and entry.record == record else record
     return share
 
 

@@ -828,6 +828,10 @@ class KernelRecovery:
             self._take_baseline()
             return
         section["at_monotonic"] = {"decoded": self._clock(), **section["at_monotonic"]}    # (a flush decoded before)
+        if self._store.writer is not None and p.ownership is None:
+            # The kernel's answers (9 MB at 10,000 tunnels) were freed in this thread's C heap, which the
+            # writer's thread cannot reuse: handed back now, before the snapshot grows its own.
+            self._store.writer.give_back()
         # The writer's job below keeps P until the snapshot is written: it must not keep the raw
         # answers, the dead daemon's ledger or a flush's 60,000 results too (the crash's peak RSS).
         ledger, results, p.decode, p.ledger, p.results = p.ledger, p.results or [], None, None, None
