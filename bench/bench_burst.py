@@ -182,7 +182,7 @@ def main() -> int:
             print(f"  supervisor RSS {rss_state[0]:.1f} MB (peak so far {rss_before[1]:.1f} MB); after a kill -9 of charon "
                   f"(keep mode: snapshot, baseline), 3 s after the snapshot is written: {rss_crash[0]:.1f} MB, "
                   f"the crash's own peak {rss_crash[1]:.1f} MB  (goal <= 80 MB after the crash: "
-                  f"{'met' if rss_crash[0] <= 80 else 'NOT met'}; README: 73-74 MB, peak 85-93 MB)")
+                  f"{'met' if rss_crash[0] <= 80 else 'NOT met'}; README: 66-74 MB, peak 76-90 MB)")
             print(f"  ledger entries (its file): {entries_state} before the kill, {entries_crash} after (what was added "
                   "while notifications were lost is unknown to the ledger until the next baseline)")
             print(f"  the crash's work, kill to snapshot written: {at['snapshot_written'] - at['died']:.2f} s, "
