@@ -100,7 +100,14 @@ def read_state(options: ReadOptions = ReadOptions(),
 def _xfrm_later(msg_type: int, what: str, decode):
     with xfrm.open_socket() as sock:
         chunks = sock.dump_raw(msg_type, b"", what)
-    return lambda: decode(chunks)
+    return lambda share: decode(chunks, share)
+
+
+def _share_after(records_of: Callable[[], list]) -> Callable[[Any], list]:
+    def decode(share):
+        records = records_of()
+        return records if share is None else [share(r) for r in records]
+    return decode
 
 
 def _firewall_beside() -> Callable[[], list]:
@@ -136,20 +143,21 @@ def _firewall_beside() -> Callable[[], list]:
 
 
 # Dump now, decode later: each returns the decoder of the kernel's answer (see read_state_later).
-_LATER: dict[str, Callable[["ReadOptions"], Callable[[], list]]] = {
+_LATER: dict[str, Callable[["ReadOptions"], Callable[[Any], list]]] = {
     "xfrm_sa": lambda o: _xfrm_later(xfrm.XFRM_MSG_GETSA, "dump SAD entries (XFRM states)", xfrm.decode_sas),
     "xfrm_policy": lambda o: _xfrm_later(xfrm.XFRM_MSG_GETPOLICY, "dump SPD entries (XFRM policies)",
                                          xfrm.decode_policies),
-    "route": lambda o: routes.dump_routes_later(table=o.route_table),
+    "route": lambda o: _share_after(routes.dump_routes_later(table=o.route_table)),
 }
 
 
 def read_state_later(options: ReadOptions = ReadOptions(),
-                     families: Iterable[str] | None = None) -> Callable[[], KernelState]:
+                     families: Iterable[str] | None = None) -> Callable[..., KernelState]:
     """The read of ``read_state`` with the decoding left for later: the kernel's answers are taken
     now (the firewall programs run beside the netlink dumps), and the returned function decodes
     them into the KernelState of this moment (once: each family's answers are dropped as soon as
-    they are decoded, so raw and decoded never coexist whole). Any failed dump raises here."""
+    they are decoded, so raw and decoded never coexist whole). Any failed dump raises here.
+    The decoder's optional SHARE maps each record (``ledger.sharer``: to an equal one held already)."""
     names = list(FAMILIES) if families is None else list(families)
     fw = _firewall_beside() if "firewall" in names else None
     later: dict[str, Callable[[], list]] = {}
@@ -160,18 +168,17 @@ def read_state_later(options: ReadOptions = ReadOptions(),
             if name in _LATER:
                 later[name] = _LATER[name](options)
             else:
-                records = FAMILIES[name].dump(options)
-                later[name] = lambda records=records: records
+                later[name] = _share_after(lambda records=FAMILIES[name].dump(options): records)
         defaults = xfrm.get_default_policies() if "xfrm_policy" in names else None
         identity = current_identity()
     finally:
         if fw is not None:
             rules = fw()        # its error wins only when the netlink dumps succeeded
     if fw is not None:
-        later["firewall"] = lambda: rules
+        later["firewall"] = lambda share: rules      # no ledger holds firewall rules
 
-    def decode() -> KernelState:
-        objects = {name: tuple(later.pop(name)()) for name in names}
+    def decode(share: Callable[[Any], Any] | None = None) -> KernelState:
+        objects = {name: tuple(later.pop(name)(share)) for name in names}
         return KernelState(objects=objects, netns=identity, options=options, default_policies=defaults)
     return decode
 

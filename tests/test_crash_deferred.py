@@ -198,3 +198,78 @@ def test_the_baseline_after_a_flush_is_the_crash_read_minus_what_went_plus_the_b
                ActionResult(DeleteObject(b, "r", "why"), Outcome.FAILED, "EPERM")]
     after = state_after_flush(state, results)
     assert after.objects["xfrm_policy"] == (b, c, block)          # b failed: still there
+
+
+# --- memory after a crash: what the read shares, what the writer lets go ---------------------------
+
+def test_the_crash_read_decoded_with_the_ledgers_sharer_holds_the_ledgers_own_objects(netns):
+    from supervisor.kernel_state import ReadOptions, read_state, read_state_later
+    from supervisor.ledger import sharer, start_ledger
+    netns.sh(SETUP + FOREIGN)
+    with netns.enter():
+        ledger = start_ledger(read_state(ReadOptions()), None)
+        netns.sh("ip xfrm policy update src 10.200.0.0/24 dst 10.201.0.0/24 dir out priority 1001 action block\n")
+        decode = read_state_later(ReadOptions())
+        direct = read_state(ReadOptions())
+    later = decode(sharer(ledger))
+    assert comparable(later) == comparable(direct)              # the same state, whoever's objects
+    held = {id(e.record) for table in ledger.entries.values() for e in table.values()}
+    policies = later.objects["xfrm_policy"]
+    changed = [p for p in policies if p.priority == 1001]
+    assert len(changed) == 1 and id(changed[0]) not in held     # changed since: the read's own object
+    assert all(id(p) in held for p in policies if p.priority == 1000)
+    assert all(id(r) in held for r in later.objects["route"])
+    assert len({id(p) for p in policies}) == len(policies)
+
+
+def test_the_writer_lets_go_of_a_job_and_what_it_wrote_once_done():
+    import gc
+    import weakref
+
+    from supervisor.crash_snapshots import Writer
+
+    class State:
+        pass
+    w = Writer(find_trim=lambda: None)
+    state = State()
+    gone = weakref.ref(state)
+    w.submit(lambda state=state: None, "write a snapshot")
+    del state
+    assert w.wait_idle(5)
+    gc.collect()
+    assert gone() is None                          # not kept until the next job
+    w.close()
+
+
+def test_the_writer_gives_the_heap_back_once_when_its_queue_drains():
+    import threading
+
+    from supervisor.crash_snapshots import Writer
+    calls, lookups = [], []
+
+    def find():
+        lookups.append(1)
+        return calls.append
+    w = Writer(find_trim=find)
+    gate = threading.Event()
+    w.submit(gate.wait, "the ledger")
+    w.submit(lambda: None, "the snapshot")
+    w.submit(lambda: None, "a ledger save queued meanwhile")
+    assert calls == []                              # not while work is queued
+    gate.set()
+    assert w.wait_idle(5)
+    assert calls == [0] and w.trims == 1            # once, after the last of them
+    w.submit(lambda: None, "the next crash")
+    assert w.wait_idle(5)
+    assert calls == [0, 0] and lookups == [1]       # malloc_trim looked up once
+    w.close()
+
+
+def test_without_malloc_trim_the_writer_works_as_before():
+    from supervisor.crash_snapshots import Writer, libc_malloc_trim
+    assert libc_malloc_trim() is None or callable(libc_malloc_trim())
+    w = Writer(find_trim=lambda: None)              # e.g. musl: no such symbol
+    done = []
+    w.submit(lambda: done.append(1), "the snapshot")
+    assert w.wait_idle(5) and done == [1] and w.trims == 0
+    w.close()

@@ -26,9 +26,10 @@ from supervisor.kernel.rules import Rule
 from supervisor.kernel.xfrm import XfrmPolicy, XfrmSA, XfrmSelector, XfrmTemplate
 from supervisor.kernel_state import KernelWatch, ReadOptions, read_state
 from supervisor.ledger import (HOW_ADDED, HOW_BASELINE, HOW_INHERITED, OWNER_DAEMON, OWNER_FOREIGN,
-                               DaemonPorts, Ledger, LedgerError, apply_event, apply_events,
+                               DaemonPorts, Ledger, LedgerEntry, LedgerError, apply_event, apply_events,
                                daemon_netlink_port_ids, load_ledger, parse_proc_netlink,
-                               resync_ledger, save_ledger, start_ledger, unknown_senders)
+                               resync_ledger, reuse_records, save_ledger, sharer, start_ledger,
+                               unknown_senders)
 from supervisor.ownership import decide_ownership
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,6 +160,39 @@ def test_resync_forgets_what_is_gone_and_leaves_newcomers_unattributed():
     assert owner_of(after, pol("10.3.0.0")) is None
     assert owner_of(after, newcomer) is None
     assert after.stale == frozenset()
+
+
+def test_resync_keeps_the_entries_of_unchanged_objects_and_replaces_the_changed():
+    ledger = apply_events(EMPTY, [ev(pol()), ev(rt())], frozenset({DAEMON}))
+    after = resync_ledger(ledger, {"route": (rt(),), "xfrm_policy": (pol(),)})
+    assert after.lookup(rt()) is ledger.lookup(rt())           # the same entry object, not a copy
+    assert after.lookup(pol()) is ledger.lookup(pol())
+    changed = dataclasses.replace(pol(), index=99)              # same key, other values
+    again = resync_ledger(after, {"xfrm_policy": (changed,)})
+    assert again.lookup(pol()).record is changed and again.lookup(pol()).owner == OWNER_DAEMON
+
+
+def test_a_reread_shares_the_ledgers_records_where_nothing_changed():
+    held, other_held = pol(), pol("10.3.0.0")
+    ledger = apply_events(EMPTY, [ev(held), ev(other_held, port=OTHER), ev(rt())], frozenset({DAEMON}))
+    fresh, changed, newcomer = pol(), dataclasses.replace(pol("10.3.0.0"), index=7), pol("10.9.0.0")
+    fresh_route, untracked = rt(), rt(table=254)
+    shared = reuse_records({"xfrm_policy": (fresh, changed, newcomer),
+                            "route": (fresh_route, untracked), "firewall": ()}, ledger)
+    policies = shared["xfrm_policy"]
+    assert policies[0] is held                                # equal: the ledger's own object
+    assert policies[1] is changed and policies[2] is newcomer  # changed or unknown: the read's own
+    assert shared["route"][0] is ledger.lookup(rt()).record and shared["route"][1] is untracked
+    assert shared["firewall"] == ()
+    assert sharer(None)(fresh) is fresh                      # no ledger: nothing to share
+
+
+def test_entries_of_the_same_kind_share_one_verdict():
+    a, b = LedgerEntry(OWNER_FOREIGN, HOW_ADDED, 0, pol()), LedgerEntry(OWNER_FOREIGN, HOW_ADDED, 0, rt())
+    assert a.verdict() is b.verdict()
+    assert a.verdict() == LedgerEntry(OWNER_FOREIGN, HOW_ADDED, 0, sa()).verdict()
+    assert LedgerEntry(OWNER_DAEMON, HOW_ADDED, DAEMON, pol()).verdict().detail == (
+        f"added by the daemon (netlink port {DAEMON}) while the supervisor watched")
 
 
 # --- persistence -------------------------------------------------------------------------

@@ -294,3 +294,20 @@ def test_verdict_of_finds_records_by_family_and_key():
     moved = dataclasses.replace(p, index=999)        # the index is not part of the identity
     assert result.verdict_of(moved).owned
     assert result.verdict_of(route()) is None
+
+
+def test_the_snapshots_owned_rows_are_the_verdicts_in_order_whether_or_not_the_state_judged_is_the_one_written():
+    from types import SimpleNamespace
+
+    from supervisor.crash_snapshots import ownership_context
+    objects = {"xfrm_policy": (policy(383615), policy(1000, selector=sel("10.7.0.0/16")),
+                               policy(383615, dir=xfrm.DIR_IN)),
+               "route": (route(), route(protocol=3))}
+    judged = own.decide_ownership(objects, MarkerConfig())
+    rows = ownership_context(judged, SimpleNamespace(objects=objects))
+    assert rows["xfrm_policy"] == [[0, own.RULE_PRIORITY_BAND], [2, own.RULE_PRIORITY_BAND]]
+    assert [i for i, _ in rows["route"]] == [0]
+    assert judged._by_id == {}                      # no lookup table was needed for that
+    # equal records that are other objects (a state re-read) are found by key instead
+    copies = {f: tuple(dataclasses.replace(r) for r in recs) for f, recs in objects.items()}
+    assert ownership_context(judged, SimpleNamespace(objects=copies)) == rows
