@@ -28,7 +28,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Protocol
 
 from . import __version__
 from . import crashreport, daemons, presence, reattach, runfiles

@@ -422,7 +422,7 @@ def test_a_daemon_of_ours_started_behind_the_supervisors_back_is_never_flushed_n
         assert time.monotonic() < deadline, s.log()
         time.sleep(0.05)
     log = s.log()
-    assert f"runs in this network namespace, not started by this supervisor: the state is its own, no recovery" \
+    assert "runs in this network namespace, not started by this supervisor: the state is its own, no recovery" \
         in log and f"pid {other} (" in log
     assert kernel_of(netns).objects["xfrm_policy"] == before            # no flush, no block
     assert len(s.events("start")) == 1                                  # no second daemon
