@@ -273,3 +273,46 @@ def test_without_malloc_trim_the_writer_works_as_before():
     w.submit(lambda: done.append(1), "the snapshot")
     assert w.wait_idle(5) and done == [1] and w.trims == 0
     w.close()
+
+
+def test_give_back_from_two_threads_at_once_looks_up_once_and_never_fails():
+    # the writer's thread (its queue drained) and recovery's (after a crash's decode) both call it
+    import threading
+
+    from supervisor.crash_snapshots import Writer
+    lookups, calls, errors = [], [], []
+    slow = threading.Event()
+
+    def find():
+        lookups.append(1)
+        slow.wait(0.2)                  # the window another thread's call used to fall into
+        return calls.append
+    w = Writer(find_trim=find)
+
+    def call():
+        try:
+            w.give_back()
+        except Exception as exc:       # noqa: BLE001 - the assertion below names it
+            errors.append(exc)
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert errors == [] and lookups == [1] and calls == [0] * 4 and w.trims == 4
+    w.close()
+
+
+def test_a_failing_trim_does_not_stop_the_writer(caplog):
+    from supervisor.crash_snapshots import Writer
+
+    def broken(_pad: int) -> int:
+        raise OSError("no")
+    w = Writer(find_trim=lambda: broken)
+    done = []
+    w.submit(lambda: None, "the snapshot")
+    assert w.wait_idle(5)
+    w.submit(lambda: done.append(1), "the ledger")
+    assert w.wait_idle(5) and done == [1]
+    assert "returning free memory to the system failed" in caplog.text
+    w.close()
