@@ -25,6 +25,7 @@ _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # start or end YAML syntax; a leading digit, dot or sign (unless "--x", "-x") must make a number above.
 _PLAIN = re.compile(r"[A-Za-z0-9/._~+\-][A-Za-z0-9/._~@%+=^$()\-: ]*")
 _NUMERIC_START = frozenset("0123456789+-.")
+_NOT_PLAIN_TEXT = re.compile(r"[^\n\x20-\x7e]")      # tabs, CR, control characters, any non-ASCII
 
 
 class _NotPlain(Exception):
@@ -104,7 +105,9 @@ def _value(text: str) -> object:
 
 def load(text: str) -> dict | None:
     """TEXT's top-level mapping ({} for an empty document), or None if PyYAML must read it."""
-    if "\t" in text or "\r" in text or "\\" in text and '"' in text:
+    # Printable ASCII and newlines only: str.strip() and split() know other spaces and line breaks
+    # (NBSP, \x0c, \x85, U+2028) than YAML does, and PyYAML refuses control characters.
+    if _NOT_PLAIN_TEXT.search(text) or "\\" in text and '"' in text:
         return None
     lines = []
     for raw in text.split("\n"):

@@ -118,3 +118,30 @@ def test_an_invalid_plain_configuration_is_worded_by_the_pyyaml_path_with_its_li
     with pytest.raises(ConfigError) as exc:
         config.parse_config(text, "f.yaml")
     assert str(exc.value) == f"invalid configuration f.yaml: {message}"
+
+
+# Spaces and line breaks that Python's str.strip()/split() and YAML see differently, and characters
+# PyYAML refuses: plainyaml leaves all of them to PyYAML (found by review: a key after U+2028 was lost).
+UNUSUAL = ["a: x\xa0\n", "a: \xa0x\n", "a:\n  - x\xa0\n", "a: [x\xa0, y]\n", "a: 1\n\xa0\nb: 2\n", "a: x\x0c\n",
+           "a: 1 # c\u2028b: 2\n", "a: 'x\x85y'\n", "a: 'x\x01'\n", 'a: "\x7f"\n', "a: x # c\x7f\n", "a: x\x1c\n",
+           "a: 1\u2029b: 2\n", "a: 1\r\nb: 2\r\n", "a:\tb\n", "\ufeffa: 1\n", "a: é\n"]
+
+
+@pytest.mark.parametrize("text", UNUSUAL)
+def test_text_beyond_printable_ascii_is_left_to_pyyaml(text):
+    assert plainyaml.load(text) is None
+
+
+@pytest.mark.parametrize("text", [
+    "stop:\n  signal: SIGTERM\xa0\n", "daemon:\n  pid_file: \xa0/run/c.pid\n", "stop:\n  signal: SIGTERM\x0c\n",
+    "stop:\n  timeout: 5 # x\u2028  signal: SIGBOGUS\n", "stop:\n  timeout: 5 # x\x85  signal: SIGKILL\n",
+])
+def test_a_configuration_with_unusual_characters_is_what_pyyaml_makes_of_it(text, monkeypatch):
+    def read():
+        try:
+            return config.parse_config(text, "f.yaml")
+        except ConfigError as exc:
+            return str(exc)
+    mine = read()
+    monkeypatch.setattr(config, "_parse_plain", lambda text, source: None)
+    assert mine == read()
