@@ -421,6 +421,7 @@ def _route_lines(chunks: list[bytes], names: dict[int, str], table: int | None, 
         r.RTA_DST, r.RTA_OIF, r.RTA_GATEWAY, r.RTA_PRIORITY, r.RTA_PREFSRC, r.RTA_TABLE, r.RTA_CACHEINFO, r.RTA_PREF)
     mask, cloned, newroute, hz = r.NLA_TYPE_MASK, r.RTM_F_CLONED, r.RTM_NEWROUTE, r.USER_HZ
     addresses = (DST, GATEWAY, PREFSRC)
+    least = {TABLE: 4, OIF: 4, PRIORITY: 4, CACHEINFO: 32, PREF: 1}     # payload bytes (rta_cacheinfo: 32)
     oif_names: dict[int, str | None] = {}      # an interface's JSON, None if not plain
     header = _x._HDR_LT.unpack_from
     from_bytes = int.from_bytes
@@ -464,8 +465,10 @@ def _route_lines(chunks: list[bytes], names: dict[int, str], table: int | None, 
                         break
                     atype &= mask
                     s = p + 4
-                    if atype in addresses and alen - 4 != size:
-                        usual = False       # not an address of this family: route_at says what it is
+                    if atype in addresses and alen - 4 != size or alen - 4 < least.get(atype, 0):
+                        # not an address of this family, or shorter than its type (its value would be read
+                        # from the next attribute, outside a shape's mask): route_at says what it is
+                        usual = False
                         break
                     if atype == DST:
                         if dst is None:

@@ -251,3 +251,33 @@ def test_compiled_route_shapes_give_the_walked_lines_of_many_routes(netns):
         assert snapshot_lines.route_lines_from_dump(dumps, names, 220, gen) == [gen(r) for r in records]
     # the expiring ones (their expiry differs) and the odd shapes walked; the rest compiled
     assert len(learned) < 40
+
+
+def test_a_short_attribute_keeps_its_route_out_of_the_compiled_shapes():
+    # a 12-byte RTA_CACHEINFO (the kernel's is 32) followed by RTA_PREF: a shape's mask over the
+    # cache counters would have covered the preference, and a second route of that "shape" would
+    # have been written with the first one's (found by review)
+    import socket
+    import struct
+
+    from supervisor import snapshot_lines
+    from supervisor.kernel import routes
+
+    def attr(kind: int, data: bytes) -> bytes:
+        a = struct.pack("=HH", 4 + len(data), kind) + data
+        return a + bytes(-len(a) % 4)
+
+    def message(dst: str, pref: int) -> bytes:
+        body = struct.pack("=BBBBBBBBI", socket.AF_INET6, 64, 0, 0, 254, 3, 0, 1, 0)
+        body += attr(routes.RTA_DST, socket.inet_pton(socket.AF_INET6, dst))
+        body += attr(routes.RTA_CACHEINFO, struct.pack("=IIi", 0, 0, 0))
+        body += attr(routes.RTA_PREF, bytes([pref]))
+        body += attr(routes.RTA_TABLE, struct.pack("=I", 254))
+        return struct.pack("=IHHII", 16 + len(body), routes.RTM_NEWROUTE, 2, 1, 0) + body
+
+    a, b = message("2001:db8::", 0), message("2001:db8:1::", 3)
+    gen = generic("route")
+    together = snapshot_lines.route_lines_from_dump([("dump routes", [a + b])], {}, None, gen)
+    records = routes.decode_routes([a + b], {}, None, "dump routes")
+    assert [r.pref for r in records] == [0, 3]
+    assert together == [gen(r) for r in records]
