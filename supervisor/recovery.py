@@ -632,13 +632,15 @@ class KernelRecovery:
                                             "uptime_s": round(info.uptime, 3)}}
         if decision.action is Action.RESTART and choice.action != NONE:
             with self._store.writer_paused():
-                return self._recover_before_restart(choice, why, info, daemon)
-        return self._recover(choice, why, info.pid, info.classification.abnormal, "exit", daemon)
+                return self._recover_before_restart(choice, why, info, daemon, rc.mode)
+        return self._recover(choice, why, info.pid, info.classification.abnormal, "exit", daemon, mode=rc.mode)
 
     # -- the recovery itself (jobs thread) -----------------------------------------------------
     def _recover(self, choice: RecoveryChoice, why: str, pid: int | None, abnormal: bool, reason: str,
-                 daemon: dict | None, prior: Ledger | None = None, others: tuple | None = None) -> dict:
-        section: dict[str, Any] = {"mode": self.config.recovery.mode, **choice.to_json()}
+                 daemon: dict | None, prior: Ledger | None = None, others: tuple | None = None, *,
+                 mode: str) -> dict:
+        # MODE: the one CHOICE was made in (a reload may have changed the configuration since)
+        section: dict[str, Any] = {"mode": mode, **choice.to_json()}
         if choice.action == NONE:
             return section
         started = self._clock()
@@ -700,10 +702,11 @@ class KernelRecovery:
         return section
 
     # -- a crash with a restart: only the read before it, the rest after (see crash_snapshots) ------
-    def _recover_before_restart(self, choice: RecoveryChoice, why: str, info: ExitInfo, daemon: dict) -> dict:
+    def _recover_before_restart(self, choice: RecoveryChoice, why: str, info: ExitInfo, daemon: dict,
+                                mode: str) -> dict:
         """Jobs thread, charon dead: read the state (a flush also acts: charon must start on a clean
         slate), record the snapshot to come, and leave the rest to ``_finish_pending``."""
-        section: dict[str, Any] = {"mode": self.config.recovery.mode, **choice.to_json()}
+        section: dict[str, Any] = {"mode": mode, **choice.to_json()}
         started, cpu, process_cpu = self._clock(), time.thread_time(), time.process_time()
         with self._lock:
             if self._buffer is None:
@@ -968,7 +971,7 @@ class KernelRecovery:
                if prior is not None and prior.daemon_pid else f"an earlier {self._daemon_name}")
         section = self._recover(choice, f"{who} (found at supervisor start)", prior.daemon_pid if prior else None,
                                 False, "startup", {"pid": prior.daemon_pid if prior else None, "exit": None},
-                                prior=prior, others=found)
+                                prior=prior, others=found, mode=rc.mode)
         if prior is None and section.get("leftover_total"):
             log.info("no ledger at %s: leftovers judged by charon's markers", path)
 

@@ -140,12 +140,17 @@ def test_a_reload_during_an_exit_does_not_change_what_that_exit_does(tmp_path, m
         modes.append(mode)
         return RecoveryChoice(NONE, False, "test")
 
+    sections = []
+    real_recover = rec._recover
+    monkeypatch.setattr(rec, "_recover", lambda *a, **kw: sections.append(real_recover(*a, **kw)) or sections[-1])
+
     monkeypatch.setattr(rec, "_reads_only", reads_only)
     monkeypatch.setattr(recovery, "choose_recovery", choose)
     monkeypatch.setattr(rec, "_ike_daemons", lambda *a, **kw: [])
     rec.on_daemon_exit(ExitInfo(42, None, 9, False, Cause.NONE, ExitClass.SIGNALED, 1.0, 2.0),
                        Decision(R, "restart"))
     assert where == modes == ["adopt"]
+    assert [s["mode"] for s in sections] == ["adopt"]      # the section says the mode the choice was made in
     assert rec.config.recovery.mode == "flush"      # the next exit decides with the reload
 
 # --- snapshot retention ---------------------------------------------------------------------
