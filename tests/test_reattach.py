@@ -275,8 +275,11 @@ def test_a_supervisor_killed_while_charon_runs_is_replaced_by_one_that_reattache
 @pytest.mark.parametrize("phase", ["startup", "load", "recovery-adopt", "recovery-flush"])
 def test_a_supervisor_killed_at_a_random_moment_comes_back_to_one_supervised_charon(ns_charon, netns, phase):
     mode = "flush" if phase == "recovery-flush" else "adopt"
+    # A short grace as in the other charon tests: when charon does not get the replacing CHILD_SA up (seen
+    # once in CI: killed between the spawn and the load, both supervisors initiated it), the leftovers
+    # go behind blocks after 5 s instead of 60, and the blocks' own initiation brings it back.
     sup = ns_charon(mode, load_delay=0.4 if phase == "load" else 0.0, wait=phase.startswith("recovery"),
-                    supervisor={"recovery": {"fail_closed": True}})
+                    supervisor={"recovery": {"fail_closed": True, "adopt_grace": "5s"}})
     stats = []
     for i in range(TRIES):
         if phase == "startup":      # from before the spawn to the end of the load
