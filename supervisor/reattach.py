@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from .daemons import runs_file
 from .daemon_record import DaemonRecord, DaemonRecordError, load_record, record_path
-from .ledger import Ledger, LedgerError, ledger_path, load_ledger, resync_ledger, start_ledger
+from .ledger import (HOW_ADDED, HOW_INHERITED, OWNER_DAEMON, Ledger, LedgerEntry, LedgerError, ledger_path,
+                     load_ledger, resync_ledger, start_ledger)
 
 
 
@@ -129,25 +130,60 @@ ALL_STALE = frozenset(("xfrm_sa", "xfrm_policy", "route", "rule", "address"))
 
 
 def take_over(prior: Ledger | None, record: DaemonRecord | None, pid: int, start_time: int | None,
-              state, now: float, *, adopt_mode: bool) -> Takeover:
+              state, now: float, *, adopt_mode: bool, daemon_since: float | None = None) -> Takeover:
     """Pure: the running daemon PID's ledger from the one on disk (PRIOR) and the kernel now (STATE,
     None: unreadable). The ledger is written beside the restart, so it may still be the crashed
     predecessor's: then what that one owned is carried over as inherited (the leftovers the dead
-    supervisor was recovering) and, in adopt mode, adopted again; the rest is baseline."""
+    supervisor was recovering) and, in adopt mode, adopted again; the rest is baseline.
+
+    DAEMON_SINCE: when PID started (wall clock). A leftover policy inserted since then is PID's: the
+    running charon installed it again while no supervisor watched (policy_update replaces one of the
+    same key at its load), and the dead supervisor's ledger never saw it (see reinstalled_since)."""
     if prior is None:
         return Takeover(None, False, "unusable, ownership by markers")
     adopting = (record.adoption_deadline if record is not None else prior.adoption_deadline) is not None
     if prior.daemon_pid is None or (prior.daemon_pid, prior.daemon_start_time) == (pid, start_time):
         ledger = resync_ledger(prior, state.objects) if state is not None else \
             dataclasses.replace(prior, stale=ALL_STALE)
+        ledger = reinstalled_since(ledger, prior, daemon_since)
         return Takeover(dataclasses.replace(ledger, daemon_pid=pid, daemon_start_time=start_time), adopting,
                         "taken over")
     if state is None:
         return Takeover(None, False, f"still the crashed pid {prior.daemon_pid}'s and the kernel unreadable: "
                                      "ownership by markers")
     ledger = dataclasses.replace(start_ledger(state, pid, inherited=prior, now=now), daemon_start_time=start_time)
-    return Takeover(ledger, adopt_mode, f"still the crashed pid {prior.daemon_pid}'s (this daemon's was not "
-                                        "written yet): what that one owned is carried over")
+    return Takeover(reinstalled_since(ledger, prior, daemon_since), adopt_mode,
+                    f"still the crashed pid {prior.daemon_pid}'s (this daemon's was not written yet): what that "
+                    "one owned is carried over")
+
+
+def reinstalled_since(ledger: Ledger, prior: Ledger, since: float | None) -> Ledger:
+    """Pure: LEDGER with every inherited XFRM policy that the kernel replaced since PRIOR (the ledger on
+    disk) recorded it, at or after SINCE (the running daemon's start, wall clock; None: unknown,
+    nothing changes), counted as the running daemon's.
+
+    An adoption resumed by a re-attaching supervisor would otherwise sweep, at its grace's end, the
+    very policies the running charon installed again at its load (trap policies: charon never
+    reports them as a CHILD_SA) before the dead supervisor's ledger recorded that. A replaced policy
+    has another index and the add_time of its insertion (whole seconds: the second the daemon
+    started counts; a leftover the ledger holds as it is, e.g. of a child no longer configured,
+    stays the dead daemon's)."""
+    if since is None or "xfrm_policy" not in ledger.entries:
+        return ledger
+    floor = int(since)
+    before = prior.entries.get("xfrm_policy", {})
+    changed = {}
+    for key, e in ledger.entries["xfrm_policy"].items():
+        if e.owner != OWNER_DAEMON or e.how != HOW_INHERITED or e.record.curlft.add_time < floor:
+            continue
+        old = before.get(key)
+        if old is not None and (old.record.index, old.record.curlft.add_time) != (e.record.index,
+                                                                                e.record.curlft.add_time):
+            changed[key] = LedgerEntry(OWNER_DAEMON, HOW_ADDED, 0, e.record)
+    if not changed:
+        return ledger
+    return dataclasses.replace(ledger, entries={**ledger.entries,
+                                                "xfrm_policy": {**ledger.entries["xfrm_policy"], **changed}})
 
 
 def boot_tick(proc: str = "/proc") -> int | None:

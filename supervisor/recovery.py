@@ -485,8 +485,11 @@ class KernelRecovery:
                       "next notification", exc)
         record, _ = reattach.read_record(self.config.paths.run_dir)
         record = record if record is not None and record.daemon_pid == pid else None
-        t = reattach.take_over(prior, record, pid, start_time, state, self._wall(),
-                               adopt_mode=self.config.recovery.mode == ADOPT)
+        now = self._wall()
+        up = reattach.seconds_since_start(start_time) if start_time is not None else None
+        t = reattach.take_over(prior, record, pid, start_time, state, now,
+                               adopt_mode=self.config.recovery.mode == ADOPT,
+                               daemon_since=None if up is None else now - up)
         with self._lock:
             buffered, self._buffer = self._buffer or [], None
             if t.ledger is not None:

@@ -111,3 +111,33 @@ def test_the_recovery_writes_the_record_at_the_spawn_and_leaves_the_ledger_to_th
     record = load_record(record_path(str(run)))
     assert (record.daemon_pid, record.daemon_start_time is not None) == (os.getpid(), True)
     assert saves == ["later"] and not os.path.exists(run / "ledger.json")     # nothing big on the spawn path
+
+
+def test_a_leftover_policy_the_running_charon_installed_again_unwatched_is_its_own():
+    # The supervisor died after the spawn, before its ledger recorded the new charon's policies
+    # (charon re-installs trap policies of the same key at its load): the successor must not sweep
+    # them as the dead charon's at the grace's end (seen in CI: the running charon's traps deleted).
+    from supervisor.kernel.xfrm import XfrmLifetimeCur, XfrmPolicy, XfrmSelector
+
+    def policy(net: str, index: int, add_time: int) -> XfrmPolicy:
+        return XfrmPolicy(XfrmSelector(2, net, 16, "10.2.0.0", 16), 1, index=index,
+                          curlft=XfrmLifetimeCur(add_time=add_time))
+
+    def ledger_with(pid, start, how, records) -> Ledger:
+        return Ledger(daemon_pid=pid, netns_inode=NS, started=1.0, daemon_start_time=start,
+                      entries={"xfrm_policy": {r.key(): LedgerEntry(OWNER_DAEMON, how, 7, r) for r in records}})
+
+    old = policy("10.1.0.0", 8, 1000)                     # the dead charon's, untouched since
+    same_second = policy("10.3.0.0", 16, 1999)            # the dead charon's too, in the restart's second
+    again_before, again = policy("10.5.0.0", 24, 1500), policy("10.5.0.0", 40, 1999)   # replaced at the load
+    now = KernelState(objects={"xfrm_policy": (old, same_second, again)}, netns=NetnsIdentity(NS, None),
+                      options=ReadOptions())
+    # the crashed charon's ledger (path "still the crashed pid's"), and the new one's own mid-adoption
+    for how, pid, start in (("added", 500, 777), (HOW_INHERITED, 600, 900)):
+        prior = ledger_with(pid, start, how, (old, same_second, again_before))
+        t = take_over(prior, None, 600, 900, now, 2100.0, adopt_mode=True, daemon_since=1999.6)
+        assert t.ledger.lookup(old).how == HOW_INHERITED                 # still the dead charon's leftovers
+        assert t.ledger.lookup(same_second).how == HOW_INHERITED
+        assert t.ledger.lookup(again).how == "added" and t.ledger.lookup(again).owner == OWNER_DAEMON
+        unknown = take_over(prior, None, 600, 900, now, 2100.0, adopt_mode=True)
+        assert unknown.ledger.lookup(again).how == HOW_INHERITED        # no start time: as before
