@@ -136,9 +136,10 @@ def take_over(prior: Ledger | None, record: DaemonRecord | None, pid: int, start
     predecessor's: then what that one owned is carried over as inherited (the leftovers the dead
     supervisor was recovering) and, in adopt mode, adopted again; the rest is baseline.
 
-    DAEMON_SINCE: when PID started (wall clock). A leftover policy inserted since then is PID's: the
-    running charon installed it again while no supervisor watched (policy_update replaces one of the
-    same key at its load), and the dead supervisor's ledger never saw it (see reinstalled_since)."""
+    DAEMON_SINCE: when PID started (wall clock). A leftover policy the kernel replaced since PRIOR
+    recorded it, and inserted since then, is PID's: the running charon installed it again while no
+    supervisor watched (policy_update replaces one of the same key at its load), and the dead
+    supervisor's ledger never saw it (reinstalled_since)."""
     if prior is None:
         return Takeover(None, False, "unusable, ownership by markers")
     adopting = (record.adoption_deadline if record is not None else prior.adoption_deadline) is not None
