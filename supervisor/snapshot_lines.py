@@ -249,70 +249,90 @@ _SEL_AF, _TMPL_AF = 16 + 40, 16 + 168 + 4 + 24      # the families' offsets in t
 _MAX_SHAPES = 1024          # more distinct shapes than this: the rest are walked
 
 
-def _varying_mask() -> int:
-    keep = bytearray(b"\xff" * _USUAL_LENGTH)
-    info, tmpl = 16, 16 + 168 + 4
-    for start, size in ((8, 8),                              # nlmsg_seq, nlmsg_pid
-                        (info, 32),                          # selector daddr, saddr
-                        (info + 120, 32 + 8),                # curlft; priority, index
-                        (tmpl, 16), (tmpl + 28, 16 + 4)):    # template daddr; saddr, reqid
-        keep[start:start + size] = bytes(size)
-    return int.from_bytes(keep, "little")
+# The usual message in the fields it is read in: the text that is the same for every message of
+# a shape (the header, the selector's tail and lifetime limits, the policy's tail and the template
+# attribute's header, the template's middle, its tail and the policy type) and, between them, the
+# fields that vary: the addresses (16 bytes, whatever the family), the counters, priority and
+# index, the reqid. The dump's sequence number and port are skipped.
+_USUAL = _struct.Struct("=8s8x16s16s88s4Q2I12s16s12s16sI28s")
+_VARYING = (1, 2, 4, 5, 6, 7, 8, 9, 11, 13, 14)     # the indices of the fields that vary
 
 
-_SHAPE_MASK = _varying_mask()
+def _shape_key(fields: tuple) -> tuple:
+    """What every message of one shape has alike: the fields of _USUAL that do not vary."""
+    return fields[0], fields[3], fields[10], fields[12], fields[15]
+
+
+class _Names4(dict):
+    """IPv4 address field (16 bytes) -> text, one conversion per distinct address of the dump."""
+
+    __slots__ = ()
+
+    def __missing__(self, raw: bytes, ntop=_x._ntop, af=_x.AF_INET) -> str:
+        text = self[raw] = ntop(af, raw[:4])
+        return text
+
+
+class _Names6(dict):
+    """IPv6 address -> text, as _Names4."""
+
+    __slots__ = ()
+
+    def __missing__(self, raw: bytes, ntop=_x._ntop, af=_x.AF_INET6) -> str:
+        text = self[raw] = ntop(af, raw)
+        return text
+
+
+def _names() -> dict[int, dict[bytes, str]]:
+    return {_x.AF_INET: _Names4(), _x.AF_INET6: _Names6()}
+
+
 _USUAL_TMPL, _USUAL_PTYPE = _x._NLA.pack(68, _x.XFRMA_TMPL), _x._NLA.pack(10, _x.XFRMA_POLICY_TYPE)
-_FIELDS = {_x.AF_INET: "4s12x", _x.AF_INET6: "16s"}
+_FAMILIES = (_x.AF_INET, _x.AF_INET6)
 
 
-def _shape_struct(sel_af: int, tmpl_af: int) -> _struct.Struct:
-    """The fields of a usual message that vary within its shape, in the order of the message:
-    selector daddr, saddr, the four counters, priority, index, template daddr, saddr, reqid."""
-    sel, tmpl = _FIELDS[sel_af], _FIELDS[tmpl_af]
-    return _struct.Struct(f"=16x{sel}{sel}24x64x4QII8x4x{tmpl}8x4x{tmpl}I16x12x")
-
-
-def _compile_shape(buf: bytes, off: int, line: str, selector_shapes: dict) -> Callable[[bytes, int], str] | None:
-    """The line function (buffer, offset) of the shape of the usual message at OFF whose walked
-    line is LINE; None when it would not give LINE."""
+def _compile_shape(buf: bytes, off: int, line: str, selector_shapes: dict,
+                   names: dict[int, dict[bytes, str]] | None = None) -> Callable[[tuple], str] | None:
+    """The line function of the shape of the usual message at OFF whose walked line is LINE: a
+    function of the message's _USUAL fields; None when it would not give LINE."""
     sel_af = buf[off + _SEL_AF] | buf[off + _SEL_AF + 1] << 8
     tmpl_af = buf[off + _TMPL_AF] | buf[off + _TMPL_AF + 1] << 8
     info, tmpl = off + 16, off + 16 + 168 + 4
     # The layout the fields are read in: the template, then the policy type, and no lifetime
     # limits. (Every message of the shape has these very bytes: only the varying fields differ.)
-    if (sel_af not in _FIELDS or tmpl_af not in _FIELDS or buf[tmpl - 4:tmpl] != _USUAL_TMPL
+    if (sel_af not in _FAMILIES or tmpl_af not in _FAMILIES or buf[tmpl - 4:tmpl] != _USUAL_TMPL
             or buf[tmpl + 64:tmpl + 68] != _USUAL_PTYPE or buf[info + 56:info + 120] != _x._NO_LIMITS_RAW):
         return None
+    names = names if names is not None else _names()
     _selector_raw(buf, info, selector_shapes)
     _, sel_head, sel_middle, sel_tail = selector_shapes[buf[info + 32:info + 56]]
     _, spi, proto, _, _, _, mode, share, optional, aalgos, ealgos, calgos = _x._TMPL.unpack_from(buf, tmpl)
     _, _, d, act, flags, sh = _x._POLICY_TAIL.unpack_from(buf, info + 152)
     ptype = buf[off + _USUAL_LENGTH - 8]
-    # (text, then the expression of the field that follows it)
-    pieces = [('{"selector":' + sel_head, "ntop(sa, ss)"), (sel_middle, "ntop(sa, sd)"),
-              (sel_tail + f',"dir":{_DIR.get(d) or d},"action":{_ACTION.get(act) or act},"priority":', "priority"),
-              (',"index":', "index"),
+    # (text, then the expression of the field that follows it; f: the _USUAL fields)
+    pieces = [('{"selector":' + sel_head, "ns[f[2]]"), (sel_middle, "ns[f[1]]"),
+              (sel_tail + f',"dir":{_DIR.get(d) or d},"action":{_ACTION.get(act) or act},"priority":', "f[8]"),
+              (',"index":', "f[9]"),
               (f',"flags":{flags},"share":{_SHARE.get(sh) or sh},"mark":null,"if_id":0,'
                f'"ptype":{_PTYPE.get(ptype) or ptype},"templates":[{{"family":{_FAMILY.get(tmpl_af) or tmpl_af},'
-               '"saddr":"', "ntop(ta, ts)"),
-              ('","daddr":"', "ntop(ta, td)"),
-              (f'","proto":{_PROTO.get(proto) or proto},"spi":{_x._ntohl(spi) if spi else 0},"reqid":', "reqid"),
+               '"saddr":"', "nt[f[13]]"),
+              ('","daddr":"', "nt[f[11]]"),
+              (f'","proto":{_PROTO.get(proto) or proto},"spi":{_x._ntohl(spi) if spi else 0},"reqid":', "f[14]"),
               (f',"mode":{_MODE.get(mode) or mode},"share":{_SHARE.get(share) or share},"optional":{optional},'
-               f'"aalgos":{aalgos},"ealgos":{ealgos},"calgos":{calgos}}}],"attrs":[],"curlft":{{"bytes":', "cb"),
-              (',"packets":', "cp"), (',"add_time":', "ca"), (',"use_time":', "cu"), ("}}", None)]
+               f'"aalgos":{aalgos},"ealgos":{ealgos},"calgos":{calgos}}}],"attrs":[],"curlft":{{"bytes":', "f[4]"),
+              (',"packets":', "f[5]"), (',"add_time":', "f[6]"), (',"use_time":', "f[7]"), ("}}", None)]
     body = "".join(text.replace("{", "{{").replace("}", "}}") + ("" if expr is None else "{" + expr + "}")
                    for text, expr in pieces)
-    namespace = {"unpack": _shape_struct(sel_af, tmpl_af).unpack_from, "ntop": _x._ntop, "sa": sel_af, "ta": tmpl_af}
-    exec("def line(buf, off):\n"
-         "    sd, ss, cb, cp, ca, cu, priority, index, td, ts, reqid = unpack(buf, off)\n"
-         f"    return f{body!r}\n", namespace)
+    namespace = {"ns": names[sel_af], "nt": names[tmpl_af]}
+    exec(f"def line(f):\n    return f{body!r}\n", namespace)
     fn = namespace["line"]
-    return fn if fn(buf, off) == line else None
+    return fn if fn(_USUAL.unpack_from(buf, off)) == line else None
 
 
 def _policy_lines(chunks: list[bytes], generic: Generic) -> Iterator[list[str]]:
-    compiled: dict[int, Callable | None] = {}       # a usual message's shape -> its line function, None: walk it
-    from_bytes, shape_mask, usual_length = int.from_bytes, _SHAPE_MASK, _USUAL_LENGTH
+    compiled: dict[tuple, Callable | None] = {}     # a usual message's shape -> its line function, None: walk it
+    names = _names()
+    read_usual, usual_iter, shape_of, usual_length = _USUAL.unpack_from, _USUAL.iter_unpack, _shape_key, _USUAL_LENGTH
     selectors: dict[bytes, str] = {}
     templates: dict[bytes, str] = {}
     counters: dict[bytes, str] = {}
@@ -332,6 +352,15 @@ def _policy_lines(chunks: list[bytes], generic: Generic) -> Iterator[list[str]]:
         out: list[str] = []
         append = out.append
         off, end = 0, len(buf)
+        if compiled and not end % usual_length:
+            # A datagram of usual messages only, read in one go while each is of a compiled shape.
+            # (A shape's header holds the message's length: the next one starts where it says.)
+            for f in usual_iter(buf):
+                shape = compiled.get((f[0], f[3], f[10], f[12], f[15]))     # _shape_key(f)
+                if not shape:
+                    break
+                append(shape(f))
+                off += usual_length
         while off < end:
             length, mtype = header(buf, off)
             if mtype != NEWPOLICY:
@@ -344,10 +373,11 @@ def _policy_lines(chunks: list[bytes], generic: Generic) -> Iterator[list[str]]:
             off += (length + 3) & ~3
             key = None
             if length == usual_length:
-                key = from_bytes(buf[start:stop], "little") & shape_mask
-                shape = compiled.get(key, False)
+                fields = read_usual(buf, start)
+                key = shape_of(fields)
+                shape = compiled.get(key)
                 if shape:
-                    append(shape(buf, start))
+                    append(shape(fields))
                     continue
             t, mark, if_id, ptype, usual = "", None, 0, 0, buf[info + 56:info + 120] == no_limits
             a = info + 168
@@ -402,7 +432,7 @@ def _policy_lines(chunks: list[bytes], generic: Generic) -> Iterator[list[str]]:
                     f'"if_id":{if_id},"ptype":{ptypes(ptype) or ptype},"templates":[{t}],"attrs":[],"curlft":{c}}}')
             append(line)
             if key is not None and key not in compiled and len(compiled) < _MAX_SHAPES:
-                compiled[key] = _compile_shape(buf, start, line, shapes)
+                compiled[key] = _compile_shape(buf, start, line, shapes, names)
         yield out
 
 
