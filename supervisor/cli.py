@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
+import os
 import sys
 
 from . import __version__
 from . import commands
-from .argparser import Parser
 from .errors import ExitCode, SupervisorError
 
 EXIT_CODE_HELP = "exit codes:\n" + "\n".join(
@@ -16,14 +15,21 @@ EXIT_CODE_HELP = "exit codes:\n" + "\n".join(
 )
 
 
-class _Parser(Parser):
-    def error(self, message: str):  # argparse exits 2 on usage errors too; keep its text
-        self.print_usage(sys.stderr)
-        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
+def _parser_class():
+    from .argparser import Parser
+
+    class _Parser(Parser):
+        def error(self, message: str):  # argparse exits 2 on usage errors too; keep its text
+            self.print_usage(sys.stderr)
+            self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
+
+    return _Parser
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; with COMMAND, only the module that registers it (else every module)."""
+def build_parser(command: str | None = None):
+    """The argparse parser; with COMMAND, only the module that registers it (else every module)."""
+    import argparse
+    _Parser = _parser_class()
     parser = _Parser(
         prog="ipsec-supervisor",
         description="Crash-recovery supervisor for strongSwan's charon.",
@@ -48,12 +54,24 @@ def command_of(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+def parse(argv: list[str]):
+    """ARGV's arguments: the usual forms of a command that parses them by hand (its module's
+    ``parse_plain``: argparse and the parser cost more than the rest of a quick command), else
+    argparse's parse (which also prints usage errors and help, and exits)."""
+    command = command_of(argv)
+    if command in commands.PLAIN_PARSERS:
+        module = importlib.import_module(f"{commands.__name__}.{commands.MODULE_OF[command]}")
+        args = module.parse_plain(argv)
+        if args is not None:
+            return args
+    return build_parser(command).parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(command_of(argv))
-    args = parser.parse_args(argv)
+    args = parse(argv)
     if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
+        build_parser(command_of(argv)).print_help(sys.stderr)
         return ExitCode.USAGE
     import logging
     if not logging.getLogger().handlers:
@@ -70,5 +88,35 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.OK
 
 
+def run() -> None:
+    """The program (console script): main(), then, for a command that leaves nothing behind,
+    out without tearing the interpreter down: freeing tens of thousands of snapshot records one
+    by one costs a whole process milliseconds nobody waits for."""
+    rc = main()
+    if command_of(sys.argv[1:]) in commands.QUICK_EXIT and _alone():
+        _exit_now(rc)
+    sys.exit(rc)
+
+
+def _alone() -> bool:
+    threading = sys.modules.get("threading")
+    return threading is None or threading.active_count() == 1
+
+
+def _exit_now(rc: int) -> None:
+    """Flush what Python would flush at exit (standard streams, logging's handlers), then exit."""
+    if "logging" in sys.modules:
+        sys.modules["logging"].shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):
+            pass        # a reader that went away (as main's BrokenPipeError), a closed stream
+        except OSError as exc:
+            os.write(2, f"ipsec-supervisor: cannot write the output: {exc.strerror}\n".encode())
+            rc = rc or ExitCode.FAILED
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -354,6 +354,8 @@ class FakeTools:
         monkeypatch.setattr(fw, "_run", self.run)
         monkeypatch.setattr(fw, "_start", self.run)     # a dump's listings: the answer comes at once
         monkeypatch.setattr(fw, "_finish", lambda argv, done: done)
+        # the fake legacy tools answer for their tables (the real check reads /proc/thread-self/net)
+        monkeypatch.setattr(fw, "_legacy_tables_listed", lambda backend: True)
 
     def run(self, argv, stdin=None):
         self.calls.append(list(argv))
@@ -369,6 +371,10 @@ class FakeTools:
 
 
 _EMPTY_NFT = json.dumps({"nftables": [{"metainfo": {"version": "1.0.6"}}]})
+# no rule, but a table of each family iptables-nft manages (so its listings run)
+_NFT_TABLES = json.dumps({"nftables": [{"metainfo": {"version": "1.0.6"}},
+                                       {"table": {"family": "ip", "name": "filter", "handle": 1}},
+                                       {"table": {"family": "ip6", "name": "filter", "handle": 2}}]})
 
 
 def test_missing_backends_are_skipped_with_a_debug_log(monkeypatch, caplog):
@@ -392,7 +398,7 @@ def test_nothing_installed_dumps_nothing(monkeypatch):
 def test_a_failing_tool_raises_naming_command_status_and_stderr(monkeypatch, failing):
     names = {f"{b}-save" for b in fw.IPTABLES_BACKENDS} | {"nft"}
     outputs = {n: [(0, "", "")] for n in names}
-    outputs["nft"] = [(0, _EMPTY_NFT, "")]
+    outputs["nft"] = [(0, _NFT_TABLES, "")]
     outputs[failing] = [(3, "", "Fatal: can't open lock file /run/xtables.lock: Permission denied\n")]
     FakeTools(monkeypatch, names, outputs)
     with pytest.raises(FirewallError) as exc:
@@ -969,8 +975,46 @@ def test_a_dump_runs_its_listings_side_by_side_and_a_cancelled_one_leaves_no_pro
     with netns.enter():
         pending = fw.start_dump_firewall_rules()
         running = psutil.Process().children()
-        assert len(running) >= 2            # every installed listing at once, not one after the other
+        # nft (and legacy, where it has tables) at once; iptables-nft's once nft has named its tables
+        assert [p.name() for p in running if p.name() == "nft"]
         assert any(r.rule == "-s 192.0.2.0/24 -j ACCEPT" for r in pending.result())
         cancelled = fw.start_dump_firewall_rules()
         cancelled.cancel()
     assert not psutil.Process().children()
+
+
+def test_iptables_nft_listings_run_only_for_the_families_nft_has_tables_of(monkeypatch):
+    names = {f"{b}-save" for b in fw.IPTABLES_BACKENDS} | {"nft"}
+    inet_only = json.dumps({"nftables": [{"metainfo": {"version": "1.0.6"}},
+                                         {"table": {"family": "inet", "name": "fw", "handle": 1}},
+                                         {"table": {"family": "ip6", "name": "filter", "handle": 2}}]})
+    outputs = {n: [(0, "", "")] for n in names}
+    outputs["nft"] = [(0, inet_only, "")]
+    outputs["ip6tables-nft-save"] = [(0, "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j DROP\nCOMMIT\n", "")]
+    tools = FakeTools(monkeypatch, names, outputs)
+    rules = fw.dump_firewall_rules()
+    assert [r.describe() for r in rules] == ["ip6tables-nft filter/INPUT rule '-j DROP'"]
+    assert not tools.ran("iptables-nft-save") and tools.ran("ip6tables-nft-save")
+    assert tools.ran("iptables-legacy-save") and tools.ran("ip6tables-legacy-save")
+    # without nft in the dump, nothing tells: every iptables-nft listing runs
+    tools.calls.clear()
+    fw.dump_firewall_rules(fw.IPTABLES_BACKENDS)
+    assert tools.ran("iptables-nft-save") and tools.ran("ip6tables-nft-save") and not tools.ran("nft")
+
+
+def test_legacy_listings_run_only_where_the_namespace_has_legacy_tables(netns, tmp_path):
+    # what the kernel names in /proc/net/ip(6)_tables_names is what legacy's save lists
+    for tool, backend in (("iptables-legacy-save", "iptables-legacy"), ("ip6tables-legacy-save", "ip6tables-legacy")):
+        if netns.run("sh", "-c", f"command -v {tool}", check=False).returncode != 0:
+            continue
+        listed = netns.run(tool).stdout.strip()        # (a kernel may make its tables with the namespace)
+        with netns.enter():
+            assert fw._legacy_tables_listed(backend) == bool(listed)
+    # absent or empty: nothing to list; a table named, or a file we cannot read: run the program
+    assert not fw._legacy_tables_listed("iptables-legacy", str(tmp_path))
+    (tmp_path / "ip_tables_names").write_text("")
+    assert not fw._legacy_tables_listed("iptables-legacy", str(tmp_path))
+    (tmp_path / "ip_tables_names").write_text("filter\n")
+    assert fw._legacy_tables_listed("iptables-legacy", str(tmp_path))
+    (tmp_path / "ip6_tables_names").mkdir()
+    assert fw._legacy_tables_listed("ip6tables-legacy", str(tmp_path))

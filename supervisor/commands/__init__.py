@@ -22,6 +22,12 @@ MODULE_OF = {
     "metrics": "metrics",
 }
 
+# Commands whose module parses their usual argument forms by hand (``parse_plain(argv)``: the
+# namespace argparse would give, or None to leave the rest to argparse; a test compares the two).
+PLAIN_PARSERS = frozenset({"snapshot"})
+# Commands that leave no thread or file behind: the program exits without the interpreter's teardown.
+QUICK_EXIT = frozenset({"snapshot"})
+
 # Defaults shown in --help, kept here so that --help imports no kernel or legacy module;
 # the test checks each against the constant of the module that owns it.
 ROUTE_TABLE = 220                         # kernel_state.DEFAULT_ROUTE_TABLE (charon.routing_table)

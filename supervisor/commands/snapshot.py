@@ -41,6 +41,64 @@ def register(sub) -> None:
     diff.set_defaults(func=cmd_diff)
 
 
+# parse_plain: the options of the snapshot itself, by their exact spelling: dest, takes a value
+_TAKE_OPTIONS = {"--output": ("output", True), "-o": ("output", True), "--include-keys": ("include_keys", False),
+                 "--json": ("json", False), "--netns": ("netns", True), "--route-table": ("route_table", True),
+                 "--rule-priority": ("rule_priority", True)}
+_NUMBERS = ("route_table", "rule_priority")
+
+
+def parse_plain(argv: list[str]):
+    """What register()'s parser makes of ARGV in its usual forms (``[-v] snapshot [OPTION ...]``,
+    ``snapshot show FILE [--json]``, ``snapshot diff A B [--json]``), each option spelled out and
+    given once; None for anything else (argparse then parses it, errors and abbreviations too)."""
+    from types import SimpleNamespace
+    args = {"verbose": False, "command": "snapshot", "output": None, "include_keys": False, "json": False,
+            "netns": None, "route_table": ROUTE_TABLE, "rule_priority": RULE_PRIORITY,
+            "snapshot_action": None, "func": cmd_take}
+    words = list(argv)
+    while words and words[0] in ("-v", "--verbose"):
+        if args["verbose"]:
+            return None
+        args["verbose"] = True
+        words.pop(0)
+    if not words or words.pop(0) != "snapshot":
+        return None
+    if words and words[0] in ("show", "diff"):
+        action = words.pop(0)
+        json_flag = words.count("--json")
+        files = [w for w in words if w != "--json"]
+        if json_flag > 1 or len(files) != (1 if action == "show" else 2) \
+                or any(not f or f.startswith("-") for f in files):
+            return None
+        args.update(snapshot_action=action, json=bool(json_flag),
+                    func=cmd_show if action == "show" else cmd_diff)
+        args.update(zip(("file",) if action == "show" else ("a", "b"), files))
+        return SimpleNamespace(**args)
+    seen: set[str] = set()
+    while words:
+        option = _TAKE_OPTIONS.get(words.pop(0))
+        if option is None or option[0] in seen:
+            return None
+        dest, takes_value = option
+        seen.add(dest)
+        if not takes_value:
+            args[dest] = True
+            continue
+        if not words or not words[0] or words[0].startswith("-"):
+            return None
+        value = words.pop(0)
+        if dest in _NUMBERS:
+            try:
+                value = int(value, 0)
+            except ValueError:
+                return None
+            if not 0 <= value <= 0xFFFFFFFF:
+                return None
+        args[dest] = value
+    return SimpleNamespace(**args)
+
+
 def require_root() -> None:
     if os.geteuid() != 0:
         raise NotRootError("reading XFRM state needs root (CAP_NET_ADMIN); run as root")

@@ -375,11 +375,25 @@ def parse_updown(table: str, chain: str, spec: str) -> UpdownMatch | None:
 
 def parse_nft_json(text: str) -> list[FirewallRule]:
     """Every rule of ``nft -j list ruleset`` output as a record, in order."""
+    return _nft_rules(_nft_items(text))
+
+
+def _nft_items(text: str) -> list:
     try:
         doc = json.loads(text)
         items = doc["nftables"]
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"nft JSON output is not understood ({exc})") from None
+    return items
+
+
+def _nft_table_families(items: list) -> set:
+    """The families of the tables nft listed."""
+    return {item["table"].get("family") for item in items
+            if isinstance(item, dict) and isinstance(item.get("table"), dict)}
+
+
+def _nft_rules(items: list) -> list[FirewallRule]:
     rules: list[FirewallRule] = []
     positions: dict[tuple[str, str, str], int] = {}
     for item in items:
@@ -538,20 +552,32 @@ def dump_firewall_rules(backends: Iterable[str] = BACKENDS) -> list[FirewallRule
 class PendingDump:
     """The listing programs of a dump, started; ``result()`` waits for them and parses."""
 
-    def __init__(self, wanted: tuple[str, ...], jobs: list[tuple[str, list[str], subprocess.Popen]]):
+    def __init__(self, wanted: tuple[str, ...], jobs: list[tuple[str, list[str], subprocess.Popen]],
+                 deferred: list[tuple[str, list[str]]] = ()):
         self._wanted = wanted
         self._jobs = jobs
+        self._deferred = list(deferred)     # iptables-nft's, started once nft has listed the tables
 
     def result(self) -> list[FirewallRule]:
         """What dump_firewall_rules returns; FirewallError if a program failed."""
         outputs: dict[str, str] = {}
+        nft_items = None
         try:
-            for backend, argv, proc in self._jobs:
-                done = _finish(argv, proc)
-                if done.returncode != 0:
-                    raise _failure(_NFT_LIST_FAILED if backend == NFT else
-                                   f"cannot list {backend} rules (the firewall snapshot is incomplete)", argv, done)
-                outputs[backend] = done.stdout
+            self._finish_jobs(outputs)
+            if NFT in outputs:
+                nft_items = _parsed_nft_items(outputs[NFT])
+            if self._deferred:
+                # iptables-nft lists the nf_tables tables of its family: none, nothing to list
+                families = _nft_table_families(nft_items) if nft_items is not None else set(_BACKEND_FAMILY.values())
+                for backend, argv in self._deferred:
+                    if _BACKEND_FAMILY[backend] in families:
+                        self._jobs.append((backend, argv, _start(argv)))
+                    else:
+                        log.debug("no nf_tables table of family %s: %s lists nothing",
+                                  _BACKEND_FAMILY[backend], argv[0])
+                        outputs[backend] = ""
+                self._deferred = []
+                self._finish_jobs(outputs)
         finally:
             self.cancel()
         rules: list[FirewallRule] = []
@@ -564,9 +590,19 @@ class PendingDump:
                 layouts[_BACKEND_FAMILY[backend]] = layout
             if backend in self._wanted:
                 rules.extend(found)
-        if NFT in outputs:
-            rules.extend(select_native_nft_rules(_parse_nft(outputs[NFT]), layouts))
+        if nft_items is not None:
+            rules.extend(select_native_nft_rules(_nft_rules_checked(nft_items), layouts))
         return rules
+
+    def _finish_jobs(self, outputs: dict[str, str]) -> None:
+        for backend, argv, proc in self._jobs:
+            if backend in outputs:
+                continue
+            done = _finish(argv, proc)
+            if done.returncode != 0:
+                raise _failure(_NFT_LIST_FAILED if backend == NFT else
+                               f"cannot list {backend} rules (the firewall snapshot is incomplete)", argv, done)
+            outputs[backend] = done.stdout
 
     def cancel(self) -> None:
         """Stop and reap what still runs (after a failure, or when the result is not wanted)."""
@@ -574,16 +610,52 @@ class PendingDump:
             _abandon(proc)
 
 
+def _parsed_nft_items(out: str) -> list:
+    try:
+        return _nft_items(out)
+    except ValueError as exc:
+        raise FirewallError(f"cannot list nftables rules: `nft -j -s list ruleset` printed "
+                            f"output we do not understand ({exc})") from None
+
+
+def _nft_rules_checked(items: list) -> list[FirewallRule]:
+    try:
+        return _nft_rules(items)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FirewallError(f"cannot list nftables rules: `nft -j -s list ruleset` printed "
+                            f"output we do not understand ({exc})") from None
+
+
+_LEGACY_TABLE_NAMES = {"iptables-legacy": "ip_tables_names", "ip6tables-legacy": "ip6_tables_names"}
+
+
+def _legacy_tables_listed(backend: str, proc_net: str = "/proc/thread-self/net") -> bool:
+    """Whether BACKEND's save could list anything in this thread's network namespace: it lists
+    the tables the kernel names in /proc/net/ip(6)_tables_names, and an absent or empty file means
+    none (x_tables not loaded, or no table in this namespace). Unsure (unreadable): True."""
+    try:
+        with open(os.path.join(proc_net, _LEGACY_TABLE_NAMES[backend]), "rb") as fh:
+            return bool(fh.read().strip())
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+
+
 def start_dump_firewall_rules(backends: Iterable[str] = BACKENDS) -> PendingDump:
     """Start every listing program a dump needs, side by side; they run while the caller reads
-    netlink (each takes a few milliseconds, mostly starting up)."""
+    netlink (each takes a few milliseconds, mostly starting up). A program that would list
+    nothing is not started: legacy without tables in this namespace; iptables-nft beside nft,
+    once nft has listed no table of its family."""
     wanted = tuple(backends)
     for b in wanted:
         if b not in BACKENDS:
             raise ValueError(f"unknown firewall backend {b!r} (known: {', '.join(BACKENDS)})")
     jobs: list[tuple[str, list[str], subprocess.Popen]] = []
+    deferred: list[tuple[str, list[str]]] = []
+    nft_runs = NFT in wanted and _find_binary(NFT) is not None
     try:
-        for backend in IPTABLES_BACKENDS + (NFT,):
+        for backend in (NFT,) + IPTABLES_BACKENDS:
             # The nf_tables layouts are needed to filter nft's listing even when only nft was asked for.
             if backend not in wanted and not (NFT in wanted and backend.endswith("-nft")):
                 continue
@@ -594,11 +666,17 @@ def start_dump_firewall_rules(backends: Iterable[str] = BACKENDS) -> PendingDump
                 continue
             # Full dump, never -t: asking legacy for a table it has not got creates it.
             argv = _nft_list_argv(binary) if backend == NFT else [binary]
+            if backend in _LEGACY_TABLE_NAMES and not _legacy_tables_listed(backend):
+                log.debug("no %s table in this network namespace: %s lists nothing", backend, binary)
+                continue
+            if backend.endswith("-nft") and nft_runs:
+                deferred.append((backend, argv))
+                continue
             jobs.append((backend, argv, _start(argv)))
     except BaseException:
         PendingDump(wanted, jobs).cancel()
         raise
-    return PendingDump(wanted, jobs)
+    return PendingDump(wanted, jobs, deferred)
 
 
 # --------------------------------------------------------------------------
