@@ -92,8 +92,14 @@ def run() -> None:
     """The program (console script): main(), then, for a command that leaves nothing behind,
     out without tearing the interpreter down: freeing tens of thousands of snapshot records one
     by one costs a whole process milliseconds nobody waits for."""
+    quick = command_of(sys.argv[1:]) in commands.QUICK_EXIT
+    if quick:
+        # Its imports and decoding make tens of thousands of objects and no garbage cycle worth
+        # collecting: the collector would only walk them again and again.
+        import gc
+        gc.disable()
     rc = main()
-    if command_of(sys.argv[1:]) in commands.QUICK_EXIT and _alone():
+    if quick and _alone():
         _exit_now(rc)
     sys.exit(rc)
 

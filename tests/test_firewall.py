@@ -1018,3 +1018,18 @@ def test_legacy_listings_run_only_where_the_namespace_has_legacy_tables(netns, t
     assert fw._legacy_tables_listed("iptables-legacy", str(tmp_path))
     (tmp_path / "ip6_tables_names").mkdir()
     assert fw._legacy_tables_listed("ip6tables-legacy", str(tmp_path))
+
+
+def test_programs_are_found_as_shutil_which_finds_them_but_never_in_the_working_directory(monkeypatch, tmp_path):
+    import shutil
+    tool = tmp_path / "fw-test-tool"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    (tmp_path / "fw-test-dir").mkdir()
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin")
+    path = os.pathsep.join([os.environ["PATH"], *fw._EXTRA_PATH])
+    for name in ("fw-test-tool", "fw-test-dir", "sh", "no-such-program-here"):
+        assert fw._find_binary(name) == shutil.which(name, path=path), name
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", ":/usr/bin")
+    assert fw._find_binary("fw-test-tool") is None

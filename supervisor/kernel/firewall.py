@@ -14,8 +14,6 @@ import json
 import logging
 import os
 import re
-import shlex
-import shutil
 import subprocess
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Iterable, Mapping, Sequence
@@ -440,8 +438,21 @@ def select_native_nft_rules(nft_rules: Iterable[FirewallRule],
 # --------------------------------------------------------------------------
 
 def _find_binary(name: str) -> str | None:
-    path = os.pathsep.join([os.environ.get("PATH", ""), *_EXTRA_PATH])
-    return shutil.which(name, path=path)
+    """NAME's executable in PATH and then the usual sbin directories (shutil.which's answer,
+    without shutil's import and its compression modules on a snapshot's start)."""
+    for directory in [*os.environ.get("PATH", "").split(os.pathsep), *_EXTRA_PATH]:
+        if not directory:
+            continue        # (an empty entry means the working directory: never for a root daemon)
+        candidate = os.path.join(directory, name)
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    return None
+
+
+def _shown(argv: Sequence[str]) -> str:
+    """ARGV as a shell would take it, for messages."""
+    import shlex
+    return shlex.join(argv)
 
 
 def _run(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -451,12 +462,12 @@ def _run(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedP
         return subprocess.run(list(argv), input=stdin, capture_output=True, text=True,
                               env=env, timeout=COMMAND_TIMEOUT_SECONDS, check=False)
     except FileNotFoundError:
-        raise FirewallError(f"cannot run `{shlex.join(argv)}`: {argv[0]} not found") from None
+        raise FirewallError(f"cannot run `{_shown(argv)}`: {argv[0]} not found") from None
     except subprocess.TimeoutExpired:
-        raise FirewallError(f"`{shlex.join(argv)}` did not finish within "
+        raise FirewallError(f"`{_shown(argv)}` did not finish within "
                             f"{COMMAND_TIMEOUT_SECONDS:g}s (killed; retry later)") from None
     except OSError as exc:
-        raise FirewallError(f"cannot run `{shlex.join(argv)}`: {exc.strerror}") from None
+        raise FirewallError(f"cannot run `{_shown(argv)}`: {exc.strerror}") from None
 
 
 def _start(argv: Sequence[str]) -> subprocess.Popen:
@@ -465,9 +476,9 @@ def _start(argv: Sequence[str]) -> subprocess.Popen:
         return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=dict(os.environ, LC_ALL="C"))
     except FileNotFoundError:
-        raise FirewallError(f"cannot run `{shlex.join(argv)}`: {argv[0]} not found") from None
+        raise FirewallError(f"cannot run `{_shown(argv)}`: {argv[0]} not found") from None
     except OSError as exc:
-        raise FirewallError(f"cannot run `{shlex.join(argv)}`: {exc.strerror}") from None
+        raise FirewallError(f"cannot run `{_shown(argv)}`: {exc.strerror}") from None
 
 
 def _finish(argv: Sequence[str], proc: subprocess.Popen) -> subprocess.CompletedProcess:
@@ -475,7 +486,7 @@ def _finish(argv: Sequence[str], proc: subprocess.Popen) -> subprocess.Completed
         out, err = proc.communicate(timeout=COMMAND_TIMEOUT_SECONDS)
     except subprocess.TimeoutExpired:
         _abandon(proc)
-        raise FirewallError(f"`{shlex.join(argv)}` did not finish within "
+        raise FirewallError(f"`{_shown(argv)}` did not finish within "
                             f"{COMMAND_TIMEOUT_SECONDS:g}s (killed; retry later)") from None
     return subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
 
@@ -488,7 +499,7 @@ def _abandon(proc: subprocess.Popen | subprocess.CompletedProcess) -> None:
 
 def _failure(what: str, argv: Sequence[str], proc: subprocess.CompletedProcess) -> FirewallError:
     stderr = (proc.stderr or "").strip() or "(no error output)"
-    return FirewallError(f"{what}: `{shlex.join(argv)}` exited with status {proc.returncode}: {stderr}")
+    return FirewallError(f"{what}: `{_shown(argv)}` exited with status {proc.returncode}: {stderr}")
 
 
 def _checked(what: str, argv: Sequence[str], stdin: str | None = None) -> str:
