@@ -281,3 +281,36 @@ def test_a_short_attribute_keeps_its_route_out_of_the_compiled_shapes():
     records = routes.decode_routes([a + b], {}, None, "dump routes")
     assert [r.pref for r in records] == [0, 3]
     assert together == [gen(r) for r in records]
+
+
+def test_usual_policies_decode_from_one_loop_to_the_walked_records(netns):
+    # xfrm._usual_policies reads runs of charon's usual message per datagram: the same records as
+    # the attribute walk, shared by ledger.sharer's way (SHARE) alike
+    from supervisor.kernel import xfrm
+    netns.sh(POLICY_SHAPES)
+    _batch(netns, _many_policies(300))
+    with netns.enter(), xfrm.open_socket() as sock:
+        chunks = sock.dump_raw(xfrm.XFRM_MSG_GETPOLICY)
+    fast = xfrm.decode_policies(chunks)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(xfrm, "_usual_policies", lambda data, out, share: 0)
+        walked = xfrm.decode_policies(chunks)
+    assert fast == walked and len(fast) == 9 + 4 * 300
+    assert sum(1 for data in chunks if xfrm._usual_policies(data, [], None)) >= 1     # (the loop ran)
+    seen = []
+    assert xfrm.decode_policies(chunks, share=lambda p: seen.append(p) or p) == walked and seen == walked
+
+
+def test_a_usual_length_message_of_another_layout_is_walked(netns):
+    from supervisor.kernel import xfrm
+    _batch(netns, _many_policies(3))
+    with netns.enter(), xfrm.open_socket() as sock:
+        chunks = sock.dump_raw(xfrm.XFRM_MSG_GETPOLICY)
+    first = chunks[0][:xfrm._HDR_LT.unpack_from(chunks[0], 0)[0]]
+    assert len(first) == 264 and xfrm._usual_policies(first * 3, [], None) == 3 * 264
+    odd = bytearray(first)
+    odd[252:256] = xfrm._NLA.pack(12, xfrm.XFRMA_PAD)      # a padding attribute where the type was
+    out: list = []
+    assert xfrm._usual_policies(first + bytes(odd) + first, out, None) == 264 and len(out) == 1
+    decoded = xfrm.decode_policies([first + bytes(odd) + first])
+    assert [p.ptype for p in decoded] == [xfrm.PTYPE_MAIN] * 3 and decoded[0] == decoded[2]

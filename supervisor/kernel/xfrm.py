@@ -940,7 +940,7 @@ def _find_attr(buf, start: int, end: int, wanted: int) -> tuple[int, int] | None
     return None
 
 
-def _decode_messages(chunks: list[bytes], msg_type: int, size: int, decode, what: str) -> list:
+def _decode_messages(chunks: list[bytes], msg_type: int, size: int, decode, what: str, usual=None) -> list:
     # the caches live for one dump: bounded memory, and every dump pays for its own decoding
     # The records are acyclic: collecting garbage while building 100,000 of them
     # only rescans the growing heap (about a fifth of the decode time).
@@ -948,19 +948,19 @@ def _decode_messages(chunks: list[bytes], msg_type: int, size: int, decode, what
     gc.disable()
     _clear_caches()
     try:
-        return _decode_all(chunks, msg_type, size, decode, what)
+        return _decode_all(chunks, msg_type, size, decode, what, usual)
     finally:
         _clear_caches()
         if gc_was_enabled:
             gc.enable()
 
 
-def _decode_all(chunks: list[bytes], msg_type: int, size: int, decode, what: str) -> list:
+def _decode_all(chunks: list[bytes], msg_type: int, size: int, decode, what: str, usual=None) -> list:
     out = []
     append = out.append
     unpack = _HDR_LT.unpack_from
     for data in chunks:
-        off = 0
+        off = 0 if usual is None else usual(data, out)      # a datagram's usual messages in one go
         end = len(data)
         while off < end:
             length, mtype = unpack(data, off)
@@ -1110,7 +1110,41 @@ _DUMP_SAS = "dump SAD entries (XFRM states)"
 def decode_policies(chunks: list[bytes], share: Callable[[Any], Any] | None = None) -> list[XfrmPolicy]:
     """The policies in the datagrams of a GETPOLICY dump (``NetlinkSocket.dump_raw``); SHARE, if
     given, maps each record as it is decoded (e.g. to an equal one already held: ``ledger.sharer``)."""
-    return _decode_messages(chunks, XFRM_MSG_NEWPOLICY, 168, _sharing(_policy_at, share), _DUMP_POLICIES)
+    return _decode_messages(chunks, XFRM_MSG_NEWPOLICY, 168, _sharing(_policy_at, share), _DUMP_POLICIES,
+                            lambda data, out: _usual_policies(data, out, share))
+
+
+# charon's usual policy message (264 bytes: the header, xfrm_userpolicy_info, one template, the
+# policy type) in the fields _policy_at reads: length and type, selector, lifetime limits and
+# counters as their raw bytes (the caches' keys), priority ... share, the template attribute's
+# header and the template, the policy type attribute's header and the type.
+_USUAL_POLICY = struct.Struct("=IH10x56s64s32sIIBBBB4x4s64s4sB7x")
+_USUAL_TMPL_HEADER = _NLA.pack(68, XFRMA_TMPL)
+_USUAL_PTYPE_HEADER = _NLA.pack(10, XFRMA_POLICY_TYPE)
+
+
+def _usual_policies(data: bytes, out: list, share: Callable[[Any], Any] | None) -> int:
+    """Decode the run of usual policy messages DATA starts with into OUT, as _policy_at does (the
+    same records, from one C loop over the datagram); the offset where the run ends (0: none)."""
+    size = _USUAL_POLICY.size
+    if len(data) % size:
+        return 0
+    append, off = out.append, 0
+    sels, lfts, curs, tmpls, same_int = _sel_cache, _lft_cache, _cur_cache, _tmpl_cache, _same_int
+    for (length, mtype, sel, lft, cur, priority, index, direction, action, flags, pshare,
+         tmpl_header, tmpl, ptype_header, ptype) in _USUAL_POLICY.iter_unpack(data):
+        if (length != size or mtype != XFRM_MSG_NEWPOLICY or tmpl_header != _USUAL_TMPL_HEADER
+                or ptype_header != _USUAL_PTYPE_HEADER):
+            break
+        info = off + 16
+        policy = _new_policy(sels.get(sel) or _selector_at(data, info), direction, action,
+                             same_int(priority, priority), index, flags, pshare,
+                             lfts.get(lft) or _lifetime_at(data, info + 56), None, 0, ptype,
+                             (tmpls.get(tmpl) or _template_at(data, info + 172),), (),
+                             curs.get(cur) or _curlft_at(data, info + 120))
+        append(policy if share is None else share(policy))
+        off += size
+    return off
 
 
 def decode_sas(chunks: list[bytes], share: Callable[[Any], Any] | None = None) -> list[XfrmSA]:
