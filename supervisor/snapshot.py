@@ -225,6 +225,37 @@ def load_snapshot(path: str) -> Snapshot:
     return load_snapshots(path)[0]
 
 
+def describe_snapshot(path: str) -> tuple[Snapshot, dict[str, list[str]]]:
+    """The snapshot at PATH checked as load_snapshot checks it (the same errors), without its
+    records, and what each record's describe() says, per family. With msgspec, policies and
+    routes are described from the decoded file: tens of thousands of records are never built."""
+    raw = _read(path)
+    with without_cycle_collection():
+        found = _typed_document(raw, path) if _codec() is not None else None
+        if found is None:
+            snap = snapshot_from_document(_parse_slowly(raw, path), path)
+            return (dataclasses.replace(snap, objects={}),
+                    {name: [r.describe() for r in records] for name, records in snap.objects.items()})
+        from .snapshot_typed import TEXTS
+        doc, objects = found
+        texts = {}
+        for name in FAMILIES:           # in load_snapshot's order, which says which error comes first
+            items = objects.get(name, [])
+            if name in TEXTS:
+                texts[name] = TEXTS[name](items, _failing(path, name))
+            else:
+                texts[name] = [r.describe() for r in _build(name, items, list(range(len(items))),
+                                                            doc["version"], path)]
+        return _snapshot_of(doc, {}, path), texts
+
+
+def _failing(path: str, name: str) -> Callable[[int, Exception], None]:
+    """FAIL(index, exception) for the typed checks: SnapshotError naming the record of family NAME."""
+    def fail(i: int, exc: Exception) -> None:
+        raise _bad(path, f"objects.{name}[{i}] is invalid: {type(exc).__name__}: {exc}") from None
+    return fail
+
+
 def load_snapshots(*paths: str) -> list[Snapshot]:
     """Several snapshots, each read and validated as load_snapshot does. With msgspec, a record
     equal to the one at the same place in the first file is that same object, built once
@@ -344,6 +375,57 @@ def diff_snapshot_files(path_a: str, path_b: str) -> dict[str, FamilyDiff]:
     the other file is unchanged (identities are unique within a snapshot)."""
     if _codec() is None:
         return diff_snapshots(*load_snapshots(path_a, path_b))
+    result = _diff_by_text(path_a, path_b)
+    return _diff_typed(path_a, path_b) if result is None else result
+
+
+def _diff_by_text(path_a: str, path_b: str) -> dict[str, FamilyDiff] | None:
+    """diff_snapshot_files comparing the JSON text of each policy and route: B's are decoded only
+    where they differ from A's at the same place (the same text is the same valid record). None
+    when either file has a fault (or is version 1): _diff_typed then says which, in its order."""
+    from . import snapshot_typed as typed
+    msgspec = _codec()
+    with without_cycle_collection():
+        raw_a = _read(path_a)
+        found = _typed_document(raw_a, path_a)
+        if found is None:
+            return None
+        doc_a, objects_a = found
+        _snapshot_of(doc_a, {}, path_a)         # as _diff_typed, whose first errors these are
+        raw_b = _read(path_b)
+        try:
+            text_a, text_b = typed.TEXT_DOCUMENT.decode(raw_a), typed.TEXT_DOCUMENT.decode(raw_b)
+            doc_b = _head_of(text_b)
+            _check_head(doc_b, path_b)
+            _snapshot_of(doc_b, {}, path_b)
+            if doc_b["version"] < 2:
+                return None
+            result = {}
+            for name in FAMILIES:
+                a = objects_a.get(name, [])
+                ta = getattr(text_a.objects, name) if name in typed.ITEM else a
+                tb = getattr(text_b.objects, name)
+                shared = min(len(ta), len(tb))
+                differ = [i for i in range(shared) if ta[i] != tb[i]]
+                only_a, only_b = differ + list(range(shared, len(ta))), differ + list(range(shared, len(tb)))
+                if name in typed.CHECKS:
+                    typed.CHECKS[name](a, _failing(path_a, name))
+                    old = _build(name, a, only_a, doc_a["version"], path_a)
+                    b = [None] * len(tb)
+                    for i in only_b:
+                        b[i] = typed.ITEM[name].decode(tb[i])
+                else:                           # few records: from_json checks them all
+                    every = _build(name, a, list(range(len(a))), doc_a["version"], path_a)
+                    old = tuple(every[i] for i in only_a)
+                    b = tb
+                result[name] = _diff_records(old, _build(name, b, only_b, doc_b["version"], path_b))
+        except (msgspec.DecodeError, RecursionError, SnapshotError):   # (ValidationError is a DecodeError)
+            return None
+    return result
+
+
+def _diff_typed(path_a: str, path_b: str) -> dict[str, FamilyDiff]:
+    """diff_snapshot_files by the typed records of both files, each checked whole."""
     from .snapshot_typed import CHECKS
     found = []
     with without_cycle_collection():

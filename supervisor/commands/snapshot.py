@@ -118,9 +118,9 @@ def _settled(load):
 def cmd_show(args) -> int:
     from ..kernel_state import FAMILIES
     from ..kernel.common import without_cycle_collection
-    from ..snapshot import load_snapshot
-    snap = _settled(lambda: load_snapshot(args.file))
+    from ..snapshot import describe_snapshot, load_snapshot
     if args.json:
+        snap = _settled(lambda: load_snapshot(args.file))
         with without_cycle_collection():
             doc = {"created": snap.created, "host": snap.host, "kernel": snap.kernel,
                    "netns": snap.netns, "daemon": snap.daemon, "keys_included": snap.keys_included,
@@ -129,6 +129,7 @@ def cmd_show(args) -> int:
                                for n, recs in snap.objects.items()}}
         _print_json(doc)
         return ExitCode.OK
+    snap, texts = _settled(lambda: describe_snapshot(args.file))
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(snap.created))
     ns = snap.netns.get("name") or f"inode {snap.netns.get('inode')}"
     print(f"snapshot {args.file}\n  taken {when} on {snap.host} (kernel {snap.kernel}), netns {ns}")
@@ -136,10 +137,10 @@ def cmd_show(args) -> int:
         print(f"  daemon: {json.dumps(snap.daemon)}")
     print(f"  key material: {'included' if snap.keys_included else 'redacted'}")
     for name, family in FAMILIES.items():
-        records = snap.objects.get(name, ())
-        print(f"{family.title} ({len(records)}):")
-        if records:
-            sys.stdout.write("".join([f"  {r.describe()}\n" for r in records]))
+        lines = texts.get(name, ())
+        print(f"{family.title} ({len(lines)}):")
+        if lines:
+            sys.stdout.write("  " + "\n  ".join(lines) + "\n")
     return ExitCode.OK
 
 
