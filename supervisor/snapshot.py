@@ -394,8 +394,11 @@ def _diff_by_text(path_a: str, path_b: str) -> dict[str, FamilyDiff] | None:
         _snapshot_of(doc_a, {}, path_a)         # as _diff_typed, whose first errors these are
         raw_b = _read(path_b)
         try:
-            text_a, text_b = typed.TEXT_DOCUMENT.decode(raw_a), typed.TEXT_DOCUMENT.decode(raw_b)
-            doc_b = _head_of(text_b)
+            head_b, text_a, text_b = _head_with_same_records(raw_a, raw_b), None, None
+            if head_b is None:
+                head_b = text_b = typed.TEXT_DOCUMENT.decode(raw_b)
+                text_a = typed.TEXT_DOCUMENT.decode(raw_a)
+            doc_b = _head_of(head_b)
             _check_head(doc_b, path_b)
             _snapshot_of(doc_b, {}, path_b)
             if doc_b["version"] < 2:
@@ -403,10 +406,13 @@ def _diff_by_text(path_a: str, path_b: str) -> dict[str, FamilyDiff] | None:
             result = {}
             for name in FAMILIES:
                 a = objects_a.get(name, [])
-                ta = getattr(text_a.objects, name) if name in typed.ITEM else a
-                tb = getattr(text_b.objects, name)
+                if text_b is None:              # the same bytes: the same records
+                    ta = tb = a
+                else:
+                    ta = getattr(text_a.objects, name) if name in typed.ITEM else a
+                    tb = getattr(text_b.objects, name)
                 shared = min(len(ta), len(tb))
-                differ = [i for i in range(shared) if ta[i] != tb[i]]
+                differ = [] if ta is tb else [i for i in range(shared) if ta[i] != tb[i]]
                 only_a, only_b = differ + list(range(shared, len(ta))), differ + list(range(shared, len(tb)))
                 if name in typed.CHECKS:
                     typed.CHECKS[name](a, _failing(path_a, name))
@@ -422,6 +428,22 @@ def _diff_by_text(path_a: str, path_b: str) -> dict[str, FamilyDiff] | None:
         except (msgspec.DecodeError, RecursionError, SnapshotError):   # (ValidationError is a DecodeError)
             return None
     return result
+
+
+_OBJECTS_KEY = b',\n "objects": {'        # where the writer starts the records, its last key
+
+
+def _head_with_same_records(raw_a: bytes, raw_b: bytes) -> Any:
+    """B's document without its records (the typed Head) when B has the same bytes as A from the
+    "objects" key on: two snapshots of an unchanged state. None when not, or unsure. Both heads
+    must read as a complete object when "objects" is put in their place, so the same bytes follow
+    both in the same place of the same grammar: A's records, which were decoded and are checked."""
+    from .snapshot_typed import HEAD
+    i, j = raw_a.find(_OBJECTS_KEY), raw_b.find(_OBJECTS_KEY)
+    if i < 0 or j < 0 or len(raw_a) - i != len(raw_b) - j or not raw_b.startswith(memoryview(raw_a)[i:], j):
+        return None
+    heads = [HEAD.decode(raw[:at] + b',"objects":0}') for raw, at in ((raw_a, i), (raw_b, j))]
+    return heads[1]
 
 
 def _diff_typed(path_a: str, path_b: str) -> dict[str, FamilyDiff]:

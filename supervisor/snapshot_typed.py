@@ -34,7 +34,8 @@ _Mode = Union[U8, Literal["transport", "tunnel", "ro", "in_trigger", "beet"]]
 _Share = Union[U8, Literal["any", "session", "user", "unique"]]
 
 
-class Selector(Struct, frozen=True):
+# gc=False: a struct without the cycle collector's header decodes faster, and these hold no cycles.
+class Selector(Struct, frozen=True, gc=False):
     family: _Family
     saddr: str
     prefixlen_s: U8
@@ -49,7 +50,7 @@ class Selector(Struct, frozen=True):
     user: U32
 
 
-class Lifetime(Struct, frozen=True):
+class Lifetime(Struct, frozen=True, gc=False):
     soft_byte_limit: int
     hard_byte_limit: int
     soft_packet_limit: int
@@ -60,14 +61,14 @@ class Lifetime(Struct, frozen=True):
     hard_use_expires_seconds: int
 
 
-class LifetimeCur(Struct, frozen=True):
+class LifetimeCur(Struct, frozen=True, gc=False):
     bytes: int
     packets: int
     add_time: int
     use_time: int
 
 
-class Template(Struct, frozen=True):
+class Template(Struct, frozen=True, gc=False):
     family: _Family
     saddr: str
     daddr: str
@@ -82,17 +83,17 @@ class Template(Struct, frozen=True):
     calgos: U32
 
 
-class Mark(Struct, frozen=True):
+class Mark(Struct, frozen=True, gc=False):
     value: int
     mask: int
 
 
-class RawAttr(Struct, frozen=True):
+class RawAttr(Struct, frozen=True, gc=False):
     type: int
     data: str
 
 
-class Policy(Struct, frozen=True):
+class Policy(Struct, frozen=True, gc=False):
     selector: Selector
     dir: Union[int, Literal["in", "out", "fwd", "socket-in", "socket-out", "socket-fwd"]]
     action: Union[int, Literal["allow", "block"]]
@@ -110,7 +111,7 @@ class Policy(Struct, frozen=True):
     lifetime: Union[Lifetime, msgspec.UnsetType] = msgspec.UNSET
 
 
-class NextHop(Struct, frozen=True):
+class NextHop(Struct, frozen=True, gc=False):
     weight: Annotated[int, Meta(ge=0, le=256)]
     flags: U8
     gateway: Optional[Text] = None
@@ -118,7 +119,7 @@ class NextHop(Struct, frozen=True):
     oif_name: Optional[Text] = None
 
 
-class Route(Struct, frozen=True):
+class Route(Struct, frozen=True, gc=False):
     family: Literal["inet", "inet6"]
     table: U32
     dst: Text
@@ -385,13 +386,14 @@ def check_policies(items: list[Policy], fail) -> None:
         policy_records(items, fail)     # finds the first bad one and says why
 
 
-# The checks above and the texts below look at each distinct value once, all items together:
-# about 0.2 us a policy, where checking item by item took 1.5 us. Whatever they doubt goes
-# through the records' builders, which name the first bad item and its fault (the same error).
+# The checks above and the texts below gather the values of all items first and check each
+# distinct one once, in C where they can: 0.5 us a policy (1.5 us item by item), 0.6 us a route
+# (1 us). Whatever they doubt goes through the records' builders, which name the first bad
+# item and its fault: the error is the one loading the records gives.
 
 def _policies_fit(items: list[Policy]) -> bool:
     """Whether every address fits its family and every raw attribute is hex, in all of ITEMS."""
-    by_family: dict[str | int, set[str]] = {}
+    by_family: dict[Any, set[str]] = {}
     family, found = None, set()
     for p in items:
         s = p.selector
@@ -411,13 +413,13 @@ def _policies_fit(items: list[Policy]) -> bool:
             except ValueError:
                 return False
     try:
-        for name, texts in by_family.items():
+        for name, found in by_family.items():
             number = _num(_FAMILY, name)
             if number in (socket.AF_INET, socket.AF_INET6):
                 # what _pack_addr accepts of these families, in one C loop
-                list(map(functools.partial(socket.inet_pton, number), texts))
+                list(map(functools.partial(socket.inet_pton, number), found))
             else:
-                for text in texts:
+                for text in found:
                     _x._pack_addr(number, text)
     except (OSError, ValueError):
         return False
@@ -447,12 +449,12 @@ def _routes_fit(items: list[Route]) -> bool:
                 gateways.add(h.gateway)
     version = _Checked().version
     try:
-        for family, texts in own.items():
+        for family, found in own.items():
             if longest[family] > _FULL[family]:
                 return False
-            if not _all_of_family(family, texts):
+            if not _all_of_family(family, found):
                 want = _VERSION[family]
-                for text in texts:
+                for text in found:
                     if version(text) != want:
                         return False
         for text in gateways:

@@ -268,3 +268,53 @@ def test_diff_decodes_only_the_policies_and_routes_whose_text_differs(tmp_path, 
     result = diff_snapshot_files(V2, b)
     assert len(result["xfrm_policy"].changed) == 1 and len(result["route"].added) == 1
     assert len(decoded) == 2
+
+
+def _same_records_other_head(tmp_path, edit_head) -> str:
+    """A copy of V2 as the writer writes it, with the head before "objects" edited as text."""
+    snap = load_snapshot(V2)
+    a = str(tmp_path / "a.json")
+    write_snapshot(a, snap)
+    raw = open(a, "rb").read()
+    at = raw.index(snapshot._OBJECTS_KEY)
+    b = str(tmp_path / "b.json")
+    with open(b, "wb") as fh:
+        fh.write(edit_head(raw[:at]) + raw[at:])
+    return a, b
+
+
+def test_diff_of_two_snapshots_of_the_same_state_compares_bytes_not_records(tmp_path, monkeypatch):
+    from supervisor import snapshot_typed
+    decoded = []
+    real = snapshot_typed.TEXT_DOCUMENT
+
+    class Counting:
+        def decode(self, raw):
+            decoded.append(len(raw))
+            return real.decode(raw)
+
+    monkeypatch.setattr(snapshot_typed, "TEXT_DOCUMENT", Counting())
+    a, b = _same_records_other_head(tmp_path, lambda head: head.replace(b'"host": "', b'"host": "other-'))
+    assert load_snapshot(b).host.startswith("other-")
+    result = diff_snapshot_files(a, b)
+    assert not any(result.values()) and decoded == []
+    assert result == snapshot._diff_typed(a, b)
+
+
+@pytest.mark.parametrize("what, edit", [
+    ("created_unix a string", lambda h: h.replace(b'"created_unix": ', b'"created_unix": "x", "was": ')),
+    ("an unknown version", lambda h: h.replace(b'"version": 2', b'"version": 3')),
+    ("version 1", lambda h: h.replace(b'"version": 2', b'"version": 1')),
+    ("the head's last object left open", lambda h: h[:h.rindex(b"}")]),
+    ("a head that is not JSON", lambda h: h.replace(b'"schema"', b"schema")),
+    ("an extra key", lambda h: h + b',\n "extra": [1, {"objects": 2}]'),
+])
+def test_diff_of_the_same_records_under_another_head_judges_that_head(tmp_path, what, edit):
+    a, b = _same_records_other_head(tmp_path, edit)
+    for x, y in ((a, b), (b, a)):
+        try:
+            expected = snapshot._diff_typed(x, y)
+        except SnapshotError as exc:
+            assert error_of(diff_snapshot_files, x, y) == str(exc)
+        else:
+            assert diff_snapshot_files(x, y) == expected
