@@ -225,13 +225,16 @@ def load_snapshot(path: str) -> Snapshot:
     return load_snapshots(path)[0]
 
 
-def describe_snapshot(path: str) -> tuple[Snapshot, dict[str, list[str]]]:
+def describe_snapshot(path: str, keep: list | None = None) -> tuple[Snapshot, dict[str, list[str]]]:
     """The snapshot at PATH checked as load_snapshot checks it (the same errors), without its
     records, and what each record's describe() says, per family. With msgspec, policies and
-    routes are described from the decoded file: tens of thousands of records are never built."""
+    routes are described from the decoded file: tens of thousands of records are never built.
+    KEEP, when given, gets what was decoded (see keep_until_exit)."""
     raw = _read(path)
     with without_cycle_collection():
         found = _typed_document(raw, path) if _codec() is not None else None
+        if keep is not None:
+            keep.append(found)
         if found is None:
             snap = snapshot_from_document(_parse_slowly(raw, path), path)
             return (dataclasses.replace(snap, objects={}),
@@ -369,17 +372,27 @@ def _build(name: str, items: list, indices: list[int], version: int, path: str) 
     return _records(name, subset, version, path, indices)
 
 
-def diff_snapshot_files(path_a: str, path_b: str) -> dict[str, FamilyDiff]:
+def diff_snapshot_files(path_a: str, path_b: str, keep: list | None = None) -> dict[str, FamilyDiff]:
     """diff_snapshots of two snapshot files. With msgspec, both files are checked whole but only
     the records that differ between them are built: one equal to the record at the same place in
-    the other file is unchanged (identities are unique within a snapshot)."""
+    the other file is unchanged (identities are unique within a snapshot). KEEP: as for
+    describe_snapshot."""
     if _codec() is None:
         return diff_snapshots(*load_snapshots(path_a, path_b))
-    result = _diff_by_text(path_a, path_b)
+    result = _diff_by_text(path_a, path_b, [] if keep is None else keep)
     return _diff_typed(path_a, path_b) if result is None else result
 
 
-def _diff_by_text(path_a: str, path_b: str) -> dict[str, FamilyDiff] | None:
+def keep_until_exit(keep: list) -> None:
+    """Let what KEEP holds live until the process exits, never freed: a program that exits right
+    after a show or diff of 30,000 policies saves the 11 ms of freeing 300,000 objects one by one.
+    (A cycle the collector never looks at: frozen, see gc.freeze. Not for a long-lived process.)"""
+    import gc
+    keep.append(keep)
+    gc.freeze()
+
+
+def _diff_by_text(path_a: str, path_b: str, keep: list) -> dict[str, FamilyDiff] | None:
     """diff_snapshot_files comparing the JSON text of each policy and route: B's are decoded only
     where they differ from A's at the same place (the same text is the same valid record). None
     when either file has a fault (or is version 1): _diff_typed then says which, in its order."""
@@ -390,6 +403,7 @@ def _diff_by_text(path_a: str, path_b: str) -> dict[str, FamilyDiff] | None:
         found = _typed_document(raw_a, path_a)
         if found is None:
             return None
+        keep.append(found)
         doc_a, objects_a = found
         _snapshot_of(doc_a, {}, path_a)         # as _diff_typed, whose first errors these are
         raw_b = _read(path_b)
@@ -398,6 +412,7 @@ def _diff_by_text(path_a: str, path_b: str) -> dict[str, FamilyDiff] | None:
             if head_b is None:
                 head_b = text_b = typed.TEXT_DOCUMENT.decode(raw_b)
                 text_a = typed.TEXT_DOCUMENT.decode(raw_a)
+                keep += (text_a, text_b)
             doc_b = _head_of(head_b)
             _check_head(doc_b, path_b)
             _snapshot_of(doc_b, {}, path_b)

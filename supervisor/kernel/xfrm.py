@@ -219,6 +219,8 @@ def selector_text(saddr: str, prefixlen_s: int, daddr: str, prefixlen_d: int, pr
                   sport_mask: int, dport: int, dport_mask: int) -> str:
     """XfrmSelector.describe of these values (snapshot_typed describes without building a selector)."""
     text = f"src={saddr}/{prefixlen_s} dst={daddr}/{prefixlen_d}"
+    if not (proto or sport_mask or dport_mask):       # (most of charon's: the line is done)
+        return text
     if proto:
         text += f" proto={proto}"
     if proto in (1, 58) and (sport_mask or dport_mask):
@@ -233,6 +235,8 @@ def selector_text(saddr: str, prefixlen_s: int, daddr: str, prefixlen_d: int, pr
 def policy_text(selector: str, dir: str | int, ptype: str | int | None, mark: tuple[int, int] | None,
                 if_id: int, priority: int, index: int) -> str:
     """XfrmPolicy.describe of these values: DIR and PTYPE as named (PTYPE None for main)."""
+    if ptype is None and mark is None and not if_id:       # (nearly all: one format)
+        return f"SPD entry {selector} dir={dir} priority={priority} index={index}"
     text = f"SPD entry {selector} dir={dir}"
     if ptype is not None:
         text += f" ptype={ptype}"
