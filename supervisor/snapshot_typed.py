@@ -175,7 +175,7 @@ class Document(Head):
 
 
 class Texts(Struct, forbid_unknown_fields=True):
-    """The families of Objects, policies and routes each item's JSON text as the file has it."""
+    """The families of Objects, each policy and route left as its JSON text (the file's bytes)."""
 
     xfrm_sa: list = []
     xfrm_policy: list[Raw] = []
