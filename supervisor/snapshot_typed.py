@@ -9,6 +9,7 @@ the json-module path; tests/test_snapshot_typed.py holds both to that.
 
 from __future__ import annotations
 
+import functools
 import re
 import socket
 from typing import Annotated, Any, Literal, Optional, Union
@@ -33,7 +34,8 @@ _Mode = Union[U8, Literal["transport", "tunnel", "ro", "in_trigger", "beet"]]
 _Share = Union[U8, Literal["any", "session", "user", "unique"]]
 
 
-class Selector(Struct, frozen=True):
+# gc=False: a struct without the cycle collector's header decodes faster, and these hold no cycles.
+class Selector(Struct, frozen=True, gc=False):
     family: _Family
     saddr: str
     prefixlen_s: U8
@@ -48,7 +50,7 @@ class Selector(Struct, frozen=True):
     user: U32
 
 
-class Lifetime(Struct, frozen=True):
+class Lifetime(Struct, frozen=True, gc=False):
     soft_byte_limit: int
     hard_byte_limit: int
     soft_packet_limit: int
@@ -59,14 +61,14 @@ class Lifetime(Struct, frozen=True):
     hard_use_expires_seconds: int
 
 
-class LifetimeCur(Struct, frozen=True):
+class LifetimeCur(Struct, frozen=True, gc=False):
     bytes: int
     packets: int
     add_time: int
     use_time: int
 
 
-class Template(Struct, frozen=True):
+class Template(Struct, frozen=True, gc=False):
     family: _Family
     saddr: str
     daddr: str
@@ -81,17 +83,17 @@ class Template(Struct, frozen=True):
     calgos: U32
 
 
-class Mark(Struct, frozen=True):
+class Mark(Struct, frozen=True, gc=False):
     value: int
     mask: int
 
 
-class RawAttr(Struct, frozen=True):
+class RawAttr(Struct, frozen=True, gc=False):
     type: int
     data: str
 
 
-class Policy(Struct, frozen=True):
+class Policy(Struct, frozen=True, gc=False):
     selector: Selector
     dir: Union[int, Literal["in", "out", "fwd", "socket-in", "socket-out", "socket-fwd"]]
     action: Union[int, Literal["allow", "block"]]
@@ -109,7 +111,7 @@ class Policy(Struct, frozen=True):
     lifetime: Union[Lifetime, msgspec.UnsetType] = msgspec.UNSET
 
 
-class NextHop(Struct, frozen=True):
+class NextHop(Struct, frozen=True, gc=False):
     weight: Annotated[int, Meta(ge=0, le=256)]
     flags: U8
     gateway: Optional[Text] = None
@@ -117,7 +119,7 @@ class NextHop(Struct, frozen=True):
     oif_name: Optional[Text] = None
 
 
-class Route(Struct, frozen=True):
+class Route(Struct, frozen=True, gc=False):
     family: Literal["inet", "inet6"]
     table: U32
     dst: Text
@@ -172,8 +174,27 @@ class Document(Head):
     objects: Objects = msgspec.UNSET
 
 
+class Texts(Struct, forbid_unknown_fields=True):
+    """The families of Objects, each policy and route left as its JSON text (the file's bytes)."""
+
+    xfrm_sa: list = []
+    xfrm_policy: list[Raw] = []
+    route: list[Raw] = []
+    rule: list = []
+    address: list = []
+    firewall: list = []
+
+
+class TextDocument(Head):
+    """The whole document, its many records left as text (for comparing two files)."""
+
+    objects: Texts = msgspec.UNSET
+
+
 HEAD = msgspec.json.Decoder(Head)
 DOCUMENT = msgspec.json.Decoder(Document)
+TEXT_DOCUMENT = msgspec.json.Decoder(TextDocument)
+ITEM = {"xfrm_policy": msgspec.json.Decoder(Policy), "route": msgspec.json.Decoder(Route)}
 OBJECTS = msgspec.json.Decoder(dict[str, Raw])
 TYPED = {"xfrm_policy": msgspec.json.Decoder(list[Policy]), "route": msgspec.json.Decoder(list[Route])}
 GENERIC = msgspec.json.Decoder(list)
@@ -355,42 +376,137 @@ def route_records(items: list[Route], fail) -> tuple:
 
 def check_routes(items: list[Route], fail) -> None:
     """What route_records checks, without building a record."""
-    c = _Checked()
-    for i, r in enumerate(items):
-        try:
-            _check_route(c, r)
-            if r.multipath:
-                _hops(c, r.multipath)
-        except ValueError as exc:
-            fail(i, exc)
+    if not _routes_fit(items):
+        route_records(items, fail)      # finds the first bad one and says why
 
 
 def check_policies(items: list[Policy], fail) -> None:
     """What policy_records checks, without building a record."""
-    c = _Checked()
-    selectors: set[Selector] = set()
-    templates: set[tuple[Template, ...]] = set()
-    address = c.xfrm_address
-    for i, p in enumerate(items):
-        try:
-            s = p.selector
-            if s not in selectors:
-                family = _num(_FAMILY, s.family)
-                address(family, s.saddr)
-                address(family, s.daddr)
-                selectors.add(s)
-            ts = p.templates
-            if ts and ts not in templates:
-                for t in ts:
-                    family = _num(_FAMILY, t.family)
-                    address(family, t.saddr)
-                    address(family, t.daddr)
-                templates.add(ts)
-            for a in p.attrs:
-                bytes.fromhex(a.data)
-        except ValueError as exc:
-            fail(i, exc)
+    if not _policies_fit(items):
+        policy_records(items, fail)     # finds the first bad one and says why
+
+
+# The checks above and the texts below gather the values of all items first and check each
+# distinct one once, in C where they can: 0.5 us a policy (1.5 us item by item), 0.6 us a route
+# (1 us). Whatever they doubt goes through the records' builders, which name the first bad
+# item and its fault: the error is the one loading the records gives.
+
+def _policies_fit(items: list[Policy]) -> bool:
+    """Whether every address fits its family and every raw attribute is hex, in all of ITEMS."""
+    by_family: dict[Any, set[str]] = {}
+    family, found = None, set()
+    for p in items:
+        s = p.selector
+        if s.family != family:
+            family = s.family
+            found = by_family.setdefault(family, set())
+        found.add(s.saddr)
+        found.add(s.daddr)
+        for t in p.templates:
+            same = found if t.family == family else by_family.setdefault(t.family, set())
+            same.add(t.saddr)
+            same.add(t.daddr)
+        if p.attrs:
+            try:
+                for a in p.attrs:
+                    bytes.fromhex(a.data)
+            except ValueError:
+                return False
+    try:
+        for name, found in by_family.items():
+            number = _num(_FAMILY, name)
+            if number in (socket.AF_INET, socket.AF_INET6):
+                # what _pack_addr accepts of these families, in one C loop
+                list(map(functools.partial(socket.inet_pton, number), found))
+            else:
+                for text in found:
+                    _x._pack_addr(number, text)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _routes_fit(items: list[Route]) -> bool:
+    """Whether every route of ITEMS passes _check_route and its nexthops' gateways are addresses."""
+    own: dict[str, set[str]] = {"inet": set(), "inet6": set()}     # addresses of the route's family
+    longest = {"inet": 0, "inet6": 0}
+    gateways: set[str] = set()
+    for r in items:
+        family = r.family
+        found = own[family]
+        found.add(r.dst)
+        if r.prefsrc is not None:
+            found.add(r.prefsrc)
+        if r.src is not None:
+            found.add(r.src)
+        length = r.dst_len if r.dst_len > r.src_len else r.src_len
+        if length > longest[family]:
+            longest[family] = length
+        if r.gateway is not None:
+            gateways.add(r.gateway)
+        for h in r.multipath:
+            if h.gateway is not None:
+                gateways.add(h.gateway)
+    version = _Checked().version
+    try:
+        for family, found in own.items():
+            if longest[family] > _FULL[family]:
+                return False
+            if not _all_of_family(family, found):
+                want = _VERSION[family]
+                for text in found:
+                    if version(text) != want:
+                        return False
+        for text in gateways:
+            version(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _all_of_family(family: str, texts: set[str]) -> bool:
+    """Whether each of TEXTS is an address of FAMILY as inet_ntop writes it (then _ip_version says
+    so too); False when unsure: a text written otherwise is left to _ip_version."""
+    number = socket.AF_INET if family == "inet" else socket.AF_INET6
+    texts = list(texts)
+    try:
+        return list(map(functools.partial(socket.inet_ntop, number),
+                        map(functools.partial(socket.inet_pton, number), texts))) == texts
+    except (OSError, ValueError):
+        return False
+
+
+_DIR_TEXT = {**{name: name for name in _DIR}, **_x.DIR_NAMES}
+_PTYPE_TEXT = {**{name: name for name in _PTYPE}, **_x.PTYPE_NAMES, "main": None, _x.PTYPE_MAIN: None}
+
+
+def policy_texts(items: list[Policy], fail) -> list[str]:
+    """What describe() says of each policy policy_records would build of ITEMS (its errors too)."""
+    check_policies(items, fail)
+    selector_text, policy_text = _x.selector_text, _x.policy_text
+    direction, ptype = _DIR_TEXT.get, _PTYPE_TEXT.get
+    out = []
+    append = out.append
+    for p in items:
+        s, m, d, pt = p.selector, p.mark, p.dir, p.ptype
+        append(policy_text(selector_text(s.saddr, s.prefixlen_s, s.daddr, s.prefixlen_d, s.proto, s.sport,
+                                         s.sport_mask, s.dport, s.dport_mask),
+                           direction(d, d), ptype(pt, pt), None if m is None else (m.value, m.mask), p.if_id,
+                           p.priority, p.index))
+    return out
+
+
+def route_texts(items: list[Route], fail) -> list[str]:
+    """What describe() says of each route route_records would build of ITEMS (its errors too)."""
+    check_routes(items, fail)
+    route_text, hop_text = _routes.route_text, _routes.hop_text
+    return [route_text(r.family, r.table, r.dst, r.dst_len, r.type, r.gateway, r.oif, r.oif_name, r.prefsrc,
+                       r.src, r.src_len, r.tos, r.priority,
+                       [hop_text(h.gateway, h.oif, h.oif_name, h.weight) for h in r.multipath] if r.multipath
+                       else (), r.nhid)
+            for r in items]
 
 
 RECORDS = {"xfrm_policy": policy_records, "route": route_records}
 CHECKS = {"xfrm_policy": check_policies, "route": check_routes}
+TEXTS = {"xfrm_policy": policy_texts, "route": route_texts}

@@ -163,22 +163,25 @@ def _print_json(doc) -> None:
 
 
 def _settled(load):
-    """LOAD()'s snapshots, kept out of the cycle collector's sight: the records are acyclic, and a
-    collection right after loading tens of thousands of them costs 30 ms each time (a program only)."""
-    import gc
+    """LOAD(keep)'s snapshots, kept out of the cycle collector's sight: the records are acyclic, and a
+    collection right after loading tens of thousands of them costs 30 ms each time; what LOAD puts
+    in KEEP, and what it returns, is never freed (a program only: it exits next)."""
     from ..kernel.common import without_cycle_collection
+    from ..snapshot import keep_until_exit
+    keep: list = []
     with without_cycle_collection():
-        loaded = load()
-        gc.freeze()
+        loaded = load(keep)
+        keep.append(loaded)
+        keep_until_exit(keep)
     return loaded
 
 
 def cmd_show(args) -> int:
     from ..kernel_state import FAMILIES
     from ..kernel.common import without_cycle_collection
-    from ..snapshot import load_snapshot
-    snap = _settled(lambda: load_snapshot(args.file))
+    from ..snapshot import describe_snapshot, load_snapshot
     if args.json:
+        snap = _settled(lambda keep: load_snapshot(args.file))
         with without_cycle_collection():
             doc = {"created": snap.created, "host": snap.host, "kernel": snap.kernel,
                    "netns": snap.netns, "daemon": snap.daemon, "keys_included": snap.keys_included,
@@ -187,6 +190,7 @@ def cmd_show(args) -> int:
                                for n, recs in snap.objects.items()}}
         _print_json(doc)
         return ExitCode.OK
+    snap, texts = _settled(lambda keep: describe_snapshot(args.file, keep))
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(snap.created))
     ns = snap.netns.get("name") or f"inode {snap.netns.get('inode')}"
     print(f"snapshot {args.file}\n  taken {when} on {snap.host} (kernel {snap.kernel}), netns {ns}")
@@ -194,10 +198,12 @@ def cmd_show(args) -> int:
         print(f"  daemon: {json.dumps(snap.daemon)}")
     print(f"  key material: {'included' if snap.keys_included else 'redacted'}")
     for name, family in FAMILIES.items():
-        records = snap.objects.get(name, ())
-        print(f"{family.title} ({len(records)}):")
-        if records:
-            sys.stdout.write("".join([f"  {r.describe()}\n" for r in records]))
+        lines = texts.get(name, ())
+        print(f"{family.title} ({len(lines)}):")
+        if lines:       # (in three pieces: no copy of megabytes to add two spaces and a newline)
+            sys.stdout.write("  ")
+            sys.stdout.write("\n  ".join(lines))
+            sys.stdout.write("\n")
     return ExitCode.OK
 
 
@@ -205,7 +211,7 @@ def cmd_diff(args) -> int:
     from ..kernel_state import FAMILIES
     from ..kernel.common import without_cycle_collection
     from ..snapshot import diff_snapshot_files
-    result = _settled(lambda: diff_snapshot_files(args.a, args.b))
+    result = _settled(lambda keep: diff_snapshot_files(args.a, args.b, keep))
     if args.json:
         with without_cycle_collection():
             doc = {name: {"added": [r.to_json() for r in d.added],

@@ -67,6 +67,53 @@ USER_HZ = 100  # rta_cacheinfo.rta_expires is in clock ticks
 _GONE = frozenset({errno.ESRCH, errno.ENOENT, errno.ENODEV})
 
 
+def hop_text(gateway: str | None, oif: int | None, oif_name: str | None, weight: int) -> str:
+    """NextHop.describe of these values (snapshot_typed describes without building a record)."""
+    parts = ["nexthop"]
+    if gateway:
+        parts += ["via", gateway]
+    if oif_name or oif:
+        parts += ["dev", oif_name or f"if{oif}"]
+    parts += ["weight", str(weight)]
+    return " ".join(parts)
+
+
+def dst_prefix_text(family: str, dst: str, dst_len: int) -> str:
+    """A route's destination as ``ip route`` prints it: "default", an address, or a prefix."""
+    if dst_len == 0 and dst in ("0.0.0.0", "::"):
+        return "default"
+    full = 32 if family == "inet" else 128
+    return dst if dst_len == full else f"{dst}/{dst_len}"
+
+
+def route_text(family: str, table: int, dst: str, dst_len: int, type: int, gateway: str | None,
+               oif: int | None, oif_name: str | None, prefsrc: str | None, src: str | None, src_len: int,
+               tos: int, priority: int, hops: list[str], nhid: int | None) -> str:
+    """Route.describe of these values, HOPS its nexthops' hop_text."""
+    parts = ["route"]
+    if type != RTN_UNICAST:
+        parts.append(name_of(ROUTE_TYPE_NAMES, type))
+    parts.append(dst_prefix_text(family, dst, dst_len))
+    if src is not None:
+        parts += ["from", f"{src}/{src_len}"]
+    if tos:
+        parts += ["tos", f"0x{tos:02x}"]
+    if nhid is not None:
+        parts += ["nhid", str(nhid)]
+    if gateway:
+        parts += ["via", gateway]
+    if oif_name or oif:
+        parts += ["dev", oif_name or f"if{oif}"]
+    if hops:
+        parts += hops
+    if prefsrc:
+        parts += ["src", prefsrc]
+    if priority:
+        parts += ["metric", str(priority)]
+    parts += ["table", table_name(table)]
+    return " ".join(parts)
+
+
 @dataclass(frozen=True, slots=True)
 class NextHop:
     """One path of a multipath route."""
@@ -78,13 +125,7 @@ class NextHop:
     flags: int = 0
 
     def describe(self) -> str:
-        parts = ["nexthop"]
-        if self.gateway:
-            parts += ["via", self.gateway]
-        if self.oif_name or self.oif:
-            parts += ["dev", self.oif_name or f"if{self.oif}"]
-        parts += ["weight", str(self.weight)]
-        return " ".join(parts)
+        return hop_text(self.gateway, self.oif, self.oif_name, self.weight)
 
     def to_json(self) -> dict:
         return {"gateway": self.gateway, "oif": self.oif, "oif_name": self.oif_name,
@@ -144,10 +185,7 @@ class Route:
 
     @property
     def dst_prefix(self) -> str:
-        if self.dst_len == 0 and self.dst in ("0.0.0.0", "::"):
-            return "default"
-        full = 32 if self.family == "inet" else 128
-        return self.dst if self.dst_len == full else f"{self.dst}/{self.dst_len}"
+        return dst_prefix_text(self.family, self.dst, self.dst_len)
 
     def key(self) -> tuple:
         hops = tuple((h.gateway, h.oif, h.weight) for h in self.multipath)
@@ -157,27 +195,9 @@ class Route:
                 self.prefsrc, self.protocol, self.scope)
 
     def describe(self) -> str:
-        parts = ["route"]
-        if self.type != RTN_UNICAST:
-            parts.append(self.type_name)
-        parts.append(self.dst_prefix)
-        if self.src is not None:
-            parts += ["from", f"{self.src}/{self.src_len}"]
-        if self.tos:
-            parts += ["tos", f"0x{self.tos:02x}"]
-        if self.nhid is not None:
-            parts += ["nhid", str(self.nhid)]
-        if self.gateway:
-            parts += ["via", self.gateway]
-        if self.oif_name or self.oif:
-            parts += ["dev", self.oif_name or f"if{self.oif}"]
-        parts += [hop.describe() for hop in self.multipath]
-        if self.prefsrc:
-            parts += ["src", self.prefsrc]
-        if self.priority:
-            parts += ["metric", str(self.priority)]
-        parts += ["table", table_name(self.table)]
-        return " ".join(parts)
+        return route_text(self.family, self.table, self.dst, self.dst_len, self.type, self.gateway, self.oif,
+                          self.oif_name, self.prefsrc, self.src, self.src_len, self.tos, self.priority,
+                          [hop.describe() for hop in self.multipath], self.nhid)
 
     def to_json(self, include_keys: bool = False) -> dict:
         return {

@@ -215,6 +215,38 @@ def _mark_text(mark: tuple[int, int] | None) -> str:
     return "" if mark is None else f" mark={mark[0]:#x}/{mark[1]:#x}"
 
 
+def selector_text(saddr: str, prefixlen_s: int, daddr: str, prefixlen_d: int, proto: int, sport: int,
+                  sport_mask: int, dport: int, dport_mask: int) -> str:
+    """XfrmSelector.describe of these values (snapshot_typed describes without building a selector)."""
+    text = f"src={saddr}/{prefixlen_s} dst={daddr}/{prefixlen_d}"
+    if not (proto or sport_mask or dport_mask):       # (most of charon's: the line is done)
+        return text
+    if proto:
+        text += f" proto={proto}"
+    if proto in (1, 58) and (sport_mask or dport_mask):
+        return text + f" type={sport} code={dport}"   # ICMP keeps them in the ports
+    if sport_mask:
+        text += f" sport={sport}"
+    if dport_mask:
+        text += f" dport={dport}"
+    return text
+
+
+def policy_text(selector: str, dir: str | int, ptype: str | int | None, mark: tuple[int, int] | None,
+                if_id: int, priority: int, index: int) -> str:
+    """XfrmPolicy.describe of these values: DIR and PTYPE as named (PTYPE None for main)."""
+    if ptype is None and mark is None and not if_id:       # (nearly all: one format)
+        return f"SPD entry {selector} dir={dir} priority={priority} index={index}"
+    text = f"SPD entry {selector} dir={dir}"
+    if ptype is not None:
+        text += f" ptype={ptype}"
+    if mark is not None:
+        text += _mark_text(mark)
+    if if_id:
+        text += f" if_id={if_id:#x}"
+    return f"{text} priority={priority} index={index}"
+
+
 # --- records ----------------------------------------------------------------
 
 
@@ -236,16 +268,8 @@ class XfrmSelector:
     user: int = 0
 
     def describe(self) -> str:
-        text = f"src={self.saddr}/{self.prefixlen_s} dst={self.daddr}/{self.prefixlen_d}"
-        if self.proto:
-            text += f" proto={self.proto}"
-        if self.proto in (1, 58) and (self.sport_mask or self.dport_mask):
-            return text + f" type={self.sport} code={self.dport}"   # ICMP keeps them in the ports
-        if self.sport_mask:
-            text += f" sport={self.sport}"
-        if self.dport_mask:
-            text += f" dport={self.dport}"
-        return text
+        return selector_text(self.saddr, self.prefixlen_s, self.daddr, self.prefixlen_d, self.proto,
+                             self.sport, self.sport_mask, self.dport, self.dport_mask)
 
     def to_json(self) -> dict:
         return {"family": FAMILY_NAMES.get(self.family, self.family),
@@ -424,13 +448,9 @@ class XfrmPolicy:
         return (self.ptype, self.dir, self.selector, mark, self.if_id, self.sec_ctx)
 
     def describe(self) -> str:
-        text = f"SPD entry {self.selector.describe()} dir={_name(DIR_NAMES, self.dir)}"
-        if self.ptype != PTYPE_MAIN:
-            text += f" ptype={_name(PTYPE_NAMES, self.ptype)}"
-        text += _mark_text(self.mark)
-        if self.if_id:
-            text += f" if_id={self.if_id:#x}"
-        return text + f" priority={self.priority} index={self.index}"
+        return policy_text(self.selector.describe(), _name(DIR_NAMES, self.dir),
+                           None if self.ptype == PTYPE_MAIN else _name(PTYPE_NAMES, self.ptype), self.mark,
+                           self.if_id, self.priority, self.index)
 
     def to_json(self, include_keys: bool = False) -> dict:
         mark = self.mark
