@@ -73,10 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         build_parser(command_of(argv)).print_help(sys.stderr)
         return ExitCode.USAGE
-    import logging
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                            format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from . import lazylog
+    if command_of(argv) in commands.QUICK_EXIT:
+        lazylog.configure_when_used(args.verbose)   # (their paths log through lazylog.Logger)
+    else:
+        lazylog.configure(args.verbose)
     try:
         return int(args.func(args))
     except SupervisorError as exc:

@@ -206,8 +206,8 @@ class TrustedDir:
                 except FileNotFoundError:
                     continue
                 if not stat.S_ISREG(st.st_mode):
-                    import logging
-                    logging.getLogger(__name__).warning("skipping %s: not a regular file (a symlink or something else; "
+                    from .lazylog import Logger
+                    Logger(__name__).warning("skipping %s: not a regular file (a symlink or something else; "
                                 "the supervisor neither reads nor removes it)", self.join(entry.name))
                     continue
                 out.append(DirEntry(entry.name, st.st_size, st.st_mtime))

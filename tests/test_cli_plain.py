@@ -79,3 +79,18 @@ def test_a_reader_that_goes_away_gets_no_traceback(tmp_path, netns):
     proc.stdout.close()
     _, err = proc.communicate(timeout=60)
     assert b"Traceback" not in err
+
+
+def test_the_snapshot_commands_import_no_logging_unless_they_show_something(tmp_path, netns):
+    # lazylog: their paths log through lazylog.Logger, so a run that shows no log line never
+    # imports logging; -v still shows the debug lines, in the CLI's format
+    good = tmp_path / "s.json"
+    code = ("import sys; from supervisor import cli; sys.argv[0] = 'ipsec-supervisor'; rc = cli.main(); "
+            "print('LOGGING' if 'logging' in sys.modules else 'NO-LOGGING', file=sys.stderr); sys.exit(rc)")
+    for argv in (["snapshot", "--netns", netns.name, "--output", str(good)], ["snapshot", "show", str(good)],
+                 ["snapshot", "diff", str(good), str(good)]):
+        r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0 and r.stderr.strip().endswith("NO-LOGGING"), (argv, r.stderr)
+    r = subprocess.run([sys.executable, "-c", code, "-v", "snapshot", "--netns", netns.name, "--output", str(good)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "DEBUG supervisor.kernel.firewall: " in r.stderr, r.stderr

@@ -25,7 +25,8 @@ MODULE_OF = {
 # Commands whose module parses their usual argument forms by hand (``parse_plain(argv)``: the
 # namespace argparse would give, or None to leave the rest to argparse; a test compares the two).
 PLAIN_PARSERS = frozenset({"snapshot"})
-# Commands that leave no thread or file behind: the program exits without the interpreter's teardown.
+# Commands that leave no thread or file behind: the program exits without the interpreter's teardown;
+# their paths log through lazylog.Logger (logging is imported only when something is shown).
 QUICK_EXIT = frozenset({"snapshot"})
 
 # Defaults shown in --help, kept here so that --help imports no kernel or legacy module;

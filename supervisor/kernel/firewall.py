@@ -11,7 +11,6 @@ started by ``_run``, or by ``_start`` for the listings a dump runs side by side.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import subprocess
@@ -19,9 +18,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 from ..errors import FirewallError
+from ..lazylog import Logger
 from .common import DeleteResult
 
-log = logging.getLogger(__name__)
+log = Logger(__name__)     # (logging imported when something is logged: lazylog)
 
 IPTABLES_BACKENDS = ("iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy")
 NFT = "nft"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import gc
-import logging
 import socket
 import struct
 import sys
@@ -23,11 +22,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 from ..errors import KernelError
+from ..lazylog import Logger
 from .common import Action, DeleteResult, KernelEvent
 from .netlink import (DEFAULT_RCVBUF, NETLINK_XFRM, NLMSG_OVERRUN, NetlinkMessage, NetlinkSocket, NotFound,
                       iter_attrs, pack_attr)
 
-log = logging.getLogger(__name__)
+log = Logger(__name__)     # (logging imported when something is logged: lazylog)
 
 # --- <linux/xfrm.h> constants ----------------------------------------------
 
