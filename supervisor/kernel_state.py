@@ -8,10 +8,12 @@ network namespace (wrap calls in ``supervisor.kernel.netns.enter(name)``).
 from __future__ import annotations
 
 import os
-import selectors
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+if TYPE_CHECKING:
+    import selectors
 
 from .errors import KernelError
 from .kernel import addresses, firewall, routes, rules, xfrm
@@ -204,8 +206,9 @@ class KernelWatch:
             raise
 
     def register(self, selector: selectors.BaseSelector, data: Any = None) -> None:
-        selector.register(self.xfrm.fileno(), selectors.EVENT_READ, data)
-        selector.register(self.rtnl.fileno(), selectors.EVENT_READ, data)
+        from selectors import EVENT_READ      # (a watch's: reading a snapshot needs none)
+        selector.register(self.xfrm.fileno(), EVENT_READ, data)
+        selector.register(self.rtnl.fileno(), EVENT_READ, data)
 
     def unregister(self, selector: selectors.BaseSelector) -> None:
         selector.unregister(self.xfrm.fileno())

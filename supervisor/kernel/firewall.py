@@ -13,12 +13,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
+import sys
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping, Sequence
 
 from ..errors import FirewallError
 from ..lazylog import Logger
+
+if TYPE_CHECKING:
+    import subprocess
 from .common import DeleteResult
 
 log = Logger(__name__)     # (logging imported when something is logged: lazylog)
@@ -457,6 +460,7 @@ def _shown(argv: Sequence[str]) -> str:
 
 def _run(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedProcess:
     """Start one firewall program in this thread's network namespace; never raises on exit status."""
+    import subprocess      # (here: reading a snapshot needs this module, not its programs)
     env = dict(os.environ, LC_ALL="C")
     try:
         return subprocess.run(list(argv), input=stdin, capture_output=True, text=True,
@@ -472,6 +476,7 @@ def _run(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedP
 
 def _start(argv: Sequence[str]) -> subprocess.Popen:
     """Start one listing program in this thread's network namespace (``_finish`` waits for it)."""
+    import subprocess
     try:
         return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=dict(os.environ, LC_ALL="C"))
@@ -482,6 +487,7 @@ def _start(argv: Sequence[str]) -> subprocess.Popen:
 
 
 def _finish(argv: Sequence[str], proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    import subprocess
     try:
         out, err = proc.communicate(timeout=COMMAND_TIMEOUT_SECONDS)
     except subprocess.TimeoutExpired:
@@ -492,7 +498,8 @@ def _finish(argv: Sequence[str], proc: subprocess.Popen) -> subprocess.Completed
 
 
 def _abandon(proc: subprocess.Popen | subprocess.CompletedProcess) -> None:
-    if isinstance(proc, subprocess.Popen) and proc.returncode is None:
+    subprocess = sys.modules.get("subprocess")      # (no program started: not imported)
+    if subprocess is not None and isinstance(proc, subprocess.Popen) and proc.returncode is None:
         proc.kill()
         proc.communicate()
 
