@@ -306,3 +306,83 @@ def test_a_request_it_cannot_parse_goes_on_unchanged_and_pacing_stops(fake):
     finally:
         report = relay.close()
     assert "cannot parse" in report["passthrough"]
+
+
+# --- the seam in ConfigLoads ---------------------------------------------------------------
+
+class FakeRelay:
+    def __init__(self, marker: str):
+        self.commands = (("/bin/sh", "-c", f"echo {marker}"),)
+        self.closed = 0
+
+    def close_and_log(self) -> dict:
+        self.closed += 1
+        return {}
+
+
+def run_load(loads, loop, trigger="start"):
+    done = []
+    if trigger == "start":
+        loads.initial(done.append)
+    else:
+        loads.request(trigger, "test", done.append)
+    deadline = time.monotonic() + 10
+    while not done and time.monotonic() < deadline:
+        loop.run_once()
+    return done[0]
+
+
+def test_the_start_load_runs_the_relays_commands_and_closes_it_when_done(tmp_path, caplog):
+    from supervisor.config import parse_config
+    from supervisor.eventloop import Loop
+    from supervisor.loads import ConfigLoads
+    cfg = parse_config(f"daemon: {{config: swanctl}}\npaths: {{run_dir: {tmp_path}/run, state_dir: {tmp_path}/s}}")
+    loop = Loop()
+    relays: list = []
+
+    def start_relay(plan):
+        assert plan.trigger == "start" and plan.commands == (SWANCTL_LOAD_ALL,)
+        relays.append(FakeRelay("through-the-relay"))
+        return relays[-1]
+    loads = ConfigLoads(loop, config=lambda: cfg, env=lambda: dict(os.environ), daemon_name=lambda: "charon",
+                        changed=lambda: None, wall_clock=time.time, start_relay=start_relay)
+    loads.begin_run(os.getpid())
+    with caplog.at_level("INFO"):
+        outcome = run_load(loads, loop)
+    assert outcome.ok and relays[0].closed == 1
+    assert "through-the-relay" in caplog.text
+    loop.close()
+
+
+def test_a_failing_relay_set_up_loads_directly(tmp_path, caplog):
+    from supervisor.config import parse_config
+    from supervisor.eventloop import Loop
+    from supervisor.loads import ConfigLoads
+    # a custom load stands in for swanctl (the relay would have replaced it)
+    cfg = parse_config(f"daemon: {{load_commands: [[/bin/sh, -c, echo directly]]}}\n"
+                       f"paths: {{run_dir: {tmp_path}/run, state_dir: {tmp_path}/s}}")
+    loop = Loop()
+
+    def start_relay(plan):
+        raise RuntimeError("boom")
+    loads = ConfigLoads(loop, config=lambda: cfg, env=lambda: dict(os.environ), daemon_name=lambda: "charon",
+                        changed=lambda: None, wall_clock=time.time, start_relay=start_relay)
+    loads.begin_run(os.getpid())
+    with caplog.at_level("INFO"):
+        outcome = run_load(loads, loop)
+    assert outcome.ok and "directly" in caplog.text and "loading directly" in caplog.text
+    loop.close()
+
+
+def test_no_relay_when_charon_cannot_be_reached_the_load_goes_direct(tmp_path, caplog):
+    from supervisor.config import parse_config
+    from supervisor.loads import LoadPlan
+    from supervisor.vici_relay import relay_for_load
+    cfg = parse_config(f"daemon: {{config: swanctl, vici_socket: {tmp_path}/nobody.vici}}\n"
+                       f"paths: {{run_dir: {tmp_path}/run, state_dir: {tmp_path}/s}}")
+    plan = LoadPlan("start", "swanctl", None, (SWANCTL_LOAD_ALL,), "test")
+    assert relay_for_load(plan, cfg, adoption_coming=False) is None
+    with caplog.at_level("WARNING"):
+        assert relay_for_load(plan, cfg, adoption_coming=True) is None
+    assert "loading directly" in caplog.text
+    assert not os.path.exists(f"{tmp_path}/run/swanctl-load.vici")
