@@ -107,11 +107,15 @@ class LoadOutcome:
     error: str | None
     refused: tuple[str, ...]
     at: str
+    paced: dict | None = None       # what the start load's VICI relay did (vici_relay), when it ran through one
 
     def to_json(self) -> dict:
-        return {"trigger": self.plan.trigger, "source": self.plan.source, "mode": self.plan.mode,
-                "why": self.plan.why, "ok": self.ok, "error": self.error, "refused": list(self.refused),
-                "at": self.at}
+        out = {"trigger": self.plan.trigger, "source": self.plan.source, "mode": self.plan.mode,
+               "why": self.plan.why, "ok": self.ok, "error": self.error, "refused": list(self.refused),
+               "at": self.at}
+        if self.paced is not None:
+            out["paced"] = self.paced
+        return out
 
 
 @dataclass
@@ -247,9 +251,10 @@ class ConfigLoads:
         if self._running is not running:
             return
         self._running = None
-        _close_relay(running)
+        paced = _close_relay(running)
         outcome = LoadOutcome(running.plan, result.ok, None if result.ok else result.detail, result.refused,
-                              _dt.datetime.fromtimestamp(self._wall(), _dt.timezone.utc).isoformat(timespec="seconds"))
+                              _dt.datetime.fromtimestamp(self._wall(), _dt.timezone.utc).isoformat(timespec="seconds"),
+                              paced)
         self.last = outcome
         name = self._name()
         if not outcome.ok:
@@ -291,13 +296,16 @@ def restarting_answer(name: str, trigger: str, state: str) -> dict:
                                    f"configuration; nothing else to do for this {trigger}", "deferred": True}
 
 
-def _close_relay(running: _Running) -> None:
-    if running.relay is not None:
-        relay, running.relay = running.relay, None
-        try:
-            relay.close_and_log()
-        except Exception:   # noqa: BLE001
-            log.exception("closing the start load's VICI relay failed")
+def _close_relay(running: _Running) -> dict | None:
+    """Close the load's relay, if any; its report."""
+    if running.relay is None:
+        return None
+    relay, running.relay = running.relay, None
+    try:
+        return relay.close_and_log()
+    except Exception:   # noqa: BLE001
+        log.exception("closing the start load's VICI relay failed")
+        return {"error": "closing the relay failed"}
 
 
 def _reply(waiter: _Waiter, answer: dict) -> None:

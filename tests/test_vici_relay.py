@@ -317,7 +317,7 @@ class FakeRelay:
 
     def close_and_log(self) -> dict:
         self.closed += 1
-        return {}
+        return {"initiations": 0}
 
 
 def run_load(loads, loop, trigger="start"):
@@ -349,7 +349,7 @@ def test_the_start_load_runs_the_relays_commands_and_closes_it_when_done(tmp_pat
     loads.begin_run(os.getpid())
     with caplog.at_level("INFO"):
         outcome = run_load(loads, loop)
-    assert outcome.ok and relays[0].closed == 1
+    assert outcome.ok and relays[0].closed == 1 and outcome.to_json()["paced"] == {"initiations": 0}
     assert "through-the-relay" in caplog.text
     loop.close()
 

@@ -134,6 +134,8 @@ def test_after_a_crash_in_adopt_mode_the_supervisor_paces_its_start_load_then_ad
         assert "start load through the VICI relay" in log, log
         assert re.search(r"start load paced: 3 initiation\(s\) let through at most 2 at a time, 1 waited", log), log
         assert sorted(n for e in sup.list_conns() for n in e) == ["c0", "c1", "c2", "c3"]
+        paced = sup.status()["daemon"]["load"]["paced"]
+        assert (paced["initiations"], paced["held"], paced["passthrough"]) == (3, 1, None), paced
         at = initiations(sup.charon_log().split("Starting IKE charon daemon")[-1])     # the restarted one
         assert len(at) == 3 and at[1] - at[0] < 1.0 and at[2] - at[0] > 9.0, at       # the third after the window
         assert sup.wait_recovered(timeout=60)
