@@ -370,6 +370,7 @@ class PacingRelay:
                 self._degrade(str(exc))
                 packets = []
             if self.passthrough:
+                self._waited(pair)
                 pair.upstream.sendall(pair.inbuf)
                 pair.inbuf = b""
                 return
@@ -383,15 +384,18 @@ class PacingRelay:
                     pair.held_since = now
                     self.stats["held"] += 1
                 return
-            if pair.held_since is not None:
-                self.stats["longest_wait_s"] = max(self.stats["longest_wait_s"], now - pair.held_since)
-                pair.held_since = None
+            self._waited(pair)
             if conns:
                 self.pacer.passed(conns, now)
                 self.stats["initiations"] += len(conns)
                 self.released += [(now, c) for c in conns]
             pair.upstream.sendall(packet)
             pair.inbuf = pair.inbuf[len(packet):]
+
+    def _waited(self, pair: _Pair) -> None:
+        if pair.held_since is not None:
+            self.stats["longest_wait_s"] = max(self.stats["longest_wait_s"], self._clock() - pair.held_since)
+            pair.held_since = None
 
     def _initiations(self, packet: bytes) -> tuple[str, ...]:
         if self.passthrough:
