@@ -238,16 +238,16 @@ class PacingRelay:
         with open_trusted_dir(self.run_dir, what="paths.run_dir", tighten=True) as run:
             run.unlink(self._name)      # a stale one of ours: the run-dir lock proves no other supervisor uses it
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-            old = os.umask(0o177)
             try:
                 # through the checked directory's fd: a path swapped meanwhile cannot move it
                 where = f"/proc/self/fd/{run.fd}/{self._name}"
                 sock.bind(where if len(where) < 100 and os.path.isdir(f"/proc/self/fd/{run.fd}") else self.path)
+                # chmod, not umask (process-wide: other threads create files meanwhile); the 0700
+                # run directory keeps everyone else out before it anyway
+                os.chmod(self._name, 0o600, dir_fd=run.fd)
             except BaseException:
                 sock.close()
                 raise
-            finally:
-                os.umask(old)
         sock.listen(8)
         self._listen = sock
         self._sel.register(sock, selectors.EVENT_READ, self._accept)
