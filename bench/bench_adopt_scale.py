@@ -119,6 +119,8 @@ def summarize(out) -> dict:
         "cpu_total_s": None if out.cpu_at_end is None else round(out.cpu_at_end, 2),
         "adoption": {k: adoption.get(k) for k in ("leftovers", "resolved", "pending", "steps", "results")}
         if adoption else None,
+        # the start load's pacing of charon's own start_action initiations (supervisor/vici_relay.py)
+        "paced": (((out.status or {}).get("daemon") or {}).get("load") or {}).get("paced"),
     }
 
 
@@ -174,7 +176,8 @@ def print_table(results: dict, tunnels: int) -> None:
     for target, r in results.items():
         if "error" not in r:
             print(f"{target}: lab set up in {r['setup_s']:.0f} s, tunnels up in {r['tunnels_up_s']:.0f} s more"
-                  + (f"; adoption {r['adoption']}" if r.get("adoption") else ""))
+                  + (f"; adoption {r['adoption']}" if r.get("adoption") else "")
+                  + (f"; start load paced {r['paced']}" if r.get("paced") else ""))
 
 
 def serial_order(targets: list[str]) -> list[str]:

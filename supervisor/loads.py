@@ -14,7 +14,7 @@ import glob
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from .config import SWANCTL_LOAD_ALL, Config
 from .errors import ExitCode
@@ -107,11 +107,15 @@ class LoadOutcome:
     error: str | None
     refused: tuple[str, ...]
     at: str
+    paced: dict | None = None       # what the start load's VICI relay did (vici_relay), when it ran through one
 
     def to_json(self) -> dict:
-        return {"trigger": self.plan.trigger, "source": self.plan.source, "mode": self.plan.mode,
-                "why": self.plan.why, "ok": self.ok, "error": self.error, "refused": list(self.refused),
-                "at": self.at}
+        out = {"trigger": self.plan.trigger, "source": self.plan.source, "mode": self.plan.mode,
+               "why": self.plan.why, "ok": self.ok, "error": self.error, "refused": list(self.refused),
+               "at": self.at}
+        if self.paced is not None:
+            out["paced"] = self.paced
+        return out
 
 
 @dataclass
@@ -127,6 +131,7 @@ class _Running:
     seq: CommandSequence
     waiters: list[_Waiter] = field(default_factory=list)
     on_done: Callable[[LoadOutcome], None] | None = None
+    relay: Any = None           # a vici_relay.PacingRelay the commands talk through
 
 
 class ConfigLoads:
@@ -134,8 +139,10 @@ class ConfigLoads:
 
     def __init__(self, loop: Loop, *, config: Callable[[], Config], env: Callable[[], dict[str, str]],
                  daemon_name: Callable[[], str], changed: Callable[[], None],
-                 wall_clock: Callable[[], float]):
+                 wall_clock: Callable[[], float], start_relay: Callable[[LoadPlan], Any] | None = None):
         self._loop = loop
+        # START_RELAY(plan): a started vici_relay.PacingRelay for a start load, or None (load directly)
+        self._start_relay = start_relay
         self._config = config
         self._env = env
         self._name = daemon_name
@@ -174,6 +181,7 @@ class ConfigLoads:
         self._queued = []
         if self._running is not None:
             self._running.seq.cancel()
+            _close_relay(self._running)
             waiters = self._running.waiters + waiters
             self._running = None
         for w in waiters:
@@ -222,19 +230,31 @@ class ConfigLoads:
     def _run(self, plan: LoadPlan, waiters: list[_Waiter], on_done: Callable[[LoadOutcome], None] | None) -> None:
         cfg = self._config()
         log.info("loading %s's configuration: %s", self._name(), plan.describe())
-        running = _Running(plan, None, waiters, on_done)  # type: ignore[arg-type]
-        running.seq = CommandSequence(self._loop, "load" if plan.trigger == START else "reload", plan.commands,
+        running = _Running(plan, None, waiters, on_done, self._relay_for(plan))  # type: ignore[arg-type]
+        commands = plan.commands if running.relay is None else running.relay.commands
+        running.seq = CommandSequence(self._loop, "load" if plan.trigger == START else "reload", commands,
                                       self._env(), cfg.daemon.load_timeout,
                                       lambda result: self._finished(running, result),
                                       partial_exit=int(ExitCode.PARTIAL) if plan.source == IPSEC_CONF else None)
         self._running = running
 
+    def _relay_for(self, plan: LoadPlan) -> Any:
+        if plan.trigger != START or self._start_relay is None:
+            return None
+        try:
+            return self._start_relay(plan)
+        except Exception:   # noqa: BLE001 - pacing is an optimisation: the load itself must run
+            log.exception("cannot set up the paced start load; loading directly")
+            return None
+
     def _finished(self, running: _Running, result: SequenceResult) -> None:
         if self._running is not running:
             return
         self._running = None
+        paced = _close_relay(running)
         outcome = LoadOutcome(running.plan, result.ok, None if result.ok else result.detail, result.refused,
-                              _dt.datetime.fromtimestamp(self._wall(), _dt.timezone.utc).isoformat(timespec="seconds"))
+                              _dt.datetime.fromtimestamp(self._wall(), _dt.timezone.utc).isoformat(timespec="seconds"),
+                              paced)
         self.last = outcome
         name = self._name()
         if not outcome.ok:
@@ -274,6 +294,18 @@ def restarting_answer(name: str, trigger: str, state: str) -> dict:
     """A reload/update while charon restarts: the new charon's own load reads the files anyway (pure)."""
     return {"ok": True, "message": f"{name} is restarting (state {state}): the new {name} loads the current "
                                    f"configuration; nothing else to do for this {trigger}", "deferred": True}
+
+
+def _close_relay(running: _Running) -> dict | None:
+    """Close the load's relay, if any; its report."""
+    if running.relay is None:
+        return None
+    relay, running.relay = running.relay, None
+    try:
+        return relay.close_and_log()
+    except Exception:   # noqa: BLE001
+        log.exception("closing the start load's VICI relay failed")
+        return {"error": "closing the relay failed"}
 
 
 def _reply(waiter: _Waiter, answer: dict) -> None:

@@ -515,6 +515,18 @@ class KernelRecovery:
                                 adoption_deadline=None)
         self._store.save_later()
 
+    def adoption_coming(self) -> bool:
+        """Loop thread, as the start load begins: leftovers wait for this charon's adoption (which
+        begins once the load is done), so the load is paced (vici_relay)."""
+        # read in the order _finish writes (pending cleared first, carry set last): a crash being
+        # finished right now has no choice to read here, and counts as adopting when adopt is set
+        carry, choice, pending, finishing = self._carry, self._carry_choice, self._pending, self._finishing
+        if pending is not None:
+            return pending.choice.action == ADOPT
+        if choice is not None:
+            return choice.action == ADOPT and bool(carry)
+        return finishing and self.config.recovery.mode == ADOPT
+
     def on_daemon_ready(self, context) -> None:
         """LOADING: check that strongSwan can adopt, start the block timeout, start adopting."""
         self.config = context.config

@@ -110,8 +110,10 @@ class Recovery(Protocol):
 #   on_daemon_reattached(pid, start_time)  recovery worker, instead of before_start when the supervisor
 #                                  takes over the daemon an earlier one started (supervisor/reattach.py)
 #   restore_files()                loop thread: the run directory was wiped; write what recovery keeps there
+#   adoption_coming()              loop thread, as a start load begins: leftovers wait for the new daemon's
+#                                  adoption (its start load is then paced: supervisor/vici_relay.py)
 OPTIONAL_RECOVERY_HOOKS = ("attach", "detach", "on_daemon_spawned", "on_daemon_reattached", "on_config",
-                           "crash_report_section", "restore_files", "status")
+                           "crash_report_section", "restore_files", "status", "adoption_coming")
 
 
 class NoRecovery:
@@ -407,7 +409,7 @@ class Supervisor:
             self._dirwatch = DirWatch(loop, self._dir_changed)
             self._loads = ConfigLoads(loop, config=lambda: self.config, env=self._daemon_env,
                                       daemon_name=lambda: self._daemon_name, changed=self._publish_status,
-                                      wall_clock=self._wall)
+                                      wall_clock=self._wall, start_relay=self._start_relay)
             self._recovery_hook("attach", loop)
             self._observe("attach", loop, self)
             control = self._control_server = ControlServer(loop, run_dir, self._control)
@@ -1373,6 +1375,12 @@ class Supervisor:
             return status()
         except Exception as exc:  # noqa: BLE001 - status must answer whatever recovery does
             return {"error": f"{type(exc).__name__}: {exc}"}
+
+    def _start_relay(self, plan):
+        """The start load of an adoption goes through a relay pacing charon's own initiations (or None)."""
+        from . import vici_relay
+        coming = getattr(self.recovery, "adoption_coming", None)
+        return vici_relay.relay_for_load(plan, self.config, adoption_coming=bool(coming is not None and coming()))
 
     def _recovery_hook(self, name: str, *args) -> None:
         """Call an optional Recovery hook (see OPTIONAL_RECOVERY_HOOKS); errors are logged, never raised."""

@@ -12,16 +12,55 @@ import struct
 import time
 from typing import Mapping
 
-from vici.protocol import Message, Packet
+from vici.protocol import FiniteStream, Message, Packet
 
 from . import adopt
 from .errors import SupervisorError
 
 VICI_TIMEOUT = 5.0
+MAX_PACKET = 16 << 20       # larger than any answer charon sends; a length beyond it is garbage
 
 
 class ViciError(SupervisorError):
     """charon's VICI socket did not answer as expected."""
+
+
+# --- framing (pure): 4-byte big-endian length, then the packet ------------------------------
+
+def frame(packet: bytes) -> bytes:
+    """PACKET with its length prefix, as it goes on the socket."""
+    return struct.pack("!I", len(packet)) + packet
+
+
+def split_frames(data: bytes) -> tuple[list[bytes], bytes]:
+    """The complete framed packets at the start of DATA (each with its prefix) and the rest."""
+    out, at = [], 0
+    while len(data) - at >= 4:
+        (length,) = struct.unpack_from("!I", data, at)
+        if length > MAX_PACKET:
+            raise ViciError(f"a {length}-byte VICI packet (more than {MAX_PACKET}): not a VICI stream")
+        if len(data) - at - 4 < length:
+            break
+        out.append(data[at:at + 4 + length])
+        at += 4 + length
+    return out, data[at:]
+
+
+def packet_name(packet: bytes) -> tuple[int, str | None, bytes]:
+    """(type, name, message) of one packet without its prefix; the name is None for unnamed types."""
+    if not packet:
+        raise ViciError("an empty VICI packet")
+    kind = packet[0]
+    if kind in (Packet.CMD_REQUEST, Packet.EVENT_REGISTER, Packet.EVENT_UNREGISTER, Packet.EVENT):
+        if len(packet) < 2 or len(packet) < 2 + packet[1]:
+            raise ViciError(f"a truncated VICI packet of type {kind}")
+        return kind, packet[2:2 + packet[1]].decode("utf-8", "replace"), packet[2 + packet[1]:]
+    return kind, None, packet[1:]
+
+
+def decode_message(payload: bytes) -> dict:
+    """A packet's message as the vici package decodes it (keys text, values bytes)."""
+    return Message.deserialize(FiniteStream(payload))
 
 
 def vici_command(path: str, command: str, message: Mapping | None = None, *, stream: str | None = None,
@@ -51,12 +90,12 @@ def vici_command(path: str, command: str, message: Mapping | None = None, *, str
 
     def recv(sock: socket.socket):
         (length,) = struct.unpack("!I", recv_exact(sock, 4))
-        if length > 16 << 20:
+        if length > MAX_PACKET:
             raise ViciError(f"{path} sent a {length}-byte packet during {command}")
         return Packet.parse(recv_exact(sock, length))
 
     def send(sock: socket.socket, packet: bytes) -> None:
-        sock.sendall(struct.pack("!I", len(packet)) + packet)
+        sock.sendall(frame(packet))
 
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

@@ -296,7 +296,8 @@ class SupervisedCharon(_Namespaced, _CharonFiles):
 
     def __init__(self, netns: str, workdir: str, *, swanctl_conf: str, mode: str = "adopt",
                  supervisor: dict | None = None, strongswan: str | None = None, snippet: bool | None = None,
-                 ike_port: int = 500, nat_port: int = 4500, python: str = sys.executable):
+                 ike_port: int = 500, nat_port: int = 4500, python: str = sys.executable,
+                 default_load: bool = False):
         _CharonFiles.__init__(self, workdir, swanctl_conf, strongswan, mode == "adopt" if snippet is None
                               else snippet, ike_port, nat_port)
         self.netns = netns
@@ -309,6 +310,12 @@ class SupervisedCharon(_Namespaced, _CharonFiles):
             "paths": {"run_dir": self.p("run"), "state_dir": self.p("state")},
             "recovery": {"mode": mode},
         }
+        # DEFAULT_LOAD: the supervisor's own `swanctl --load-all --noprompt` (daemon.config swanctl), reading
+        # WORKDIR/swanctl bound over /etc/swanctl in the supervisor's mount namespace
+        self.default_load = default_load
+        if default_load:
+            del cfg["daemon"]["load_commands"]
+            cfg["daemon"]["config"] = "swanctl"
         self.config = _deep_merge(cfg, supervisor or {})
         self.config_path = self.p("supervisor.yaml")
         with open(self.config_path, "w") as fh:
@@ -326,7 +333,9 @@ class SupervisedCharon(_Namespaced, _CharonFiles):
             argv = ["nsenter", "-t", str(beside), "-n", "-m"] + run
         else:
             argv = ["ip", "netns", "exec", self.netns, "unshare", "-m", "--propagation", "private", "sh", "-c",
-                    "mount -t tmpfs tmpfs /run && exec " + " ".join(run)]
+                    "mount -t tmpfs tmpfs /run && "
+                    + (f"mount --bind {self.p('swanctl')} /etc/swanctl && " if self.default_load else "")
+                    + "exec " + " ".join(run)]
         self.proc = subprocess.Popen(argv, cwd=ROOT, env=_clean_env(), stdout=self._log, stderr=self._log,
                                      preexec_fn=_no_cores)
         return self
@@ -415,14 +424,14 @@ def start_supervised_charon(netns: str, workdir: str, *, swanctl_conf: str, mode
                             supervisor: dict | None = None, strongswan: str | None = None,
                             snippet: bool | None = None, ike_port: int = 500, nat_port: int = 4500,
                             python: str = sys.executable, wait: bool = True,
-                            timeout: float = 60.0) -> SupervisedCharon:
+                            timeout: float = 60.0, default_load: bool = False) -> SupervisedCharon:
     """`ipsec-supervisor run` for charon in NETNS (recovery.mode MODE; SUPERVISOR: more config, merged).
 
     Returns once charon runs with its configuration loaded (wait=False: right after the start).
     """
     sup = SupervisedCharon(netns, workdir, swanctl_conf=swanctl_conf, mode=mode, supervisor=supervisor,
                            strongswan=strongswan, snippet=snippet, ike_port=ike_port, nat_port=nat_port,
-                           python=python).start()
+                           python=python, default_load=default_load).start()
     if wait:
         try:
             sup.wait_running(timeout=timeout)

@@ -118,3 +118,13 @@ def test_traffic_crosses_every_sampled_tunnel_again(crash):
 def test_foreign_state_in_moon_is_untouched(crash):
     out = _ok(crash)
     assert out.foreign == [], f"another tool's state in moon changed: {out.foreign}"
+
+
+def test_the_start_load_paced_charons_own_initiations(crash):
+    # moon initiates the odd tunnels itself (start_action = start): after the crash its start load
+    # went through the supervisor's VICI relay, two at a time (supervisor/vici_relay.py)
+    out = _ok(crash)
+    paced = ((out.status or {}).get("daemon") or {}).get("load", {}).get("paced")
+    initiators = sum(1 for t in out.lab.tunnels if t.role == "initiator")
+    assert paced and paced["initiations"] == initiators and paced["passthrough"] is None, \
+        f"start load not paced as expected: {paced}\n" + describe_failure(out)

@@ -1,0 +1,494 @@
+"""A VICI relay that paces the initiations charon starts itself while an adoption waits for it.
+
+After a crash in adopt mode the start load (``swanctl --load-all``) would have charon queue the
+initiation of every ``start_action = start`` child at once: hundreds of IKE_SAs side by side, with
+updown scripts run under charon's bus lock, so the peer installs its new SAs (and drops the old
+ones on INITIAL_CONTACT) long before this side does, and those tunnels drop packets meanwhile.
+The relay changes nothing in what charon loads, only when: swanctl talks to a socket of ours, every
+packet goes on to charon's socket unchanged, and a ``load-conn`` whose conn starts a child waits
+while ``recovery.adopt_initiate_parallel`` conns let through earlier have no CHILD_SA up yet (a
+place frees when charon reports one up, the IKE_SA down, or after ``adopt.INITIATE_WINDOW``).
+The configuration is not rewritten (start_action stays): a child_cfg that differs would be
+replaced by the next direct load and initiated a second time.
+
+Whatever goes wrong here (charon's events unavailable, a packet we cannot parse, a bug) turns the
+relay into a plain pass-through; the pacing also ends early enough for the load to finish within
+``daemon.load_timeout``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from .config import SWANCTL_LOAD_ALL
+
+log = logging.getLogger("supervisor")
+
+SOCKET_NAME = "swanctl-load.vici"
+WRITE_TIMEOUT = 60.0        # a peer that takes this long to read is hung; the load's time limit ends it anyway
+CONNECT_TIMEOUT = 2.0
+# Pacing ends this share of daemon.load_timeout after the load began: the rest is let through at
+# once, so swanctl still finishes within its time limit (and no conn is left unloaded).
+BUDGET_SHARE = 0.8
+EVENTS = ("child-updown", "ike-updown")
+
+
+# --- deciding (pure) -----------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class PaceDecision:
+    """Whether a load goes through the relay, and why (or why not)."""
+
+    pace: bool
+    why: str
+
+
+def decide_pacing(trigger: str, commands: Sequence[Sequence[str]], *, adoption_coming: bool,
+                  vici_socket: str | None, parallel: int) -> PaceDecision:
+    """Pure: pace the load only for a start whose leftovers charon's adoption will claim, and only
+    for the default swanctl command (a custom load_commands may talk to charon in ways we cannot see)."""
+    if trigger != "start":
+        return PaceDecision(False, f"a {trigger} load (only the load after a start is paced)")
+    if tuple(map(tuple, commands)) != (SWANCTL_LOAD_ALL,):
+        return PaceDecision(False, "not the default swanctl --load-all (daemon.load_commands or ipsec.conf)")
+    if not adoption_coming:
+        return PaceDecision(False, "no leftovers wait for adoption")
+    if not vici_socket:
+        return PaceDecision(False, "no daemon.vici_socket to relay to")
+    return PaceDecision(True, f"an adoption waits for this charon: its start_action=start conns are let "
+                              f"through {parallel} being established at a time (recovery.adopt_initiate_parallel)")
+
+
+def paced_commands(uri_path: str) -> tuple[tuple[str, ...], ...]:
+    """The default load, talking to the relay's socket instead of charon's."""
+    return (SWANCTL_LOAD_ALL + ("--uri", f"unix://{uri_path}"),)
+
+
+def pacing_budget(load_timeout: float) -> float:
+    """Seconds after the load began during which the relay may hold requests."""
+    return BUDGET_SHARE * load_timeout
+
+
+def _value(v: Any) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v)
+
+
+def start_initiations(message: Mapping) -> tuple[str, ...]:
+    """Pure: the conns of a ``load-conn`` message that charon initiates as it loads them (a child's
+    start_action is ``start`` or includes it, as ``trap|start`` of strongSwan 6)."""
+    out = []
+    for conn, body in message.items():
+        if not isinstance(body, Mapping):
+            continue
+        children = body.get("children")
+        if not isinstance(children, Mapping):
+            continue
+        for child in children.values():
+            if isinstance(child, Mapping) and "start" in _value(child.get("start_action", "")).split("|"):
+                out.append(_value(conn))
+                break
+    return tuple(out)
+
+
+def updown_conns(event: str, message: Mapping) -> tuple[str, ...]:
+    """Pure: the conns whose place a ``child-updown`` (a CHILD_SA up) or ``ike-updown`` (an IKE_SA
+    down) event frees; every other event frees none."""
+    up = _value(message.get("up", "")) == "yes"
+    if (event == "child-updown" and up) or (event == "ike-updown" and not up):
+        return tuple(_value(k) for k, v in message.items() if isinstance(v, Mapping))
+    return ()
+
+
+class Pacer:
+    """Which held request may go now: pure state, the clock is passed in."""
+
+    def __init__(self, parallel: int, window: float, until: float):
+        self.parallel = max(1, parallel)
+        self.window = window
+        self.until = until
+        self.in_flight: dict[str, float] = {}       # conn -> when it was let through
+        self.freed = {"up": 0, "down": 0, "window": 0}
+
+    def _expire(self, now: float) -> None:
+        for conn, at in list(self.in_flight.items()):
+            if now - at >= self.window:
+                del self.in_flight[conn]
+                self.freed["window"] += 1
+
+    def may_pass(self, now: float) -> bool:
+        """True when a request with an initiation may go on to charon now."""
+        self._expire(now)
+        return now >= self.until or len(self.in_flight) < self.parallel
+
+    def passed(self, conns: Sequence[str], now: float) -> None:
+        for conn in conns:
+            self.in_flight[conn] = now
+
+    def settled(self, conns: Sequence[str], how: str) -> None:
+        """CONNS got a CHILD_SA up ("up") or lost their IKE_SA ("down"): their places are free."""
+        for conn in conns:
+            if self.in_flight.pop(conn, None) is not None:
+                self.freed[how] += 1
+
+    def next_change(self, now: float) -> float:
+        """When a place frees by the clock alone (or pacing ends)."""
+        return min([self.until] + [at + self.window for at in self.in_flight.values()])
+
+
+# --- the relay (its own thread) ------------------------------------------------------------
+
+class _Pair:
+    """One client connection (swanctl) and its connection to charon."""
+
+    def __init__(self, client: socket.socket, upstream: socket.socket):
+        self.client = client
+        self.upstream = upstream
+        self.inbuf = b""
+        self.held_since: float | None = None     # a framed load-conn waits at the head of inbuf
+
+
+class PacingRelay:
+    """Listens on RUN_DIR/swanctl-load.vici and relays to charon's VICI socket; ``start()`` then ``close()``."""
+
+    def __init__(self, run_dir: str, charon_socket: str, *, parallel: int, window: float, budget: float,
+                 clock: Callable[[], float] = time.monotonic, name: str = SOCKET_NAME):
+        self.run_dir = run_dir
+        self.path = os.path.join(run_dir, name)
+        self._name = name
+        self.charon_socket = charon_socket
+        self._clock = clock
+        self.pacer = Pacer(parallel, window, clock() + budget)
+        self.passthrough: str | None = None      # why the relay stopped pacing
+        self._sel = selectors.DefaultSelector()
+        self._listen: socket.socket | None = None
+        self._events: socket.socket | None = None
+        self._event_buf = b""
+        self._pairs: list[_Pair] = []
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.stats = {"requests": 0, "initiations": 0, "held": 0, "longest_wait_s": 0.0}
+        self.released: list[tuple[float, str]] = []     # (when, conn) each initiation went on to charon
+
+    # -- life ----------------------------------------------------------------------------
+    def start(self) -> str:
+        """Subscribe to charon's events, listen, start the thread; returns the socket path.
+        Raises OSError or ViciError when any of it fails (the caller then loads without us)."""
+        try:
+            self._subscribe()
+            self._bind()
+        except BaseException:
+            self._close_sockets()
+            raise
+        self._sel.register(self._wake_r, selectors.EVENT_READ, self._woken)
+        self._thread = threading.Thread(target=self._serve, name="vici-relay", daemon=True)
+        self._thread.start()
+        return self.path
+
+    def close(self) -> dict:
+        """Stop relaying (the load finished, or charon is gone) and remove the socket; the report."""
+        self._stop = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        if self._thread is not None:
+            self._thread.join(5.0)
+        self._close_sockets()
+        return self.report()
+
+    def report(self) -> dict:
+        return {**self.stats, "freed": dict(self.pacer.freed), "passthrough": self.passthrough,
+                "longest_wait_s": round(self.stats["longest_wait_s"], 3)}
+
+    def _subscribe(self) -> None:
+        from vici.protocol import Packet
+
+        from .vici_client import ViciError, frame, packet_name, split_frames
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._events = sock
+        sock.settimeout(CONNECT_TIMEOUT)
+        sock.connect(self.charon_socket)
+        for event in EVENTS:
+            sock.sendall(frame(Packet.register_event(event)))
+            buf = b""
+            while True:
+                packets, buf = split_frames(buf)
+                if packets:
+                    break
+                chunk = sock.recv(4096)
+                if not chunk:
+                    raise ViciError(f"{self.charon_socket} closed the connection while registering for {event}")
+                buf += chunk
+            kind, _, _ = packet_name(packets[0][4:])
+            if kind != Packet.EVENT_CONFIRM:
+                raise ViciError(f"charon refused to send {event} events on {self.charon_socket} (packet type {kind})")
+        sock.setblocking(False)
+        self._sel.register(sock, selectors.EVENT_READ, self._read_events)
+
+    def _bind(self) -> None:
+        from .trusted_paths import open_trusted_dir
+        with open_trusted_dir(self.run_dir, what="paths.run_dir", tighten=True) as run:
+            run.unlink(self._name)      # a stale one of ours: the run-dir lock proves no other supervisor uses it
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            try:
+                # through the checked directory's fd: a path swapped meanwhile cannot move it
+                where = f"/proc/self/fd/{run.fd}/{self._name}"
+                sock.bind(where if len(where) < 100 and os.path.isdir(f"/proc/self/fd/{run.fd}") else self.path)
+                # chmod, not umask (process-wide: other threads create files meanwhile); the 0700
+                # run directory keeps everyone else out before it anyway
+                os.chmod(self._name, 0o600, dir_fd=run.fd)
+            except BaseException:
+                sock.close()
+                raise
+        sock.listen(8)
+        self._listen = sock
+        self._sel.register(sock, selectors.EVENT_READ, self._accept)
+
+    def _close_sockets(self) -> None:
+        for pair in self._pairs:
+            pair.client.close()
+            pair.upstream.close()
+        self._pairs = []
+        for sock in (self._listen, self._events, self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()
+        if self._listen is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        self._listen = self._events = None
+        self._sel.close()
+
+    # -- the thread ----------------------------------------------------------------------
+    def _serve(self) -> None:
+        failures = 0
+        while not self._stop:
+            try:
+                self._step()
+                failures = 0
+            except Exception:   # noqa: BLE001 - a bug here must not block the load
+                failures += 1
+                log.exception("the VICI relay of the start load failed (%d in a row)", failures)
+                self._degrade("the relay failed (see the traceback)")
+                if failures >= 3:
+                    # not even plain forwarding works: swanctl sees charon close (the load fails, is
+                    # logged, and charon keeps what it got; 'ipsec reload' loads it again)
+                    for pair in list(self._pairs):
+                        self._drop(pair)
+                    return
+
+    def _step(self) -> None:
+        now = self._clock()
+        timeout = None if self.passthrough else max(0.0, self.pacer.next_change(now) - now) + 0.001
+        for key, _ in self._sel.select(timeout):
+            if self._stop:
+                return
+            try:
+                key.data(key.fileobj)
+            except OSError as exc:
+                self._drop_for(key.fileobj, exc)
+        self._release()
+
+    def _woken(self, sock) -> None:
+        sock.recv(64)
+
+    def _accept(self, sock) -> None:
+        try:
+            client, _ = sock.accept()
+        except BlockingIOError:
+            return
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            upstream.settimeout(CONNECT_TIMEOUT)
+            upstream.connect(self.charon_socket)
+        except OSError as exc:
+            # swanctl sees what it would have seen connecting to charon itself: a closed connection
+            log.warning("VICI relay: cannot connect to %s: %s; closing swanctl's connection",
+                        self.charon_socket, exc.strerror or exc)
+            upstream.close()
+            client.close()
+            return
+        for s in (client, upstream):
+            s.settimeout(WRITE_TIMEOUT)    # reads happen only when select says readable
+        pair = _Pair(client, upstream)
+        self._pairs.append(pair)
+        self._sel.register(client, selectors.EVENT_READ, lambda s, p=pair: self._from_client(p))
+        self._sel.register(upstream, selectors.EVENT_READ, lambda s, p=pair: self._from_charon(p))
+
+    def _drop(self, pair: _Pair) -> None:
+        if pair in self._pairs:
+            self._pairs.remove(pair)
+        for s in (pair.client, pair.upstream):
+            try:
+                self._sel.unregister(s)
+            except (KeyError, ValueError):
+                pass
+            s.close()
+
+    def _drop_for(self, sock, exc: Exception) -> None:
+        if sock is self._events:
+            self._degrade(f"charon's event session failed: {exc}")
+            return
+        for pair in list(self._pairs):
+            if sock in (pair.client, pair.upstream):
+                log.warning("VICI relay: a connection failed (%s); closing it", exc)
+                self._drop(pair)
+
+    def _from_charon(self, pair: _Pair) -> None:
+        data = pair.upstream.recv(65536)
+        if not data:
+            self._drop(pair)       # charon closed: swanctl sees it close too
+            return
+        pair.client.sendall(data)   # unchanged, as it came
+
+    def _from_client(self, pair: _Pair) -> None:
+        data = pair.client.recv(65536)
+        if not data:
+            # swanctl is gone (done, or killed at the load's time limit): what it still had held goes
+            # nowhere, as a direct load killed there would have stopped there too
+            self._drop(pair)
+            return
+        pair.inbuf += data
+        self._forward(pair)
+
+    def _forward(self, pair: _Pair) -> None:
+        """Send the complete packets at the head of PAIR's buffer on to charon, until one must wait."""
+        from .vici_client import ViciError, split_frames
+        while pair.inbuf:
+            try:
+                packets, _ = split_frames(pair.inbuf)
+            except ViciError as exc:
+                self._degrade(str(exc))
+                packets = []
+            if self.passthrough:
+                self._waited(pair)
+                pair.upstream.sendall(pair.inbuf)
+                pair.inbuf = b""
+                return
+            if not packets:
+                return
+            packet = packets[0]
+            conns = self._initiations(packet)
+            now = self._clock()
+            if conns and not self.passthrough and not self.pacer.may_pass(now):
+                if pair.held_since is None:
+                    pair.held_since = now
+                    self.stats["held"] += 1
+                return
+            self._waited(pair)
+            if conns:
+                self.pacer.passed(conns, now)
+                self.stats["initiations"] += len(conns)
+                self.released += [(now, c) for c in conns]
+            pair.upstream.sendall(packet)
+            pair.inbuf = pair.inbuf[len(packet):]
+
+    def _waited(self, pair: _Pair) -> None:
+        if pair.held_since is not None:
+            self.stats["longest_wait_s"] = max(self.stats["longest_wait_s"], self._clock() - pair.held_since)
+            pair.held_since = None
+
+    def _initiations(self, packet: bytes) -> tuple[str, ...]:
+        if self.passthrough:
+            return ()
+        from vici.protocol import Packet
+
+        from .vici_client import decode_message, packet_name
+        try:
+            kind, name, payload = packet_name(packet[4:])
+            if kind != Packet.CMD_REQUEST:
+                return ()
+            self.stats["requests"] += 1
+            if name != "load-conn":
+                return ()
+            return start_initiations(decode_message(payload))
+        except Exception as exc:    # noqa: BLE001 - the vici package raises what it likes on garbage
+            self._degrade(f"cannot parse a request swanctl sent: {exc}")
+            return ()
+
+    def _read_events(self, sock) -> None:
+        from vici.protocol import Packet
+
+        from .vici_client import decode_message, packet_name, split_frames
+        data = sock.recv(65536)
+        if not data:
+            self._degrade("charon closed the event session")
+            return
+        try:
+            packets, self._event_buf = split_frames(self._event_buf + data)
+            for packet in packets:
+                kind, name, payload = packet_name(packet[4:])
+                if kind == Packet.EVENT and name in EVENTS:
+                    conns = updown_conns(name, decode_message(payload))
+                    self.pacer.settled(conns, "up" if name == "child-updown" else "down")
+        except Exception as exc:    # noqa: BLE001
+            self._degrade(f"cannot parse charon's {EVENTS} events: {exc}")
+
+    def _degrade(self, why: str) -> None:
+        if self.passthrough is None:
+            self.passthrough = why
+            log.warning("VICI relay: %s; letting everything through to charon unpaced from now on", why)
+        if self._events is not None:
+            try:
+                self._sel.unregister(self._events)
+            except (KeyError, ValueError):
+                pass
+            self._events.close()
+            self._events = None
+
+    def _release(self) -> None:
+        """Held requests go on in the order they came as places free (or pacing ends)."""
+        now = self._clock()
+        if self.passthrough is None and now >= self.pacer.until:
+            self.passthrough = "the pacing budget of the load's time limit is used up"
+            log.warning("VICI relay: %s; the remaining conns go to charon at once", self.passthrough)
+        for pair in sorted((p for p in self._pairs if p.held_since is not None), key=lambda p: p.held_since):
+            self._forward(pair)
+            if pair.held_since is not None and not self.passthrough:
+                break   # still no place: the later ones wait behind it
+
+    @property
+    def commands(self) -> tuple[tuple[str, ...], ...]:
+        return paced_commands(self.path)
+
+    def close_and_log(self) -> dict:
+        """``close()``, and one line saying what the pacing did."""
+        r = self.close()
+        freed = r["freed"]
+        log.info("start load paced: %d initiation(s) let through at most %d at a time, %d waited (longest "
+                 "%.1fs); places freed by a CHILD_SA up %d, an IKE_SA down %d, the %gs window %d%s",
+                 r["initiations"], self.pacer.parallel, r["held"], r["longest_wait_s"], freed["up"],
+                 freed["down"], self.pacer.window, freed["window"],
+                 f"; unpaced since: {r['passthrough']}" if r["passthrough"] else "")
+        return r
+
+
+def relay_for_load(plan, cfg, *, adoption_coming: bool) -> PacingRelay | None:
+    """A started relay for PLAN (a ``loads.LoadPlan``) when ``decide_pacing`` says so; None: load directly."""
+    rc = cfg.recovery
+    d = decide_pacing(plan.trigger, plan.commands, adoption_coming=adoption_coming,
+                      vici_socket=cfg.daemon.vici_socket, parallel=rc.adopt_initiate_parallel)
+    if not d.pace:
+        log.debug("start load not paced: %s", d.why)
+        return None
+    from . import adopt
+    from .errors import SupervisorError
+    relay = PacingRelay(cfg.paths.run_dir, cfg.daemon.vici_socket, parallel=rc.adopt_initiate_parallel,
+                        window=adopt.INITIATE_WINDOW, budget=pacing_budget(cfg.daemon.load_timeout))
+    try:
+        relay.start()
+    except (OSError, SupervisorError) as exc:
+        log.warning("cannot pace the start load through %s (%s); loading directly: charon initiates every "
+                    "start_action=start conn at once", relay.path, getattr(exc, "strerror", None) or exc)
+        return None
+    log.info("start load through the VICI relay %s: %s", relay.path, d.why)
+    return relay

@@ -1,0 +1,388 @@
+"""The pacing VICI relay of an adoption's start load: the decision (pure), and the relay against a fake charon."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+from vici.protocol import Message, Packet
+
+from supervisor.config import SWANCTL_LOAD_ALL
+from supervisor.vici_client import decode_message, frame, packet_name, split_frames
+from supervisor.vici_relay import (Pacer, PacingRelay, decide_pacing, paced_commands, pacing_budget,
+                                   start_initiations, updown_conns)
+
+# --- the decision --------------------------------------------------------------------------
+
+DEFAULT = (SWANCTL_LOAD_ALL,)
+
+
+@pytest.mark.parametrize("trigger, commands, coming, vici, pace", [
+    ("start", DEFAULT, True, "/run/charon.vici", True),
+    ("start", DEFAULT, False, "/run/charon.vici", False),           # nothing to adopt
+    ("reload", DEFAULT, True, "/run/charon.vici", False),          # only the load after a start
+    ("start", (("/usr/sbin/swanctl", "--load-all", "--file", "x"),), True, "/run/charon.vici", False),  # custom
+    ("start", DEFAULT + (("/bin/true",),), True, "/run/charon.vici", False),
+    ("start", DEFAULT, True, None, False),                          # no socket to relay to
+])
+def test_only_the_default_start_load_of_an_adoption_is_paced(trigger, commands, coming, vici, pace):
+    d = decide_pacing(trigger, commands, adoption_coming=coming, vici_socket=vici, parallel=4)
+    assert d.pace is pace and d.why
+
+
+def test_the_paced_load_is_the_default_command_pointed_at_the_relay():
+    assert paced_commands("/run/ipsec-supervisor/swanctl-load.vici") == (
+        SWANCTL_LOAD_ALL + ("--uri", "unix:///run/ipsec-supervisor/swanctl-load.vici"),)
+    assert pacing_budget(30.0) == pytest.approx(24.0)
+
+
+def test_a_conn_counts_as_one_initiation_when_a_child_starts():
+    msg = {"a": {"children": {"x": {"start_action": b"start"}, "y": {"start_action": b"start"}}},
+           "b": {"children": {"x": {"start_action": b"trap"}}},
+           "c": {"children": {"x": {"start_action": b"trap|start"}}},
+           "d": {"children": {"x": {}}},
+           "e": {"version": b"2"}}
+    assert start_initiations(msg) == ("a", "c")
+    assert start_initiations({}) == ()
+
+
+def test_a_place_frees_on_a_child_up_or_an_ike_down_only():
+    assert updown_conns("child-updown", {"up": b"yes", "c1": {"uniqueid": b"1"}}) == ("c1",)
+    assert updown_conns("child-updown", {"c1": {"uniqueid": b"1"}}) == ()      # a child went down
+    assert updown_conns("ike-updown", {"c2": {"uniqueid": b"2"}}) == ("c2",)   # gave up
+    assert updown_conns("ike-updown", {"up": b"yes", "c2": {}}) == ()           # IKE up, no CHILD_SA yet
+
+
+def test_the_pacer_holds_while_parallel_are_in_flight_and_frees_by_event_or_window():
+    p = Pacer(parallel=2, window=10.0, until=100.0)
+    assert p.may_pass(0.0)
+    p.passed(["a"], 0.0)
+    p.passed(["b"], 1.0)
+    assert not p.may_pass(2.0)
+    p.settled(["a"], "up")
+    assert p.may_pass(2.0)
+    p.passed(["c"], 2.0)
+    assert not p.may_pass(10.5)
+    assert p.next_change(10.5) == 11.0
+    assert p.may_pass(11.0)           # b's window is over
+    p.settled(["zzz"], "down")        # not one of ours: nothing
+    assert p.freed == {"up": 1, "down": 0, "window": 1}
+    p.passed(["d"], 11.0)
+    assert not p.may_pass(11.5)        # c and d in flight
+    assert p.may_pass(100.0)          # pacing ends: everything passes
+
+
+# --- the relay against a fake charon ------------------------------------------------------
+
+class FakeCharon:
+    """A VICI server: answers every request, confirms event registrations, emits events on demand."""
+
+    def __init__(self, path: str, *, confirm_events: bool = True):
+        self.path = path
+        self.confirm = confirm_events
+        self.requests: list[tuple[float, str, bytes]] = []     # (when, name, framed packet as received)
+        self.raw = b""
+        self.event_conns: list[socket.socket] = []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(8)
+        self.threads: list[threading.Thread] = []
+        t = threading.Thread(target=self._accept, daemon=True)
+        t.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            t.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = b""
+        while True:
+            try:
+                data = conn.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            buf += data
+            packets, buf = split_frames(buf)
+            for p in packets:
+                kind, name, _ = packet_name(p[4:])
+                if kind == Packet.EVENT_REGISTER:
+                    if self.confirm:
+                        self.event_conns.append(conn)
+                    conn.sendall(frame(bytes([Packet.EVENT_CONFIRM if self.confirm else Packet.EVENT_UNKNOWN])))
+                elif kind == Packet.CMD_REQUEST:
+                    self.raw += p
+                    self.requests.append((time.monotonic(), name, p))
+                    # a big answer, to see it pass unchanged
+                    conn.sendall(frame(bytes([Packet.CMD_RESPONSE]) + Message.serialize(
+                        {"success": "yes", "echo": name, "pad": ["x" * 60000, "y" * 60000]})))
+
+    def event(self, name: str, message: dict) -> None:
+        body = bytes([Packet.EVENT, len(name)]) + name.encode() + Message.serialize(message)
+        for c in self.event_conns[:1]:
+            c.sendall(frame(body))
+
+    def drop_events(self) -> None:
+        for c in self.event_conns:
+            c.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def load_conn(name: str, start: str = "start") -> bytes:
+    return frame(Packet.request("load-conn", Message.serialize(
+        {name: {"remote_addrs": ["192.0.2.2"], "children": {"net": {"start_action": start}}}})))
+
+
+class Client:
+    """swanctl's side: sends one request and reads its answer (synchronously, as swanctl does)."""
+
+    def __init__(self, path: str):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(path)
+        self.buf = b""
+
+    def call(self, packet: bytes, chunk: int = 0) -> bytes:
+        if chunk:
+            for i in range(0, len(packet), chunk):
+                self.sock.sendall(packet[i:i + chunk])
+                time.sleep(0.001)
+        else:
+            self.sock.sendall(packet)
+        while True:
+            packets, self.buf = split_frames(self.buf)
+            if packets:
+                return packets[0]
+            data = self.sock.recv(65536)
+            assert data, "the relay closed the connection"
+            self.buf += data
+
+
+@pytest.fixture
+def fake(tmp_path):
+    made = []
+
+    def make(**kw):
+        run = tmp_path / "run"
+        run.mkdir(mode=0o700, exist_ok=True)
+        f = FakeCharon(str(tmp_path / "charon.vici"), **kw)
+        made.append(f)
+        return f, str(run)
+    yield make
+    for f in made:
+        f.close()
+
+
+def start_relay(charon, run, **kw) -> PacingRelay:
+    kw = {"parallel": 1, "window": 10.0, "budget": 30.0, **kw}
+    relay = PacingRelay(run, charon.path, **kw)
+    relay.start()
+    return relay
+
+
+def test_every_packet_reaches_charon_unchanged_and_the_answers_come_back_unchanged(fake):
+    charon, run = fake()
+    relay = start_relay(charon, run, parallel=5)
+    try:
+        assert oct(os.stat(relay.path).st_mode & 0o777) == "0o600"
+        c = Client(relay.path)
+        sent = [frame(Packet.request("version")), load_conn("a", "trap"),
+                frame(Packet.request("load-shared", Message.serialize({"data": b"\0\xff" * 5000}))),
+                load_conn("b")]
+        answers = [c.call(p, chunk=7 if i == 2 else 0) for i, p in enumerate(sent)]
+        assert charon.raw == b"".join(sent)
+        for a, (_, name, _) in zip(answers, charon.requests):
+            kind, _, payload = packet_name(a[4:])
+            assert kind == Packet.CMD_RESPONSE and decode_message(payload)["echo"] == \
+                name.encode()
+    finally:
+        report = relay.close()
+    assert not os.path.exists(relay.path)
+    assert report["initiations"] == 1 and report["held"] == 0 and report["passthrough"] is None
+
+
+def test_a_start_conn_waits_until_the_one_before_it_has_its_child_up(fake):
+    charon, run = fake()
+    relay = start_relay(charon, run, parallel=1)
+    try:
+        c = Client(relay.path)
+        c.call(load_conn("a"))
+        got: list[bytes] = []
+        t = threading.Thread(target=lambda: got.append(c.call(load_conn("b"))))
+        t.start()
+        time.sleep(0.5)
+        assert [n for _, n, _ in charon.requests] == ["load-conn"] and not got   # b is held: swanctl waits
+        c2 = Client(relay.path)         # anything else passes meanwhile
+        c2.call(frame(Packet.request("get-conns")))
+        charon.event("child-updown", {"up": "yes", "a": {"uniqueid": "1"}})
+        t.join(5)
+        assert got
+    finally:
+        report = relay.close()
+    assert report["held"] == 1 and report["freed"]["up"] == 1 and 0.4 < report["longest_wait_s"] < 3
+
+
+def test_a_conn_that_never_comes_up_holds_its_place_for_the_window_only(fake):
+    charon, run = fake()
+    relay = start_relay(charon, run, parallel=2, window=0.4)
+    try:
+        c = Client(relay.path)
+        began = time.monotonic()
+        for i in range(6):
+            c.call(load_conn(f"c{i}"))
+        took = time.monotonic() - began
+    finally:
+        report = relay.close()
+    times = [t - began for t, _ in relay.released]
+    assert [c for _, c in relay.released] == [f"c{i}" for i in range(6)]
+    # windows of two: 0, 0.4, 0.8 s
+    assert times[1] < 0.2 and 0.35 < times[2] < 0.7 and 0.75 < times[4] < 1.3 and took < 2
+    assert report["freed"]["window"] >= 4 and report["held"] >= 2
+
+
+def test_pacing_ends_when_its_share_of_the_load_time_limit_is_used(fake):
+    charon, run = fake()
+    relay = start_relay(charon, run, parallel=1, window=60.0, budget=0.3)
+    try:
+        c = Client(relay.path)
+        began = time.monotonic()
+        for i in range(4):
+            c.call(load_conn(f"c{i}"))
+        assert time.monotonic() - began < 1.5
+    finally:
+        report = relay.close()
+    assert "budget" in report["passthrough"]
+
+
+def test_without_charons_events_there_is_no_relay(fake):
+    charon, run = fake(confirm_events=False)
+    relay = PacingRelay(run, charon.path, parallel=1, window=10.0, budget=30.0)
+    with pytest.raises(Exception, match="refused"):
+        relay.start()
+    assert not os.path.exists(relay.path)
+
+
+def test_losing_charons_events_lets_everything_through(fake):
+    charon, run = fake()
+    relay = start_relay(charon, run, parallel=1, window=60.0)
+    try:
+        c = Client(relay.path)
+        c.call(load_conn("a"))
+        got: list[bytes] = []
+        t = threading.Thread(target=lambda: got.append(c.call(load_conn("b"))))
+        t.start()
+        time.sleep(0.3)
+        assert not got
+        charon.drop_events()
+        t.join(5)
+        assert got
+        c.call(load_conn("c"))
+    finally:
+        report = relay.close()
+    assert "event session" in report["passthrough"]
+
+
+def test_a_request_it_cannot_parse_goes_on_unchanged_and_pacing_stops(fake):
+    charon, run = fake()
+    relay = start_relay(charon, run, parallel=1, window=60.0)
+    try:
+        c = Client(relay.path)
+        c.call(load_conn("a"))
+        bad = frame(bytes([Packet.CMD_REQUEST, 9]) + b"load-conn" + b"\x01\xff")   # a section name past the end
+        c.call(bad)
+        c.call(load_conn("b"))      # not held: the relay passes everything now
+        assert charon.raw == load_conn("a") + bad + load_conn("b")
+    finally:
+        report = relay.close()
+    assert "cannot parse" in report["passthrough"]
+
+
+# --- the seam in ConfigLoads ---------------------------------------------------------------
+
+class FakeRelay:
+    def __init__(self, marker: str):
+        self.commands = (("/bin/sh", "-c", f"echo {marker}"),)
+        self.closed = 0
+
+    def close_and_log(self) -> dict:
+        self.closed += 1
+        return {"initiations": 0}
+
+
+def run_load(loads, loop, trigger="start"):
+    done = []
+    if trigger == "start":
+        loads.initial(done.append)
+    else:
+        loads.request(trigger, "test", done.append)
+    deadline = time.monotonic() + 10
+    while not done and time.monotonic() < deadline:
+        loop.run_once()
+    return done[0]
+
+
+def test_the_start_load_runs_the_relays_commands_and_closes_it_when_done(tmp_path, caplog):
+    from supervisor.config import parse_config
+    from supervisor.eventloop import Loop
+    from supervisor.loads import ConfigLoads
+    cfg = parse_config(f"daemon: {{config: swanctl}}\npaths: {{run_dir: {tmp_path}/run, state_dir: {tmp_path}/s}}")
+    loop = Loop()
+    relays: list = []
+
+    def start_relay(plan):
+        assert plan.trigger == "start" and plan.commands == (SWANCTL_LOAD_ALL,)
+        relays.append(FakeRelay("through-the-relay"))
+        return relays[-1]
+    loads = ConfigLoads(loop, config=lambda: cfg, env=lambda: dict(os.environ), daemon_name=lambda: "charon",
+                        changed=lambda: None, wall_clock=time.time, start_relay=start_relay)
+    loads.begin_run(os.getpid())
+    with caplog.at_level("INFO"):
+        outcome = run_load(loads, loop)
+    assert outcome.ok and relays[0].closed == 1 and outcome.to_json()["paced"] == {"initiations": 0}
+    assert "through-the-relay" in caplog.text
+    loop.close()
+
+
+def test_a_failing_relay_set_up_loads_directly(tmp_path, caplog):
+    from supervisor.config import parse_config
+    from supervisor.eventloop import Loop
+    from supervisor.loads import ConfigLoads
+    # a custom load stands in for swanctl (the relay would have replaced it)
+    cfg = parse_config(f"daemon: {{load_commands: [[/bin/sh, -c, echo directly]]}}\n"
+                       f"paths: {{run_dir: {tmp_path}/run, state_dir: {tmp_path}/s}}")
+    loop = Loop()
+
+    def start_relay(plan):
+        raise RuntimeError("boom")
+    loads = ConfigLoads(loop, config=lambda: cfg, env=lambda: dict(os.environ), daemon_name=lambda: "charon",
+                        changed=lambda: None, wall_clock=time.time, start_relay=start_relay)
+    loads.begin_run(os.getpid())
+    with caplog.at_level("INFO"):
+        outcome = run_load(loads, loop)
+    assert outcome.ok and "directly" in caplog.text and "loading directly" in caplog.text
+    loop.close()
+
+
+def test_no_relay_when_charon_cannot_be_reached_the_load_goes_direct(tmp_path, caplog):
+    from supervisor.config import parse_config
+    from supervisor.loads import LoadPlan
+    from supervisor.vici_relay import relay_for_load
+    cfg = parse_config(f"daemon: {{config: swanctl, vici_socket: {tmp_path}/nobody.vici}}\n"
+                       f"paths: {{run_dir: {tmp_path}/run, state_dir: {tmp_path}/s}}")
+    plan = LoadPlan("start", "swanctl", None, (SWANCTL_LOAD_ALL,), "test")
+    assert relay_for_load(plan, cfg, adoption_coming=False) is None
+    with caplog.at_level("WARNING"):
+        assert relay_for_load(plan, cfg, adoption_coming=True) is None
+    assert "loading directly" in caplog.text
+    assert not os.path.exists(f"{tmp_path}/run/swanctl-load.vici")
