@@ -115,12 +115,17 @@ def _exit_now(rc: int) -> None:
     if "logging" in sys.modules:
         sys.modules["logging"].shutdown()
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:
+            continue    # started with that descriptor closed: nothing was written to it
         try:
             stream.flush()
         except (BrokenPipeError, ValueError):
             pass        # a reader that went away (as main's BrokenPipeError), a closed stream
         except OSError as exc:
-            os.write(2, f"ipsec-supervisor: cannot write the output: {exc.strerror}\n".encode())
+            try:
+                os.write(2, f"ipsec-supervisor: cannot write the output: {exc.strerror}\n".encode())
+            except OSError:
+                pass
             rc = rc or ExitCode.FAILED
     os._exit(rc)
 

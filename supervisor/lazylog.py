@@ -10,8 +10,10 @@ logging, and that -v still shows the debug lines).
 from __future__ import annotations
 
 import sys
+from _thread import allocate_lock
 
 _pending: bool | None = None        # the verbosity configure_when_used left for the first log
+_setting_up = allocate_lock()       # (threads logging first at once: one sets up, all log after it)
 
 
 def configure(verbose: bool) -> None:
@@ -51,6 +53,8 @@ class Logger:
         global _pending
         import logging
         if _pending is not None:
-            verbose, _pending = _pending, None
-            configure(verbose)
+            with _setting_up:
+                if _pending is not None:
+                    configure(_pending)
+                    _pending = None
         return logging.getLogger(self.name)

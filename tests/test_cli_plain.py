@@ -94,3 +94,13 @@ def test_the_snapshot_commands_import_no_logging_unless_they_show_something(tmp_
     r = subprocess.run([sys.executable, "-c", code, "-v", "snapshot", "--netns", netns.name, "--output", str(good)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "DEBUG supervisor.kernel.firewall: " in r.stderr, r.stderr
+
+
+def test_a_closed_standard_stream_keeps_the_exit_code(tmp_path):
+    # (a cron job or a unit that closes stderr: Python then has sys.stderr None)
+    code = "import sys; from supervisor.cli import run; sys.argv[0] = 'ipsec-supervisor'; run()"
+    fixture = os.path.join(ROOT, "tests", "fixtures", "snapshots", "tunnels-crash-v2.json")
+    for argv, rc in ((["snapshot", "show", fixture], 0), (["snapshot", "show", str(tmp_path / "none.json")], 6)):
+        shell = 'code="$1"; shift; exec "$0" -c "$code" "$@" 2>&- >/dev/null'
+        r = subprocess.run(["sh", "-c", shell, sys.executable, code, *argv], cwd=ROOT)
+        assert r.returncode == rc, argv

@@ -1033,3 +1033,20 @@ def test_programs_are_found_as_shutil_which_finds_them_but_never_in_the_working_
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PATH", ":/usr/bin")
     assert fw._find_binary("fw-test-tool") is None
+
+
+def test_without_a_per_thread_proc_net_the_legacy_listing_runs(tmp_path):
+    # (Linux before 3.17 has no /proc/thread-self: we cannot tell, so legacy's save lists)
+    assert fw._legacy_tables_listed("iptables-legacy", str(tmp_path / "no-such-dir"))
+
+
+def test_a_relative_path_entry_is_never_searched(monkeypatch, tmp_path):
+    (tmp_path / "bin").mkdir()
+    tool = tmp_path / "bin" / "fw-test-tool"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "bin:./bin:/usr/bin")
+    assert fw._find_binary("fw-test-tool") is None
+    monkeypatch.setenv("PATH", f"{tmp_path}/bin:/usr/bin")
+    assert fw._find_binary("fw-test-tool") == f"{tmp_path}/bin/fw-test-tool"

@@ -444,8 +444,8 @@ def _find_binary(name: str) -> str | None:
     """NAME's executable in PATH and then the usual sbin directories (shutil.which's answer,
     without shutil's import and its compression modules on a snapshot's start)."""
     for directory in [*os.environ.get("PATH", "").split(os.pathsep), *_EXTRA_PATH]:
-        if not directory:
-            continue        # (an empty entry means the working directory: never for a root daemon)
+        if not os.path.isabs(directory):
+            continue        # (empty or relative: the working directory's, never for a root daemon)
         candidate = os.path.join(directory, name)
         if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
             return candidate
@@ -655,7 +655,8 @@ def _legacy_tables_listed(backend: str, proc_net: str = "/proc/thread-self/net")
         with open(os.path.join(proc_net, _LEGACY_TABLE_NAMES[backend]), "rb") as fh:
             return bool(fh.read().strip())
     except FileNotFoundError:
-        return False
+        # (no /proc/thread-self before Linux 3.17: then we cannot tell, and legacy lists)
+        return not os.path.isdir(proc_net)
     except OSError:
         return True
 
