@@ -547,11 +547,12 @@ def _nft_list_argv(binary: str) -> list[str]:
 
 
 def _parse_nft(out: str) -> list[FirewallRule]:
-    try:
-        return parse_nft_json(out)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise FirewallError(f"cannot list nftables rules: `nft -j -s list ruleset` printed "
-                            f"output we do not understand ({exc})") from None
+    return _nft_rules_checked(_parsed_nft_items(out))
+
+
+def _nft_not_understood(exc: Exception) -> FirewallError:
+    return FirewallError(f"cannot list nftables rules: `nft -j -s list ruleset` printed "
+                         f"output we do not understand ({exc})")
 
 
 def _parse_checked(text: str, backend: str) -> tuple[list[FirewallRule], IptablesLayout]:
@@ -632,16 +633,14 @@ def _parsed_nft_items(out: str) -> list:
     try:
         return _nft_items(out)
     except ValueError as exc:
-        raise FirewallError(f"cannot list nftables rules: `nft -j -s list ruleset` printed "
-                            f"output we do not understand ({exc})") from None
+        raise _nft_not_understood(exc) from None
 
 
 def _nft_rules_checked(items: list) -> list[FirewallRule]:
     try:
         return _nft_rules(items)
     except (ValueError, KeyError, TypeError) as exc:
-        raise FirewallError(f"cannot list nftables rules: `nft -j -s list ruleset` printed "
-                            f"output we do not understand ({exc})") from None
+        raise _nft_not_understood(exc) from None
 
 
 _LEGACY_TABLE_NAMES = {"iptables-legacy": "ip_tables_names", "ip6tables-legacy": "ip6_tables_names"}
