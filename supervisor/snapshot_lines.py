@@ -255,7 +255,6 @@ _MAX_SHAPES = 1024          # more distinct shapes than this: the rest are walke
 # fields that vary: the addresses (16 bytes, whatever the family), the counters, priority and
 # index, the reqid. The dump's sequence number and port are skipped.
 _USUAL = _struct.Struct("=8s8x16s16s88s4Q2I12s16s12s16sI28s")
-_VARYING = (1, 2, 4, 5, 6, 7, 8, 9, 11, 13, 14)     # the indices of the fields that vary
 
 
 def _shape_key(fields: tuple) -> tuple:
