@@ -184,15 +184,31 @@ def _many_policies(count: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _policy_chunks(netns, tunnels: int, shapes: bool = True) -> list[bytes]:
+    """The datagrams of a GETPOLICY dump of POLICY_SHAPES (unless not SHAPES) and TUNNELS usual tunnels."""
+    from supervisor.kernel import xfrm
+    if shapes:
+        netns.sh(POLICY_SHAPES)
+    _batch(netns, _many_policies(tunnels))
+    with netns.enter(), xfrm.open_socket() as sock:
+        return sock.dump_raw(xfrm.XFRM_MSG_GETPOLICY)
+
+
+def _ptype_padded(message: bytes) -> bytes:
+    """A usual 264-byte policy MESSAGE with a padding attribute where its policy type was: the same
+    length, another layout."""
+    from supervisor.kernel import xfrm
+    odd = bytearray(message)
+    odd[252:256] = xfrm._NLA.pack(12, xfrm.XFRMA_PAD)
+    return bytes(odd)
+
+
 def test_compiled_shapes_give_the_walked_lines_of_many_policies(netns):
     # hundreds of policies of a few shapes: after its first message, each shape is formatted from
     # its compiled format; every line must still be the records' own
     from supervisor import snapshot_lines
     from supervisor.kernel import xfrm
-    netns.sh(POLICY_SHAPES)
-    _batch(netns, _many_policies(300))
-    with netns.enter(), xfrm.open_socket() as sock:
-        chunks = sock.dump_raw(xfrm.XFRM_MSG_GETPOLICY)
+    chunks = _policy_chunks(netns, 300)
     records = xfrm.decode_policies(chunks)
     assert len(records) == 9 + 4 * 300
     compiled = []
@@ -208,9 +224,7 @@ def test_compiled_shapes_give_the_walked_lines_of_many_policies(netns):
 def test_a_compiled_format_that_misses_the_walked_line_is_never_used(netns):
     from supervisor import snapshot_lines
     from supervisor.kernel import xfrm
-    _batch(netns, _many_policies(3))
-    with netns.enter(), xfrm.open_socket() as sock:
-        chunks = sock.dump_raw(xfrm.XFRM_MSG_GETPOLICY)
+    chunks = _policy_chunks(netns, 3, shapes=False)
     buf = chunks[0]
     assert snapshot_lines._compile_shape(buf, 0, "not the line of this message", {}) is None
     first = buf[:xfrm._HDR_LT.unpack_from(buf, 0)[0]]
@@ -218,9 +232,7 @@ def test_a_compiled_format_that_misses_the_walked_line_is_never_used(netns):
     assert snapshot_lines._compile_shape(first, 0, line, {}) is not None
     # the same length in another layout (a padding attribute where the policy type was): the walk
     # reads it, the shape is never compiled, whatever the line
-    odd = bytearray(first)
-    odd[252:256] = xfrm._NLA.pack(12, xfrm.XFRMA_PAD)
-    odd = bytes(odd)
+    odd = _ptype_padded(first)
     line = snapshot_lines.policy_lines_from_dump([odd], None)[0]
     assert '"ptype":"main"' in line and snapshot_lines._compile_shape(odd, 0, line, {}) is None
 
@@ -287,10 +299,7 @@ def test_usual_policies_decode_from_one_loop_to_the_walked_records(netns):
     # xfrm._usual_policies reads runs of charon's usual message per datagram: the same records as
     # the attribute walk, shared by ledger.sharer's way (SHARE) alike
     from supervisor.kernel import xfrm
-    netns.sh(POLICY_SHAPES)
-    _batch(netns, _many_policies(300))
-    with netns.enter(), xfrm.open_socket() as sock:
-        chunks = sock.dump_raw(xfrm.XFRM_MSG_GETPOLICY)
+    chunks = _policy_chunks(netns, 300)
     fast = xfrm.decode_policies(chunks)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(xfrm, "_usual_policies", lambda data, out, share: 0)
@@ -303,13 +312,10 @@ def test_usual_policies_decode_from_one_loop_to_the_walked_records(netns):
 
 def test_a_usual_length_message_of_another_layout_is_walked(netns):
     from supervisor.kernel import xfrm
-    _batch(netns, _many_policies(3))
-    with netns.enter(), xfrm.open_socket() as sock:
-        chunks = sock.dump_raw(xfrm.XFRM_MSG_GETPOLICY)
+    chunks = _policy_chunks(netns, 3, shapes=False)
     first = chunks[0][:xfrm._HDR_LT.unpack_from(chunks[0], 0)[0]]
     assert len(first) == 264 and xfrm._usual_policies(first * 3, [], None) == 3 * 264
-    odd = bytearray(first)
-    odd[252:256] = xfrm._NLA.pack(12, xfrm.XFRMA_PAD)      # a padding attribute where the type was
+    odd = _ptype_padded(first)
     out: list = []
     assert xfrm._usual_policies(first + bytes(odd) + first, out, None) == 264 and len(out) == 1
     decoded = xfrm.decode_policies([first + bytes(odd) + first])

@@ -212,16 +212,23 @@ def test_every_packet_reaches_charon_unchanged_and_the_answers_come_back_unchang
     assert report["initiations"] == 1 and report["held"] == 0 and report["passthrough"] is None
 
 
+def _b_after_a(relay, settle: float):
+    """Load start conn "a", then start loading "b" from a thread and give the relay SETTLE seconds:
+    (the client, b's answers so far, the thread)."""
+    c = Client(relay.path)
+    c.call(load_conn("a"))
+    got: list[bytes] = []
+    t = threading.Thread(target=lambda: got.append(c.call(load_conn("b"))))
+    t.start()
+    time.sleep(settle)
+    return c, got, t
+
+
 def test_a_start_conn_waits_until_the_one_before_it_has_its_child_up(fake):
     charon, run = fake()
     relay = start_relay(charon, run, parallel=1)
     try:
-        c = Client(relay.path)
-        c.call(load_conn("a"))
-        got: list[bytes] = []
-        t = threading.Thread(target=lambda: got.append(c.call(load_conn("b"))))
-        t.start()
-        time.sleep(0.5)
+        c, got, t = _b_after_a(relay, 0.5)
         assert [n for _, n, _ in charon.requests] == ["load-conn"] and not got   # b is held: swanctl waits
         c2 = Client(relay.path)         # anything else passes meanwhile
         c2.call(frame(Packet.request("get-conns")))
@@ -277,12 +284,7 @@ def test_losing_charons_events_lets_everything_through(fake):
     charon, run = fake()
     relay = start_relay(charon, run, parallel=1, window=60.0)
     try:
-        c = Client(relay.path)
-        c.call(load_conn("a"))
-        got: list[bytes] = []
-        t = threading.Thread(target=lambda: got.append(c.call(load_conn("b"))))
-        t.start()
-        time.sleep(0.3)
+        c, got, t = _b_after_a(relay, 0.3)
         assert not got
         charon.drop_events()
         t.join(5)
