@@ -16,6 +16,8 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from itertools import compress, count
+from operator import ne
 from typing import Any, Callable, Iterator
 
 _UNLOADED = object()
@@ -427,7 +429,7 @@ def _diff_by_text(path_a: str, path_b: str, keep: list) -> dict[str, FamilyDiff]
                     ta = getattr(text_a.objects, name) if name in typed.ITEM else a
                     tb = getattr(text_b.objects, name)
                 shared = min(len(ta), len(tb))
-                differ = [] if ta is tb else [i for i in range(shared) if ta[i] != tb[i]]
+                differ = [] if ta is tb else list(compress(count(), map(ne, ta, tb)))
                 only_a, only_b = differ + list(range(shared, len(ta))), differ + list(range(shared, len(tb)))
                 if name in typed.CHECKS:
                     typed.CHECKS[name](a, _failing(path_a, name))
