@@ -159,6 +159,28 @@ def test_route_lines_from_a_dump_are_those_of_the_records(netns, table):
     assert route_lines_from_dump(dumps, names, table, gen) == [gen(r) for r in records]
 
 
+def test_a_route_dump_counted_first_formats_each_route_once(netns, monkeypatch):
+    """A terminal's progress counts the routes before the file is written: the lines made for the
+    count are the ones written, not made again."""
+    import socket
+    from supervisor import snapshot_lines
+    from supervisor.kernel import routes
+    netns.sh(ROUTE_SHAPES)
+    with netns.enter(), routes._socket(None) as sock:
+        names = routes.interface_names(sock)
+        dumps = [routes.dump_chunks(sock, af, 220) for af in (socket.AF_INET, socket.AF_INET6)]
+    gen = generic("route")
+    expected = snapshot_lines.route_lines_from_dump(dumps, names, 220, gen)
+    made = []
+    real = snapshot_lines._route_lines
+    monkeypatch.setattr(snapshot_lines, "_route_lines", lambda *a: made.append(a[3].split()[1]) or real(*a))
+    dump = snapshot_lines.RouteDump(dumps, names, 220, gen)
+    assert len(dump) == len(expected) >= 9
+    assert [line for lines in dump.batches() for line in lines] == expected
+    assert len(dump) == len(expected)
+    assert made == ["inet", "inet6"]            # each family's dump formatted once
+
+
 def _batch(netns, text: str) -> None:
     """Many `ip` commands at once (one process; too long for a shell's argument list)."""
     import subprocess
