@@ -186,7 +186,8 @@ class PacingRelay:
         # that close() never touches an fd number the thread has already given back.
         self._lock = threading.Lock()
         self._ended = False         # every socket is closed (by the thread as it ended, or by start failing)
-        self.stats = {"requests": 0, "initiations": 0, "held": 0, "longest_wait_s": 0.0}
+        self.stats = {"requests": 0, "initiations": 0, "held": 0, "longest_wait_s": 0.0, "already_loaded": 0}
+        self.already: frozenset[str] = frozenset()   # the conns charon had as the relay began (get-conns)
         self.released: list[tuple[float, str]] = []     # (when, conn) each initiation went on to charon
 
     # -- life ----------------------------------------------------------------------------
@@ -252,15 +253,14 @@ class PacingRelay:
         except BlockingIOError:
             raise OSError(f"{self.charon_socket} accepts no connection now (its backlog is full)") from None
 
-    def _register_events(self) -> None:
-        """The thread, first: register for EVENTS within CONNECT_TIMEOUT in all; else pass through."""
+    def _register_events(self, deadline: float) -> None:
+        """The thread, first: register for EVENTS by DEADLINE; else pass through."""
         from vici.protocol import Packet
 
         from .vici_client import ViciError, frame, packet_name, split_frames
         sock = self._events
         if sock is None:
             return
-        deadline = time.monotonic() + CONNECT_TIMEOUT
         event = EVENTS[0]
         try:
             for event in EVENTS:
@@ -293,6 +293,19 @@ class PacingRelay:
             return
         sock.setblocking(False)
         self._sel.register(sock, selectors.EVENT_READ, self._read_events)
+
+    def _learn_conns(self, deadline: float) -> None:
+        """The conns charon has already (a re-attached supervisor loads again): charon initiates one
+        loaded again only if its configuration changed (then mostly in its IKE_SA), so it takes no place."""
+        from .vici_client import ViciError, vici_command
+        try:
+            answer, _ = vici_command(self.charon_socket, "get-conns", timeout=max(0.2, deadline - time.monotonic()))
+        except (OSError, ViciError) as exc:
+            log.info("VICI relay: cannot ask charon which conns it has (%s); every start conn takes a place", exc)
+            return
+        conns = answer.get("conns")
+        if isinstance(conns, list):
+            self.already = frozenset(map(_value, conns))
 
     def _bind(self) -> None:
         from .trusted_paths import open_trusted_dir
@@ -345,8 +358,11 @@ class PacingRelay:
     # -- the thread ----------------------------------------------------------------------
     def _run(self) -> None:
         try:
+            deadline = time.monotonic() + CONNECT_TIMEOUT
             if not self._stop:
-                self._register_events()
+                self._register_events(deadline)
+            if not self._stop and self.passthrough is None:
+                self._learn_conns(deadline)
             self._serve()
         finally:
             self._close_all()
@@ -460,7 +476,7 @@ class PacingRelay:
             if not packets:
                 return
             packet = packets[0]
-            conns = self._initiations(packet)
+            request, conns, already = self._inspect(packet)
             now = self._clock()
             if conns and not self.passthrough and not self.pacer.may_pass(now):
                 if pair.held_since is None:
@@ -468,6 +484,8 @@ class PacingRelay:
                     self.stats["held"] += 1
                 return
             self._waited(pair)
+            self.stats["requests"] += request
+            self.stats["already_loaded"] += already
             if conns:
                 self.pacer.passed(conns, now)
                 self.stats["initiations"] += len(conns)
@@ -480,23 +498,24 @@ class PacingRelay:
             self.stats["longest_wait_s"] = max(self.stats["longest_wait_s"], self._clock() - pair.held_since)
             pair.held_since = None
 
-    def _initiations(self, packet: bytes) -> tuple[str, ...]:
+    def _inspect(self, packet: bytes) -> tuple[int, tuple[str, ...], int]:
+        """PACKET: (1 if a request, else 0; the conns charon initiates as it loads it; how many more
+        it had already). A held packet is inspected again at every try: counted once it goes."""
         if self.passthrough:
-            return ()
+            return 0, (), 0
         from vici.protocol import Packet
 
         from .vici_client import decode_message, packet_name
         try:
             kind, name, payload = packet_name(packet[4:])
-            if kind != Packet.CMD_REQUEST:
-                return ()
-            self.stats["requests"] += 1
-            if name != "load-conn":
-                return ()
-            return start_initiations(decode_message(payload))
+            if kind != Packet.CMD_REQUEST or name != "load-conn":
+                return int(kind == Packet.CMD_REQUEST), (), 0
+            conns = start_initiations(decode_message(payload))
         except Exception as exc:    # noqa: BLE001 - the vici package raises what it likes on garbage
             self._degrade(f"cannot parse a request swanctl sent: {exc}")
-            return ()
+            return 0, (), 0
+        new = tuple(c for c in conns if c not in self.already)
+        return 1, new, len(conns) - len(new)
 
     def _read_events(self, sock) -> None:
         from vici.protocol import Packet
@@ -544,9 +563,10 @@ class PacingRelay:
         r = self.close()
         freed = r["freed"]
         log.info("start load paced: %d initiation(s) let through at most %d at a time, %d waited (longest "
-                 "%.1fs); places freed by a CHILD_SA up %d, an IKE_SA down %d, the %gs window %d%s%s",
+                 "%.1fs); places freed by a CHILD_SA up %d, an IKE_SA down %d, the %gs window %d%s%s%s",
                  r["initiations"], self.pacer.parallel, r["held"], r["longest_wait_s"], freed["up"],
                  freed["down"], self.pacer.window, freed["window"],
+                 f"; {r['already_loaded']} start conn(s) charon had already, not paced" if r["already_loaded"] else "",
                  f"; unpaced since: {r['passthrough']}" if r["passthrough"] else "",
                  f"; {r['unfinished']}" if "unfinished" in r else "")
         return r
@@ -557,6 +577,7 @@ def relay_for_load(plan, cfg, *, adoption_coming: bool) -> PacingRelay | None:
     rc = cfg.recovery
     d = decide_pacing(plan.trigger, plan.commands, adoption_coming=adoption_coming,
                       vici_socket=cfg.daemon.vici_socket, parallel=rc.adopt_initiate_parallel)
+    _remove_stale(cfg.paths.run_dir)
     if not d.pace:
         log.debug("start load not paced: %s", d.why)
         return None
@@ -572,3 +593,17 @@ def relay_for_load(plan, cfg, *, adoption_coming: bool) -> PacingRelay | None:
         return None
     log.info("start load through the VICI relay %s: %s", relay.path, d.why)
     return relay
+
+
+def _remove_stale(run_dir: str) -> None:
+    """Remove the socket of a relay whose supervisor was killed during its paced load (the run-dir
+    lock proves no other supervisor uses it; a paced load replaces it anyway as it binds)."""
+    try:
+        os.unlink(os.path.join(run_dir, SOCKET_NAME))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.warning("cannot remove the stale VICI relay socket %s: %s (nothing connects to it)",
+                    os.path.join(run_dir, SOCKET_NAME), exc.strerror)
+        return
+    log.info("removed the VICI relay socket %s a killed supervisor left", os.path.join(run_dir, SOCKET_NAME))

@@ -80,10 +80,13 @@ def test_the_pacer_holds_while_parallel_are_in_flight_and_frees_by_event_or_wind
 
 class FakeCharon:
     """A VICI server: answers every request, confirms event registrations, emits events on demand.
-    EVENTS "refuse": registrations are refused, "silent": never answered; ANSWER False: no request is."""
+    EVENTS "refuse": registrations are refused, "silent": never answered; ANSWER False: no request is.
+    CONNS: what get-conns answers (the relay asks it on a connection of its own; not in ``requests``)."""
 
-    def __init__(self, path: str, *, events: str = "confirm", answer: bool = True):
+    def __init__(self, path: str, *, events: str = "confirm", answer: bool = True, conns: tuple[str, ...] = ()):
         self.path = path
+        self.conns = list(conns)
+        self.asked_conns = 0
         self.confirm = events == "confirm"
         self.silent = events == "silent"
         self.answer = answer
@@ -125,6 +128,9 @@ class FakeCharon:
                     if self.confirm:
                         self.event_conns.append(conn)
                     conn.sendall(frame(bytes([Packet.EVENT_CONFIRM if self.confirm else Packet.EVENT_UNKNOWN])))
+                elif kind == Packet.CMD_REQUEST and name == "get-conns" and self.answer:
+                    self.asked_conns += 1
+                    conn.sendall(frame(bytes([Packet.CMD_RESPONSE]) + Message.serialize({"conns": self.conns})))
                 elif kind == Packet.CMD_REQUEST:
                     self.raw += p
                     self.requests.append((time.monotonic(), name, p))
@@ -249,6 +255,28 @@ def test_a_start_conn_waits_until_the_one_before_it_has_its_child_up(fake):
     finally:
         report = relay.close()
     assert report["held"] == 1 and report["freed"]["up"] == 1 and 0.4 < report["longest_wait_s"] < 3
+
+
+def test_a_start_conn_charon_has_already_takes_no_place(fake):
+    # a supervisor re-attached to charon loads again: charon initiates nothing for an unchanged conn
+    charon, run = fake(conns=("a",))
+    relay = start_relay(charon, run, parallel=1, window=60.0)
+    try:
+        c = Client(relay.path)
+        c.call(load_conn("a"))
+        c.call(load_conn("b"))          # the one place is b's, at once
+        got: list[bytes] = []
+        t = threading.Thread(target=lambda: got.append(c.call(load_conn("c"))))
+        t.start()
+        time.sleep(0.3)
+        assert not got
+        charon.event("child-updown", {"up": "yes", "b": {"uniqueid": "1"}})
+        t.join(5)
+        assert got
+    finally:
+        report = relay.close()
+    assert (report["already_loaded"], report["initiations"], report["held"]) == (1, 2, 1)
+    assert charon.asked_conns == 1 and [c for _, c in relay.released] == ["b", "c"]
 
 
 def test_a_conn_that_never_comes_up_holds_its_place_for_the_window_only(fake):
