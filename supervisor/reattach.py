@@ -147,8 +147,13 @@ def take_over(prior: Ledger | None, record: DaemonRecord | None, pid: int, start
         ledger = resync_ledger(prior, state.objects) if state is not None else \
             dataclasses.replace(prior, stale=ALL_STALE)
         ledger = reinstalled_since(ledger, prior, daemon_since)
-        return Takeover(dataclasses.replace(ledger, daemon_pid=pid, daemon_start_time=start_time), adopting,
-                        "taken over")
+        # Killed before PID's load finished (a paced start load takes minutes at scale): the adoption,
+        # which begins after the load, has no deadline yet, but the inherited leftovers wait for it.
+        loaded = record.daemon_loaded if record is not None else prior.daemon_loaded
+        waiting = adopt_mode and not loaded and any(e.owner == OWNER_DAEMON and e.how == HOW_INHERITED
+                                                    for family in ledger.entries.values() for e in family.values())
+        return Takeover(dataclasses.replace(ledger, daemon_pid=pid, daemon_start_time=start_time),
+                        adopting or waiting, "taken over")
     if state is None:
         return Takeover(None, False, f"still the crashed pid {prior.daemon_pid}'s and the kernel unreadable: "
                                      "ownership by markers")

@@ -14,6 +14,12 @@ replaced by the next direct load and initiated a second time.
 Whatever goes wrong here (charon's events unavailable, a packet we cannot parse, a bug) turns the
 relay into a plain pass-through; the pacing also ends early enough for the load to finish within
 ``daemon.load_timeout``.
+
+Threads: ``start()`` and ``close()`` run on the supervisor's event loop and never wait on charon
+(start only connects and binds, neither of which blocks; close waits CLOSE_WAIT at most). Everything
+that can wait on a peer happens in the relay's own thread, which alone closes its sockets: close()
+only shuts them down (their fds stay valid, so no number the supervisor opens meanwhile is ever
+written to by this thread).
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ log = logging.getLogger("supervisor")
 
 SOCKET_NAME = "swanctl-load.vici"
 WRITE_TIMEOUT = 60.0        # a peer that takes this long to read is hung; the load's time limit ends it anyway
-CONNECT_TIMEOUT = 2.0
+CONNECT_TIMEOUT = 2.0       # also the whole event registration's: swanctl waits at most this long for it
+CLOSE_WAIT = 0.5            # close() waits this long for the thread to end (on the supervisor's loop thread)
 # Pacing ends this share of daemon.load_timeout after the load began: the rest is let through at
 # once, so swanctl still finishes within its time limit (and no conn is left unloaded).
 BUDGET_SHARE = 0.8
@@ -173,65 +180,132 @@ class PacingRelay:
         self._pairs: list[_Pair] = []
         self._wake_r, self._wake_w = socket.socketpair()
         self._stop = False
+        self._bound = False
         self._thread: threading.Thread | None = None
-        self.stats = {"requests": 0, "initiations": 0, "held": 0, "longest_wait_s": 0.0}
+        # Held while a socket is closed and while close() shuts sockets down or wakes the thread, so
+        # that close() never touches an fd number the thread has already given back.
+        self._lock = threading.Lock()
+        self._ended = False         # every socket is closed (by the thread as it ended, or by start failing)
+        self.stats = {"requests": 0, "initiations": 0, "held": 0, "longest_wait_s": 0.0, "already_loaded": 0}
+        self.already: frozenset[str] = frozenset()   # the conns charon had as the relay began (get-conns)
         self.released: list[tuple[float, str]] = []     # (when, conn) each initiation went on to charon
 
     # -- life ----------------------------------------------------------------------------
     def start(self) -> str:
-        """Subscribe to charon's events, listen, start the thread; returns the socket path.
-        Raises OSError or ViciError when any of it fails (the caller then loads without us)."""
+        """Connect to charon's socket and listen on ours (neither waits), start the thread; returns
+        the socket path. Raises OSError or SupervisorError when either fails (the caller then loads
+        without us). The thread registers for charon's events; if that fails it passes everything."""
         try:
-            self._subscribe()
+            self._connect_events()
             self._bind()
+            self._sel.register(self._wake_r, selectors.EVENT_READ, self._woken)
         except BaseException:
-            self._close_sockets()
+            self._close_all()
             raise
-        self._sel.register(self._wake_r, selectors.EVENT_READ, self._woken)
-        self._thread = threading.Thread(target=self._serve, name="vici-relay", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="vici-relay", daemon=True)
         self._thread.start()
         return self.path
 
-    def close(self) -> dict:
-        """Stop relaying (the load finished, or charon is gone) and remove the socket; the report."""
+    def close(self, wait: float = CLOSE_WAIT) -> dict:
+        """Stop relaying (the load finished, or charon is gone): no new client can connect, every
+        connection is shut down, the thread closes them as it ends; the report (see ``report``)."""
         self._stop = True
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
-        if self._thread is not None:
-            self._thread.join(5.0)
-        self._close_sockets()
+        if self._bound:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        with self._lock:
+            if not self._ended:
+                # shutdown, not close: a read or write the thread is blocked in returns at once,
+                # and the fd stays the thread's until it closes it
+                for sock in [self._events] + [s for p in list(self._pairs) for s in (p.client, p.upstream)]:
+                    if sock is not None and sock.fileno() != -1:
+                        try:
+                            sock.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+                try:
+                    self._wake_w.send(b"x")
+                except OSError:
+                    pass
+        if self._thread is None:
+            self._close_all()
+        else:
+            self._thread.join(wait)
         return self.report()
 
     def report(self) -> dict:
-        return {**self.stats, "freed": dict(self.pacer.freed), "passthrough": self.passthrough,
-                "longest_wait_s": round(self.stats["longest_wait_s"], 3)}
+        """What the pacing did; ``unfinished`` says why the counts may miss the thread's last steps."""
+        out = {**self.stats, "freed": dict(self.pacer.freed), "passthrough": self.passthrough,
+               "longest_wait_s": round(self.stats["longest_wait_s"], 3)}
+        if self._stop and self._thread is not None and self._thread.is_alive():
+            out["unfinished"] = (f"the relay thread had not ended {CLOSE_WAIT:g}s after the relay was closed; "
+                                 "it closes its connections itself when it ends, and the counts are as of the close")
+        return out
 
-    def _subscribe(self) -> None:
+    def _connect_events(self) -> None:
+        """Connect the event session without waiting: a socket that accepts no connection now fails."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        self._events = sock
+        try:
+            sock.connect(self.charon_socket)
+        except BlockingIOError:
+            raise OSError(f"{self.charon_socket} accepts no connection now (its backlog is full)") from None
+
+    def _register_events(self, deadline: float) -> None:
+        """The thread, first: register for EVENTS by DEADLINE; else pass through."""
         from vici.protocol import Packet
 
         from .vici_client import ViciError, frame, packet_name, split_frames
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self._events = sock
-        sock.settimeout(CONNECT_TIMEOUT)
-        sock.connect(self.charon_socket)
-        for event in EVENTS:
-            sock.sendall(frame(Packet.register_event(event)))
-            buf = b""
-            while True:
-                packets, buf = split_frames(buf)
-                if packets:
-                    break
-                chunk = sock.recv(4096)
-                if not chunk:
-                    raise ViciError(f"{self.charon_socket} closed the connection while registering for {event}")
-                buf += chunk
-            kind, _, _ = packet_name(packets[0][4:])
-            if kind != Packet.EVENT_CONFIRM:
-                raise ViciError(f"charon refused to send {event} events on {self.charon_socket} (packet type {kind})")
+        sock = self._events
+        if sock is None:
+            return
+        event = EVENTS[0]
+        try:
+            for event in EVENTS:
+                buf = b""
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                sock.sendall(frame(Packet.register_event(event)))
+                while True:
+                    packets, buf = split_frames(buf)
+                    if packets:
+                        break
+                    sock.settimeout(max(0.001, deadline - time.monotonic()))
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        raise ViciError(f"{self.charon_socket} closed the connection while registering for {event}")
+                    buf += chunk
+                kind, _, _ = packet_name(packets[0][4:])
+                if kind != Packet.EVENT_CONFIRM:
+                    raise ViciError(f"charon refused to send {event} events on {self.charon_socket} "
+                                    f"(packet type {kind})")
+        except socket.timeout:
+            if self._stop:
+                return
+            self._degrade(f"charon did not confirm its {event} events on {self.charon_socket} within "
+                          f"{CONNECT_TIMEOUT:g}s")
+            return
+        except (OSError, ViciError) as exc:
+            if self._stop:
+                return      # close() shut it down
+            self._degrade(f"cannot register for charon's {event} events: {getattr(exc, 'strerror', None) or exc}")
+            return
         sock.setblocking(False)
         self._sel.register(sock, selectors.EVENT_READ, self._read_events)
+
+    def _learn_conns(self, deadline: float) -> None:
+        """The conns charon has already (a re-attached supervisor loads again): charon initiates one
+        loaded again only if its configuration changed (then mostly in its IKE_SA), so it takes no place."""
+        from .vici_client import ViciError, vici_command
+        try:
+            answer, _ = vici_command(self.charon_socket, "get-conns", timeout=max(0.2, deadline - time.monotonic()))
+        except (OSError, ViciError) as exc:
+            log.info("VICI relay: cannot ask charon which conns it has (%s); every start conn takes a place", exc)
+            return
+        conns = answer.get("conns")
+        if isinstance(conns, list):
+            self.already = frozenset(map(_value, conns))
 
     def _bind(self) -> None:
         from .trusted_paths import open_trusted_dir
@@ -242,33 +316,57 @@ class PacingRelay:
                 # through the checked directory's fd: a path swapped meanwhile cannot move it
                 where = f"/proc/self/fd/{run.fd}/{self._name}"
                 sock.bind(where if len(where) < 100 and os.path.isdir(f"/proc/self/fd/{run.fd}") else self.path)
+                self._bound = True
                 # chmod, not umask (process-wide: other threads create files meanwhile); the 0700
                 # run directory keeps everyone else out before it anyway
                 os.chmod(self._name, 0o600, dir_fd=run.fd)
             except BaseException:
                 sock.close()
+                if self._bound:
+                    run.unlink(self._name)
+                    self._bound = False
                 raise
         sock.listen(8)
         self._listen = sock
         self._sel.register(sock, selectors.EVENT_READ, self._accept)
 
-    def _close_sockets(self) -> None:
-        for pair in self._pairs:
-            pair.client.close()
-            pair.upstream.close()
-        self._pairs = []
-        for sock in (self._listen, self._events, self._wake_r, self._wake_w):
-            if sock is not None:
-                sock.close()
-        if self._listen is not None:
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
-        self._listen = self._events = None
-        self._sel.close()
+    def _close_sock(self, sock: socket.socket) -> None:
+        """Close one of the thread's sockets (never while close() shuts it down)."""
+        try:
+            self._sel.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+        with self._lock:
+            sock.close()
+
+    def _close_all(self) -> None:
+        """Close every socket (the thread as it ends, or start() failing before there is a thread)."""
+        with self._lock:
+            if self._ended:
+                return
+            for pair in self._pairs:
+                pair.client.close()
+                pair.upstream.close()
+            self._pairs = []
+            for sock in (self._listen, self._events, self._wake_r, self._wake_w):
+                if sock is not None:
+                    sock.close()
+            self._listen = self._events = None
+            self._sel.close()
+            self._ended = True
 
     # -- the thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            deadline = time.monotonic() + CONNECT_TIMEOUT
+            if not self._stop:
+                self._register_events(deadline)
+            if not self._stop and self.passthrough is None:
+                self._learn_conns(deadline)
+            self._serve()
+        finally:
+            self._close_all()
+
     def _serve(self) -> None:
         failures = 0
         while not self._stop:
@@ -328,13 +426,14 @@ class PacingRelay:
         if pair in self._pairs:
             self._pairs.remove(pair)
         for s in (pair.client, pair.upstream):
-            try:
-                self._sel.unregister(s)
-            except (KeyError, ValueError):
-                pass
-            s.close()
+            self._close_sock(s)
 
     def _drop_for(self, sock, exc: Exception) -> None:
+        if self._stop:      # close() shut everything down: nothing failed
+            for pair in list(self._pairs):
+                if sock in (pair.client, pair.upstream):
+                    self._drop(pair)
+            return
         if sock is self._events:
             self._degrade(f"charon's event session failed: {exc}")
             return
@@ -377,7 +476,7 @@ class PacingRelay:
             if not packets:
                 return
             packet = packets[0]
-            conns = self._initiations(packet)
+            request, conns, already = self._inspect(packet)
             now = self._clock()
             if conns and not self.passthrough and not self.pacer.may_pass(now):
                 if pair.held_since is None:
@@ -385,6 +484,8 @@ class PacingRelay:
                     self.stats["held"] += 1
                 return
             self._waited(pair)
+            self.stats["requests"] += request
+            self.stats["already_loaded"] += already
             if conns:
                 self.pacer.passed(conns, now)
                 self.stats["initiations"] += len(conns)
@@ -397,23 +498,24 @@ class PacingRelay:
             self.stats["longest_wait_s"] = max(self.stats["longest_wait_s"], self._clock() - pair.held_since)
             pair.held_since = None
 
-    def _initiations(self, packet: bytes) -> tuple[str, ...]:
+    def _inspect(self, packet: bytes) -> tuple[int, tuple[str, ...], int]:
+        """PACKET: (1 if a request, else 0; the conns charon initiates as it loads it; how many more
+        it had already). A held packet is inspected again at every try: counted once it goes."""
         if self.passthrough:
-            return ()
+            return 0, (), 0
         from vici.protocol import Packet
 
         from .vici_client import decode_message, packet_name
         try:
             kind, name, payload = packet_name(packet[4:])
-            if kind != Packet.CMD_REQUEST:
-                return ()
-            self.stats["requests"] += 1
-            if name != "load-conn":
-                return ()
-            return start_initiations(decode_message(payload))
+            if kind != Packet.CMD_REQUEST or name != "load-conn":
+                return int(kind == Packet.CMD_REQUEST), (), 0
+            conns = start_initiations(decode_message(payload))
         except Exception as exc:    # noqa: BLE001 - the vici package raises what it likes on garbage
             self._degrade(f"cannot parse a request swanctl sent: {exc}")
-            return ()
+            return 0, (), 0
+        new = tuple(c for c in conns if c not in self.already)
+        return 1, new, len(conns) - len(new)
 
     def _read_events(self, sock) -> None:
         from vici.protocol import Packet
@@ -434,16 +536,12 @@ class PacingRelay:
             self._degrade(f"cannot parse charon's {EVENTS} events: {exc}")
 
     def _degrade(self, why: str) -> None:
-        if self.passthrough is None:
+        if self.passthrough is None and not self._stop:     # at close() the shut-down session is no failure
             self.passthrough = why
             log.warning("VICI relay: %s; letting everything through to charon unpaced from now on", why)
         if self._events is not None:
-            try:
-                self._sel.unregister(self._events)
-            except (KeyError, ValueError):
-                pass
-            self._events.close()
-            self._events = None
+            events, self._events = self._events, None
+            self._close_sock(events)
 
     def _release(self) -> None:
         """Held requests go on in the order they came as places free (or pacing ends)."""
@@ -465,10 +563,12 @@ class PacingRelay:
         r = self.close()
         freed = r["freed"]
         log.info("start load paced: %d initiation(s) let through at most %d at a time, %d waited (longest "
-                 "%.1fs); places freed by a CHILD_SA up %d, an IKE_SA down %d, the %gs window %d%s",
+                 "%.1fs); places freed by a CHILD_SA up %d, an IKE_SA down %d, the %gs window %d%s%s%s",
                  r["initiations"], self.pacer.parallel, r["held"], r["longest_wait_s"], freed["up"],
                  freed["down"], self.pacer.window, freed["window"],
-                 f"; unpaced since: {r['passthrough']}" if r["passthrough"] else "")
+                 f"; {r['already_loaded']} start conn(s) charon had already, not paced" if r["already_loaded"] else "",
+                 f"; unpaced since: {r['passthrough']}" if r["passthrough"] else "",
+                 f"; {r['unfinished']}" if "unfinished" in r else "")
         return r
 
 
@@ -477,6 +577,7 @@ def relay_for_load(plan, cfg, *, adoption_coming: bool) -> PacingRelay | None:
     rc = cfg.recovery
     d = decide_pacing(plan.trigger, plan.commands, adoption_coming=adoption_coming,
                       vici_socket=cfg.daemon.vici_socket, parallel=rc.adopt_initiate_parallel)
+    _remove_stale(cfg.paths.run_dir)
     if not d.pace:
         log.debug("start load not paced: %s", d.why)
         return None
@@ -492,3 +593,17 @@ def relay_for_load(plan, cfg, *, adoption_coming: bool) -> PacingRelay | None:
         return None
     log.info("start load through the VICI relay %s: %s", relay.path, d.why)
     return relay
+
+
+def _remove_stale(run_dir: str) -> None:
+    """Remove the socket of a relay whose supervisor was killed during its paced load (the run-dir
+    lock proves no other supervisor uses it; a paced load replaces it anyway as it binds)."""
+    try:
+        os.unlink(os.path.join(run_dir, SOCKET_NAME))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.warning("cannot remove the stale VICI relay socket %s: %s (nothing connects to it)",
+                    os.path.join(run_dir, SOCKET_NAME), exc.strerror)
+        return
+    log.info("removed the VICI relay socket %s a killed supervisor left", os.path.join(run_dir, SOCKET_NAME))

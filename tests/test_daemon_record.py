@@ -85,6 +85,20 @@ def test_a_successor_takes_over_the_ledger_of_the_daemon_it_reattaches_to():
     assert t.ledger.stale and not t.resume_adoption
 
 
+@pytest.mark.parametrize("loaded, adopt_mode, how, resumes", [
+    (False, True, HOW_INHERITED, True),      # killed during the load: the adoption was still to begin
+    (True, True, HOW_INHERITED, False),      # loaded, no deadline: the adoption ended (or never was)
+    (False, False, HOW_INHERITED, False),    # flush mode adopts nothing
+    (False, True, "added", False),           # nothing inherited: nothing to adopt
+])
+def test_a_successor_of_a_supervisor_killed_before_the_load_finished_begins_the_adoption(loaded, adopt_mode, how,
+                                                                                        resumes):
+    own = ledger_of(600, 900, [LedgerEntry(OWNER_DAEMON, how, 0, RULE)])
+    t = take_over(own, DaemonRecord(NS, 600, 900, None, loaded, None), 600, 900, state(RULE), 10.0,
+                  adopt_mode=adopt_mode)
+    assert t.how == "taken over" and t.resume_adoption is resumes
+
+
 def test_a_ledger_still_of_the_crashed_daemon_is_carried_over_and_adopted_again():
     dead = ledger_of(500, 777, [LedgerEntry(OWNER_DAEMON, "added", 7, RULE),
                                 LedgerEntry(OWNER_FOREIGN, HOW_BASELINE, 0, OTHER)])

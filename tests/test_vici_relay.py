@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 import time
 
@@ -12,8 +13,8 @@ from vici.protocol import Message, Packet
 
 from supervisor.config import SWANCTL_LOAD_ALL
 from supervisor.vici_client import decode_message, frame, packet_name, split_frames
-from supervisor.vici_relay import (Pacer, PacingRelay, decide_pacing, paced_commands, pacing_budget,
-                                   start_initiations, updown_conns)
+from supervisor.vici_relay import (CLOSE_WAIT, CONNECT_TIMEOUT, Pacer, PacingRelay, decide_pacing, paced_commands,
+                                   pacing_budget, start_initiations, updown_conns)
 
 # --- the decision --------------------------------------------------------------------------
 
@@ -78,11 +79,17 @@ def test_the_pacer_holds_while_parallel_are_in_flight_and_frees_by_event_or_wind
 # --- the relay against a fake charon ------------------------------------------------------
 
 class FakeCharon:
-    """A VICI server: answers every request, confirms event registrations, emits events on demand."""
+    """A VICI server: answers every request, confirms event registrations, emits events on demand.
+    EVENTS "refuse": registrations are refused, "silent": never answered; ANSWER False: no request is.
+    CONNS: what get-conns answers (the relay asks it on a connection of its own; not in ``requests``)."""
 
-    def __init__(self, path: str, *, confirm_events: bool = True):
+    def __init__(self, path: str, *, events: str = "confirm", answer: bool = True, conns: tuple[str, ...] = ()):
         self.path = path
-        self.confirm = confirm_events
+        self.conns = list(conns)
+        self.asked_conns = 0
+        self.confirm = events == "confirm"
+        self.silent = events == "silent"
+        self.answer = answer
         self.requests: list[tuple[float, str, bytes]] = []     # (when, name, framed packet as received)
         self.raw = b""
         self.event_conns: list[socket.socket] = []
@@ -116,15 +123,25 @@ class FakeCharon:
             for p in packets:
                 kind, name, _ = packet_name(p[4:])
                 if kind == Packet.EVENT_REGISTER:
+                    if self.silent:
+                        continue
                     if self.confirm:
                         self.event_conns.append(conn)
                     conn.sendall(frame(bytes([Packet.EVENT_CONFIRM if self.confirm else Packet.EVENT_UNKNOWN])))
+                elif kind == Packet.CMD_REQUEST and name == "get-conns" and self.answer:
+                    self.asked_conns += 1
+                    conn.sendall(frame(bytes([Packet.CMD_RESPONSE]) + Message.serialize({"conns": self.conns})))
                 elif kind == Packet.CMD_REQUEST:
                     self.raw += p
                     self.requests.append((time.monotonic(), name, p))
+                    if not self.answer:
+                        continue
                     # a big answer, to see it pass unchanged
-                    conn.sendall(frame(bytes([Packet.CMD_RESPONSE]) + Message.serialize(
-                        {"success": "yes", "echo": name, "pad": ["x" * 60000, "y" * 60000]})))
+                    try:
+                        conn.sendall(frame(bytes([Packet.CMD_RESPONSE]) + Message.serialize(
+                            {"success": "yes", "echo": name, "pad": ["x" * 60000, "y" * 60000]})))
+                    except OSError:     # the relay shut the connection down
+                        return
 
     def event(self, name: str, message: dict) -> None:
         body = bytes([Packet.EVENT, len(name)]) + name.encode() + Message.serialize(message)
@@ -240,6 +257,28 @@ def test_a_start_conn_waits_until_the_one_before_it_has_its_child_up(fake):
     assert report["held"] == 1 and report["freed"]["up"] == 1 and 0.4 < report["longest_wait_s"] < 3
 
 
+def test_a_start_conn_charon_has_already_takes_no_place(fake):
+    # a supervisor re-attached to charon loads again: charon initiates nothing for an unchanged conn
+    charon, run = fake(conns=("a",))
+    relay = start_relay(charon, run, parallel=1, window=60.0)
+    try:
+        c = Client(relay.path)
+        c.call(load_conn("a"))
+        c.call(load_conn("b"))          # the one place is b's, at once
+        got: list[bytes] = []
+        t = threading.Thread(target=lambda: got.append(c.call(load_conn("c"))))
+        t.start()
+        time.sleep(0.3)
+        assert not got
+        charon.event("child-updown", {"up": "yes", "b": {"uniqueid": "1"}})
+        t.join(5)
+        assert got
+    finally:
+        report = relay.close()
+    assert (report["already_loaded"], report["initiations"], report["held"]) == (1, 2, 1)
+    assert charon.asked_conns == 1 and [c for _, c in relay.released] == ["b", "c"]
+
+
 def test_a_conn_that_never_comes_up_holds_its_place_for_the_window_only(fake):
     charon, run = fake()
     relay = start_relay(charon, run, parallel=2, window=0.4)
@@ -272,12 +311,123 @@ def test_pacing_ends_when_its_share_of_the_load_time_limit_is_used(fake):
     assert "budget" in report["passthrough"]
 
 
-def test_without_charons_events_there_is_no_relay(fake):
-    charon, run = fake(confirm_events=False)
-    relay = PacingRelay(run, charon.path, parallel=1, window=10.0, budget=30.0)
-    with pytest.raises(Exception, match="refused"):
-        relay.start()
-    assert not os.path.exists(relay.path)
+def test_a_charon_that_refuses_its_events_gets_the_load_unpaced(fake):
+    charon, run = fake(events="refuse")
+    relay = start_relay(charon, run, parallel=1, window=60.0)
+    try:
+        c = Client(relay.path)
+        for name in ("a", "b", "c"):
+            c.call(load_conn(name))         # none held: there is no event to free a place
+    finally:
+        report = relay.close()
+    assert "refused" in report["passthrough"] and report["held"] == 0
+    assert charon.raw == load_conn("a") + load_conn("b") + load_conn("c")
+
+
+@pytest.mark.parametrize("answer", [True, False], ids=["answers-requests", "answers-nothing"])
+def test_a_charon_that_never_answers_its_event_registration_does_not_hold_up_start(fake, answer):
+    charon, run = fake(events="silent", answer=answer)
+    relay = PacingRelay(run, charon.path, parallel=1, window=60.0, budget=30.0)
+    began = time.monotonic()
+    relay.start()
+    took = time.monotonic() - began
+    try:
+        assert took < 1.5, took         # on the supervisor's loop thread (was up to 3 x CONNECT_TIMEOUT)
+        c = Client(relay.path)
+        if answer:
+            for name in ("a", "b"):
+                c.call(load_conn(name))
+            assert time.monotonic() - began < CONNECT_TIMEOUT + 1.5
+        else:
+            c.sock.sendall(load_conn("a"))
+            deadline = time.monotonic() + CONNECT_TIMEOUT + 3
+            while charon.raw != load_conn("a") and time.monotonic() < deadline:
+                time.sleep(0.02)
+        assert charon.raw == (load_conn("a") + load_conn("b") if answer else load_conn("a"))
+    finally:
+        report = relay.close()
+    assert "did not confirm" in report["passthrough"] and "unfinished" not in report
+
+
+def _closed_on(monkeypatch) -> dict[int, str]:
+    """Record, for every socket closed from now on, the thread that closed it (by the socket's id)."""
+    closed: dict[int, str] = {}
+    real = socket.socket.close
+
+    def close(sock):
+        closed.setdefault(id(sock), threading.current_thread().name)
+        real(sock)
+    monkeypatch.setattr(socket.socket, "close", close)
+    return closed
+
+
+def _relay_sockets(relay) -> dict[int, str]:
+    socks = {"listen": relay._listen, "events": relay._events, "wake_r": relay._wake_r, "wake_w": relay._wake_w}
+    for i, p in enumerate(relay._pairs):
+        socks.update({f"client{i}": p.client, f"upstream{i}": p.upstream})
+    return {id(s): name for name, s in socks.items() if s is not None}
+
+
+def _in(relay, function: str, timeout: float = 5.0) -> bool:
+    """True once the relay's thread is inside FUNCTION (e.g. blocked in a C call it made)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        frame_ = sys._current_frames().get(relay._thread.ident)
+        while frame_ is not None:
+            if frame_.f_code.co_name == function:
+                return True
+            frame_ = frame_.f_back
+        time.sleep(0.01)
+    return False
+
+
+def test_close_while_the_thread_is_blocked_writing_returns_at_once_and_only_the_thread_closes_sockets(
+        fake, monkeypatch):
+    charon, run = fake()
+    relay = start_relay(charon, run)
+    closed = _closed_on(monkeypatch)
+    c = Client(relay.path)
+    for _ in range(40):     # 40 answers of 120 kB that swanctl's side never reads
+        c.sock.sendall(frame(Packet.request("version")))
+    assert _in(relay, "_from_charon"), "the relay never blocked writing to the client"
+    ours = _relay_sockets(relay)
+    began = time.monotonic()
+    report = relay.close()
+    took = time.monotonic() - began
+    relay._thread.join(5)
+    assert took < CLOSE_WAIT + 0.5 and not relay._thread.is_alive()
+    assert not os.path.exists(relay.path) and "unfinished" not in report
+    by = {ours[i]: t for i, t in closed.items() if i in ours}
+    assert set(by) == set(ours.values()) and set(by.values()) == {"vici-relay"}, by
+    c.sock.close()
+
+
+def test_a_thread_that_has_not_ended_at_close_keeps_its_sockets_and_the_report_says_so(fake, monkeypatch):
+    charon, run = fake()
+    stuck, gate = threading.Event(), threading.Event()
+
+    def clock() -> float:
+        if stuck.is_set() and threading.current_thread().name == "vici-relay":
+            gate.wait(10)
+        return time.monotonic()
+    relay = start_relay(charon, run, clock=clock)
+    try:
+        closed = _closed_on(monkeypatch)
+        stuck.set()
+        c = Client(relay.path)          # the thread wakes to accept it and is held in the clock
+        assert _in(relay, "clock")
+        ours = _relay_sockets(relay)
+        began = time.monotonic()
+        report = relay.close()
+        assert time.monotonic() - began < CLOSE_WAIT + 0.5
+        assert "had not ended" in report["unfinished"] and not os.path.exists(relay.path)
+        assert not set(closed) & set(ours)          # nothing of the thread's closed under it
+    finally:
+        gate.set()
+    relay._thread.join(5)
+    assert not relay._thread.is_alive() and set(ours) <= set(closed)
+    assert {closed[i] for i in ours} == {"vici-relay"}
+    c.sock.close()
 
 
 def test_losing_charons_events_lets_everything_through(fake):

@@ -95,6 +95,9 @@ def test_a_load_through_the_relay_loads_what_a_direct_load_does_with_initiations
         finally:
             report = relay.close()
 
+        # charon creates a start conn's IKE_SA before it answers its load-conn (the adoption, which
+        # begins after the load, therefore finds each one being established and initiates none again)
+        assert ike_sas_by_conn(paced) == {f"c{i}": 1 for i in range(STARTS)}
         assert (relayed.returncode, relayed.stdout) == (plain.returncode, plain.stdout) == (0, plain.stdout)
         assert f"successfully loaded {STARTS + TRAPS} connections" in plain.stdout
         assert conns_of(paced) == conns_of(direct)
@@ -141,5 +144,66 @@ def test_after_a_crash_in_adopt_mode_the_supervisor_paces_its_start_load_then_ad
         assert sup.wait_recovered(timeout=60)
         assert sup.stop() == 0
         assert not os.path.exists(os.path.join(sup.p("run"), "swanctl-load.vici"))
+    finally:
+        sup.cleanup()
+
+
+def ike_sas_by_conn(charon) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for event in charon.list_sas():
+        for name in event:
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def test_a_supervisor_killed_while_its_relay_holds_a_start_conn_harms_no_charon_and_the_next_loads_all(
+        netns, tmp_path):
+    netns.sh(SETUP)
+    sup = start_supervised_charon(netns.name, str(tmp_path / "moon"), swanctl_conf=conf(3, 2), mode="adopt",
+                                  supervisor={"recovery": {"adopt_grace": "5s", "adopt_initiate_parallel": 1}},
+                                  default_load=True)
+    relay_path = os.path.join(sup.p("run"), "swanctl-load.vici")
+    try:
+        first = sup.charon_pid
+        # c3's and c4's trap policies are left behind; c4 is no longer configured: its are the
+        # adoption's to remove at the end of the grace, whichever supervisor does it
+        sup.write_swanctl(conf(3, 1))
+        assert "10.104.0.0/16" in netns.sh("ip xfrm policy").stdout
+        sup.kill_charon()
+        deadline = time.monotonic() + 60
+        pid = None
+        while time.monotonic() < deadline:
+            # c0 let through (charon initiates it; its peer never answers), c1 held for c0's 10 s window
+            log = sup.charon_log().split("Starting IKE charon daemon")[-1]
+            if len(initiations(log)) == 1 and "start load through the VICI relay" in sup.log():
+                pid = sup.charon_pid
+                if pid != first and sorted(n for e in sup.list_conns() for n in e) == ["c0"]:
+                    break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"the relay never held c1\n{sup.log()[-3000:]}")
+        time.sleep(0.5)
+        sup.proc.kill()
+        sup.proc.wait(10)
+        assert os.path.exists(f"/proc/{pid}") and os.path.exists(relay_path)     # charon runs on; a stale socket
+
+        sup.start(beside=pid)
+        st = sup.wait_running(timeout=90)
+        assert st["daemon"]["pid"] == pid and st["daemon"]["reattached"], st["summary"]
+        assert sorted(n for e in sup.list_conns() for n in e) == ["c0", "c1", "c2", "c3"]
+        assert ike_sas_by_conn(sup) == {"c0": 1, "c1": 1, "c2": 1}, sup.list_sas()    # charon kept c0's
+        load = st["daemon"]["load"]
+        assert load["ok"] and load["trigger"] == "start", load
+        # paced again (the adoption is still to come), c0 without a place: charon had it already
+        paced = load["paced"]
+        assert (paced["initiations"], paced["already_loaded"], paced["held"]) == (2, 1, 1), paced
+        assert "adoption of 10 leftover(s) resumed" in sup.log()
+        sup.wait_recovered(timeout=60)
+        assert ike_sas_by_conn(sup) == {"c0": 1, "c1": 1, "c2": 1}      # nor did the adoption add one
+        policies = netns.sh("ip xfrm policy").stdout
+        assert "10.104.0.0/16" not in policies and "10.103.0.0/16" in policies, policies
+        assert sup.charon_pid == pid
+        assert sup.stop() == 0
+        assert not os.path.exists(relay_path)
     finally:
         sup.cleanup()
