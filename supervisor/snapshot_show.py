@@ -1,21 +1,22 @@
-"""``snapshot show FILE --json`` of a version 2 file with msgspec: the document without its records.
+"""``snapshot show FILE --json`` of a version 2 file with msgspec, without its policy and route records.
 
-The command prints the loaded snapshot as ``msgspec.json.format(msgspec.json.encode(doc), indent=1)``
-where each record is its ``to_json()`` (version 1's full records). Building 30,000 policy
-records and their dicts cost 9x the time of ``ip xfrm policy``. Here policies are decoded into
-PolicyShow, the structs of snapshot_typed with their fields in ``to_json``'s order and the
-no-limits lifetime as the default, which msgspec encodes in C to the very bytes of their
-records; routes are one format string each. The compact document is the same, so its
-formatting is too; whatever a struct does not spell as its record would (a named value given
-as its number, hex written otherwise, metrics, nexthops, a string to escape) goes through the
-record. tests/test_snapshot_show_json.py holds both ways to the same bytes.
+The command prints the loaded snapshot as ``msgspec.json.format(msgspec.json.encode(doc), indent=1)``,
+each record as its ``to_json()`` (version 1's full records): for 30,000 policies, building the
+records and their dicts cost 9x the time of ``ip xfrm policy``. Here policies and routes are
+decoded into the structs of snapshot_typed with their fields in ``to_json``'s order (the same
+types, so the same documents are accepted; a policy's missing lifetime reads as the no-limits
+default) and msgspec encodes them in C to their records' bytes; a route's three derived names are
+put in after the encoding, once per distinct (type, protocol, scope). The compact JSON being the
+same, so is its formatting, done in C a batch at a time. Whatever a struct spells otherwise than
+its record (a named value given as its number, hex written otherwise, metrics out of order) goes
+through the record. tests/test_snapshot_show_json.py holds both ways to the same bytes.
 """
 
 from __future__ import annotations
 
 from itertools import chain
 from operator import attrgetter
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import msgspec
 
@@ -23,34 +24,48 @@ from . import snapshot_typed as typed
 from .kernel import routes as _routes
 from .kernel import xfrm as _x
 
-# to_json's keys, in its order: a struct encodes its fields in the order they are declared.
-_POLICY_KEYS = ("selector", "dir", "action", "priority", "index", "flags", "share", "lifetime", "mark",
-                "if_id", "ptype", "templates", "attrs", "curlft")
+
+def _reordered(kind: type, name: str, keys: tuple[str, ...], types: dict[str, Any] | None = None,
+               defaults: dict[str, Any] | None = None) -> type:
+    """KIND with its fields in the order of KEYS (to_json's), each of its type and default but those
+    in TYPES and DEFAULTS."""
+    fields = {f.name: f for f in msgspec.structs.fields(kind)}
+    if set(fields) != set(keys):
+        raise RuntimeError(f"{kind.__name__}'s fields {sorted(fields)} are not to_json's keys {sorted(keys)}: "
+                           "update snapshot_show")
+    spec = []
+    for key in keys:
+        f = fields[key]
+        kind_of = (types or {}).get(key, f.type)
+        if defaults and key in defaults:
+            spec.append((key, kind_of, defaults[key]))
+        elif f.default is not msgspec.NODEFAULT:
+            spec.append((key, kind_of, f.default))
+        elif f.default_factory is not msgspec.NODEFAULT:
+            spec.append((key, kind_of, msgspec.field(default_factory=f.default_factory)))
+        else:
+            spec.append((key, kind_of))
+    # kw_only: a field with a default may come before required ones (decoding is by name anyway)
+    return msgspec.defstruct(name, spec, frozen=True, gc=False, kw_only=True)
 
 
-def _policy_show() -> type:
-    """snapshot_typed.Policy with its fields in to_json's order (the same types: it accepts what
-    Policy accepts), a missing lifetime read as the kernel's no-limits default."""
-    fields = {f.name: f for f in msgspec.structs.fields(typed.Policy)}
-    if set(fields) != set(_POLICY_KEYS):
-        raise RuntimeError(f"snapshot_typed.Policy's fields {sorted(fields)} are not to_json's keys "
-                           f"{sorted(_POLICY_KEYS)}: update snapshot_show")
-    no_limits = typed.Lifetime(**_x.NO_LIMITS.to_json())
-    spec = [(name, fields[name].type, no_limits) if name == "lifetime" else (name, fields[name].type)
-            for name in _POLICY_KEYS]
-    # kw_only: a field with a default (lifetime) is followed by required ones; decoding is by name.
-    return msgspec.defstruct("PolicyShow", spec, frozen=True, gc=False, kw_only=True)
-
-
-PolicyShow = _policy_show()
+PolicyShow = _reordered(typed.Policy, "PolicyShow", (
+    "selector", "dir", "action", "priority", "index", "flags", "share", "lifetime", "mark", "if_id", "ptype",
+    "templates", "attrs", "curlft"), defaults={"lifetime": typed.Lifetime(**_x.NO_LIMITS.to_json())})
+NextHopShow = _reordered(typed.NextHop, "NextHopShow", ("gateway", "oif", "oif_name", "weight", "flags"))
+# to_json's keys but type_name, protocol_name and scope_name, which follow type, protocol and scope
+RouteShow = _reordered(typed.Route, "RouteShow", (
+    "family", "table", "dst", "dst_len", "type", "protocol", "scope", "gateway", "oif", "oif_name", "prefsrc",
+    "src", "src_len", "tos", "priority", "metrics", "multipath", "nhid", "pref", "flags", "expires"),
+    types={"multipath": tuple[NextHopShow, ...]})      # type: ignore[valid-type]
 
 
 class ObjectsShow(msgspec.Struct, forbid_unknown_fields=True):
-    """snapshot_typed.Objects with PolicyShow for its policies."""
+    """snapshot_typed.Objects with the structs above for its policies and routes."""
 
     xfrm_sa: list = []
     xfrm_policy: list[PolicyShow] = []        # type: ignore[valid-type]
-    route: list[typed.Route] = []
+    route: list[RouteShow] = []               # type: ignore[valid-type]
     rule: list = []
     address: list = []
     firewall: list = []
@@ -64,16 +79,24 @@ DOCUMENT = msgspec.json.Decoder(DocumentShow)
 
 
 def same_schema() -> bool:
-    """Whether DOCUMENT reads exactly what snapshot_typed.DOCUMENT reads (the same fields, types
-    and defaults but PolicyShow's lifetime): what makes its errors those of load_snapshot."""
-    def described(kind: type, skip: str = "") -> dict:
-        return {f.name: (f.type, f.required) for f in msgspec.structs.fields(kind) if f.name != skip}
-    return (described(PolicyShow, "lifetime") == described(typed.Policy, "lifetime")
-            and described(ObjectsShow, "xfrm_policy") == described(typed.Objects, "xfrm_policy")
-            and described(DocumentShow, "objects") == described(typed.Document, "objects"))
+    """Whether DOCUMENT reads what snapshot_typed.DOCUMENT reads: the same fields of the same types
+    with the same defaults (but a policy's lifetime), so that its errors are load_snapshot's."""
+    shown = {PolicyShow: typed.Policy, RouteShow: typed.Route, NextHopShow: typed.NextHop,
+             ObjectsShow: typed.Objects, DocumentShow: typed.Document}
+    as_typed = {list[PolicyShow]: list[typed.Policy], list[RouteShow]: list[typed.Route],  # type: ignore
+                tuple[NextHopShow, ...]: tuple[typed.NextHop, ...], **shown}                # type: ignore
+
+    def described(kind: type) -> tuple:
+        config = kind.__struct_config__
+        return ((config.forbid_unknown_fields, config.array_like, config.tag, config.tag_field),
+                {f.name: (as_typed.get(f.type, f.type), f.encode_name, f.required,
+                          (f.default, f.default_factory) if f.name != "lifetime" else None)
+                 for f in msgspec.structs.fields(kind)})
+
+    return all(described(show) == described(kind) for show, kind in shown.items())
 
 
-# --- policies -------------------------------------------------------------------------------
+# --- what a struct spells otherwise than its record ------------------------------------------
 
 _NAMED = attrgetter("dir", "action", "share", "ptype", "selector.family")
 _NAMED_NAMES = (_x.DIR_NAMES, _x.ACTION_NAMES, _x.SHARE_NAMES, _x.PTYPE_NAMES, _x.FAMILY_NAMES)
@@ -81,22 +104,22 @@ _TEMPLATES = attrgetter("templates")
 _TEMPLATE_NAMED = attrgetter("family", "proto", "mode", "share")
 _TEMPLATE_NAMES = (_x.FAMILY_NAMES, _x.PROTO_NAMES, _x.MODE_NAMES, _x.SHARE_NAMES)
 _ATTRS = attrgetter("attrs")
+_METRICS = attrgetter("metrics")
 
 
 def _numbered(values: set[tuple], names: tuple[dict, ...]) -> bool:
-    """Whether one of VALUES' fields is a number that has a name (to_json writes the name)."""
+    """Whether a field of one of VALUES is a number that has a name (to_json writes the name)."""
     return any(v in n for value in values for v, n in zip(value, names))
 
 
-def _unlike_record(p: Any) -> bool:
-    """Whether policy P's struct encodes otherwise than its record's to_json."""
+def _policy_unlike_record(p: Any) -> bool:
     if _numbered({_NAMED(p)}, _NAMED_NAMES) or _numbered(set(map(_TEMPLATE_NAMED, p.templates)), _TEMPLATE_NAMES):
         return True
     return any(bytes.fromhex(a.data).hex() != a.data for a in p.attrs)
 
 
 def policies(items: list, record: Callable[[Any], Any]) -> list:
-    """What encodes as the records of policies ITEMS: each struct, or where it would not give the
+    """What encodes as the records of policies ITEMS: each struct or, where it would not give its
     record's bytes, RECORD(struct)'s JSON encoded."""
     numbered = (_numbered(set(map(_NAMED, items)), _NAMED_NAMES)
                 or _numbered(set(map(_TEMPLATE_NAMED, chain.from_iterable(map(_TEMPLATES, items)))),
@@ -104,59 +127,45 @@ def policies(items: list, record: Callable[[Any], Any]) -> list:
     if not numbered and not any(map(_ATTRS, items)):
         return items        # (the usual case: a file this program wrote, three C loops)
     encode = msgspec.json.encode
-    return [msgspec.Raw(encode(record(p).to_json())) if _unlike_record(p) else p for p in items]
+    return [msgspec.Raw(encode(record(p).to_json())) if _policy_unlike_record(p) else p for p in items]
 
 
-# --- routes ---------------------------------------------------------------------------------
-
-_ROUTE = ('{"family":"%s","table":%d,"dst":%s,"dst_len":%d,"type":%d,"type_name":%s,"protocol":%d,'
-          '"protocol_name":%s,"scope":%d,"scope_name":%s,"gateway":%s,"oif":%s,"oif_name":%s,"prefsrc":%s,'
-          '"src":%s,"src_len":%d,"tos":%d,"priority":%d,"metrics":{},"multipath":[],"nhid":%s,"pref":%s,'
-          '"flags":%d,"expires":%s}')
-
-
-def _plain(text: str) -> bool:
-    """Whether msgspec writes TEXT between quotes as it is."""
-    return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
-
-
-def routes(items: list, record: Callable[[Any], Any]) -> msgspec.Raw:
-    """The JSON list of the records of routes ITEMS (RECORD(struct): the record, for a route with
-    metrics or nexthops)."""
+def routes(items: list, record: Callable[[Any], Any]) -> list:
+    """What encodes as the records of routes ITEMS but their derived names (see _named): each struct
+    or, for metrics not in the order the record sorts them in, RECORD(struct)'s JSON encoded."""
+    if not any(map(_METRICS, items)):
+        return items
     encode = msgspec.json.encode
-    quoted: dict[Any, str] = {None: "null"}
+    return [msgspec.Raw(encode(record(r).to_json())) if r.metrics and list(r.metrics) != sorted(r.metrics) else r
+            for r in items]
 
-    def q(text: str | None) -> str:
-        out = quoted.get(text)
-        if out is None:
-            out = quoted[text] = f'"{text}"' if _plain(text) else encode(text).decode()
-        return out
 
-    names: dict[tuple[dict, int], str] = {}
+_ROUTE_NAMED = attrgetter("type", "protocol", "scope")
+_MANY_NAMES = 8         # more distinct (type, protocol, scope) in a batch: named one route at a time
 
-    def name(table: dict, number: int) -> str:
-        out = names.get((id(table), number))
-        if out is None:
-            out = names[(id(table), number)] = q(_routes.name_of(table, number))
-        return out
 
-    types, protocols, scopes = _routes.ROUTE_TYPE_NAMES, _routes.PROTOCOL_NAMES, _routes.SCOPE_NAMES
-    lines = []
-    append = lines.append
-    for r in items:
-        if r.metrics or r.multipath:
-            append(encode(record(r).to_json()).decode())
-            continue
-        oif, nhid, pref, expires = r.oif, r.nhid, r.pref, r.expires
-        append(_ROUTE % (r.family, r.table, q(r.dst), r.dst_len, r.type, name(types, r.type), r.protocol,
-                         name(protocols, r.protocol), r.scope, name(scopes, r.scope), q(r.gateway),
-                         "null" if oif is None else oif, q(r.oif_name), q(r.prefsrc), q(r.src), r.src_len, r.tos,
-                         r.priority, "null" if nhid is None else nhid, "null" if pref is None else pref, r.flags,
-                         "null" if expires is None else expires))
-    return msgspec.Raw(("[" + ",".join(lines) + "]").encode())
+def _name_token(names: dict[int, str], number: int) -> bytes:
+    return msgspec.json.encode(_routes.name_of(names, number))
 
+
+def _names_put_in(data: bytes, named: set[tuple[int, int, int]]) -> bytes:
+    """DATA (routes encoded as RouteShow) with type_name, protocol_name and scope_name after type,
+    protocol and scope, of routes whose (type, protocol, scope) are NAMED. What is replaced is found
+    only there: a string has no bare quote, and no other object has these keys."""
+    for t, p, s in named:
+        data = data.replace(b'"type":%d,"protocol":%d,"scope":%d,"gateway":' % (t, p, s),
+                            b'"type":%d,"type_name":%s,"protocol":%d,"protocol_name":%s,"scope":%d,"scope_name":%s,'
+                            b'"gateway":' % (t, _name_token(_routes.ROUTE_TYPE_NAMES, t),
+                                             p, _name_token(_routes.PROTOCOL_NAMES, p),
+                                             s, _name_token(_routes.SCOPE_NAMES, s)))
+    return data
+
+
+# --- the document ---------------------------------------------------------------------------
 
 SHOW = {"xfrm_policy": policies, "route": routes}
+BATCH = 2000            # records formatted at a time: fresh memory for all costs more in page faults
+_NEST, _UNNEST = b"[\n [\n  [\n", b"\n  ]\n ]\n]"      # around items formatted three deep, as in the document
 
 
 def _record(name: str) -> Callable[[Any], Any]:
@@ -169,17 +178,45 @@ def _record(name: str) -> Callable[[Any], Any]:
     return lambda item: build([item], fail)[0]
 
 
-def document(snap: Any, structs: dict[str, list]) -> bytes:
+def _formatted(values: list, name: str) -> Iterator[bytes | memoryview]:
+    """The items of VALUES (of family NAME) as the document's formatting has them, three deep,
+    separated by ",\\n", a batch at a time."""
+    encode, format_json = msgspec.json.Encoder().encode, msgspec.json.format
+    for start in range(0, len(values), BATCH):
+        batch = values[start:start + BATCH]
+        data = encode([[batch]])
+        if name == "route":
+            named = set(map(_ROUTE_NAMED, (r for r in batch if r.__class__ is RouteShow)))
+            if len(named) <= _MANY_NAMES:
+                data = _names_put_in(data, named)
+            else:
+                data = encode([[[r if r.__class__ is not RouteShow
+                                 else msgspec.Raw(_names_put_in(encode(r), {_ROUTE_NAMED(r)})) for r in batch]]])
+        text = format_json(data, indent=1)
+        if start:
+            yield b",\n"
+        yield memoryview(text)[len(_NEST):len(text) - len(_UNNEST)]
+
+
+def document(snap: Any, structs: dict[str, list]) -> Iterator[bytes | memoryview]:
     """The JSON of SNAP (from snapshot.load_for_json, whose STRUCTS stand for its policies and
-    routes), formatted with an indent of 1: the bytes the command prints (without its newline)."""
+    routes) formatted with an indent of 1, in pieces: the bytes the command prints but its newline."""
     from .kernel_state import FAMILIES
-    objects: dict[str, Any] = {}
-    for name in FAMILIES:
+    head = msgspec.json.format(msgspec.json.encode(
+        {"created": snap.created, "host": snap.host, "kernel": snap.kernel, "netns": snap.netns,
+         "daemon": snap.daemon, "keys_included": snap.keys_included, "context": snap.context, "objects": 0}),
+        indent=1)
+    yield head[:-len(b"0\n}")] + b"{"
+    for i, name in enumerate(FAMILIES):
         if name in structs:
-            objects[name] = SHOW[name](structs[name], _record(name))
+            values = SHOW[name](structs[name], _record(name))
         else:
-            objects[name] = [r.to_json(include_keys=snap.keys_included) for r in snap.objects.get(name, ())]
-    doc = {"created": snap.created, "host": snap.host, "kernel": snap.kernel, "netns": snap.netns,
-           "daemon": snap.daemon, "keys_included": snap.keys_included, "context": snap.context,
-           "objects": objects}
-    return msgspec.json.format(msgspec.json.encode(doc), indent=1)
+            values = [r.to_json(include_keys=snap.keys_included) for r in snap.objects.get(name, ())]
+        yield b'%s\n  "%s": ' % (b"," if i else b"", name.encode())
+        if not values:
+            yield b"[]"
+            continue
+        yield b"[\n"
+        yield from _formatted(values, name)
+        yield b"\n  ]"
+    yield b"\n }\n}"

@@ -142,6 +142,13 @@ def test_a_written_version_2_file_prints_the_same_bytes_as_from_records(edit, tm
     assert rc == ExitCode.OK and out.endswith(b"\n}\n")
 
 
+@pytest.mark.parametrize("batch", [1, 2, 7])
+def test_records_formatted_a_few_at_a_time_print_the_same(batch, tmp_path, monkeypatch, capsysbinary):
+    monkeypatch.setattr(snapshot_show, "BATCH", batch)
+    path = written(tmp_path, "s", with_objects(odd_small_families(base()), xfrm_policy=POLICIES, route=ROUTES))
+    same_both_ways(path, monkeypatch, capsysbinary)
+
+
 @pytest.mark.parametrize("name", V1)
 def test_a_version_1_file_prints_the_same_bytes(name, monkeypatch, capsysbinary):
     same_both_ways(os.path.join(FIXTURES, f"{name}.json"), monkeypatch, capsysbinary)
@@ -183,6 +190,10 @@ EDITED = [
         "metrics", "multipath", "nhid", "pref", "expires", "gateway", "oif", "oif_name", "prefsrc", "src")]),
     ("route numbers without names", lambda d: _route(d).update(type=200, protocol=99, scope=7)),
     ("route metric values as strings", lambda d: _route(d, 2)["metrics"].update(mtu="lock 1400")),
+    ("route metrics out of order", lambda d: _reordered(_route(d, 2)["metrics"])),
+    ("routes of more kinds than a batch names at once", lambda d: d["objects"]["route"].extend(
+        {**_route(d), "type": t, "protocol": p, "scope": sc} for t in (1, 2, 13) for p in (4, 3, 250)
+        for sc in (0, 253, 100))),
     ("created_unix an integer", lambda d: d.update(created_unix=1764288000)),
     ("a policy for each name of every field", lambda d: d["objects"]["xfrm_policy"].extend(
         {**_policy(d, 0), "dir": dr, "action": ac, "share": sh, "ptype": pt}
@@ -249,7 +260,7 @@ def test_policies_and_routes_of_a_written_file_are_never_built_as_records(tmp_pa
     for name in ("xfrm_policy", "route"):
         monkeypatch.setitem(snapshot_typed.RECORDS, name, lambda *a: pytest.fail("a record was built"))
     snap, structs = snapshot.load_for_json(path)
-    data = snapshot_show.document(snap, structs)
+    data = b"".join(snapshot_show.document(snap, structs))
     sas = len(snap.objects["xfrm_sa"])         # (SAs have a lifetime too)
     assert data.count(b'"lifetime": {') == 100 + sas and data.count(b'"type_name": "unicast"') == 100
 

@@ -209,8 +209,7 @@ def _show_json(path: str) -> int:
         return _show_json_records(path)
     from ..snapshot_show import document
     with without_cycle_collection():
-        data = document(*found)
-    _write_utf8(data)
+        _write_utf8(document(*found))
     return ExitCode.OK
 
 
@@ -229,18 +228,20 @@ def _show_json_records(path: str) -> int:
     return ExitCode.OK
 
 
-def _write_utf8(data: bytes) -> None:
-    """DATA (UTF-8 JSON) and a newline on stdout as print(DATA.decode()) writes them: straight to
-    its buffer when it encodes UTF-8 (no copy of tens of megabytes decoded and encoded again)."""
+def _write_utf8(pieces) -> None:
+    """PIECES (bytes of UTF-8 JSON, split where a character ends) and a newline on stdout as
+    print(their text) writes them: straight to its buffer when it encodes UTF-8 (no copy of tens of
+    megabytes decoded and encoded again)."""
     import codecs
     out = sys.stdout
     buffer = getattr(out, "buffer", None)
     if buffer is None or codecs.lookup(out.encoding).name != "utf-8":
-        out.write(data.decode())
+        out.write(b"".join(pieces).decode())       # (one write, as print's: all of it or nothing)
         print()
         return
     out.flush()
-    buffer.write(data)
+    for piece in pieces:
+        buffer.write(piece)
     buffer.write(b"\n")
 
 
