@@ -113,6 +113,7 @@ def _numbered(values: set[tuple], names: tuple[dict, ...]) -> bool:
 
 
 def _policy_unlike_record(p: Any) -> bool:
+    """Whether policy P's struct encodes otherwise than its record's to_json."""
     if _numbered({_NAMED(p)}, _NAMED_NAMES) or _numbered(set(map(_TEMPLATE_NAMED, p.templates)), _TEMPLATE_NAMES):
         return True
     return any(bytes.fromhex(a.data).hex() != a.data for a in p.attrs)
@@ -131,7 +132,7 @@ def policies(items: list, record: Callable[[Any], Any]) -> list:
 
 
 def routes(items: list, record: Callable[[Any], Any]) -> list:
-    """What encodes as the records of routes ITEMS but their derived names (see _named): each struct
+    """What encodes as the records of routes ITEMS but their derived names (_names_put_in): each struct
     or, for metrics not in the order the record sorts them in, RECORD(struct)'s JSON encoded."""
     if not any(map(_METRICS, items)):
         return items
@@ -184,14 +185,14 @@ def _formatted(values: list, name: str) -> Iterator[bytes | memoryview]:
     encode, format_json = msgspec.json.Encoder().encode, msgspec.json.format
     for start in range(0, len(values), BATCH):
         batch = values[start:start + BATCH]
+        named = set(map(_ROUTE_NAMED, (r for r in batch if r.__class__ is RouteShow))) if name == "route" else ()
+        if len(named) > _MANY_NAMES:
+            batch = [msgspec.Raw(_names_put_in(encode(r), {_ROUTE_NAMED(r)})) if r.__class__ is RouteShow else r
+                     for r in batch]
+            named = ()
         data = encode([[batch]])
-        if name == "route":
-            named = set(map(_ROUTE_NAMED, (r for r in batch if r.__class__ is RouteShow)))
-            if len(named) <= _MANY_NAMES:
-                data = _names_put_in(data, named)
-            else:
-                data = encode([[[r if r.__class__ is not RouteShow
-                                 else msgspec.Raw(_names_put_in(encode(r), {_ROUTE_NAMED(r)})) for r in batch]]])
+        if named:
+            data = _names_put_in(data, named)
         text = format_json(data, indent=1)
         if start:
             yield b",\n"

@@ -214,7 +214,8 @@ def _show_json(path: str) -> int:
 
 
 def _show_json_records(path: str) -> int:
-    """``show FILE --json`` from every record's to_json: the reference snapshot_show gives the bytes of."""
+    """``show FILE --json`` from every record's to_json: without msgspec, for version 1 and for a bad
+    file (load_snapshot words its fault); the bytes snapshot_show gives too (tests hold it to them)."""
     from ..kernel.common import without_cycle_collection
     from ..snapshot import load_snapshot
     snap = _settled(lambda keep: load_snapshot(path))
