@@ -29,7 +29,7 @@ from supervisor.snapshot import load_snapshot, write_snapshot
 
 msgspec = pytest.importorskip("msgspec")
 from supervisor import snapshot_show  # noqa: E402 - needs msgspec
-from test_snapshot_typed import CORRUPT  # noqa: E402 - the 31 kinds of damage
+from test_snapshot_typed import CORRUPT  # noqa: E402 - its kinds of damage to a version 2 file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "snapshots")
