@@ -254,6 +254,39 @@ def describe_snapshot(path: str, keep: list | None = None) -> tuple[Snapshot, di
         return _snapshot_of(doc, {}, path), texts
 
 
+def load_for_json(path: str, keep: list | None = None) -> tuple[Snapshot, dict[str, list]] | None:
+    """The snapshot at PATH checked as load_snapshot checks it (the same errors), its policies and
+    routes left as the structs msgspec decoded (snapshot_show): (the snapshot without them, {family:
+    structs}). None without msgspec or for what it does not read as version 2 (a fault, version 1):
+    load_snapshot then does. KEEP: as for describe_snapshot."""
+    msgspec = _codec()
+    if msgspec is None:
+        return None
+    from . import snapshot_show
+    from .snapshot_typed import CHECKS
+    raw = _read(path)
+    with without_cycle_collection():
+        try:
+            whole = snapshot_show.DOCUMENT.decode(raw)
+        except (msgspec.DecodeError, RecursionError):
+            return None             # _typed_document's second look says what is wrong, and where
+        if keep is not None:
+            keep.append(whole)
+        doc = _head_of(whole)
+        _check_head(doc, path)
+        if doc["version"] < 2:
+            return None
+        loaded, structs = {}, {}
+        for name in FAMILIES:           # in load_snapshot's order, which says which error comes first
+            items = getattr(whole.objects, name)
+            if name in CHECKS:
+                CHECKS[name](items, _failing(path, name))
+                structs[name] = items
+            else:
+                loaded[name] = _build(name, items, list(range(len(items))), doc["version"], path)
+        return _snapshot_of(doc, loaded, path), structs
+
+
 def _failing(path: str, name: str) -> Callable[[int, Exception], None]:
     """FAIL(index, exception) for the typed checks: SnapshotError naming the record of family NAME."""
     def fail(i: int, exc: Exception) -> None:
