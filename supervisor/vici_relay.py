@@ -253,30 +253,36 @@ class PacingRelay:
         except BlockingIOError:
             raise OSError(f"{self.charon_socket} accepts no connection now (its backlog is full)") from None
 
+    def _exchange(self, sock: socket.socket, packet: bytes, deadline: float, what: str) -> tuple[int, str, bytes]:
+        """Send PACKET on the event session and read charon's first packet back by DEADLINE: (kind,
+        name, payload). close() shuts the session down, which ends the wait at once."""
+        from .vici_client import ViciError, packet_name, split_frames
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        sock.sendall(packet)
+        buf = b""
+        while True:
+            packets, buf = split_frames(buf)
+            if packets:
+                return packet_name(packets[0][4:])
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ViciError(f"{self.charon_socket} closed the connection during {what}")
+            buf += chunk
+
     def _register_events(self, deadline: float) -> None:
         """The thread, first: register for EVENTS by DEADLINE; else pass through."""
         from vici.protocol import Packet
 
-        from .vici_client import ViciError, frame, packet_name, split_frames
+        from .vici_client import ViciError, frame
         sock = self._events
         if sock is None:
             return
         event = EVENTS[0]
         try:
             for event in EVENTS:
-                buf = b""
-                sock.settimeout(max(0.001, deadline - time.monotonic()))
-                sock.sendall(frame(Packet.register_event(event)))
-                while True:
-                    packets, buf = split_frames(buf)
-                    if packets:
-                        break
-                    sock.settimeout(max(0.001, deadline - time.monotonic()))
-                    chunk = sock.recv(4096)
-                    if not chunk:
-                        raise ViciError(f"{self.charon_socket} closed the connection while registering for {event}")
-                    buf += chunk
-                kind, _, _ = packet_name(packets[0][4:])
+                kind, _, _ = self._exchange(sock, frame(Packet.register_event(event)), deadline,
+                                            f"the registration for {event} events")
                 if kind != Packet.EVENT_CONFIRM:
                     raise ViciError(f"charon refused to send {event} events on {self.charon_socket} "
                                     f"(packet type {kind})")
@@ -295,15 +301,25 @@ class PacingRelay:
         self._sel.register(sock, selectors.EVENT_READ, self._read_events)
 
     def _learn_conns(self, deadline: float) -> None:
-        """The conns charon has already (a re-attached supervisor loads again): charon initiates one
-        loaded again only if its configuration changed (then mostly in its IKE_SA), so it takes no place."""
-        from .vici_client import ViciError, vici_command
-        try:
-            answer, _ = vici_command(self.charon_socket, "get-conns", timeout=max(0.2, deadline - time.monotonic()))
-        except (OSError, ViciError) as exc:
-            log.info("VICI relay: cannot ask charon which conns it has (%s); every start conn takes a place", exc)
+        """The conns charon has already (a re-attached supervisor loads again), asked on the event
+        session before it registers (so close() can cut it short). charon initiates a conn loaded
+        again only if its configuration changed: an unchanged one takes no place. (A changed one is
+        initiated without a place, and one still connecting from the killed supervisor's load holds
+        none: both rare, at worst one initiation beside the paced ones.)"""
+        from vici.protocol import Packet
+
+        from .vici_client import decode_message, frame
+        sock = self._events
+        if sock is None:
             return
-        conns = answer.get("conns")
+        try:
+            kind, _, payload = self._exchange(sock, frame(Packet.request("get-conns")), deadline, "get-conns")
+            conns = decode_message(payload).get("conns") if kind == Packet.CMD_RESPONSE else None
+        except Exception as exc:    # noqa: BLE001 - OSError, ViciError, or what the vici package raises on garbage
+            if not self._stop:
+                log.info("VICI relay: cannot ask charon which conns it has (%s); every start conn takes a place",
+                         getattr(exc, "strerror", None) or exc)
+            return
         if isinstance(conns, list):
             self.already = frozenset(map(_value, conns))
 
@@ -360,9 +376,9 @@ class PacingRelay:
         try:
             deadline = time.monotonic() + CONNECT_TIMEOUT
             if not self._stop:
-                self._register_events(deadline)
-            if not self._stop and self.passthrough is None:
                 self._learn_conns(deadline)
+            if not self._stop:
+                self._register_events(deadline)
             self._serve()
         finally:
             self._close_all()
@@ -394,7 +410,8 @@ class PacingRelay:
                 key.data(key.fileobj)
             except OSError as exc:
                 self._drop_for(key.fileobj, exc)
-        self._release()
+        if not self._stop:      # close() shut the connections down meanwhile: nothing goes on
+            self._release()
 
     def _woken(self, sock) -> None:
         sock.recv(64)
@@ -484,14 +501,14 @@ class PacingRelay:
                     self.stats["held"] += 1
                 return
             self._waited(pair)
+            pair.upstream.sendall(packet)       # counted below once it has gone on
+            pair.inbuf = pair.inbuf[len(packet):]
             self.stats["requests"] += request
             self.stats["already_loaded"] += already
             if conns:
                 self.pacer.passed(conns, now)
                 self.stats["initiations"] += len(conns)
                 self.released += [(now, c) for c in conns]
-            pair.upstream.sendall(packet)
-            pair.inbuf = pair.inbuf[len(packet):]
 
     def _waited(self, pair: _Pair) -> None:
         if pair.held_since is not None:
@@ -550,7 +567,11 @@ class PacingRelay:
             self.passthrough = "the pacing budget of the load's time limit is used up"
             log.warning("VICI relay: %s; the remaining conns go to charon at once", self.passthrough)
         for pair in sorted((p for p in self._pairs if p.held_since is not None), key=lambda p: p.held_since):
-            self._forward(pair)
+            try:
+                self._forward(pair)
+            except OSError as exc:      # charon or swanctl went away while it waited
+                self._drop_for(pair.upstream, exc)
+                continue
             if pair.held_since is not None and not self.passthrough:
                 break   # still no place: the later ones wait behind it
 
@@ -598,12 +619,17 @@ def relay_for_load(plan, cfg, *, adoption_coming: bool) -> PacingRelay | None:
 def _remove_stale(run_dir: str) -> None:
     """Remove the socket of a relay whose supervisor was killed during its paced load (the run-dir
     lock proves no other supervisor uses it; a paced load replaces it anyway as it binds)."""
+    from .errors import SupervisorError
+    from .trusted_paths import open_trusted_dir
+    path = os.path.join(run_dir, SOCKET_NAME)
     try:
-        os.unlink(os.path.join(run_dir, SOCKET_NAME))
+        with open_trusted_dir(run_dir, create=False, what="paths.run_dir") as run:
+            removed = run.unlink(SOCKET_NAME)
     except FileNotFoundError:
+        return      # no run directory yet: nothing left in it
+    except (OSError, SupervisorError) as exc:
+        log.warning("cannot remove the stale VICI relay socket %s: %s (nothing connects to it)", path,
+                    getattr(exc, "strerror", None) or exc)
         return
-    except OSError as exc:
-        log.warning("cannot remove the stale VICI relay socket %s: %s (nothing connects to it)",
-                    os.path.join(run_dir, SOCKET_NAME), exc.strerror)
-        return
-    log.info("removed the VICI relay socket %s a killed supervisor left", os.path.join(run_dir, SOCKET_NAME))
+    if removed:
+        log.info("removed the VICI relay socket %s a killed supervisor left", path)
