@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from itertools import compress, count
 from operator import ne
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 _UNLOADED = object()
 
@@ -254,17 +254,20 @@ def describe_snapshot(path: str, keep: list | None = None) -> tuple[Snapshot, di
         return _snapshot_of(doc, {}, path), texts
 
 
-def load_for_json(path: str, keep: list | None = None) -> tuple[Snapshot, dict[str, list]] | None:
+def load_for_json(path: str, keep: list | None = None, raws: list | None = None
+                  ) -> tuple[Snapshot, dict[str, list]] | None:
     """The snapshot at PATH checked as load_snapshot checks it (the same errors), its policies and
     routes left as the structs msgspec decoded (snapshot_show): (the snapshot without them, {family:
     structs}). None without msgspec or for what it does not read as version 2 (a fault, version 1):
-    load_snapshot then does. KEEP: as for describe_snapshot."""
+    load_snapshot then does (given RAWS, the bytes read, for load_snapshots). KEEP: as for describe_snapshot."""
     msgspec = _codec()
     if msgspec is None:
         return None
     from . import snapshot_show
     from .snapshot_typed import CHECKS
     raw = _read(path)
+    if raws is not None:
+        raws.append(raw)
     with without_cycle_collection():
         try:
             whole = snapshot_show.DOCUMENT.decode(raw)
@@ -294,14 +297,15 @@ def _failing(path: str, name: str) -> Callable[[int, Exception], None]:
     return fail
 
 
-def load_snapshots(*paths: str) -> list[Snapshot]:
+def load_snapshots(*paths: str, raws: Sequence[bytes] = ()) -> list[Snapshot]:
     """Several snapshots, each read and validated as load_snapshot does. With msgspec, a record
     equal to the one at the same place in the first file is that same object, built once
-    (diff_snapshots then passes over it without a look)."""
+    (diff_snapshots then passes over it without a look). RAWS: the first files' bytes, read
+    already by a way that gave up (a pipe gives its bytes once)."""
     out: list[Snapshot] = []
     first: tuple[Snapshot, dict] | None = None
-    for path in paths:
-        raw = _read(path)
+    for k, path in enumerate(paths):
+        raw = raws[k] if k < len(raws) else _read(path)
         with without_cycle_collection():
             snap, typed = _load_typed(raw, path, first) if _codec() is not None else (None, None)
             if snap is None:
@@ -348,10 +352,14 @@ def _typed_document(raw: bytes, path: str) -> tuple[dict, dict[str, list]] | Non
     _check_head(doc, path)
     if doc["version"] < 2:
         return None
+    # (the head's look left the records' bytes unread: what is not JSON there, such as bytes that
+    # are not UTF-8, is for the json-module path to word, as it does for the whole file)
     try:
         raws = typed.OBJECTS.decode(head.objects)
     except msgspec.ValidationError:
         raise _bad(path, "'objects' is not a JSON object") from None
+    except (msgspec.DecodeError, RecursionError):
+        return None
     _check_families(raws, path)
     objects = {}
     for name, items in raws.items():
@@ -362,6 +370,8 @@ def _typed_document(raw: bytes, path: str) -> tuple[dict, dict[str, list]] | Non
             if index is None:
                 raise _bad(path, f"objects.{name} is not a list") from None
             raise _bad(path, f"objects.{name}[{index}] is invalid: ValidationError: {problem}") from None
+        except (msgspec.DecodeError, RecursionError):
+            return None
     return doc, objects
 
 
@@ -414,8 +424,9 @@ def diff_snapshot_files(path_a: str, path_b: str, keep: list | None = None) -> d
     describe_snapshot."""
     if _codec() is None:
         return diff_snapshots(*load_snapshots(path_a, path_b))
-    result = _diff_by_text(path_a, path_b, [] if keep is None else keep)
-    return _diff_typed(path_a, path_b) if result is None else result
+    raws: list[bytes] = []
+    result = _diff_by_text(path_a, path_b, [] if keep is None else keep, raws)
+    return _diff_typed(path_a, path_b, raws) if result is None else result
 
 
 def keep_until_exit(keep: list) -> None:
@@ -427,14 +438,16 @@ def keep_until_exit(keep: list) -> None:
     gc.freeze()
 
 
-def _diff_by_text(path_a: str, path_b: str, keep: list) -> dict[str, FamilyDiff] | None:
+def _diff_by_text(path_a: str, path_b: str, keep: list, raws: list) -> dict[str, FamilyDiff] | None:
     """diff_snapshot_files comparing the JSON text of each policy and route: B's are decoded only
     where they differ from A's at the same place (the same text is the same valid record). None
-    when either file has a fault (or is version 1): _diff_typed then says which, in its order."""
+    when either file has a fault (or is version 1): _diff_typed then says which, in its order (from
+    RAWS, the files' bytes read here)."""
     from . import snapshot_typed as typed
     msgspec = _codec()
     with without_cycle_collection():
         raw_a = _read(path_a)
+        raws.append(raw_a)
         found = _typed_document(raw_a, path_a)
         if found is None:
             return None
@@ -450,6 +463,7 @@ def _diff_by_text(path_a: str, path_b: str, keep: list) -> dict[str, FamilyDiff]
         except SnapshotError:
             return None
         raw_b = _read(path_b)
+        raws.append(raw_b)
         try:
             head_b, text_a, text_b = _head_with_same_records(raw_a, raw_b), None, None
             if head_b is None:
@@ -509,15 +523,19 @@ def _head_with_same_records(raw_a: bytes, raw_b: bytes) -> Any:
     return heads[1]
 
 
-def _diff_typed(path_a: str, path_b: str) -> dict[str, FamilyDiff]:
-    """diff_snapshot_files by the typed records of both files, each checked whole."""
+def _diff_typed(path_a: str, path_b: str, raws: Sequence[bytes] = ()) -> dict[str, FamilyDiff]:
+    """diff_snapshot_files by the typed records of both files, each checked whole (RAWS: the first
+    files' bytes, read already)."""
     from .snapshot_typed import CHECKS
     found = []
+    got = list(raws)
     with without_cycle_collection():
-        for path in (path_a, path_b):
-            typed = _typed_document(_read(path), path)
+        for k, path in enumerate((path_a, path_b)):
+            if k == len(got):
+                got.append(_read(path))
+            typed = _typed_document(got[k], path)
             if typed is None:           # version 1, or not JSON: the whole way says what
-                return diff_snapshots(*load_snapshots(path_a, path_b))
+                return diff_snapshots(*load_snapshots(path_a, path_b, raws=got))
             _snapshot_of(typed[0], {}, path)       # the document's own keys
             found.append(typed)
         (doc_a, objects_a), (doc_b, objects_b) = found

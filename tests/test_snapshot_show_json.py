@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -319,3 +320,53 @@ def test_an_output_encoding_other_than_utf8_prints_the_same(tmp_path):
         assert runs[0].returncode == runs[1].returncode and runs[0].stdout == runs[1].stdout
         if encoding == "latin-1":
             assert runs[0].returncode == 0 and "vé".encode("latin-1") in runs[0].stdout
+
+
+def _through_pipes(*argv_files: str, command: str) -> subprocess.CompletedProcess:
+    """``ipsec-supervisor snapshot COMMAND`` as a process, each file given as a pipe (bash's <(cat F)):
+    its bytes can be read once."""
+    pipes = " ".join(f"<(cat {shlex.quote(f)})" for f in argv_files)
+    return subprocess.run(["bash", "-c", f"{shlex.quote(sys.executable)} -m supervisor.cli snapshot {command} {pipes}"
+                           + (" --json" if command == "show" else "")],
+                          cwd=ROOT, capture_output=True)
+
+
+@pytest.mark.parametrize("name", V1)
+def test_a_version_1_file_through_a_pipe_is_shown_as_from_the_file(name):
+    path = os.path.join(FIXTURES, f"{name}.json")
+    piped = _through_pipes(path, command="show")
+    direct = subprocess.run([sys.executable, "-c", REFERENCE, "snapshot", "show", path, "--json"], cwd=ROOT,
+                            capture_output=True)
+    assert piped.returncode == direct.returncode == 0, piped.stderr
+    assert piped.stdout == direct.stdout and piped.stderr == direct.stderr == b""
+
+
+def test_a_bad_file_through_a_pipe_gets_its_own_error_not_empty(tmp_path):
+    bad = tmp_path / "truncated.json"
+    bad.write_bytes(open(V2, "rb").read()[:5000])
+    for command, files in (("show", (str(bad),)), ("diff", (str(bad), V2)), ("diff", (V2, str(bad)))):
+        r = _through_pipes(*files, command=command)
+        assert r.returncode == ExitCode.BAD_SNAPSHOT, r.stderr
+        assert b"invalid JSON at line" in r.stderr and b"empty" not in r.stderr, r.stderr
+
+
+def test_version_1_files_through_pipes_are_diffed_as_the_files():
+    a, b = (os.path.join(FIXTURES, f"{n}.json") for n in ("tunnels-crash", "trap-crash"))
+    piped = _through_pipes(a, b, command="diff")
+    direct = subprocess.run([sys.executable, "-m", "supervisor.cli", "snapshot", "diff", a, b], cwd=ROOT,
+                            capture_output=True)
+    assert piped.returncode == direct.returncode and piped.stderr == direct.stderr == b"", piped.stderr
+    assert piped.stdout == direct.stdout and b"XFRM SAs: +0 -9" in piped.stdout
+
+
+@pytest.mark.parametrize("command", ["show", "show --json", "diff"])
+def test_bytes_that_are_not_utf8_inside_a_record_are_named_not_a_traceback(tmp_path, command):
+    raw = open(V2, "rb").read()
+    at = raw.index(b'"oif_name":"') + len(b'"oif_name":"')
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(raw[:at] + b"\xff" + raw[at:])
+    argv = [sys.executable, "-m", "supervisor.cli", "snapshot", *command.split()[:1], str(bad)]
+    argv += [V2] if command == "diff" else ["--json"] if command.endswith("--json") else []
+    r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == ExitCode.BAD_SNAPSHOT and f"not UTF-8 text (byte {at})" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

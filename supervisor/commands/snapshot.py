@@ -178,7 +178,6 @@ def _settled(load):
 
 def cmd_show(args) -> int:
     from ..kernel_state import FAMILIES
-    from ..kernel.common import without_cycle_collection
     from ..snapshot import describe_snapshot
     if args.json:
         return _show_json(args.file)
@@ -204,21 +203,22 @@ def _show_json(path: str) -> int:
     and route records (snapshot_show); anything else the way that builds every record."""
     from ..kernel.common import without_cycle_collection
     from ..snapshot import load_for_json
-    found = _settled(lambda keep: load_for_json(path, keep))
+    raws: list[bytes] = []
+    found = _settled(lambda keep: load_for_json(path, keep, raws))
     if found is None:
-        return _show_json_records(path)
+        return _show_json_records(path, raws)
     from ..snapshot_show import document
     with without_cycle_collection():
         _write_utf8(document(*found))
     return ExitCode.OK
 
 
-def _show_json_records(path: str) -> int:
+def _show_json_records(path: str, raws: list[bytes] | None = None) -> int:
     """``show FILE --json`` from every record's to_json: without msgspec, for version 1 and for a bad
     file (load_snapshot words its fault); the bytes snapshot_show gives too (tests hold it to them)."""
     from ..kernel.common import without_cycle_collection
-    from ..snapshot import load_snapshot
-    snap = _settled(lambda keep: load_snapshot(path))
+    from ..snapshot import load_snapshots
+    [snap] = _settled(lambda keep: load_snapshots(path, raws=raws or ()))    # (a pipe is read once)
     with without_cycle_collection():
         doc = {"created": snap.created, "host": snap.host, "kernel": snap.kernel,
                "netns": snap.netns, "daemon": snap.daemon, "keys_included": snap.keys_included,
