@@ -40,6 +40,7 @@ log = logging.getLogger("supervisor")
 SOCKET_NAME = "swanctl-load.vici"
 WRITE_TIMEOUT = 60.0        # a peer that takes this long to read is hung; the load's time limit ends it anyway
 CONNECT_TIMEOUT = 2.0       # also the whole event registration's: swanctl waits at most this long for it
+GET_CONNS_TIMEOUT = 0.5     # at least this long for charon to list its conns, after the registrations
 CLOSE_WAIT = 0.5            # close() waits this long for the thread to end (on the supervisor's loop thread)
 # Pacing ends this share of daemon.load_timeout after the load began: the rest is let through at
 # once, so swanctl still finishes within its time limit (and no conn is left unloaded).
@@ -176,6 +177,7 @@ class PacingRelay:
         self._sel = selectors.DefaultSelector()
         self._listen: socket.socket | None = None
         self._events: socket.socket | None = None
+        self._asking: socket.socket | None = None     # get-conns' connection, while it is asked
         self._event_buf = b""
         self._pairs: list[_Pair] = []
         self._wake_r, self._wake_w = socket.socketpair()
@@ -219,7 +221,8 @@ class PacingRelay:
             if not self._ended:
                 # shutdown, not close: a read or write the thread is blocked in returns at once,
                 # and the fd stays the thread's until it closes it
-                for sock in [self._events] + [s for p in list(self._pairs) for s in (p.client, p.upstream)]:
+                pairs = [s for p in list(self._pairs) for s in (p.client, p.upstream)]
+                for sock in [self._events, self._asking] + pairs:
                     if sock is not None and sock.fileno() != -1:
                         try:
                             sock.shutdown(socket.SHUT_RDWR)
@@ -246,24 +249,40 @@ class PacingRelay:
 
     def _connect_events(self) -> None:
         """Connect the event session without waiting: a socket that accepts no connection now fails."""
+        self._events = self._connect()
+
+    def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        self._events = sock
         try:
             sock.connect(self.charon_socket)
         except BlockingIOError:
+            sock.close()
             raise OSError(f"{self.charon_socket} accepts no connection now (its backlog is full)") from None
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
-    def _exchange(self, sock: socket.socket, packet: bytes, deadline: float, what: str) -> tuple[int, str, bytes]:
-        """Send PACKET on the event session and read charon's first packet back by DEADLINE: (kind,
-        name, payload). close() shuts the session down, which ends the wait at once."""
+    def _exchange(self, sock: socket.socket, packet: bytes, deadline: float, what: str
+                  ) -> tuple[int, str, bytes]:
+        """Send PACKET on SOCK and read charon's answer by DEADLINE: (kind, name, payload). An event
+        coming first (charon runs already) is passed over: no place is taken before the load; on the
+        event session what follows the answer stays for _read_events. close() shuts SOCK down, which
+        ends the wait at once."""
+        from vici.protocol import Packet
+
         from .vici_client import ViciError, packet_name, split_frames
         sock.settimeout(max(0.001, deadline - time.monotonic()))
         sock.sendall(packet)
         buf = b""
         while True:
             packets, buf = split_frames(buf)
-            if packets:
-                return packet_name(packets[0][4:])
+            for i, framed in enumerate(packets):
+                kind, name, payload = packet_name(framed[4:])
+                if kind != Packet.EVENT:
+                    if sock is self._events:
+                        self._event_buf = b"".join(packets[i + 1:]) + buf
+                    return kind, name, payload
             sock.settimeout(max(0.001, deadline - time.monotonic()))
             chunk = sock.recv(65536)
             if not chunk:
@@ -301,25 +320,28 @@ class PacingRelay:
         self._sel.register(sock, selectors.EVENT_READ, self._read_events)
 
     def _learn_conns(self, deadline: float) -> None:
-        """The conns charon has already (a re-attached supervisor loads again), asked on the event
-        session before it registers (so close() can cut it short). charon initiates a conn loaded
-        again only if its configuration changed: an unchanged one takes no place. (A changed one is
-        initiated without a place, and one still connecting from the killed supervisor's load holds
-        none: both rare, at worst one initiation beside the paced ones.)"""
+        """The conns charon has already (a re-attached supervisor loads again), asked on a connection
+        of their own that close() can cut short. charon initiates a conn loaded again only if its
+        configuration changed: an unchanged one takes no place. (A changed one is initiated without a
+        place, and one still connecting from the killed supervisor's load holds none: both rare, at
+        worst one initiation beside the paced ones.)"""
         from vici.protocol import Packet
 
         from .vici_client import decode_message, frame
-        sock = self._events
-        if sock is None:
-            return
         try:
-            kind, _, payload = self._exchange(sock, frame(Packet.request("get-conns")), deadline, "get-conns")
+            with self._lock:
+                self._asking = self._connect()
+            kind, _, payload = self._exchange(self._asking, frame(Packet.request("get-conns")), deadline, "get-conns")
             conns = decode_message(payload).get("conns") if kind == Packet.CMD_RESPONSE else None
         except Exception as exc:    # noqa: BLE001 - OSError, ViciError, or what the vici package raises on garbage
             if not self._stop:
                 log.info("VICI relay: cannot ask charon which conns it has (%s); every start conn takes a place",
                          getattr(exc, "strerror", None) or exc)
             return
+        finally:
+            asking, self._asking = self._asking, None
+            if asking is not None:
+                self._close_sock(asking)
         if isinstance(conns, list):
             self.already = frozenset(map(_value, conns))
 
@@ -364,10 +386,10 @@ class PacingRelay:
                 pair.client.close()
                 pair.upstream.close()
             self._pairs = []
-            for sock in (self._listen, self._events, self._wake_r, self._wake_w):
+            for sock in (self._listen, self._events, self._asking, self._wake_r, self._wake_w):
                 if sock is not None:
                     sock.close()
-            self._listen = self._events = None
+            self._listen = self._events = self._asking = None
             self._sel.close()
             self._ended = True
 
@@ -376,9 +398,10 @@ class PacingRelay:
         try:
             deadline = time.monotonic() + CONNECT_TIMEOUT
             if not self._stop:
-                self._learn_conns(deadline)
-            if not self._stop:
                 self._register_events(deadline)
+            if not self._stop and self.passthrough is None:
+                # its own short wait: a charon slow to list its conns costs their places, not the pacing
+                self._learn_conns(time.monotonic() + max(GET_CONNS_TIMEOUT, deadline - time.monotonic()))
             self._serve()
         finally:
             self._close_all()

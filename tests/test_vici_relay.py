@@ -84,9 +84,12 @@ class FakeCharon:
     CONNS: what get-conns answers (the relay asks it on its event session; counted in ``asked_conns``,
     not in ``requests``)."""
 
-    def __init__(self, path: str, *, events: str = "confirm", answer: bool = True, conns: tuple[str, ...] = ()):
+    def __init__(self, path: str, *, events: str = "confirm", answer: bool = True, conns: tuple[str, ...] = (),
+                 conns_after: float = 0.0, chatty: bool = False):
         self.path = path
         self.conns = list(conns)
+        self.conns_after = conns_after      # get-conns answered this late
+        self.chatty = chatty                # an event follows each confirmation at once (charon is busy)
         self.asked_conns = 0
         self.confirm = events == "confirm"
         self.silent = events == "silent"
@@ -128,11 +131,23 @@ class FakeCharon:
                         continue
                     if self.confirm:
                         self.event_conns.append(conn)
-                    conn.sendall(frame(bytes([Packet.EVENT_CONFIRM if self.confirm else Packet.EVENT_UNKNOWN])))
+                    reply = frame(bytes([Packet.EVENT_CONFIRM if self.confirm else Packet.EVENT_UNKNOWN]))
+                    if self.chatty and self.confirm:
+                        # an event of the registration before, ahead of this one's confirmation, and half
+                        # of one more after it
+                        event = frame(bytes([Packet.EVENT, len(b"child-updown")]) + b"child-updown"
+                                      + Message.serialize({"up": "yes", "x": {"uniqueid": "9"}}))
+                        reply = event + reply + event[:7]
+                        self.chatty_rest = event[7:]
+                    conn.sendall(reply)
                 elif kind == Packet.CMD_REQUEST and name == "get-conns":
                     self.asked_conns += 1
                     if self.answer:
-                        conn.sendall(frame(bytes([Packet.CMD_RESPONSE]) + Message.serialize({"conns": self.conns})))
+                        time.sleep(self.conns_after)
+                        try:
+                            conn.sendall(frame(bytes([Packet.CMD_RESPONSE]) + Message.serialize({"conns": self.conns})))
+                        except OSError:
+                            return
                 elif kind == Packet.CMD_REQUEST:
                     self.raw += p
                     self.requests.append((time.monotonic(), name, p))
@@ -148,7 +163,8 @@ class FakeCharon:
     def event(self, name: str, message: dict) -> None:
         body = bytes([Packet.EVENT, len(name)]) + name.encode() + Message.serialize(message)
         for c in self.event_conns[:1]:
-            c.sendall(frame(body))
+            c.sendall(getattr(self, "chatty_rest", b"") + frame(body))     # (the half event's rest first)
+            self.chatty_rest = b""
 
     def drop_events(self) -> None:
         for c in self.event_conns:
@@ -493,6 +509,35 @@ def test_close_during_the_get_conns_charon_never_answers_ends_the_thread_at_once
     finally:
         relay.close(wait=5)
     assert not relay._thread.is_alive() and "unfinished" not in report and report["passthrough"] is None
+
+
+def test_a_charon_slow_to_list_its_conns_costs_their_places_not_the_pacing(fake):
+    charon, run = fake(conns=("a",), conns_after=CONNECT_TIMEOUT + 0.5)
+    relay = start_relay(charon, run, parallel=1, window=60.0)
+    try:
+        c, got, t = _b_after_a(relay, 0.5)      # a takes the place (charon's list came too late)
+        assert not got
+        charon.event("child-updown", {"up": "yes", "a": {"uniqueid": "1"}})
+        t.join(5)
+        assert got
+    finally:
+        report = relay.close(wait=5)
+    assert report["passthrough"] is None and charon.asked_conns == 1
+    assert (report["already_loaded"], report["initiations"], report["held"]) == (0, 2, 1)
+
+
+def test_events_charon_sends_while_the_relay_registers_are_passed_over(fake):
+    charon, run = fake(chatty=True)
+    relay = start_relay(charon, run, parallel=1)
+    try:
+        c, got, t = _b_after_a(relay, 0.5)
+        assert not got                  # the early event freed nothing: nothing had a place then
+        charon.event("child-updown", {"up": "yes", "a": {"uniqueid": "1"}})
+        t.join(5)
+        assert got
+    finally:
+        report = relay.close(wait=5)
+    assert report["passthrough"] is None and report["held"] == 1 and report["freed"]["up"] == 1
 
 
 def test_losing_charons_events_lets_everything_through(fake):
