@@ -658,8 +658,10 @@ def stop_supervisor(cfg: Config, *, timeout: float, err: TextIO,
                     systemctl: Callable[[list[str]], int] | None = None) -> StopResult:
     """Stop the supervisor (control socket, else SIGTERM), wait, kill if it must; never raises for 'not running'."""
     found = locate(cfg)
-    if not found.running and held_at(cfg.paths.run_dir, START_LOCK_NAME):
-        # An `ipsec start` is spawning a supervisor that has not taken its lock yet: stop what it starts.
+    if held_at(cfg.paths.run_dir, START_LOCK_NAME):
+        # An `ipsec start` is deciding: its supervisor may not hold its lock yet, or may hold it while
+        # charon is not ready. Stopping now would cut that start short (it would fail, exit 1), or
+        # miss a supervisor not yet locked: let the start finish, then stop what it started.
         print("ipsec stop: an 'ipsec start' is under way; waiting for it to finish", file=err)
         deadline = time.monotonic() + timeout
         while held_at(cfg.paths.run_dir, START_LOCK_NAME) and time.monotonic() < deadline:
