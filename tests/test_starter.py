@@ -118,11 +118,12 @@ class Harness:
 
     def wait_file(self, path: str, timeout: float = 10.0) -> str:
         deadline = time.monotonic() + timeout
+        # PATH must appear whole (its writer renames it into place): a file that exists may
+        # still be empty, and no sleep after seeing it is long enough on a loaded machine.
         while not os.path.exists(path):
             if time.monotonic() > deadline:
                 raise AssertionError(f"{path} did not appear:\n{self.log()}")
             time.sleep(0.02)
-        time.sleep(0.05)       # written by a hook: let it finish
         return path
 
     def log(self) -> str:
@@ -364,7 +365,8 @@ def _lines_with(log: str, text: str) -> list[str]:
 
 def test_crash_loop_cooldown_keeps_serving_status_fail_closed_and_tries_again_after_the_pause(harness):
     h = harness([{"exit_after": 0.02, "exit_code": 1}] * 3 + [{}])
-    hook = ["/bin/sh", "-c", f'env | grep ^IPSEC_SUPERVISOR_ | sort > {h.p("hook")}-$IPSEC_SUPERVISOR_EVENT']
+    out = f'{h.p("hook")}-$IPSEC_SUPERVISOR_EVENT'      # renamed into place whole: wait_file may read it at once
+    hook = ["/bin/sh", "-c", f'env | grep ^IPSEC_SUPERVISOR_ | sort > {out}.tmp && mv {out}.tmp {out}']
     h.write_config({"restart": {"crash_loop": {"max_deaths": 3, "cooldown": "1500ms", "cooldown_max": "1h"}},
                     "hooks": {"on_give_up": [hook]}})
     h.start()
