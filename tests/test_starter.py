@@ -24,6 +24,7 @@ from supervisor.errors import ExitCode, SupervisorError
 from supervisor.notify import Notifier, configure_logging, journal_stream_matches
 from supervisor.policy import Action, Cause, ExitClass
 from supervisor.starter import Supervisor
+from waiting import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKE = os.path.join(ROOT, "tests", "fake_ikd.py")
@@ -899,15 +900,21 @@ def _reload_waiting(run_dir: str, mode: str = "reload") -> dict:
 
 def test_reloads_during_a_reload_are_merged_and_answered_when_the_merged_load_finished(harness):
     h = harness([{}])
-    slow = f"echo start >> {h.p('reloads')}; sleep 0.6; echo end >> {h.p('reloads')}"
+    # The reload runs until the test opens the gate: the others surely arrive while it runs, however
+    # slow the machine (a fixed 0.6s run let a late client start a third load).
+    gate = h.p("gate")
+    slow = (f"echo start >> {h.p('reloads')}; while [ ! -e {gate} ]; do sleep 0.02; done; "
+            f"echo end >> {h.p('reloads')}")
     h.write_config({"daemon": {"reload_commands": [["/bin/sh", "-c", slow]]}})
     h.start()
     h.wait_running()
     import concurrent.futures
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         first = pool.submit(_reload_waiting, h.run_dir)
-        time.sleep(0.2)                         # the first reload runs now
+        wait_for(lambda: os.path.exists(h.p("reloads")), what="the first reload running")
         rest = [pool.submit(_reload_waiting, h.run_dir, m) for m in ("reload", "update", "reload", "update")]
+        wait_for(lambda: h.log().count("merged into one more load after it") >= 4, what="four merged reloads")
+        open(gate, "w").close()
         answers = [first.result()] + [f.result() for f in rest]
     assert all(a["ok"] for a in answers), answers
     # One running reload, then one merged follow-up for the four that came during it; each
