@@ -218,6 +218,7 @@ def test_daemon_runs_in_its_own_session_with_fds_closed_and_signals_cleared(harn
     def preexec():
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2, signal.SIGHUP})
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)   # would let the kernel reap the daemon
+        signal.signal(signal.SIGQUIT, signal.SIG_IGN)   # as in a script's background job: not charon's
     try:
         h.proc = None
         h.stderr = open(h.p("supervisor.log"), "w+")
