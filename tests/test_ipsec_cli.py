@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -533,7 +534,8 @@ def test_a_crash_loop_cools_down_and_ipsec_start_then_tries_at_once_and_stop_lea
              {"restart": {"crash_loop": {"cooldown": "1h"}}})
     r = s.ipsec("start")
     assert r.returncode == 1, r.stderr
-    assert "crash loop: 3 deaths in 1m; next try in 1h00m00s" in r.stderr or "next try in 59m59s" in r.stderr
+    # 1h, seen up to a minute later (a loaded machine may answer the start's status poll seconds late)
+    assert re.search(r"crash loop: 3 deaths in 1m; next try in (1h00m00s|59m\d\ds)", r.stderr), r.stderr
     assert "state cooldown (it keeps to its restart policy; 'ipsec stop' ends it)" in r.stderr
     [sup] = s.supervisors()                                       # it stays, fail-closed, and tries again later
     assert s.pid() == sup
