@@ -493,7 +493,7 @@ def test_stop_during_a_start_waits_for_it_and_stops_what_it_started(fake):
 def test_stop_after_the_started_supervisor_took_its_lock_still_waits_for_the_start(fake):
     # The order a slow machine makes: the new supervisor already holds its lock (and answers) but
     # charon is not ready yet, so the start is still deciding. Forced here by a charon slow to come up.
-    s = fake([{"start_delay": 1.5}])
+    s = fake([{"start_delay": 1.5}], {"daemon": {"start_timeout": "20s"}})    # slow, not too slow
     start = s.popen("start")
     try:
         _wait(lambda: find_lock_holder(s.p("run"), pid=False).held or start.poll() is not None,
