@@ -50,6 +50,10 @@ from .vici_probe import ProbeResult, ViciProbe
 
 RESTORE_DELAY = 0.05        # after the first sign of a wiped run directory
 RUN_DIR_CHECK = 2.0         # the run directory is looked at this often besides inotify
+# Standard signals an inherited SIG_IGN is reset for at start; not Python's own ignores (SIGPIPE,
+# SIGXFSZ: restore_signals resets them in each child) nor those that cannot be caught.
+RESET_IF_IGNORED = tuple(s for s in signal.Signals if s < 32 and s not in (
+    signal.SIGKILL, signal.SIGSTOP, signal.SIGPIPE, signal.SIGXFSZ))
 
 log = logging.getLogger("supervisor")
 STATUS_REFRESH = 10.0     # seconds between STATUS= updates while a cooldown counts down
@@ -390,10 +394,14 @@ class Supervisor:
                 raise SupervisorError(f"cannot use the state directory {self.config.paths.state_dir}: "
                                       f"{exc.strerror or exc} (paths.state_dir in {self.config.source})") from None
             raise
-        # Children inherit the spawning thread's signal mask: make sure it is empty.  SIGCHLD
-        # inherited as SIG_IGN would make the kernel reap our children before waitpid() can.
+        # Children inherit the spawning thread's signal mask: make sure it is empty.  Ignored
+        # dispositions survive exec too: SIGCHLD inherited as SIG_IGN would make the kernel reap our
+        # children before waitpid() can, and a start from a script's background job (SIGINT, SIGQUIT
+        # ignored) or nohup (SIGHUP) would hand them on to charon.
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for sig in RESET_IF_IGNORED:
+            if signal.getsignal(sig) == signal.SIG_IGN:
+                signal.signal(sig, signal.SIG_DFL)
         loop = self._loop = Loop(self._clock)
         signals = wakeup = control = None
         try:

@@ -24,6 +24,7 @@ from supervisor.errors import ExitCode, SupervisorError
 from supervisor.notify import Notifier, configure_logging, journal_stream_matches
 from supervisor.policy import Action, Cause, ExitClass
 from supervisor.starter import Supervisor
+from waiting import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKE = os.path.join(ROOT, "tests", "fake_ikd.py")
@@ -118,11 +119,12 @@ class Harness:
 
     def wait_file(self, path: str, timeout: float = 10.0) -> str:
         deadline = time.monotonic() + timeout
+        # PATH must appear whole (its writer renames it into place): a file that exists may
+        # still be empty, and no sleep after seeing it is long enough on a loaded machine.
         while not os.path.exists(path):
             if time.monotonic() > deadline:
                 raise AssertionError(f"{path} did not appear:\n{self.log()}")
             time.sleep(0.02)
-        time.sleep(0.05)       # written by a hook: let it finish
         return path
 
     def log(self) -> str:
@@ -216,6 +218,7 @@ def test_daemon_runs_in_its_own_session_with_fds_closed_and_signals_cleared(harn
     def preexec():
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2, signal.SIGHUP})
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)   # would let the kernel reap the daemon
+        signal.signal(signal.SIGQUIT, signal.SIG_IGN)   # as in a script's background job: not charon's
     try:
         h.proc = None
         h.stderr = open(h.p("supervisor.log"), "w+")
@@ -364,7 +367,8 @@ def _lines_with(log: str, text: str) -> list[str]:
 
 def test_crash_loop_cooldown_keeps_serving_status_fail_closed_and_tries_again_after_the_pause(harness):
     h = harness([{"exit_after": 0.02, "exit_code": 1}] * 3 + [{}])
-    hook = ["/bin/sh", "-c", f'env | grep ^IPSEC_SUPERVISOR_ | sort > {h.p("hook")}-$IPSEC_SUPERVISOR_EVENT']
+    out = f'{h.p("hook")}-$IPSEC_SUPERVISOR_EVENT'      # renamed into place whole: wait_file may read it at once
+    hook = ["/bin/sh", "-c", f'env | grep ^IPSEC_SUPERVISOR_ | sort > {out}.tmp && mv {out}.tmp {out}']
     h.write_config({"restart": {"crash_loop": {"max_deaths": 3, "cooldown": "1500ms", "cooldown_max": "1h"}},
                     "hooks": {"on_give_up": [hook]}})
     h.start()
@@ -897,15 +901,21 @@ def _reload_waiting(run_dir: str, mode: str = "reload") -> dict:
 
 def test_reloads_during_a_reload_are_merged_and_answered_when_the_merged_load_finished(harness):
     h = harness([{}])
-    slow = f"echo start >> {h.p('reloads')}; sleep 0.6; echo end >> {h.p('reloads')}"
+    # The reload runs until the test opens the gate: the others surely arrive while it runs, however
+    # slow the machine (a fixed 0.6s run let a late client start a third load).
+    gate = h.p("gate")
+    slow = (f"echo start >> {h.p('reloads')}; while [ ! -e {gate} ]; do sleep 0.02; done; "
+            f"echo end >> {h.p('reloads')}")
     h.write_config({"daemon": {"reload_commands": [["/bin/sh", "-c", slow]]}})
     h.start()
     h.wait_running()
     import concurrent.futures
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         first = pool.submit(_reload_waiting, h.run_dir)
-        time.sleep(0.2)                         # the first reload runs now
+        wait_for(lambda: os.path.exists(h.p("reloads")), what="the first reload running")
         rest = [pool.submit(_reload_waiting, h.run_dir, m) for m in ("reload", "update", "reload", "update")]
+        wait_for(lambda: h.log().count("merged into one more load after it") >= 4, what="four merged reloads")
+        open(gate, "w").close()
         answers = [first.result()] + [f.result() for f in rest]
     assert all(a["ok"] for a in answers), answers
     # One running reload, then one merged follow-up for the four that came during it; each

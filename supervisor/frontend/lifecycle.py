@@ -657,14 +657,16 @@ class StopResult:
 def stop_supervisor(cfg: Config, *, timeout: float, err: TextIO,
                     systemctl: Callable[[list[str]], int] | None = None) -> StopResult:
     """Stop the supervisor (control socket, else SIGTERM), wait, kill if it must; never raises for 'not running'."""
-    found = locate(cfg)
-    if not found.running and held_at(cfg.paths.run_dir, START_LOCK_NAME):
-        # An `ipsec start` is spawning a supervisor that has not taken its lock yet: stop what it starts.
+    if _start_under_way(cfg.paths.run_dir):
+        # An `ipsec start` is deciding: its supervisor may not hold its lock yet, or may hold it while
+        # charon is not ready. Stopping now would cut that start short (it would fail, exit 1), or
+        # miss a supervisor not yet locked: let the start finish, then stop what it started. Asked
+        # before locate: a start that finishes between the two would otherwise be missed.
         print("ipsec stop: an 'ipsec start' is under way; waiting for it to finish", file=err)
         deadline = time.monotonic() + timeout
-        while held_at(cfg.paths.run_dir, START_LOCK_NAME) and time.monotonic() < deadline:
+        while _start_under_way(cfg.paths.run_dir) and time.monotonic() < deadline:
             time.sleep(0.05)
-        found = locate(cfg)
+    found = locate(cfg)
     lines: list[str] = []
     if not found.running:
         if found.pid_file.state.stale:
@@ -722,6 +724,14 @@ def stop_supervisor(cfg: Config, *, timeout: float, err: TextIO,
             clean = False
     remove_pid_file(pid_file_path(cfg.paths.run_dir), pid)
     return StopResult(True, clean, tuple(lines))
+
+
+def _start_under_way(run_dir: str) -> bool:
+    """Whether an `ipsec start` holds the start lock; False where we may not look (locate then says why)."""
+    try:
+        return held_at(run_dir, START_LOCK_NAME)
+    except PermissionError:
+        return False
 
 
 def _stop_daemon(pid: int, name: str, why: str, timeout: float = 10.0) -> list[str]:
