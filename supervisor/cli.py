@@ -122,10 +122,11 @@ def _exit_now(rc: int) -> None:
         except (BrokenPipeError, ValueError):
             pass        # a reader that went away (as main's BrokenPipeError), a closed stream
         except OSError as exc:
-            try:
-                os.write(2, f"ipsec-supervisor: cannot write the output: {exc.strerror}\n".encode())
-            except OSError:
-                pass
+            if rc == ExitCode.OK:       # (a command that failed has said so: the rest of it is no news)
+                try:
+                    os.write(2, f"ipsec-supervisor: cannot write the output: {exc.strerror}\n".encode())
+                except OSError:
+                    pass
             rc = rc or ExitCode.FAILED
     os._exit(rc)
 

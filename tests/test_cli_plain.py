@@ -1,6 +1,7 @@
 """The snapshot command's hand parser gives argparse's namespace, and the program's quick exit
 loses no output and no exit code."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -104,3 +105,42 @@ def test_a_closed_standard_stream_keeps_the_exit_code(tmp_path):
         shell = 'code="$1"; shift; exec "$0" -c "$code" "$@" 2>&- >/dev/null'
         r = subprocess.run(["sh", "-c", shell, sys.executable, code, *argv], cwd=ROOT)
         assert r.returncode == rc, argv
+
+
+@pytest.mark.parametrize("stdout", ["/dev/full", "closed"])
+@pytest.mark.parametrize("argv", [["show", "{v2}"], ["show", "{v2}", "--json"], ["diff", "{v2}", "{v1}"],
+                                  ["show", "{many}"], ["show", "{many}", "--json"]],
+                         ids=["show", "show-json", "diff", "show-large", "show-json-large"])
+def test_an_output_that_cannot_be_written_is_one_error_line_and_exit_1(tmp_path, argv, stdout):
+    # a full disk (a large output fails while it is written, a small one when it is flushed at exit)
+    # or a closed standard output: no traceback, one line saying why
+    from supervisor import snapshot as files
+    fixtures = os.path.join(ROOT, "tests", "fixtures", "snapshots")
+    v2 = os.path.join(fixtures, "tunnels-crash-v2.json")
+    many = tmp_path / "many.json"
+    snap = files.load_snapshot(v2)
+    policies = snap.objects["xfrm_policy"]
+    files.write_snapshot(str(many), dataclasses.replace(
+        snap, objects={**snap.objects, "xfrm_policy": tuple(
+            dataclasses.replace(policies[i % len(policies)], index=8 * i + 1) for i in range(2000))}))
+    names = {"v2": v2, "v1": os.path.join(fixtures, "tunnels-crash.json"), "many": str(many)}
+    code = "import sys; from supervisor.cli import run; sys.argv[0] = 'ipsec-supervisor'; run()"
+    redirect = ">&-" if stdout == "closed" else ">/dev/full"
+    shell = f'code="$1"; shift; exec "$0" -c "$code" "$@" {redirect}'
+    r = subprocess.run(["sh", "-c", shell, sys.executable, code, "snapshot", *(a.format(**names) for a in argv)],
+                       cwd=ROOT, capture_output=True, text=True)
+    why = "standard output is closed" if stdout == "closed" else "No space left on device"
+    assert (r.returncode, r.stderr) == (1, f"ipsec-supervisor: cannot write the output: {why}\n")
+
+
+def test_an_output_its_encoding_cannot_hold_is_named(tmp_path):
+    from supervisor import snapshot as files
+    v2 = os.path.join(ROOT, "tests", "fixtures", "snapshots", "tunnels-crash-v2.json")
+    odd = tmp_path / "odd.json"
+    files.write_snapshot(str(odd), dataclasses.replace(files.load_snapshot(v2), host="hôte"))
+    for extra in ([], ["--json"]):
+        r = subprocess.run([sys.executable, "-m", "supervisor.cli", "snapshot", "show", str(odd), *extra], cwd=ROOT,
+                           capture_output=True, text=True, env={**os.environ, "PYTHONIOENCODING": "ascii"})
+        assert r.returncode == 1 and r.stderr == ("ipsec-supervisor: cannot write the output: standard output "
+                                                  "encodes ascii, which has no U+00F4 '\\xf4' (PYTHONIOENCODING=utf-8 has)\n"), \
+            r.stderr

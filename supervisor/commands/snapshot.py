@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
 
 from . import ROUTE_TABLE, RULE_PRIORITY, uint32
-from ..errors import NotRootError, ExitCode
+from ..errors import ExitCode, NotRootError, SupervisorError
 
 DEFAULT_SNAPSHOT_DIR = "/var/lib/ipsec-supervisor/snapshots"
 
@@ -135,13 +136,14 @@ def cmd_take(args) -> int:
     if tty:
         print("\r\033[K", end="", file=sys.stderr, flush=True)
     counts = snap.counts()
-    if args.json:
-        json.dump({"path": output, "counts": counts, "keys_included": args.include_keys},
-                  sys.stdout)
-        print()
-    else:
-        print(f"snapshot written to {output}" + (" (with key material)" if args.include_keys else ""))
-        _print_counts(counts)
+    with _output():
+        if args.json:
+            json.dump({"path": output, "counts": counts, "keys_included": args.include_keys},
+                      sys.stdout)
+            print()
+        else:
+            print(f"snapshot written to {output}" + (" (with key material)" if args.include_keys else ""))
+            _print_counts(counts)
     return ExitCode.OK
 
 
@@ -155,11 +157,30 @@ def _print_json(doc) -> None:
     """DOC as json.dump(indent=1) prints it, by msgspec when installed (the json module takes
     seconds for 30,000 records with indentation)."""
     from ..snapshot import msgspec
-    if msgspec is None:
-        json.dump(doc, sys.stdout, indent=1, ensure_ascii=False)
-    else:
-        sys.stdout.write(msgspec.json.format(msgspec.json.encode(doc), indent=1).decode())
-    print()
+    with _output():
+        if msgspec is None:
+            json.dump(doc, sys.stdout, indent=1, ensure_ascii=False)
+        else:
+            sys.stdout.write(msgspec.json.format(msgspec.json.encode(doc), indent=1).decode())
+        print()
+
+
+@contextlib.contextmanager
+def _output():
+    """Around writing the command's output: a standard output that cannot take it is an error that
+    says why (exit 1), not a traceback. A reader that went away stays main's BrokenPipeError (exit 0)."""
+    if sys.stdout is None:
+        raise SupervisorError("cannot write the output: standard output is closed")
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise SupervisorError(f"cannot write the output: {exc.strerror or exc}") from None
+    except UnicodeEncodeError as exc:
+        char = exc.object[exc.start]
+        raise SupervisorError(f"cannot write the output: standard output encodes {exc.encoding}, which has no "
+                              f"U+{ord(char):04X} {char!a} (PYTHONIOENCODING=utf-8 has)") from None
 
 
 def _settled(load):
@@ -184,17 +205,18 @@ def cmd_show(args) -> int:
     snap, texts = _settled(lambda keep: describe_snapshot(args.file, keep))
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(snap.created))
     ns = snap.netns.get("name") or f"inode {snap.netns.get('inode')}"
-    print(f"snapshot {args.file}\n  taken {when} on {snap.host} (kernel {snap.kernel}), netns {ns}")
-    if snap.daemon:
-        print(f"  daemon: {json.dumps(snap.daemon)}")
-    print(f"  key material: {'included' if snap.keys_included else 'redacted'}")
-    for name, family in FAMILIES.items():
-        lines = texts.get(name, ())
-        print(f"{family.title} ({len(lines)}):")
-        if lines:       # (in three pieces: no copy of megabytes to add two spaces and a newline)
-            sys.stdout.write("  ")
-            sys.stdout.write("\n  ".join(lines))
-            sys.stdout.write("\n")
+    with _output():
+        print(f"snapshot {args.file}\n  taken {when} on {snap.host} (kernel {snap.kernel}), netns {ns}")
+        if snap.daemon:
+            print(f"  daemon: {json.dumps(snap.daemon)}")
+        print(f"  key material: {'included' if snap.keys_included else 'redacted'}")
+        for name, family in FAMILIES.items():
+            lines = texts.get(name, ())
+            print(f"{family.title} ({len(lines)}):")
+            if lines:       # (in three pieces: no copy of megabytes to add two spaces and a newline)
+                sys.stdout.write("  ")
+                sys.stdout.write("\n  ".join(lines))
+                sys.stdout.write("\n")
     return ExitCode.OK
 
 
@@ -208,7 +230,7 @@ def _show_json(path: str) -> int:
     if found is None:
         return _show_json_records(path, raws)
     from ..snapshot_show import document
-    with without_cycle_collection():
+    with without_cycle_collection(), _output():
         _write_utf8(document(*found))
     return ExitCode.OK
 
@@ -259,17 +281,18 @@ def cmd_diff(args) -> int:
                    for name, d in result.items()}
         _print_json(doc)
         return ExitCode.OK
-    if not any(result.values()):
-        print("no differences")
-        return ExitCode.OK
-    for name, d in result.items():
-        if not d:
-            continue
-        print(f"{FAMILIES[name].title}: +{len(d.added)} -{len(d.removed)} ~{len(d.changed)}")
-        for r in d.added:
-            print(f"  + {r.describe()}")
-        for r in d.removed:
-            print(f"  - {r.describe()}")
-        for o, n in d.changed:
-            print(f"  ~ {n.describe()}")
+    with _output():
+        if not any(result.values()):
+            print("no differences")
+            return ExitCode.OK
+        for name, d in result.items():
+            if not d:
+                continue
+            print(f"{FAMILIES[name].title}: +{len(d.added)} -{len(d.removed)} ~{len(d.changed)}")
+            for r in d.added:
+                print(f"  + {r.describe()}")
+            for r in d.removed:
+                print(f"  - {r.describe()}")
+            for o, n in d.changed:
+                print(f"  ~ {n.describe()}")
     return ExitCode.OK
