@@ -330,6 +330,8 @@ class PacingRelay:
         from .vici_client import decode_message, frame
         try:
             with self._lock:
+                if self._stop:
+                    return          # close() came first (and shut down what there was)
                 self._asking = self._connect()
             kind, _, payload = self._exchange(self._asking, frame(Packet.request("get-conns")), deadline, "get-conns")
             conns = decode_message(payload).get("conns") if kind == Packet.CMD_RESPONSE else None
