@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
 import time
 
-from . import ROUTE_TABLE, RULE_PRIORITY, uint32
-from ..errors import ExitCode, NotRootError, SupervisorError
+from . import ROUTE_TABLE, RULE_PRIORITY, uint32, writing_output
+from ..errors import ExitCode, NotRootError
 
 DEFAULT_SNAPSHOT_DIR = "/var/lib/ipsec-supervisor/snapshots"
 
@@ -136,7 +135,7 @@ def cmd_take(args) -> int:
     if tty:
         print("\r\033[K", end="", file=sys.stderr, flush=True)
     counts = snap.counts()
-    with _output():
+    with writing_output():
         if args.json:
             json.dump({"path": output, "counts": counts, "keys_included": args.include_keys},
                       sys.stdout)
@@ -157,30 +156,12 @@ def _print_json(doc) -> None:
     """DOC as json.dump(indent=1) prints it, by msgspec when installed (the json module takes
     seconds for 30,000 records with indentation)."""
     from ..snapshot import msgspec
-    with _output():
+    with writing_output():
         if msgspec is None:
             json.dump(doc, sys.stdout, indent=1, ensure_ascii=False)
         else:
             sys.stdout.write(msgspec.json.format(msgspec.json.encode(doc), indent=1).decode())
         print()
-
-
-@contextlib.contextmanager
-def _output():
-    """Around writing the command's output: a standard output that cannot take it is an error that
-    says why (exit 1), not a traceback. A reader that went away stays main's BrokenPipeError (exit 0)."""
-    if sys.stdout is None:
-        raise SupervisorError("cannot write the output: standard output is closed")
-    try:
-        yield
-    except BrokenPipeError:
-        raise
-    except OSError as exc:
-        raise SupervisorError(f"cannot write the output: {exc.strerror or exc}") from None
-    except UnicodeEncodeError as exc:
-        char = exc.object[exc.start]
-        raise SupervisorError(f"cannot write the output: standard output encodes {exc.encoding}, which has no "
-                              f"U+{ord(char):04X} {char!a} (PYTHONIOENCODING=utf-8 has)") from None
 
 
 def _settled(load):
@@ -205,7 +186,7 @@ def cmd_show(args) -> int:
     snap, texts = _settled(lambda keep: describe_snapshot(args.file, keep))
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(snap.created))
     ns = snap.netns.get("name") or f"inode {snap.netns.get('inode')}"
-    with _output():
+    with writing_output():
         print(f"snapshot {args.file}\n  taken {when} on {snap.host} (kernel {snap.kernel}), netns {ns}")
         if snap.daemon:
             print(f"  daemon: {json.dumps(snap.daemon)}")
@@ -230,7 +211,7 @@ def _show_json(path: str) -> int:
     if found is None:
         return _show_json_records(path, raws)
     from ..snapshot_show import document
-    with without_cycle_collection(), _output():
+    with without_cycle_collection(), writing_output():
         _write_utf8(document(*found))
     return ExitCode.OK
 
@@ -281,7 +262,7 @@ def cmd_diff(args) -> int:
                    for name, d in result.items()}
         _print_json(doc)
         return ExitCode.OK
-    with _output():
+    with writing_output():
         if not any(result.values()):
             print("no differences")
             return ExitCode.OK
