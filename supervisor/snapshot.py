@@ -18,7 +18,13 @@ import time
 from dataclasses import dataclass, field
 from itertools import compress, count
 from operator import ne
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+if TYPE_CHECKING:
+    from mmap import mmap
+
+    from .filemap import MappedFiles
+    Buffer = bytes | mmap       # a file's bytes: read, or mapped by MappedFiles
 
 _UNLOADED = object()
 
@@ -227,12 +233,14 @@ def load_snapshot(path: str) -> Snapshot:
     return load_snapshots(path)[0]
 
 
-def describe_snapshot(path: str, keep: list | None = None) -> tuple[Snapshot, dict[str, list[str]]]:
+def describe_snapshot(path: str, keep: list | None = None, files: MappedFiles | None = None
+                      ) -> tuple[Snapshot, dict[str, list[str]]]:
     """The snapshot at PATH checked as load_snapshot checks it (the same errors), without its
     records, and what each record's describe() says, per family. With msgspec, policies and
     routes are described from the decoded file: tens of thousands of records are never built.
-    KEEP, when given, gets what was decoded (see keep_until_exit)."""
-    raw = _read(path)
+    KEEP, when given, gets what was decoded (see keep_until_exit). FILES: where to read the file
+    mapped (filemap), for as long as FILES' scope lasts."""
+    raw = _read(path, files)
     with without_cycle_collection():
         found = _typed_document(raw, path) if _codec() is not None else None
         if keep is not None:
@@ -254,18 +262,19 @@ def describe_snapshot(path: str, keep: list | None = None) -> tuple[Snapshot, di
         return _snapshot_of(doc, {}, path), texts
 
 
-def load_for_json(path: str, keep: list | None = None, raws: list | None = None
+def load_for_json(path: str, keep: list | None = None, raws: list | None = None, files: MappedFiles | None = None
                   ) -> tuple[Snapshot, dict[str, list]] | None:
     """The snapshot at PATH checked as load_snapshot checks it (the same errors), its policies and
     routes left as the structs msgspec decoded (snapshot_show): (the snapshot without them, {family:
     structs}). None without msgspec or for what it does not read as version 2 (a fault, version 1):
-    load_snapshot then does (given RAWS, the bytes read, for load_snapshots). KEEP: as for describe_snapshot."""
+    load_snapshot then does (given RAWS, the bytes read, for load_snapshots). KEEP, FILES: as for
+    describe_snapshot."""
     msgspec = _codec()
     if msgspec is None:
         return None
     from . import snapshot_show
     from .snapshot_typed import CHECKS
-    raw = _read(path)
+    raw = _read(path, files)
     if raws is not None:
         raws.append(raw)
     with without_cycle_collection():
@@ -417,15 +426,16 @@ def _build(name: str, items: list, indices: list[int], version: int, path: str) 
     return _records(name, subset, version, path, indices)
 
 
-def diff_snapshot_files(path_a: str, path_b: str, keep: list | None = None) -> dict[str, FamilyDiff]:
+def diff_snapshot_files(path_a: str, path_b: str, keep: list | None = None, files: MappedFiles | None = None
+                        ) -> dict[str, FamilyDiff]:
     """diff_snapshots of two snapshot files. With msgspec, both files are checked whole but only
     the records that differ between them are built: one equal to the record at the same place in
-    the other file is unchanged (identities are unique within a snapshot). KEEP: as for
+    the other file is unchanged (identities are unique within a snapshot). KEEP, FILES: as for
     describe_snapshot."""
     if _codec() is None:
         return diff_snapshots(*load_snapshots(path_a, path_b))
-    raws: list[bytes] = []
-    result = _diff_by_text(path_a, path_b, [] if keep is None else keep, raws)
+    raws: list = []
+    result = _diff_by_text(path_a, path_b, [] if keep is None else keep, raws, files)
     return _diff_typed(path_a, path_b, raws) if result is None else result
 
 
@@ -438,7 +448,8 @@ def keep_until_exit(keep: list) -> None:
     gc.freeze()
 
 
-def _diff_by_text(path_a: str, path_b: str, keep: list, raws: list) -> dict[str, FamilyDiff] | None:
+def _diff_by_text(path_a: str, path_b: str, keep: list, raws: list, files: MappedFiles | None
+                  ) -> dict[str, FamilyDiff] | None:
     """diff_snapshot_files comparing the JSON text of each policy and route: B's are decoded only
     where they differ from A's at the same place (the same text is the same valid record). None
     when either file has a fault (or is version 1): _diff_typed then says which, in its order (from
@@ -446,7 +457,7 @@ def _diff_by_text(path_a: str, path_b: str, keep: list, raws: list) -> dict[str,
     from . import snapshot_typed as typed
     msgspec = _codec()
     with without_cycle_collection():
-        raw_a = _read(path_a)
+        raw_a = _read(path_a, files)
         raws.append(raw_a)
         found = _typed_document(raw_a, path_a)
         if found is None:
@@ -462,7 +473,7 @@ def _diff_by_text(path_a: str, path_b: str, keep: list, raws: list) -> dict[str,
                 check(objects_a.get(name, []), _failing(path_a, name))
         except SnapshotError:
             return None
-        raw_b = _read(path_b)
+        raw_b = _read(path_b, files)
         raws.append(raw_b)
         try:
             head_b, text_a, text_b = _head_with_same_records(raw_a, raw_b), None, None
@@ -515,9 +526,10 @@ def _head_with_same_records(raw_a: bytes, raw_b: bytes) -> Any:
     "objects" key on: two snapshots of an unchanged state. None when not, or unsure. Both heads
     must read as a complete object when "objects" is put in their place, so the same bytes follow
     both in the same place of the same grammar: A's records, which were decoded and are checked."""
+    from .filemap import same_bytes
     from .snapshot_typed import HEAD
     i, j = raw_a.find(_OBJECTS_KEY), raw_b.find(_OBJECTS_KEY)
-    if i < 0 or j < 0 or len(raw_a) - i != len(raw_b) - j or not raw_b.startswith(memoryview(raw_a)[i:], j):
+    if i < 0 or j < 0 or not same_bytes(raw_a, i, raw_b, j):
         return None
     heads = [HEAD.decode(raw[:at] + b',"objects":0}') for raw, at in ((raw_a, i), (raw_b, j))]
     return heads[1]
@@ -559,21 +571,27 @@ def _diff_typed(path_a: str, path_b: str, raws: Sequence[bytes] = ()) -> dict[st
     return result
 
 
-def _read(path: str) -> bytes:
+def _read(path: str, files: MappedFiles | None = None) -> Buffer:
+    """PATH's bytes (mapped, by FILES, when given and large), or SnapshotError."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        if files is not None:
+            raw = files.read(path)
+        else:
+            with open(path, "rb") as f:
+                raw = f.read()
     except OSError as exc:
         raise SnapshotError(f"cannot read snapshot {path}: {exc.strerror}") from None
-    if not raw or raw.isspace():     # (strip() would copy tens of megabytes)
+    # (strip() would copy tens of megabytes, and a mapped file has neither: a file this program
+    # wrote begins with "{")
+    if not raw or (raw[:1].isspace() and bytes(raw).isspace()):
         raise _bad(path, "the file is empty")
     return raw
 
 
-def _parse_slowly(raw: bytes, path: str) -> Any:
+def _parse_slowly(raw: Buffer, path: str) -> Any:
     """The document by the json module, which names line and column of a problem."""
     try:
-        text = raw.decode("utf-8")
+        text = str(raw, "utf-8")
     except UnicodeDecodeError as exc:
         raise _bad(path, f"not UTF-8 text (byte {exc.start})") from None
     try:
