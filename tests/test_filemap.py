@@ -153,3 +153,41 @@ def test_show_show_json_and_diff_read_the_same_mapped_as_read(tmp_path):
         with MappedFiles(min_size=1) as files:
             assert _outcome(snapshot.diff_snapshot_files, docs[a], docs[b], files=files) == \
                 _outcome(snapshot.diff_snapshot_files, docs[a], docs[b]), (a, b)
+
+
+@pytest.mark.parametrize("command", [["show", "A"], ["show", "--json", "A"], ["diff", "A", "FEW"]])
+def test_the_lease_ends_before_the_output_a_slow_reader_holds(tmp_path, command):
+    """`snapshot show big.json | less`: the command may wait on its output for long, and a writer
+    of the file must not wait with it (the lease covers the reading, not the printing)."""
+    from test_snapshot_describe import _many
+    files = {"A": str(tmp_path / "many.json"), "FEW": str(tmp_path / "few.json")}
+    for name, count in (("A", 3000), ("FEW", 1)):
+        with open(files[name], "w") as fh:
+            json.dump(_many(count), fh)
+    path = files["A"]
+    assert os.path.getsize(path) > 1 << 20      # mapped
+    argv = [sys.executable, "-c", "import sys; from supervisor.cli import main; sys.exit(main())", "snapshot",
+            *[files.get(word, word) for word in command]]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(argv, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not _waits_on_its_output(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _waits_on_its_output(proc.pid), "the command never filled its output pipe"
+        assert not [line for line in _leases_on(path) if line.split()[4] == str(proc.pid)]
+        subprocess.run([sys.executable, "-c", f"open({path!r}, 'wb').close()"], timeout=20, check=True)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err
+    assert len(out) > 1 << 16
+
+
+def _waits_on_its_output(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/wchan") as fh:
+            return "pipe_write" in fh.read()
+    except FileNotFoundError:
+        return False

@@ -178,24 +178,21 @@ def _settled(load):
     return loaded
 
 
-def _mapping(command):
-    """COMMAND(args, files), its files read through FILES, a filemap.MappedFiles scope: the snapshots
-    are mapped, not copied, and nobody truncates them under the command (a lease) while it runs."""
-    def run(args) -> int:
-        from ..filemap import MappedFiles
-        with MappedFiles() as files:
-            return command(args, files)
-    run.__name__, run.__doc__ = command.__name__, command.__doc__
-    return run
+def _mapped_while(load):
+    """LOAD(files)'s result, the snapshot files it reads mapped through FILES, a filemap.MappedFiles
+    scope: not copied, and nobody truncates them under the command (a lease) until LOAD is done:
+    what the command prints after that (a pager may hold it for long) no longer reads them."""
+    from ..filemap import MappedFiles
+    with MappedFiles() as files:
+        return load(files)
 
 
-@_mapping
-def cmd_show(args, files) -> int:
+def cmd_show(args) -> int:
     from ..kernel_state import FAMILIES
     from ..snapshot import describe_snapshot
     if args.json:
-        return _show_json(args.file, files=files)
-    snap, texts = _settled(lambda keep: describe_snapshot(args.file, keep, files))
+        return _show_json(args.file)
+    snap, texts = _mapped_while(lambda files: _settled(lambda keep: describe_snapshot(args.file, keep, files)))
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(snap.created))
     ns = snap.netns.get("name") or f"inode {snap.netns.get('inode')}"
     with writing_output():
@@ -213,28 +210,37 @@ def cmd_show(args, files) -> int:
     return ExitCode.OK
 
 
-def _show_json(path: str, files=None) -> int:
+def _show_json(path: str) -> int:
     """``show FILE --json``: with msgspec, the document of a version 2 file made without its policy
     and route records (snapshot_show); anything else the way that builds every record."""
     from ..kernel.common import without_cycle_collection
-    from ..snapshot import load_for_json
-    raws: list = []
-    found = _settled(lambda keep: load_for_json(path, keep, raws, files))
-    if found is None:
-        return _show_json_records(path, raws)
+    from ..snapshot import load_for_json, load_snapshots
+
+    def load(files):
+        raws: list = []
+        found = _settled(lambda keep: load_for_json(path, keep, raws, files))
+        if found is not None:
+            return found, None
+        return None, _settled(lambda keep: load_snapshots(path, raws=raws))[0]     # (a pipe is read once)
+
+    found, snap = _mapped_while(load)
+    if snap is not None:
+        return _print_records_json(snap)
     from ..snapshot_show import document
     with without_cycle_collection(), writing_output():
         _write_utf8(document(*found))
     return ExitCode.OK
 
 
-def _show_json_records(path: str, raws: list | None = None, files=None) -> int:
+def _show_json_records(path: str) -> int:
     """``show FILE --json`` from every record's to_json: without msgspec, for version 1 and for a bad
-    file (load_snapshot words its fault); the bytes snapshot_show gives too (tests hold it to them).
-    RAWS: the file's bytes when read already; else it is read (not mapped: FILES is _show_json's)."""
-    from ..kernel.common import without_cycle_collection
+    file (load_snapshot words its fault); the bytes snapshot_show gives too (tests hold it to them)."""
     from ..snapshot import load_snapshots
-    [snap] = _settled(lambda keep: load_snapshots(path, raws=raws or ()))    # (a pipe is read once)
+    return _print_records_json(_settled(lambda keep: load_snapshots(path))[0])
+
+
+def _print_records_json(snap) -> int:
+    from ..kernel.common import without_cycle_collection
     with without_cycle_collection():
         doc = {"created": snap.created, "host": snap.host, "kernel": snap.kernel,
                "netns": snap.netns, "daemon": snap.daemon, "keys_included": snap.keys_included,
@@ -262,12 +268,11 @@ def _write_utf8(pieces) -> None:
     buffer.write(b"\n")
 
 
-@_mapping
-def cmd_diff(args, files) -> int:
+def cmd_diff(args) -> int:
     from ..kernel_state import FAMILIES
     from ..kernel.common import without_cycle_collection
     from ..snapshot import diff_snapshot_files
-    result = _settled(lambda keep: diff_snapshot_files(args.a, args.b, keep, files))
+    result = _mapped_while(lambda files: _settled(lambda keep: diff_snapshot_files(args.a, args.b, keep, files)))
     if args.json:
         with without_cycle_collection():
             doc = {name: {"added": [r.to_json() for r in d.added],
