@@ -51,7 +51,7 @@ def _reordered(kind: type, name: str, keys: tuple[str, ...], types: dict[str, An
 
 PolicyShow = _reordered(typed.Policy, "PolicyShow", (
     "selector", "dir", "action", "priority", "index", "flags", "share", "lifetime", "mark", "if_id", "ptype",
-    "templates", "attrs", "curlft"), defaults={"lifetime": typed.Lifetime(**_x.NO_LIMITS.to_json())})
+    "templates", "attrs", "curlft"), defaults={"lifetime": typed.NO_LIMITS_JSON})
 NextHopShow = _reordered(typed.NextHop, "NextHopShow", ("gateway", "oif", "oif_name", "weight", "flags"))
 # to_json's keys but type_name, protocol_name and scope_name, which follow type, protocol and scope
 RouteShow = _reordered(typed.Route, "RouteShow", (
