@@ -9,7 +9,9 @@ kernel's lease-break-time, /proc/sys/fs/lease-break-time). The lease is released
 ends; the mappings stay valid as long as something uses them (a snapshot writer never truncates:
 it renames a new file over the old one). Where no lease can be had (neither owner nor root, a
 file open for writing, NFS, leases disabled), or for anything but a large regular file (a pipe,
-<(...)), the file is read as before.
+<(...)), the file is read as before. What a lease cannot hold back: an I/O error on a page not yet
+read ends the reader with SIGBUS too, where read() would say EIO (MAP_POPULATE reads every page at
+once, and a snapshot file is local).
 """
 
 from __future__ import annotations

@@ -27,6 +27,17 @@ def _leases_on(path: str) -> list[str]:
         return [line for line in fh if "LEASE" in line and line.split()[5].endswith(f":{inode}")]
 
 
+def _leases_enabled() -> bool:
+    try:
+        with open("/proc/sys/fs/leases-enable") as fh:
+            return fh.read().strip() != "0"
+    except OSError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _leases_enabled(), reason="file leases are disabled (/proc/sys/fs/leases-enable)")
+
+
 @pytest.fixture
 def big(tmp_path) -> str:
     path = str(tmp_path / "big.bin")
