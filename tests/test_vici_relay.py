@@ -402,6 +402,13 @@ def _in(relay, function: str, timeout: float = 5.0) -> bool:
     return False
 
 
+def _block_writing(relay, client: Client) -> None:
+    """The relay's thread blocked writing to CLIENT: 40 answers of 120 kB that it never reads."""
+    for _ in range(40):
+        client.sock.sendall(frame(Packet.request("version")))
+    assert _in(relay, "_from_charon"), "the relay never blocked writing to the client"
+
+
 def test_close_while_the_thread_is_blocked_writing_returns_at_once_and_only_the_thread_closes_sockets(
         fake, monkeypatch):
     charon, run = fake()
@@ -409,9 +416,7 @@ def test_close_while_the_thread_is_blocked_writing_returns_at_once_and_only_the_
     closed = _closed_on(monkeypatch)
     c = Client(relay.path)
     try:
-        for _ in range(40):     # 40 answers of 120 kB that swanctl's side never reads
-            c.sock.sendall(frame(Packet.request("version")))
-        assert _in(relay, "_from_charon"), "the relay never blocked writing to the client"
+        _block_writing(relay, c)
         ours = _relay_sockets(relay)
         began = time.monotonic()
         relay.close()
@@ -637,9 +642,7 @@ def test_a_close_while_swanctl_leaves_a_blocked_write_never_shuts_down_the_socke
     relay.start()
     c = Client(relay.path)
     try:
-        for _ in range(40):     # 40 answers of 120 kB that swanctl's side never reads
-            c.sock.sendall(frame(Packet.request("version")))
-        assert _in(relay, "_from_charon"), "the relay never blocked writing to the client"
+        _block_writing(relay, c)
         ours = _relay_sockets(relay)
         closed = _closed_on(monkeypatch)
         late = _pause_close_at(monkeypatch, relay, lock, relay._pairs[0].client, trigger=c.sock.close)
