@@ -2,8 +2,9 @@
 
 ``daemon.json`` in the run directory names the daemon this supervisor runs (pid, /proc start
 time, the boot tick before its spawn, whether its configuration was loaded, an adoption's
-deadline). It is written synchronously at every change of those facts (before and right after
-a spawn, when charon is ready, when an adoption ends): a few hundred bytes, no fsync (it guards
+deadline) and the recovery chosen for the leftovers its run carries. It is written synchronously
+at every change of those facts (before and right after a spawn, when charon is ready, when an
+adoption ends, when a recovery is chosen): a few hundred bytes, no fsync (it guards
 against the supervisor's death, which the page cache survives; /run does not survive a reboot,
 and neither does charon). The ledger itself (40,000 entries at 10,000 tunnels: about a second
 to write) follows in the recovery writer thread; ``reattach`` reads both and lets the record
@@ -30,8 +31,29 @@ VERSION = 1
 MAX_BYTES = 4096
 
 
+# recovery_choice's FLUSH/ADOPT/KEEP/NONE, and recovery.mode's values (not imported: reattach and
+# the CLI read this module, and recovery_choice pulls in the planners)
+RECOVERY_ACTIONS = ("flush", "adopt", "keep", "none")
+REASON_CHARS = 400      # the choice's reason as written (the record stays far below MAX_BYTES)
+
+
 class DaemonRecordError(SupervisorError):
     """The daemon record cannot be written or read, or is not trustworthy."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedChoice:
+    """The recovery a supervisor chose for a dead daemon's leftovers (the next daemon carries them):
+    a successor that re-attaches follows it instead of deciding anew."""
+
+    action: str             # flush / adopt / keep / none (recovery_choice)
+    fail_closed: bool
+    reason: str
+    mode: str               # recovery.mode when it was chosen
+
+    def to_json(self) -> dict:
+        return {"action": self.action, "fail_closed": self.fail_closed, "reason": self.reason[:REASON_CHARS],
+                "mode": self.mode}
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,12 +66,16 @@ class DaemonRecord:
     spawn_tick: int | None = None          # boot tick just before the spawn (pid not known yet)
     daemon_loaded: bool = False            # its configuration load finished
     adoption_deadline: float | None = None  # wall clock: an adoption runs until then
+    recovery: RecordedChoice | None = None  # the recovery of the leftovers this run carries (None: none chosen)
+    # Read only: why a record that has a 'recovery' field has no usable one (the rest of it still is)
+    recovery_problem: str | None = None
 
     def to_json(self) -> dict:
         return {"schema": SCHEMA, "version": VERSION, "netns_inode": self.netns_inode,
                 "daemon_pid": self.daemon_pid, "daemon_start_time": self.daemon_start_time,
                 "spawn_tick": self.spawn_tick, "daemon_loaded": self.daemon_loaded,
-                "adoption_deadline": self.adoption_deadline}
+                "adoption_deadline": self.adoption_deadline,
+                "recovery": None if self.recovery is None else self.recovery.to_json()}
 
 
 def record_path(run_dir: str) -> str:
@@ -122,5 +148,28 @@ def record_from_document(doc: object, path: str = "<document>") -> DaemonRecord:
     if deadline is not None and (not isinstance(deadline, (int, float)) or isinstance(deadline, bool)
                                  or not math.isfinite(deadline)):
         raise bad("'adoption_deadline' is not a finite number or null")
+    recovery, problem = recorded_choice_from(doc)
     return DaemonRecord(ints["netns_inode"], ints["daemon_pid"], ints["daemon_start_time"], ints["spawn_tick"],
-                        loaded, deadline)
+                        loaded, deadline, recovery, problem)
+
+
+def recorded_choice_from(doc: dict) -> tuple[RecordedChoice | None, str | None]:
+    """DOC's recovery choice, or None and why it has none to use (pure). Lenient on purpose: a bad
+    choice costs only the choice (the successor decides by its own mode), not the re-attach."""
+    if "recovery" not in doc:
+        return None, "its daemon record has no 'recovery' field (written by an older version)"
+    raw = doc["recovery"]
+    if raw is None:
+        return None, None
+    if not isinstance(raw, dict):
+        return None, "'recovery' in its daemon record is not an object"
+    action, mode, fail_closed, reason = raw.get("action"), raw.get("mode"), raw.get("fail_closed"), raw.get("reason")
+    for key, value in (("action", action), ("mode", mode)):
+        if value not in RECOVERY_ACTIONS:
+            return None, (f"'recovery.{key}' in its daemon record is {value!r}, not one of "
+                          f"{', '.join(RECOVERY_ACTIONS)}")
+    if not isinstance(fail_closed, bool):
+        return None, "'recovery.fail_closed' in its daemon record is not true or false"
+    if not isinstance(reason, str):
+        return None, "'recovery.reason' in its daemon record is not a string"
+    return RecordedChoice(action, fail_closed, reason, mode), None

@@ -17,7 +17,7 @@ import shutil
 from dataclasses import dataclass
 
 from .daemons import runs_file
-from .daemon_record import DaemonRecord, DaemonRecordError, load_record, record_path
+from .daemon_record import DaemonRecord, DaemonRecordError, RecordedChoice, load_record, record_path
 from .ledger import (HOW_ADDED, HOW_INHERITED, OWNER_DAEMON, Ledger, LedgerEntry, LedgerError, ledger_path,
                      load_ledger, resync_ledger, start_ledger)
 
@@ -117,32 +117,96 @@ def _just_spawned(f: ReattachFacts, tick: int) -> ReattachDecision:
                                   "root, this network namespace)", p.pid, p.start_time, False)
 
 
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """What a re-attaching supervisor does with the dead daemon's leftovers it inherits, and why."""
+
+    adopt: bool                         # adopt them (resume the adoption, or begin it after the load)
+    choice: RecordedChoice | None       # the choice they stay under, for the next successor (None: unknown)
+    why: str
+    recorded: bool                      # CHOICE is the one the earlier supervisor recorded
+    left: int = 0                       # inherited leftovers it is about
+
+
+def decide_resume(recorded: RecordedChoice | None, unrecorded_why: str | None, mode: str, *, fail_closed: bool,
+                  left: int, adoption_open: bool, loaded: bool, ledger_current: bool) -> Resume:
+    """Pure: the earlier supervisor's recorded choice (RECORDED) decides, not this one's recovery.MODE
+    (a flush it chose, e.g. because this strongSwan cannot adopt, is never turned into an adoption;
+    an adoption it began is finished even if MODE changed since). Without a record (UNRECORDED_WHY
+    says why) the rule from before records: by MODE.
+
+    LEFT: inherited leftovers in the taken-over ledger; ADOPTION_OPEN: an adoption deadline was
+    recorded; LOADED: the running daemon's load finished; LEDGER_CURRENT: the ledger on disk was
+    already the running daemon's (else still the crashed one's: everything it owned is inherited)."""
+    if left == 0:
+        return Resume(False, recorded, "nothing the dead daemon owned is left", recorded is not None, 0)
+    if recorded is not None:
+        r = recorded
+        if r.action != "adopt":
+            why = (f"the earlier supervisor chose {r.action} for the dead daemon's leftovers ({r.reason}); "
+                   f"followed: the {left} left stay as they are, not adopted")
+            if mode != r.mode:
+                why += f" (this supervisor's recovery.mode is {mode})"
+            return Resume(False, r, why, True, left)
+        if adoption_open:
+            why = f"the earlier supervisor's adoption of {left} leftover(s) was in progress: resumed"
+            return Resume(True, r, why, True, left)
+        if not loaded or not ledger_current:
+            why = (f"the earlier supervisor chose adopt and died before its adoption began: {left} "
+                   "leftover(s) adopted after the load")
+            return Resume(True, r, why, True, left)
+        why = f"the earlier supervisor's adoption had ended; the {left} leftover(s) it left undecided stay"
+        return Resume(False, r, why, True, left)
+    why = (f"no recovery choice recorded ({unrecorded_why or 'none was made'}); by this supervisor's "
+           f"recovery.mode {mode}")
+    adopt = (adoption_open or (mode == "adopt" and not loaded)) if ledger_current else mode == "adopt"
+    if not adopt:
+        return Resume(False, None, f"{why}: {left} leftover(s) not adopted", False, left)
+    return Resume(True, RecordedChoice("adopt", fail_closed, f"resumed by a successor: {why}", mode),
+                  f"{why}: {left} leftover(s) adopted", False, left)
+
+
 @dataclass(frozen=True)
 class Takeover:
-    """The ledger a re-attaching supervisor goes on with, and whether an adoption resumes."""
+    """The ledger a re-attaching supervisor goes on with, and what becomes of the inherited leftovers."""
 
     ledger: Ledger | None
-    resume_adoption: bool
+    resume: Resume
     how: str                # for the log: "taken over", ...
+
+    @property
+    def resume_adoption(self) -> bool:
+        return self.resume.adopt
 
 
 ALL_STALE = frozenset(("xfrm_sa", "xfrm_policy", "route", "rule", "address"))
 
 
+def _inherited(ledger: Ledger) -> int:
+    return sum(1 for family in ledger.entries.values() for e in family.values()
+               if e.owner == OWNER_DAEMON and e.how == HOW_INHERITED)
+
+
 def take_over(prior: Ledger | None, record: DaemonRecord | None, pid: int, start_time: int | None,
-              state, now: float, *, adopt_mode: bool, daemon_since: float | None = None) -> Takeover:
+              state, now: float, *, mode: str, fail_closed: bool = False, recorded: RecordedChoice | None = None,
+              unrecorded_why: str | None = None, daemon_since: float | None = None) -> Takeover:
     """Pure: the running daemon PID's ledger from the one on disk (PRIOR) and the kernel now (STATE,
     None: unreadable). The ledger is written beside the restart, so it may still be the crashed
     predecessor's: then what that one owned is carried over as inherited (the leftovers the dead
-    supervisor was recovering) and, in adopt mode, adopted again; the rest is baseline.
+    supervisor was recovering); the rest is baseline. Whether the inherited are adopted:
+    ``decide_resume`` (RECORDED: the dead supervisor's choice; MODE, FAIL_CLOSED: this one's).
 
     DAEMON_SINCE: when PID started (wall clock). A leftover policy the kernel replaced since PRIOR
     recorded it, and inserted since then, is PID's: the running charon installed it again while no
     supervisor watched (policy_update replaces one of the same key at its load), and the dead
     supervisor's ledger never saw it (reinstalled_since)."""
+    def resume(ledger: Ledger, *, current: bool, loaded: bool) -> Resume:
+        adopting = (record.adoption_deadline if record is not None else prior.adoption_deadline) is not None
+        return decide_resume(recorded, unrecorded_why, mode, fail_closed=fail_closed, left=_inherited(ledger),
+                             adoption_open=adopting, loaded=loaded, ledger_current=current)
     if prior is None:
-        return Takeover(None, False, "unusable, ownership by markers")
-    adopting = (record.adoption_deadline if record is not None else prior.adoption_deadline) is not None
+        return Takeover(None, Resume(False, recorded, "no usable ledger: nothing to adopt by", recorded is not None),
+                        "unusable, ownership by markers")
     if prior.daemon_pid is None or (prior.daemon_pid, prior.daemon_start_time) == (pid, start_time):
         ledger = resync_ledger(prior, state.objects) if state is not None else \
             dataclasses.replace(prior, stale=ALL_STALE)
@@ -150,17 +214,34 @@ def take_over(prior: Ledger | None, record: DaemonRecord | None, pid: int, start
         # Killed before PID's load finished (a paced start load takes minutes at scale): the adoption,
         # which begins after the load, has no deadline yet, but the inherited leftovers wait for it.
         loaded = record.daemon_loaded if record is not None else prior.daemon_loaded
-        waiting = adopt_mode and not loaded and any(e.owner == OWNER_DAEMON and e.how == HOW_INHERITED
-                                                    for family in ledger.entries.values() for e in family.values())
         return Takeover(dataclasses.replace(ledger, daemon_pid=pid, daemon_start_time=start_time),
-                        adopting or waiting, "taken over")
+                        resume(ledger, current=True, loaded=loaded), "taken over")
     if state is None:
-        return Takeover(None, False, f"still the crashed pid {prior.daemon_pid}'s and the kernel unreadable: "
-                                     "ownership by markers")
+        return Takeover(None, Resume(False, recorded, "no usable ledger: nothing to adopt by", recorded is not None),
+                        f"still the crashed pid {prior.daemon_pid}'s and the kernel unreadable: ownership by markers")
     ledger = dataclasses.replace(start_ledger(state, pid, inherited=prior, now=now), daemon_start_time=start_time)
-    return Takeover(reinstalled_since(ledger, prior, daemon_since), adopt_mode,
+    ledger = reinstalled_since(ledger, prior, daemon_since)
+    loaded = record.daemon_loaded if record is not None else False
+    return Takeover(ledger, resume(ledger, current=False, loaded=loaded),
                     f"still the crashed pid {prior.daemon_pid}'s (this daemon's was not written yet): what that "
                     "one owned is carried over")
+
+
+def recorded_choice(record: DaemonRecord | None, record_problem: str | None, pid: int,
+                    start_time: int | None) -> tuple[RecordedChoice | None, str | None]:
+    """Pure: the recovery choice the daemon record holds for the run of PID, or None and why not. The
+    choice is written before the spawn, so a record of PID's spawn (no pid yet, the tick before
+    PID's start) holds it too."""
+    if record is None:
+        return None, record_problem or "no daemon record"
+    if record.daemon_pid is None:
+        if record.spawn_tick is None or start_time is None or start_time < record.spawn_tick:
+            return None, f"the daemon record is not of pid {pid}'s run (it names no daemon and no spawn before it)"
+    elif record.daemon_pid != pid:
+        return None, f"the daemon record names pid {record.daemon_pid}, not {pid}"
+    if record.recovery is None:
+        return None, record.recovery_problem
+    return record.recovery, None
 
 
 def reinstalled_since(ledger: Ledger, prior: Ledger, since: float | None) -> Ledger:

@@ -53,6 +53,7 @@ from .vici_client import ViciError, initiate_child, list_conns, list_sas, vici_c
 from .worker import SerialWorker
 from .reconcile import (ActionResult, DeleteObject, InstallBlockPolicy, Keep, Outcome, Plan,
                         RemoveBlockPolicy, blocks_to_remove, execute)
+from .daemon_record import REASON_CHARS, RecordedChoice
 from .crash_snapshots import (TEST_DELAY_ENV, PendingCrash, complete_unfinished, finish_intent, ownership_context,
                               prune_snapshots, snapshot_name, state_after_flush, write_intent)
 from .snapshot import take_snapshot, write_snapshot_in
@@ -370,6 +371,12 @@ class KernelRecovery:
             if self._ledger is not None:
                 self._ledger = dataclasses.replace(self._ledger, **changes)
 
+    def _record_choice(self, choice: RecoveryChoice, mode: str) -> None:
+        """In the daemon record at once (a few hundred bytes): a successor that re-attaches to the next
+        charon follows CHOICE for the leftovers it carries (reattach.decide_resume)."""
+        self._store.note_daemon(recovery=RecordedChoice(choice.action, choice.fail_closed,
+                                                        choice.reason[:REASON_CHARS], mode))
+
     def _resync(self) -> None:
         self._resync_pending = False
         with self._lock:
@@ -483,12 +490,15 @@ class KernelRecovery:
             state = None
             log.error("cannot read the kernel state while re-attaching: %s; the ledger is re-read at the "
                       "next notification", exc)
-        record, _ = reattach.read_record(self.config.paths.run_dir)
-        record = record if record is not None and record.daemon_pid == pid else None
+        raw, problem = reattach.read_record(self.config.paths.run_dir)
+        record = raw if raw is not None and raw.daemon_pid == pid else None
+        # what the dead supervisor chose for the leftovers this charon carries: followed, not decided anew
+        recorded, unrecorded_why = reattach.recorded_choice(raw, problem, pid, start_time)
         now = self._wall()
         up = reattach.seconds_since_start(start_time) if start_time is not None else None
-        t = reattach.take_over(prior, record, pid, start_time, state, now,
-                               adopt_mode=self.config.recovery.mode == ADOPT,
+        rc = self.config.recovery
+        t = reattach.take_over(prior, record, pid, start_time, state, now, mode=rc.mode, fail_closed=rc.fail_closed,
+                               recorded=recorded, unrecorded_why=unrecorded_why,
                                daemon_since=None if up is None else now - up)
         with self._lock:
             buffered, self._buffer = self._buffer or [], None
@@ -500,19 +510,22 @@ class KernelRecovery:
             if self.config.snapshots.enabled:       # a crash's snapshot the dead supervisor never wrote
                 complete_unfinished(self.config.snapshot_dir, state, self._wall())
         pending = []
-        if t.resume_adoption and self._ledger is not None:
+        if t.resume.adopt and self._ledger is not None:
             pending = [(e.record, e.verdict()) for e in self._ledger.owned() if e.how == HOW_INHERITED]
             if pending:
                 self._carry = pending
-                self._carry_choice = RecoveryChoice(ADOPT, self.config.recovery.fail_closed,
-                                                    "an adoption was in progress when the earlier supervisor died")
+                self._carry_choice = RecoveryChoice(ADOPT, t.resume.choice.fail_closed if t.resume.choice
+                                                    else rc.fail_closed, f"resumed after a supervisor restart: "
+                                                    f"{t.resume.why}")
+        # a missing choice is worth a warning only where it decides something
+        (log.warning if t.resume.left and not t.resume.recorded else log.info)("re-attach: %s", t.resume.why)
         log.info("re-attached to %s pid %d: ledger %s%s%s", self._daemon_name, pid, t.how,
                  f", {len(self._blocks)} fail-closed block(s) held" if self._blocks else "",
                  f", adoption of {len(pending)} leftover(s) resumed" if pending else "")
         self._store.note_daemon(daemon_pid=pid, daemon_start_time=start_time, spawn_tick=None,
                                 daemon_loaded=record.daemon_loaded if record is not None else
                                 bool(prior is not None and prior.daemon_loaded),
-                                adoption_deadline=None)
+                                adoption_deadline=None, recovery=t.resume.choice)
         self._store.save_later()
 
     def adoption_coming(self) -> bool:
@@ -637,11 +650,13 @@ class KernelRecovery:
                       "supervisor: the state is its own, no recovery")
             log.warning("after %s: %s", why, reason)
             self._carry, self._carry_choice = [], None
+            self._record_choice(RecoveryChoice(NONE, False, reason), rc.mode)
             return {"mode": rc.mode, "action": NONE, "fail_closed": False, "reason": reason,
                     "other_daemons": [d.to_json() for d in running]}
         choice = choose_recovery(rc.mode, fail_closed=rc.fail_closed, on_stop=rc.on_stop,
                                  exit_class=info.classification, decision=decision.action,
                                  can_adopt=can_adopt)
+        self._record_choice(choice, rc.mode)
         daemon = {"pid": info.pid, "exit": {"code": info.exit_code, "signal": signal_name(info.signal),
                                             "classification": info.classification.value,
                                             "uptime_s": round(info.uptime, 3)}}
@@ -976,12 +991,14 @@ class KernelRecovery:
                 # still the running daemon's: carried so a later recovery knows it as charon's
                 self._carry = [(e.record, e.verdict()) for e in prior.owned()]
                 self._carry_choice = RecoveryChoice(KEEP, False, "the daemon of the earlier run still runs")
+                self._record_choice(self._carry_choice, rc.mode)
             return
         if self._capability is None and rc.mode == ADOPT:
             self._note_capability(check_strongswan(self.config))
         can_adopt = self._capability.can_adopt if self._capability is not None else True
         choice = choose_recovery(rc.mode, fail_closed=rc.fail_closed, on_stop=rc.on_stop, exit_class=None,
                                  decision=Action.RESTART, can_adopt=can_adopt)
+        self._record_choice(choice, rc.mode)
         who = (f"{self._daemon_name} pid {prior.daemon_pid} of an earlier supervisor run"
                if prior is not None and prior.daemon_pid else f"an earlier {self._daemon_name}")
         section = self._recover(choice, f"{who} (found at supervisor start)", prior.daemon_pid if prior else None,

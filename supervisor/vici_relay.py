@@ -185,7 +185,9 @@ class PacingRelay:
         self._bound = False
         self._thread: threading.Thread | None = None
         # Held while a socket is closed and while close() shuts sockets down or wakes the thread, so
-        # that close() never touches an fd number the thread has already given back.
+        # that close() never touches an fd number the thread has already given back; and while the
+        # thread makes get-conns' connection, so that close() either shuts it down or comes first
+        # (tests/test_vici_relay.py forces each interleaving).
         self._lock = threading.Lock()
         self._ended = False         # every socket is closed (by the thread as it ended, or by start failing)
         self.stats = {"requests": 0, "initiations": 0, "held": 0, "longest_wait_s": 0.0, "already_loaded": 0}

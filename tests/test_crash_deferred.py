@@ -169,6 +169,41 @@ def test_a_supervisor_killed_before_the_new_ledger_is_written_is_replaced_by_one
     assert second.stop() == 0
 
 
+def test_a_successor_configured_to_adopt_follows_the_flush_the_killed_supervisor_chose(netns, sup, monkeypatch):
+    """The first supervisor flushed (its recovery.mode) before the restart; the new daemon installed its
+    objects again; the supervisor is killed before that run's ledger is written. A successor configured
+    adopt must not "resume" the flush as an adoption of the new daemon's objects (the crashed daemon's
+    ledger calls them inherited): it follows the recorded flush, and they stay."""
+    from supervisor.daemon_record import load_record, record_path
+    from supervisor.ledger import ledger_path, load_ledger
+    netns.sh(SETUP)
+    monkeypatch.setenv("IPSEC_SUPERVISOR_TEST_SNAPSHOT_DELAY", "60")
+    first = sup(netns, [DAEMON_RUN, DAEMON_RUN], {"mode": "flush", "fail_closed": False}).start()
+    dead = first.wait_running()["daemon"]["pid"]
+    first.wait(lambda st: os.path.exists(ledger_path(first.p("run"))) and
+               len(load_ledger(ledger_path(first.p("run"))).owned("route")) >= CHILDREN,
+               what="the daemon's objects in the ledger on disk")
+    os.kill(dead, signal.SIGKILL)
+    new = first.wait(lambda st: st["daemon"]["pid"] not in (None, dead), what="charon spawned again")["daemon"]["pid"]
+    record = load_record(record_path(first.p("run")))
+    assert record.daemon_pid == new and record.recovery.action == "flush" and record.recovery.mode == "flush"
+    first.wait(lambda st: len(kernel_of(netns).objects["route"]) >= CHILDREN, what="the new daemon's routes")
+    assert load_ledger(ledger_path(first.p("run"))).daemon_pid == dead     # the new ledger waits in the writer
+    first.proc.kill()                               # kill -9 of the supervisor in that window
+    first.proc.wait()
+    monkeypatch.delenv("IPSEC_SUPERVISOR_TEST_SNAPSHOT_DELAY")
+    second = sup(netns, [DAEMON_RUN, DAEMON_RUN], {"mode": "adopt", "adopt_grace": "1s"}, directory=first.dir).start()
+    st = second.wait_recovered()
+    assert st["daemon"]["pid"] == new and st["daemon"]["reattached"] is True
+    assert st["recovery"]["adoption"] is None, st["recovery"]["adoption"]         # nothing can sweep them
+    log = second.log()
+    assert "re-attach: the earlier supervisor chose flush" in log and "(this supervisor's recovery.mode is adopt)" in log
+    assert "leftover(s) resumed" not in log
+    assert len(kernel_of(netns).objects["route"]) >= CHILDREN                     # the new daemon's stay
+    assert load_record(record_path(second.p("run"))).recovery.action == "flush"    # for the next successor
+    assert second.stop() == 0
+
+
 def test_the_read_taken_before_the_restart_decodes_to_what_read_state_reads(netns):
     from supervisor.kernel_state import ReadOptions, read_state, read_state_later
     netns.sh(SETUP + FOREIGN + "iptables -I INPUT 1 -s 10.6.0.0/16 -m policy --dir in --pol ipsec --reqid 7 "

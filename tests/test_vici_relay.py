@@ -82,13 +82,14 @@ class FakeCharon:
     """A VICI server: answers every request, confirms event registrations, emits events on demand.
     EVENTS "refuse": registrations are refused, "silent": never answered; ANSWER False: no request is.
     CONNS: what get-conns answers (the relay asks it on its event session; counted in ``asked_conns``,
-    not in ``requests``)."""
+    not in ``requests``); CONNS_GATE: get-conns is answered only once this event is set."""
 
     def __init__(self, path: str, *, events: str = "confirm", answer: bool = True, conns: tuple[str, ...] = (),
-                 conns_after: float = 0.0, chatty: bool = False):
+                 conns_after: float = 0.0, chatty: bool = False, conns_gate: threading.Event | None = None):
         self.path = path
         self.conns = list(conns)
         self.conns_after = conns_after      # get-conns answered this late
+        self.conns_gate = conns_gate
         self.chatty = chatty                # an event follows each confirmation at once (charon is busy)
         self.asked_conns = 0
         self.confirm = events == "confirm"
@@ -144,6 +145,8 @@ class FakeCharon:
                     self.asked_conns += 1
                     if self.answer:
                         time.sleep(self.conns_after)
+                        if self.conns_gate is not None:
+                            self.conns_gate.wait(10)
                         try:
                             conn.sendall(frame(bytes([Packet.CMD_RESPONSE]) + Message.serialize({"conns": self.conns})))
                         except OSError:
@@ -399,6 +402,13 @@ def _in(relay, function: str, timeout: float = 5.0) -> bool:
     return False
 
 
+def _block_writing(relay, client: Client) -> None:
+    """The relay's thread blocked writing to CLIENT: 40 answers of 120 kB that it never reads."""
+    for _ in range(40):
+        client.sock.sendall(frame(Packet.request("version")))
+    assert _in(relay, "_from_charon"), "the relay never blocked writing to the client"
+
+
 def test_close_while_the_thread_is_blocked_writing_returns_at_once_and_only_the_thread_closes_sockets(
         fake, monkeypatch):
     charon, run = fake()
@@ -406,9 +416,7 @@ def test_close_while_the_thread_is_blocked_writing_returns_at_once_and_only_the_
     closed = _closed_on(monkeypatch)
     c = Client(relay.path)
     try:
-        for _ in range(40):     # 40 answers of 120 kB that swanctl's side never reads
-            c.sock.sendall(frame(Packet.request("version")))
-        assert _in(relay, "_from_charon"), "the relay never blocked writing to the client"
+        _block_writing(relay, c)
         ours = _relay_sockets(relay)
         began = time.monotonic()
         relay.close()
@@ -509,6 +517,175 @@ def test_close_during_the_get_conns_charon_never_answers_ends_the_thread_at_once
     finally:
         relay.close(wait=5)
     assert not relay._thread.is_alive() and "unfinished" not in report and report["passthrough"] is None
+
+
+# --- the lock between close() and the relay's thread: forced interleavings -------------------
+# close() (the supervisor's loop thread) shuts the thread's sockets down; only the thread closes
+# them. Each test below stops one side at the point where the other may run, and lets it run: with
+# the lock the other side waits, without it (or with the lock taken in the wrong place) the
+# interleaving the lock exists for happens, and the test says which.
+
+class WatchedLock:
+    """The relay's own lock, unchanged, telling the test which threads had to wait for it."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.waited: list[str] = []
+
+    def __enter__(self):
+        acquire = getattr(self.inner, "acquire", None)
+        if acquire is None:         # not a lock at all (e.g. contextlib.nullcontext): nobody waits
+            return self.inner.__enter__()
+        if not acquire(blocking=False):
+            self.waited.append(threading.current_thread().name)
+            acquire()
+        return self
+
+    def __exit__(self, *exc):
+        if getattr(self.inner, "release", None) is None:
+            return self.inner.__exit__(*exc)
+        self.inner.release()
+        return False
+
+
+def _until(condition, what: str, timeout: float = 10.0) -> None:
+    """Wait for CONDITION (a safety limit only: the outcome never depends on how long it takes)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.001)
+
+
+def _watched_relay(charon, run, **kw) -> tuple[PacingRelay, WatchedLock]:
+    relay = PacingRelay(run, charon.path, **{"parallel": 1, "window": 10.0, "budget": 30.0, **kw})
+    lock = relay._lock = WatchedLock(relay._lock)
+    return relay, lock
+
+
+def _pause_close_at(monkeypatch, relay, lock: WatchedLock, target: socket.socket, trigger) -> list[str]:
+    """close() pauses as it shuts TARGET down (after its own check that TARGET is open; the real
+    shutdown(2) runs without the GIL, so the thread may run there): TRIGGER makes the relay's thread
+    want to close TARGET, and close() goes on once the thread has closed it or waits for the lock.
+    Returns what close() shut down although the thread had closed it (by then the fd number may be a
+    socket or file the supervisor opened meanwhile)."""
+    closer, late, paused = threading.current_thread(), [], []
+    real = socket.socket.shutdown
+
+    def shutdown(sock, how):
+        if sock is target and threading.current_thread() is closer and not paused:
+            paused.append(True)
+            trigger()
+            _until(lambda: sock.fileno() == -1 or "vici-relay" in lock.waited or not relay._thread.is_alive(),
+                   "the relay's thread neither closed the socket nor waited for the lock")
+        if sock.fileno() == -1:
+            late.append("the shut-down socket" if sock is target else repr(sock))
+        return real(sock, how)
+    monkeypatch.setattr(socket.socket, "shutdown", shutdown)
+    return late
+
+
+def _closed_once_by_the_thread(relay, closed: dict[int, str], ours: dict[int, str]) -> None:
+    relay._thread.join(5)
+    assert not relay._thread.is_alive()
+    assert set(ours) <= set(closed) and {closed[i] for i in ours} == {"vici-relay"}, closed
+
+
+def test_a_close_while_the_thread_ends_never_shuts_down_a_socket_it_closed(fake, monkeypatch):
+    """swanctl leaves as close() shuts the event session down: the thread wakes, ends and closes
+    everything (_close_all) only after close() is done with the sockets."""
+    charon, run = fake()
+    relay, lock = _watched_relay(charon, run)
+    relay.start()
+    c = Client(relay.path)
+    c.call(frame(Packet.request("version")))        # a connection pair, the thread serving
+    ours = _relay_sockets(relay)
+    closed = _closed_on(monkeypatch)
+    late = _pause_close_at(monkeypatch, relay, lock, relay._events, trigger=c.sock.close)
+    try:
+        relay.close(wait=5)
+    finally:
+        relay.close(wait=5)
+    assert late == [], "close() shut down a socket the relay's thread had closed (its fd number may be reused by then)"
+    assert "vici-relay" in lock.waited
+    _closed_once_by_the_thread(relay, closed, ours)
+
+
+def test_a_close_as_charon_answers_get_conns_never_shuts_down_the_connection_the_thread_closed(fake, monkeypatch):
+    """charon answers get-conns just as close() shuts that connection down: the thread closes it
+    (_close_sock) only after close() is done with it."""
+    answer = threading.Event()
+    charon, run = fake(conns=("a",), conns_gate=answer)
+    relay, lock = _watched_relay(charon, run)
+    relay.start()
+    try:
+        _until(lambda: charon.asked_conns == 1, "the relay never asked charon for its conns")
+        asking = relay._asking
+        assert asking is not None
+        ours = {**_relay_sockets(relay), id(asking): "asking"}
+        closed = _closed_on(monkeypatch)
+        late = _pause_close_at(monkeypatch, relay, lock, asking, trigger=answer.set)
+        relay.close(wait=5)
+    finally:
+        answer.set()
+        relay.close(wait=5)
+    assert late == [], "close() shut down a socket the relay's thread had closed (its fd number may be reused by then)"
+    assert "vici-relay" in lock.waited
+    _closed_once_by_the_thread(relay, closed, ours)
+
+
+def test_a_close_while_swanctl_leaves_a_blocked_write_never_shuts_down_the_socket_the_thread_closed(
+        fake, monkeypatch):
+    """The thread is blocked writing charon's answers to swanctl; swanctl goes away (killed at the
+    load's time limit) as close() shuts that connection down: the thread drops the pair only after."""
+    charon, run = fake()
+    relay, lock = _watched_relay(charon, run)
+    relay.start()
+    c = Client(relay.path)
+    try:
+        _block_writing(relay, c)
+        ours = _relay_sockets(relay)
+        closed = _closed_on(monkeypatch)
+        late = _pause_close_at(monkeypatch, relay, lock, relay._pairs[0].client, trigger=c.sock.close)
+        relay.close(wait=5)
+    finally:
+        relay.close(wait=5)
+        c.sock.close()
+    assert late == [], "close() shut down a socket the relay's thread had closed (its fd number may be reused by then)"
+    assert "vici-relay" in lock.waited
+    _closed_once_by_the_thread(relay, closed, ours)
+
+
+def test_a_close_while_the_thread_connects_for_get_conns_shuts_that_connection_down(fake, monkeypatch):
+    """close() comes after the thread checked for it and before get-conns' connection is there:
+    close() waits for the connection and shuts it down, so the thread does not wait for charon."""
+    import supervisor.vici_relay as vici_relay
+    monkeypatch.setattr(vici_relay, "CONNECT_TIMEOUT", 30.0)    # (a wait only close() can cut short)
+    charon, run = fake(answer=False)
+    relay, lock = _watched_relay(charon, run)
+    closer = threading.Thread(target=lambda: relay.close(wait=0), name="closer")
+    connect = relay._connect
+
+    def connecting() -> socket.socket:
+        if threading.current_thread().name == "vici-relay":      # (start() connects the events on ours)
+            closer.start()
+            _until(lambda: "closer" in lock.waited or not closer.is_alive(),
+                   "close() neither waited for the lock nor finished")
+        return connect()
+    relay._connect = connecting
+    relay.start()
+    try:
+        _until(lambda: closer.ident is not None, "the thread never connected for get-conns")
+        closer.join(5)
+        relay._thread.join(5)
+        waiting_for_charon = relay._thread.is_alive()
+    finally:
+        asking = relay._asking
+        if asking is not None and asking.fileno() != -1:
+            asking.shutdown(socket.SHUT_RDWR)       # (without the lock: ends the thread's 30 s wait)
+        relay._thread.join(5)
+    assert not waiting_for_charon, \
+        "get-conns' connection was made after close() and never shut down: the thread waits for charon"
+    assert "closer" in lock.waited
 
 
 def test_a_charon_slow_to_list_its_conns_costs_their_places_not_the_pacing(fake):
