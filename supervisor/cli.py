@@ -69,16 +69,16 @@ def parse(argv: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse(argv)
-    if not getattr(args, "func", None):
-        build_parser(command_of(argv)).print_help(sys.stderr)
-        return ExitCode.USAGE
-    from . import lazylog
-    if command_of(argv) in commands.QUICK_EXIT:
-        lazylog.configure_when_used(args.verbose)   # (their paths log through lazylog.Logger)
-    else:
-        lazylog.configure(args.verbose)
     try:
+        args = parse(argv)      # (--help and --version print here)
+        if not getattr(args, "func", None):
+            build_parser(command_of(argv)).print_help(sys.stderr)
+            return ExitCode.USAGE
+        from . import lazylog
+        if command_of(argv) in commands.QUICK_EXIT:
+            lazylog.configure_when_used(args.verbose)   # (their paths log through lazylog.Logger)
+        else:
+            lazylog.configure(args.verbose)
         return int(args.func(args))
     except SupervisorError as exc:
         print(f"ipsec-supervisor: {exc}", file=sys.stderr)

@@ -46,6 +46,7 @@ def files(tmp_path):
 
 
 HOST_COMMANDS = {
+    "help": ["--help"], "version": ["--version"], "command-help": ["snapshot", "show", "--help"],
     "crashes": ["crashes", "--config", "{config}"],
     "crashes-json": ["crashes", "--json", "--config", "{config}"],
     "check-config": ["run", "--check-config", "--config", "{config}"],
@@ -96,7 +97,7 @@ def test_status_of_a_running_supervisor_says_why_its_output_failed(fake, stdout)
 IPSEC_COMMANDS = {
     "no-command": [], "help": ["--help"], "versioncode": ["--versioncode"], "piddir": ["--piddir"],
     "version": ["version"], "status": ["status"], "statusall": ["statusall"], "status-json": ["status", "--json"],
-    "snapshots": ["snapshots"], "snapshots-json": ["snapshots", "--json"],
+    "snapshots": ["snapshots"], "snapshots-json": ["snapshots", "--json"], "start-help": ["start", "--help"],
 }
 
 
