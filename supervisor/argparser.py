@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from .errors import ExitCode, SupervisorError
+from .errors import ExitCode, SupervisorError, writing_output
 
 
 def terminal_columns() -> int:
@@ -33,6 +33,13 @@ class Parser(argparse.ArgumentParser):
     def _get_formatter(self):
         # HelpFormatter subtracts 2 from the width it measures itself, not from one it is given
         return self.formatter_class(prog=self.prog, width=terminal_columns() - 2)
+
+    def _print_message(self, message: str, file=None) -> None:
+        if file is not sys.stdout:      # (what stderr cannot take, argparse passes over)
+            return super()._print_message(message, file)
+        with writing_output():          # --help, --version: the output, whose failure argparse would drop
+            if message:
+                file.write(message)
 
 
 class UsageErrorParser(Parser):

@@ -69,16 +69,16 @@ def parse(argv: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse(argv)
-    if not getattr(args, "func", None):
-        build_parser(command_of(argv)).print_help(sys.stderr)
-        return ExitCode.USAGE
-    from . import lazylog
-    if command_of(argv) in commands.QUICK_EXIT:
-        lazylog.configure_when_used(args.verbose)   # (their paths log through lazylog.Logger)
-    else:
-        lazylog.configure(args.verbose)
     try:
+        args = parse(argv)      # (--help and --version print here)
+        if not getattr(args, "func", None):
+            build_parser(command_of(argv)).print_help(sys.stderr)
+            return ExitCode.USAGE
+        from . import lazylog
+        if command_of(argv) in commands.QUICK_EXIT:
+            lazylog.configure_when_used(args.verbose)   # (their paths log through lazylog.Logger)
+        else:
+            lazylog.configure(args.verbose)
         return int(args.func(args))
     except SupervisorError as exc:
         print(f"ipsec-supervisor: {exc}", file=sys.stderr)
@@ -90,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The program (console script): main(), then, for a command that leaves nothing behind,
-    out without tearing the interpreter down: freeing tens of thousands of snapshot records one
-    by one costs a whole process milliseconds nobody waits for."""
+    """The program (console script): main(), then its output flushed where a failure is still an error
+    that says why (exit 1), not a message from the interpreter's exit; then, for a command that leaves
+    nothing behind, out without tearing the interpreter down: freeing tens of thousands of snapshot
+    records one by one costs a whole process milliseconds nobody waits for."""
     quick = command_of(sys.argv[1:]) in commands.QUICK_EXIT
     if quick:
         # Its imports and decoding make tens of thousands of objects and no garbage cycle worth
@@ -102,7 +103,7 @@ def run() -> None:
     rc = main()
     if quick and _alone():
         _exit_now(rc)
-    sys.exit(rc)
+    sys.exit(_flushed(rc))
 
 
 def _alone() -> bool:
@@ -111,9 +112,14 @@ def _alone() -> bool:
 
 
 def _exit_now(rc: int) -> None:
-    """Flush what Python would flush at exit (standard streams, logging's handlers), then exit."""
+    """Flush what Python would flush at exit (logging's handlers, standard streams), then exit."""
     if "logging" in sys.modules:
         sys.modules["logging"].shutdown()
+    os._exit(_flushed(rc))
+
+
+def _flushed(rc: int) -> int:
+    """RC after flushing the standard streams: 1 (said on stderr) when the output could not be written."""
     for stream in (sys.stdout, sys.stderr):
         if stream is None:
             continue    # started with that descriptor closed: nothing was written to it
@@ -128,7 +134,7 @@ def _exit_now(rc: int) -> None:
                 except OSError:
                     pass
             rc = rc or ExitCode.FAILED
-    os._exit(rc)
+    return rc
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ next; the CLI prints ``str(error)`` and exits with ``error.exit_code``.
 from __future__ import annotations
 
 import enum
+import sys
 
 
 class ExitCode(enum.IntEnum):
@@ -73,6 +74,46 @@ class KernelError(SupervisorError):
 
 class FirewallError(KernelError):
     """iptables/ip6tables/nft failed."""
+
+
+class writing_output:
+    """Around writing a command's output to STREAM (standard output by default), its final flush
+    included: a stream that cannot take it (closed, a full disk, an encoding without a character) is
+    a SupervisorError saying why (exit 1), not a traceback; a reader that went away stays
+    BrokenPipeError (the programs exit 0). (A class, not contextlib: no import for a polled command.)"""
+
+    def __init__(self, stream=None) -> None:
+        self._given = stream
+
+    def __enter__(self) -> None:
+        self.stream = sys.stdout if self._given is None else self._given
+        if self.stream is None:     # (Python's stand-in for a descriptor closed at start: `cmd >&-`)
+            raise SupervisorError("cannot write the output: standard output is closed")
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None:
+            try:
+                self.stream.flush()     # what is still buffered fails here, not at the interpreter's exit
+                return False
+            except OSError as flushed:
+                exc = flushed
+                if isinstance(exc, BrokenPipeError):
+                    raise
+        if isinstance(exc, OSError) and not isinstance(exc, BrokenPipeError):
+            raise SupervisorError(f"cannot write the output: {exc.strerror or exc}") from None
+        if isinstance(exc, UnicodeEncodeError):
+            char = exc.object[exc.start]
+            raise SupervisorError(f"cannot write the output: standard output encodes {exc.encoding}, which "
+                                  f"has no U+{ord(char):04X} {char!a} (PYTHONIOENCODING=utf-8 has)") from None
+        return False
+
+
+def flush_output(stream=None) -> None:
+    """Flush STREAM (standard output by default) now, a failure worded as writing_output words it;
+    a stream closed at the start has nothing to flush."""
+    if (sys.stdout if stream is None else stream) is not None:
+        with writing_output(stream):
+            pass
 
 
 _CONTROL = {c: f"\\x{c:02x}" for c in range(32) if c not in (9,)} | {127: "\\x7f"}

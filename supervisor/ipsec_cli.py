@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from . import __version__, control
 from .config import Config, load_config
-from .errors import ConfigError, ExitCode, NotRootError, SupervisorError, printable
+from .errors import ConfigError, ExitCode, NotRootError, SupervisorError, flush_output, printable, writing_output
 from .frontend import forward, lifecycle
 from .frontend.pidfile import PidState, read_cmdline
 
@@ -49,6 +49,8 @@ EXIT_CODES = (
     ("leftovers, flush, reconcile, snapshots, crashes",
      "as ipsec-supervisor: 0 ok; 1 an action failed; 2 bad arguments; 4 not root; 5 no such network "
      "namespace; 6 bad snapshot file"),
+    ("any command whose output cannot be written", "1 (closed, a full disk, an encoding without a "
+                                                   "character: one line 'cannot write the output: ...')"),
     ("any other command or option", "2"),
 )
 
@@ -347,13 +349,21 @@ def _run_helper(argv: list[str]) -> int:
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
+def _flush(ctx: Context) -> None:
+    """Before a helper writes to our standard streams: what we wrote comes first (a stream closed
+    at our start is the helper's to find closed)."""
+    flush_output(ctx.out)
+    if ctx.err is not None:
+        ctx.err.flush()
+
+
 def _run_forward(ctx: Context, plan: forward.Forward) -> int:
     if not plan.commands:
         ctx.say(plan.message)
         return plan.exit_code
     rc = 0
     for argv in plan.commands:
-        ctx.out.flush()
+        _flush(ctx)
         try:
             code = _run_helper(list(argv))
         except OSError as exc:
@@ -475,28 +485,29 @@ def cmd_status(ctx: Context, name: str, argv: list[str]) -> int:
     down = charon_down(cfg)
     orphan = lifecycle.unsupervised_daemon(cfg) if not found.running else None
     rc = _status_exit(found, orphan)
+    with writing_output(ctx.out):       # (flushed before charon's own status follows)
+        if args.json:
+            doc = {"running": found.running, "supervisor": found.status, "unsupervised_daemon": orphan,
+                   "pid_file": {"path": found.pid_file.path, "state": found.pid_file.state.value,
+                                "pid": found.pid_file.pid},
+                   "error": found.error if found.status is None else None,
+                   "charon": {"running": down is None, "detail": down},
+                   "sas": _vici_list_sas(cfg, args.conn) if down is None else []}
+            json.dump(doc, ctx.out, indent=1)
+            ctx.out.write("\n")
+        elif name == "statusall" and found.status is not None:
+            from .commands.status import format_status
+            print(format_status(found.status), file=ctx.out)
+        else:
+            print(_status_line(found, orphan, os.path.basename(cfg.daemon.command[0])), file=ctx.out)
     if args.json:
-        doc = {"running": found.running, "supervisor": found.status, "unsupervised_daemon": orphan,
-               "pid_file": {"path": found.pid_file.path, "state": found.pid_file.state.value,
-                            "pid": found.pid_file.pid},
-               "error": found.error if found.status is None else None,
-               "charon": {"running": down is None, "detail": down},
-               "sas": _vici_list_sas(cfg, args.conn) if down is None else []}
-        json.dump(doc, ctx.out, indent=1)
-        ctx.out.write("\n")
         return rc
-    if name == "statusall" and found.status is not None:
-        from .commands.status import format_status
-        print(format_status(found.status), file=ctx.out)
-    else:
-        print(_status_line(found, orphan, os.path.basename(cfg.daemon.command[0])), file=ctx.out)
     if found.pid_file.state.stale and found.status is None:
         ctx.say(f"ipsec {name}: {found.pid_file.describe()}")
     if down is None:
         cmd = forward.COMMANDS[name]
         plan = forward.plan_forward(cmd, [args.conn] if args.conn else [], charon_down=None,
                                     stroke_socket=forward.stroke_socket_present(), vici_uri=_vici_uri(cfg))
-        ctx.out.flush()
         _run_forward(ctx, plan)
     return rc
 
@@ -605,16 +616,17 @@ def cmd_snapshots(ctx: Context, argv: list[str]) -> int:
         raise SupervisorError(f"ipsec snapshots {args.action}: needs {want} snapshot id(s), got {len(args.ids)}",
                               ExitCode.USAGE)
     if args.action == "list":
-        if args.json:
-            json.dump({"directory": directory, "snapshots": snaps}, ctx.out, indent=1)
-            ctx.out.write("\n")
-        elif not snaps:
-            print(f"no snapshots in {directory}", file=ctx.out)
-        else:
-            print(f"{len(snaps)} snapshot(s) in {directory}:", file=ctx.out)
-            for i, s in enumerate(snaps, 1):
-                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["mtime"]))
-                print(f"{i:>4}  {when}  {_size(s['size']):>9}  {s['id']}", file=ctx.out)
+        with writing_output(ctx.out):
+            if args.json:
+                json.dump({"directory": directory, "snapshots": snaps}, ctx.out, indent=1)
+                ctx.out.write("\n")
+            elif not snaps:
+                print(f"no snapshots in {directory}", file=ctx.out)
+            else:
+                print(f"{len(snaps)} snapshot(s) in {directory}:", file=ctx.out)
+                for i, s in enumerate(snaps, 1):
+                    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["mtime"]))
+                    print(f"{i:>4}  {when}  {_size(s['size']):>9}  {s['id']}", file=ctx.out)
         return 0
     paths = [resolve_snapshot(i, snaps) for i in args.ids]
     from .frontend.progress import Progress
@@ -647,9 +659,10 @@ def versioncode() -> str:
 
 def cmd_version(ctx: Context, argv: list[str]) -> int:
     import platform
-    print(f"{platform.system()} strongSwan {versioncode()}", file=ctx.out)
-    print(f"ipsec-supervisor {__version__} (this ipsec command starts charon under ipsec-supervisor)",
-          file=ctx.out)
+    with writing_output(ctx.out):
+        print(f"{platform.system()} strongSwan {versioncode()}", file=ctx.out)
+        print(f"ipsec-supervisor {__version__} (this ipsec command starts charon under ipsec-supervisor)",
+              file=ctx.out)
     return 0
 
 
@@ -696,17 +709,20 @@ def _split_global(argv: list[str]) -> tuple[Context, list[str]]:
 
 def dispatch(ctx: Context, argv: list[str]) -> int:
     if not argv:
-        print(f"{PROG} command [arguments]\n\nUse --help for a list of commands, or refer to the "
-              f"{PROG}(8) man page.", file=ctx.out)
+        with writing_output(ctx.out):
+            print(f"{PROG} command [arguments]\n\nUse --help for a list of commands, or refer to the "
+                  f"{PROG}(8) man page.", file=ctx.out)
         return 0
     command, rest = argv[0], argv[1:]
     if command in ("--help", "-h", "help"):
-        ctx.out.write(help_text())
+        with writing_output(ctx.out):
+            ctx.out.write(help_text())
         return 0
     simple = {"--versioncode": versioncode, "--directory": lambda: forward.IPSEC_DIR,
               "--confdir": lambda: "/etc", "--piddir": lambda: "/var/run"}
     if command in simple:
-        print(simple[command](), file=ctx.out)
+        with writing_output(ctx.out):
+            print(simple[command](), file=ctx.out)
         return 0
     if command in HANDLERS:
         return HANDLERS[command](ctx, rest)
@@ -714,8 +730,7 @@ def dispatch(ctx: Context, argv: list[str]) -> int:
         return cmd_charon(ctx, command, rest)
     helper = forward.passthrough_path(command)
     if helper:
-        ctx.out.flush()
-        ctx.err.flush()
+        _flush(ctx)
         os.execv(helper, [helper, *rest])
     if command.startswith("--"):
         ctx.say(f"{PROG}: unknown option `{command}' (perhaps command name was omitted?)")
@@ -750,7 +765,9 @@ def main(argv: list[str] | None = None) -> int:
     if ctx.verbose or not _is_polled(rest):
         _configure_logging(ctx.verbose)
     try:
-        return int(dispatch(ctx, rest))
+        rc = int(dispatch(ctx, rest))
+        flush_output()      # what is still buffered: a failure is an error here, not at the exit
+        return rc
     except ConfigError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return ExitCode.USAGE         # strongSwan's code for a bad configuration

@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from itertools import compress, count
@@ -595,13 +597,118 @@ def _parse_slowly(raw: Buffer, path: str) -> Any:
     except UnicodeDecodeError as exc:
         raise _bad(path, f"not UTF-8 text (byte {exc.start})") from None
     try:
-        return json.loads(text)
+        doc = json.loads(text, parse_constant=_not_json, parse_float=_finite)
     except json.JSONDecodeError as exc:
         hint = " (truncated?)" if exc.pos >= len(text.rstrip()) - 1 else ""
         raise _bad(path, f"invalid JSON at line {exc.lineno} column {exc.colno}: "
                          f"{exc.msg}{hint}") from None
     except RecursionError:
         raise _bad(path, "JSON nested too deeply (no snapshot nests more than a few levels)") from None
+    except ValueError:      # a number JSON has not, or an integer of more digits than Python reads
+        raise _bad(path, _odd_number(text)) from None
+    if _SURROGATE_ESCAPE.search(text):
+        _refuse_lone_surrogates(doc, path)
+    return doc
+
+
+# What msgspec refuses, the json module's path refuses too, so that both read the same files: numbers
+# JSON has not (NaN, Infinity, beyond a double's range: the json module's extensions), integers of
+# more digits than Python reads (sys.get_int_max_str_digits), and a lone UTF-16 surrogate (\ud800, half
+# a pair: no character, nothing UTF-8 can hold). The error names the key or the record, as the
+# checks after the parse do.
+
+def _not_json(name: str) -> float:
+    raise ValueError(name)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (_INFINITY, -_INFINITY):
+        raise ValueError(text)
+    return value
+
+
+_INFINITY = float("inf")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")     # the only way a surrogate gets into UTF-8 text
+
+
+class _Refused:
+    """A number the strict parse refused, left in its place to say where it was."""
+
+    def __init__(self, text: str, too_long: bool = False) -> None:
+        self.text = text
+        self.too_long = too_long
+
+
+def _marked_int(text: str) -> int | _Refused:
+    try:
+        return int(text)
+    except ValueError:
+        return _Refused(text, too_long=True)
+
+
+def _odd_number(text: str) -> str:
+    """Where the number is that the strict parse refused in TEXT, and what it is."""
+    doc = json.loads(text, parse_constant=_Refused, parse_int=_marked_int,
+                     parse_float=lambda t: _Refused(t) if float(t) in (_INFINITY, -_INFINITY) else float(t))
+    where, odd = _first(doc, lambda v: isinstance(v, _Refused))
+    if odd is None:
+        return "a number is out of range"       # (not reached: the strict parse refused one)
+    if odd.too_long:
+        return _said(where, f"is a number of {len(odd.text.lstrip('-'))} digits (at most "
+                            f"{sys.get_int_max_str_digits()} are read)")
+    return _said(where, f"is {odd.text}, not a JSON number (none is NaN, Infinity or beyond ±1.8e308)")
+
+
+def _refuse_lone_surrogates(doc: Any, path: str) -> None:
+    def lone(value: Any) -> bool:
+        return isinstance(value, str) and not value.isascii() and not _utf8(value)
+
+    where, found = _first(doc, lone)
+    if found is not None:
+        char = next(c for c in found if 0xD800 <= ord(c) <= 0xDFFF)
+        raise _bad(path, _said(where, f"holds \\u{ord(char):04x}, half of a UTF-16 surrogate pair: no character "
+                                      "(a snapshot's text is UTF-8)"))
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _first(doc: Any, wanted: Callable[[Any], bool]) -> tuple[list, Any]:
+    """(the place of the first value or key in DOC that is WANTED, that value), or ([], None); in the
+    file's order, but that an object's keys come before its values."""
+    todo: list[tuple[list, Any]] = [([], doc)]
+    while todo:
+        where, value = todo.pop()
+        if wanted(value):
+            return where, value
+        if isinstance(value, dict):
+            for key in value:
+                if wanted(key):
+                    return where + [key], key
+            todo += reversed([(where + [k], v) for k, v in value.items()])
+        elif isinstance(value, list):
+            todo += reversed([(where + [i], v) for i, v in enumerate(value)])
+    return [], None
+
+
+def _said(where: list, what: str) -> str:
+    """WHAT said of the value at WHERE: of a record as its checks say it ("objects.route[2] is
+    invalid: ..."), else of the key ("'created_unix' ...")."""
+    names = [w if isinstance(w, int) or (w.isascii() and w.isprintable()) else json.dumps(w)[1:-1] for w in where]
+    if len(names) >= 3 and names[0] == "objects" and isinstance(names[2], int):
+        inner = _dotted(names[3:])
+        return f"objects.{names[1]}[{names[2]}] is invalid: {inner or 'the record'} {what}"
+    return f"'{_dotted(names)}' {what}" if names else f"the document {what}"
+
+
+def _dotted(names: list) -> str:
+    return "".join(f"[{n}]" if isinstance(n, int) else f".{n}" if i else n for i, n in enumerate(names))
 
 
 def snapshot_from_document(doc: Any, path: str = "<document>") -> Snapshot:
@@ -653,10 +760,19 @@ def _records(name: str, items: list, version: int, path: str, indices: list[int]
     return tuple(records)
 
 
+# The last second time.strftime's %Y writes in four digits (9999-12-31T23:59:59Z); gmtime, the
+# float the document keeps it as and its text take anything from 0 to there.
+LAST_CREATED = 253402300799
+
+
 def _snapshot_of(doc: dict, loaded: dict[str, tuple], path: str) -> Snapshot:
     created = doc.get("created_unix")
     if not isinstance(created, (int, float)) or isinstance(created, bool):
         raise _bad(path, "'created_unix' is missing or not a number")
+    if not 0 <= created <= LAST_CREATED:        # (NaN too: not from a file, whose parse refuses it)
+        shown = f"a number of {len(str(abs(created)))} digits" if isinstance(created, int) and created > 10 ** 40 \
+            else repr(created)
+        raise _bad(path, f"'created_unix' is {shown}, not a Unix time from 0 (1970) to {LAST_CREATED} (9999)")
     for key, kind in (("netns", dict), ("context", dict), ("keys_included", bool),
                       ("host", str), ("kernel", str)):
         if not isinstance(doc[key], kind):

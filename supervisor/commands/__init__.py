@@ -8,8 +8,6 @@ automatically by ``supervisor.cli``.  A module imports at its top only what
 ipsec.conf code is imported inside the handlers (tests/test_cli_imports.py).
 """
 
-import sys
-
 from .. import errors
 
 # Which module registers which command: `ipsec-supervisor status` imports only its own module.
@@ -47,23 +45,8 @@ LOAD_TIMEOUT = 10.0                       # legacy.loader.DEFAULT_TIMEOUT
 LOAD_MODES = ("load", "update", "reload")  # legacy.loader.MODES
 
 
-class writing_output:
-    """Around writing a command's output: a standard output that cannot take it is an error that says
-    why (exit 1), not a traceback. A reader that went away stays main's BrokenPipeError (exit 0).
-    (A class, not contextlib: every command imports this module, and most of them never write much.)"""
-
-    def __enter__(self) -> None:
-        if sys.stdout is None:
-            raise errors.SupervisorError("cannot write the output: standard output is closed")
-
-    def __exit__(self, kind, exc, tb) -> bool:
-        if isinstance(exc, OSError) and not isinstance(exc, BrokenPipeError):
-            raise errors.SupervisorError(f"cannot write the output: {exc.strerror or exc}") from None
-        if isinstance(exc, UnicodeEncodeError):
-            char = exc.object[exc.start]
-            raise errors.SupervisorError(f"cannot write the output: standard output encodes {exc.encoding}, which "
-                                         f"has no U+{ord(char):04X} {char!a} (PYTHONIOENCODING=utf-8 has)") from None
-        return False
+# Around writing a command's output (every command module imports it from here).
+writing_output = errors.writing_output
 
 
 def uint32(text: str) -> int:

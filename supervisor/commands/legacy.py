@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..errors import ConfigError, ExitCode, SupervisorError
-from . import IPSEC_CONF, IPSEC_DIR, IPSEC_SECRETS, LOAD_MODES, LOAD_TIMEOUT, VICI_SOCKET
+from . import IPSEC_CONF, IPSEC_DIR, IPSEC_SECRETS, LOAD_MODES, LOAD_TIMEOUT, VICI_SOCKET, writing_output
 
 # The parser, translator and loader are imported by the handler: --help must not pay for them.
 TYPE_CHECKING = False
@@ -84,19 +84,20 @@ def cmd_load_ipsec_conf(args) -> int:
     daemon = {"args": daemon_debug_args(config.conf.setup), "settings": daemon_settings(config.conf.setup)}
 
     if args.dry_run:
-        if args.json:
-            out = plan.to_json(secrets=args.show_secrets)
-            out["daemon"] = daemon
-            json.dump(out, sys.stdout, indent=1)
-            print()
-        else:
-            for d in config.errors + config.warnings:
-                print(f"{d.severity}: {d}", file=sys.stderr)
-            for step in plan.steps:
-                print(step.describe())
-            if daemon["args"] or daemon["settings"]:
-                print(f"# config setup: charon arguments {' '.join(daemon['args']) or '(none)'}, "
-                      f"strongswan.conf {daemon['settings'] or '(nothing)'}")
+        with writing_output():
+            if args.json:
+                out = plan.to_json(secrets=args.show_secrets)
+                out["daemon"] = daemon
+                json.dump(out, sys.stdout, indent=1)
+                print()
+            else:
+                for d in config.errors + config.warnings:
+                    print(f"{d.severity}: {d}", file=sys.stderr)
+                for step in plan.steps:
+                    print(step.describe())
+                if daemon["args"] or daemon["settings"]:
+                    print(f"# config setup: charon arguments {' '.join(daemon['args']) or '(none)'}, "
+                          f"strongswan.conf {daemon['settings'] or '(nothing)'}")
         return ExitCode.FAILED if config.errors else ExitCode.OK
 
     timeout = max(args.timeout, args.initiate_timeout / 1000 + 5) if args.initiate_timeout >= 0 else args.timeout
@@ -104,25 +105,26 @@ def cmd_load_ipsec_conf(args) -> int:
         report = loader.execute_plan(plan, client)
     if args.state:
         _write_state(args.state, report.state)
-    if args.json:
-        json.dump(report.to_json(), sys.stdout, indent=1)
-        print()
-    else:
-        for d in report.errors + report.warnings:
-            print(f"{d.severity}: {d}", file=sys.stderr)
+    with writing_output():
+        if args.json:
+            json.dump(report.to_json(), sys.stdout, indent=1)
+            print()
+        else:
+            for d in report.errors + report.warnings:
+                print(f"{d.severity}: {d}", file=sys.stderr)
+            for r in report.results:
+                line = f"{r.name}: {r.status}" + (f" (connection {r.peer})" if r.peer and r.peer != r.name else "")
+                print(line + (f": {r.message}" if r.message and r.status != "skipped" else ""))
+            for f in report.failures:
+                print(f"failed: {f}", file=sys.stderr)
+        if report.ok:
+            return ExitCode.OK
+        # One line each for the supervisor (jobs.REFUSED_PREFIX): what did not load, the rest did.
         for r in report.results:
-            line = f"{r.name}: {r.status}" + (f" (connection {r.peer})" if r.peer and r.peer != r.name else "")
-            print(line + (f": {r.message}" if r.message and r.status != "skipped" else ""))
+            if not r.ok:
+                print(f"refused: {r.name}: {r.status}" + (f": {r.message}" if r.message else ""))
         for f in report.failures:
-            print(f"failed: {f}", file=sys.stderr)
-    if report.ok:
-        return ExitCode.OK
-    # One line each for the supervisor (jobs.REFUSED_PREFIX): what did not load, the rest did.
-    for r in report.results:
-        if not r.ok:
-            print(f"refused: {r.name}: {r.status}" + (f": {r.message}" if r.message else ""))
-    for f in report.failures:
-        print(f"refused: {f}")
-    for d in report.errors:
-        print(f"refused: {d}")
-    return ExitCode.PARTIAL
+            print(f"refused: {f}")
+        for d in report.errors:
+            print(f"refused: {d}")
+        return ExitCode.PARTIAL

@@ -7,13 +7,15 @@ import json
 import math
 import sys
 
+from . import writing_output
 from ..config import load_config
 from ..errors import ExitCode, SupervisorError
 
 METRICS_EXIT_CODES = """\
 exit codes:
   0  printed
-  1  metrics are off (neither metrics.listen nor metrics.textfile is set), or unreadable
+  1  metrics are off (neither metrics.listen nor metrics.textfile is set), or unreadable; or the
+     output cannot be written (closed, a full disk, an encoding without a character)
   3  the configuration file is invalid
   7  no supervisor serves them (nothing listens on metrics.listen; no textfile yet)
 """
@@ -90,8 +92,10 @@ def metrics(args) -> int:
             data = to_json(text)
         except ValueError as exc:
             raise SupervisorError(f"the metrics are not valid exposition text: {exc}") from None
-        json.dump(data, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        with writing_output():
+            json.dump(data, sys.stdout, indent=2)
+            sys.stdout.write("\n")
     else:
-        sys.stdout.write(text)
+        with writing_output():
+            sys.stdout.write(text)
     return 0

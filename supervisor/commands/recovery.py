@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from . import LEDGER, ROUTE_TABLE, RULE_PRIORITY, uint32
+from . import LEDGER, ROUTE_TABLE, RULE_PRIORITY, uint32, writing_output
 from ..errors import ExitCode, NotRootError, SupervisorError
 
 # Kernel, ledger, ownership and daemon detection are imported by the handlers:
@@ -134,30 +134,31 @@ def cmd_leftovers(args) -> int:
     blocks = [p for p in state.objects.get("xfrm_policy", ()) if is_supervisor_block(p)]
     counts = ownership.counts()
     foreign = sum(c["foreign"] for c in counts.values()) - len(blocks)
-    if args.json:
-        doc = {"netns": state.netns.to_json(), "ledger": path,
-               "owned": {name: [{"describe": r.describe(), "rule": v.rule, "detail": v.detail,
-                                 "record": r.to_json()} for r, v in ownership.owned(name)]
-                         for name in FAMILIES},
-               "counts": counts, "foreign": foreign,
-               "blocks": [{"describe": b.describe(), "record": b.to_json()} for b in blocks]}
-        json.dump(doc, sys.stdout, indent=1)
-        print()
+    with writing_output():
+        if args.json:
+            doc = {"netns": state.netns.to_json(), "ledger": path,
+                   "owned": {name: [{"describe": r.describe(), "rule": v.rule, "detail": v.detail,
+                                     "record": r.to_json()} for r, v in ownership.owned(name)]
+                             for name in FAMILIES},
+                   "counts": counts, "foreign": foreign,
+                   "blocks": [{"describe": b.describe(), "record": b.to_json()} for b in blocks]}
+            json.dump(doc, sys.stdout, indent=1)
+            print()
+            return ExitCode.OK
+        basis = f"ledger {path} and markers" if path else "markers only (no ledger)"
+        total = sum(c["owned"] for c in counts.values())
+        print(f"charon's leftovers in network namespace {where}: {total} (judged by {basis})")
+        for name, family in FAMILIES.items():
+            owned = ownership.owned(name)
+            print(f"{family.title}: {counts[name]['owned']} owned, {counts[name]['foreign']} foreign")
+            for record, verdict in owned:
+                print(f"  {record.describe()}\n      [{verdict.rule}] {verdict.detail}")
+        if blocks:
+            print(f"fail-closed blocks installed by ipsec-supervisor: {len(blocks)}")
+            for b in blocks:
+                print(f"  {b.describe()}")
+        print(f"foreign objects (never touched): {foreign}")
         return ExitCode.OK
-    basis = f"ledger {path} and markers" if path else "markers only (no ledger)"
-    total = sum(c["owned"] for c in counts.values())
-    print(f"charon's leftovers in network namespace {where}: {total} (judged by {basis})")
-    for name, family in FAMILIES.items():
-        owned = ownership.owned(name)
-        print(f"{family.title}: {counts[name]['owned']} owned, {counts[name]['foreign']} foreign")
-        for record, verdict in owned:
-            print(f"  {record.describe()}\n      [{verdict.rule}] {verdict.detail}")
-    if blocks:
-        print(f"fail-closed blocks installed by ipsec-supervisor: {len(blocks)}")
-        for b in blocks:
-            print(f"  {b.describe()}")
-    print(f"foreign objects (never touched): {foreign}")
-    return ExitCode.OK
 
 
 def cmd_flush(args) -> int:
@@ -178,49 +179,51 @@ def cmd_flush(args) -> int:
     head = (f"flush of network namespace {where}: {len(plan)} action(s), {plan.foreign} foreign "
             f"object(s) left alone" + (", fail-closed" if plan.fail_closed else ""))
     if args.dry_run:
-        if args.json:
-            json.dump({"plan": plan.to_json(), "ledger": path, "ike_daemons": [d.to_json() for d in found]},
-                      sys.stdout, indent=1)
-            print()
-        else:
-            print(head + " (dry run: nothing changed)")
-            for d in ours:
-                print(f"note: {d.describe()} ({d.exe}) is running there: a real flush refuses without --force")
-            for d in others:
-                print(f"note: {d.describe()} ({d.exe or 'exe unknown'}) holds {d.holds()} there: what only "
-                      "charon's markers claim is kept")
-            for line in plan.lines():
-                print(line)
+        with writing_output():
+            if args.json:
+                json.dump({"plan": plan.to_json(), "ledger": path, "ike_daemons": [d.to_json() for d in found]},
+                          sys.stdout, indent=1)
+                print()
+            else:
+                print(head + " (dry run: nothing changed)")
+                for d in ours:
+                    print(f"note: {d.describe()} ({d.exe}) is running there: a real flush refuses without --force")
+                for d in others:
+                    print(f"note: {d.describe()} ({d.exe or 'exe unknown'}) holds {d.holds()} there: what only "
+                          "charon's markers claim is kept")
+                for line in plan.lines():
+                    print(line)
         return ExitCode.OK
     with netns.enter(args.netns):
         results = execute(plan)
     bad = [r for r in results if not r.ok]
-    if args.json:
-        json.dump({"plan": plan.to_json(), "ledger": path, "ike_daemons": [d.to_json() for d in found],
-                   "results": [{"outcome": r.outcome.value, "message": r.message,
-                                "action": r.action.describe()} for r in results]},
-                  sys.stdout, indent=1)
-        print()
-    else:
-        print(head)
-        for d in others:
-            print(f"note: {d.describe()} ({d.exe or 'exe unknown'}) holds {d.holds()} here: what only "
-                  "charon's markers claim is kept")
-        labels = []
-        for i, r in enumerate(results, 1):
-            kept = r.action.KIND == "keep"      # what no flush may delete (ownership.deletion_hold)
-            label = "kept" if kept else r.outcome.value.upper() if not r.ok else r.outcome.value
-            labels.append(label)
-            tail = (f": {r.action.reason}" if kept else
-                    f": {r.message}" if r.message and r.outcome is not Outcome.DONE else "")
-            print(f"{i:>4}. {label:<12} {r.action.describe()}{tail}")
-        order = [o.value for o in Outcome] + ["kept"]
-        tally = {name: labels.count(name) + labels.count(name.upper()) for name in order}
-        print("summary: " + ", ".join(f"{n} {name}" for name, n in tally.items() if n) if results
-              else "summary: nothing to do")
-        if plan.fail_closed and any(r.ok for r in results if r.action.KIND == "install-block"):
-            print("fail-closed blocks stay until charon re-installs its policies and they are removed "
-                  "(the supervisor does this, or run flush again without --fail-closed)")
+    with writing_output():
+        if args.json:
+            json.dump({"plan": plan.to_json(), "ledger": path, "ike_daemons": [d.to_json() for d in found],
+                       "results": [{"outcome": r.outcome.value, "message": r.message,
+                                    "action": r.action.describe()} for r in results]},
+                      sys.stdout, indent=1)
+            print()
+        else:
+            print(head)
+            for d in others:
+                print(f"note: {d.describe()} ({d.exe or 'exe unknown'}) holds {d.holds()} here: what only "
+                      "charon's markers claim is kept")
+            labels = []
+            for i, r in enumerate(results, 1):
+                kept = r.action.KIND == "keep"      # what no flush may delete (ownership.deletion_hold)
+                label = "kept" if kept else r.outcome.value.upper() if not r.ok else r.outcome.value
+                labels.append(label)
+                tail = (f": {r.action.reason}" if kept else
+                        f": {r.message}" if r.message and r.outcome is not Outcome.DONE else "")
+                print(f"{i:>4}. {label:<12} {r.action.describe()}{tail}")
+            order = [o.value for o in Outcome] + ["kept"]
+            tally = {name: labels.count(name) + labels.count(name.upper()) for name in order}
+            print("summary: " + ", ".join(f"{n} {name}" for name, n in tally.items() if n) if results
+                  else "summary: nothing to do")
+            if plan.fail_closed and any(r.ok for r in results if r.action.KIND == "install-block"):
+                print("fail-closed blocks stay until charon re-installs its policies and they are removed "
+                      "(the supervisor does this, or run flush again without --fail-closed)")
     return ExitCode.FAILED if bad else ExitCode.OK
 
 
@@ -319,20 +322,21 @@ def cmd_reconcile(args) -> int:
                 notes.append(f"{name} pid {pid} runs and no leftover of its predecessor is left")
     doc["plan"] = plan.to_json() if plan is not None else None
     doc["at_grace"] = grace_plan.to_json() if grace_plan is not None else None
-    if args.json:
-        json.dump(doc, sys.stdout, indent=1)
-        print()
+    with writing_output():
+        if args.json:
+            json.dump(doc, sys.stdout, indent=1)
+            print()
+            return ExitCode.OK
+        basis = f"ledger {path} and markers" if ledger is not None else f"markers only ({why_not})"
+        print(f"reconcile in network namespace {where} (recovery.mode {rc.mode}; judged by {basis}) -- dry run, "
+              "nothing changed")
+        for note in notes:
+            print(f"note: {note}")
+        for title, p in (("now", plan), ("when recovery.adopt_grace ends", grace_plan)):
+            if p is None:
+                continue
+            print(f"plan {title}: {len(p)} action(s), {p.foreign} foreign object(s) left alone"
+                  + (", fail-closed" if p.fail_closed else ""))
+            for line in p.lines():
+                print(line)
         return ExitCode.OK
-    basis = f"ledger {path} and markers" if ledger is not None else f"markers only ({why_not})"
-    print(f"reconcile in network namespace {where} (recovery.mode {rc.mode}; judged by {basis}) -- dry run, "
-          "nothing changed")
-    for note in notes:
-        print(f"note: {note}")
-    for title, p in (("now", plan), ("when recovery.adopt_grace ends", grace_plan)):
-        if p is None:
-            continue
-        print(f"plan {title}: {len(p)} action(s), {p.foreign} foreign object(s) left alone"
-              + (", fail-closed" if p.fail_closed else ""))
-        for line in p.lines():
-            print(line)
-    return ExitCode.OK

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from . import writing_output
 from ..config import flatten, load_config
 
 RUN_EXIT_CODES = """\
@@ -60,8 +61,9 @@ def run(args) -> int:
     cfg = load_config(args.config)  # ConfigError -> exit 3 with the full message
     if args.check_config:
         values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flatten(cfg).items()}
-        json.dump({"source": cfg.source, "values": values}, sys.stdout, indent=2, default=list)
-        sys.stdout.write("\n")
+        with writing_output():
+            json.dump({"source": cfg.source, "values": values}, sys.stdout, indent=2, default=list)
+            sys.stdout.write("\n")
         return 0
     from ..notify import Notifier, configure_logging
     configure_logging(verbose=getattr(args, "verbose", False))

@@ -6,12 +6,14 @@ import argparse
 import json
 import sys
 
+from . import writing_output
 from .. import control
 from ..config import load_config
 
 STATUS_EXIT_CODES = """\
 exit codes:
   0  the supervisor answered (whatever the daemon's state)
+  1  the output cannot be written (closed, a full disk, an encoding without a character)
   3  the configuration file (for the run directory) is invalid
   4  not allowed to use the control socket (run as root)
   7  no supervisor is running
@@ -90,11 +92,12 @@ def status(args) -> int:
         print(f"ipsec-supervisor: status failed: {answer.get('error')}", file=sys.stderr)
         return 1
     st = answer["status"]
-    if args.json:
-        json.dump(st, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(format_status(st))
+    with writing_output():
+        if args.json:
+            json.dump(st, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            print(format_status(st))
     return 0
 
 
@@ -104,15 +107,19 @@ def crashes(args) -> int:
     reports = read_crash_reports(cfg.crash_dir)
     if args.last is not None:
         reports = reports[-args.last:] if args.last > 0 else []
-    if args.json:
+    with writing_output():
+        _print_crashes(reports, args.json, cfg.crash_dir)
+    return 0
+
+
+def _print_crashes(reports: list, as_json: bool, directory: str) -> None:
+    if as_json:
         json.dump([dict(r, path=p) for p, r in reports], sys.stdout, indent=2)
         sys.stdout.write("\n")
-        return 0
+        return
     if not reports:
-        print(f"no crash reports in {cfg.crash_dir}")
-        return 0
+        print(f"no crash reports in {directory}")
     for path, r in reports:
         t = r.get("timings", {})
         print(f"{t.get('died_at', '?')}  pid {r.get('daemon', {}).get('pid')}  {r.get('classification')}: "
               f"{r.get('description')}  (up {t.get('uptime_s')}s; {r.get('decision', {}).get('action')})  {path}")
-    return 0
