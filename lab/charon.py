@@ -321,11 +321,12 @@ class Charon:
             _close(s)
 
     def list_child_sas(self) -> list[dict]:
-        """Every CHILD_SA charon knows: {ike, name, state, spi_in, spi_out, reqid} (spis as ints)."""
+        """Every CHILD_SA charon knows: {ike, name, state, spi_in, spi_out, reqid} (spis as ints);
+        OSError when charon does not answer in time (see _listed)."""
         s = self.vici(timeout=10.0)
         try:
             out = []
-            for ike in s.list_sas():
+            for ike in _listed(s):
                 for ike_name, ike_sa in ike.items():
                     for child in (ike_sa.get("child-sas") or {}).values():
                         out.append({
@@ -342,7 +343,7 @@ class Charon:
         """Connections with an IKE_SA in any state (established or on its way)."""
         s = self.vici(timeout=30.0)
         try:
-            return {_s(name) for ike in s.list_sas() for name in ike}
+            return {_s(name) for ike in _listed(s) for name in ike}
         finally:
             _close(s)
 
@@ -458,6 +459,21 @@ def _s(v) -> str:
     if v is None:
         return ""
     return v.decode() if isinstance(v, (bytes, bytearray)) else str(v)
+
+
+def _listed(session) -> list:
+    """SESSION's list-sas, all of it; OSError when charon does not answer in time. (The vici package
+    unregisters its event stream after a timed-out read and takes the late answer for the
+    unregistration's: its SessionException hides the timeout, and a busy charon in the emulated VM
+    answers a list of 200 tunnels' SAs late.)"""
+    try:
+        return list(session.list_sas())
+    except OSError:
+        raise
+    except Exception as exc:
+        if isinstance(exc.__context__, OSError):
+            raise OSError(f"charon did not answer list-sas in time ({exc.__context__!r}, then: {exc})") from exc
+        raise
 
 
 def _close(session) -> None:

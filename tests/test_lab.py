@@ -319,3 +319,28 @@ def test_the_scale_bench_watches_the_starter_for_a_multiple_of_adopt_s_convergen
     assert bench.starter_window(runs, 400.0, 0) == 400.0
     # an adoption that did not converge (or failed) sizes nothing
     assert bench.starter_window({"adopt-1": outcome(None, 140.0), "adopt-4": RuntimeError("x")}, 400.0, 5.5) == 400.0
+
+
+def test_a_list_sas_answered_too_late_is_no_answer_not_a_failed_run():
+    """The vici package unregisters its event stream after a timed-out read and takes the late answer
+    for the unregistration's: the lab sees the timeout (OSError, "no answer this time"), not the
+    SessionException that hides it (a starter target failed so, with 200 tunnels in the VM)."""
+    import vici
+
+    from lab.charon import _listed
+
+    class LateCharon:
+        def list_sas(self):
+            try:
+                raise TimeoutError("timed out")
+                yield
+            finally:
+                raise vici.exception.SessionException("Unexpected response type 1, expected '5' (EVENT_CONFIRM)")
+
+    class Answering:
+        def list_sas(self):
+            yield {"t1": {}}
+
+    with pytest.raises(OSError, match="did not answer list-sas in time"):
+        _listed(LateCharon())
+    assert _listed(Answering()) == [{"t1": {}}]
