@@ -1,7 +1,7 @@
 """``snapshot show FILE --json`` prints the bytes it printed when it built every record.
 
-The reference is ``commands.snapshot._show_json_records`` (every record's to_json, encoded and
-formatted): the way that stays for version 1 files and systems without msgspec. The way of
+The reference is ``commands.snapshot._print_records_json`` of the loaded snapshot (every record's
+to_json, encoded and formatted): the way that stays for version 1 files and systems without msgspec. The way of
 snapshot_show (structs encoded as they were decoded, no policy or route record) must give the
 same stdout, stderr and exit code for every file: written ones of every shape, hand-edited ones
 (numbers for names, hex in capitals, keys in another order, escapes) and corrupt ones.
@@ -36,7 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "snapshots")
 V2 = os.path.join(FIXTURES, "tunnels-crash-v2.json")
 V1 = ("tunnels-crash", "trap-crash", "foreign-only")
-REFERENCE = ("import sys; from supervisor.commands import snapshot as s; s._show_json = s._show_json_records; "
+REFERENCE = ("import sys; from supervisor.commands import snapshot as s; from supervisor.snapshot import load_snapshot; "
+             "s._show_json = lambda path: s._print_records_json(load_snapshot(path)); "
              "from supervisor.cli import run; run()")
 ODD_TEXT = 'é "quoted" back\\slash \x01 tab\t \u2028 \x7f 😀'
 
@@ -46,7 +47,7 @@ def show(path: str, monkeypatch, capsysbinary, reference: bool) -> tuple[bytes, 
     with monkeypatch.context() as m:
         m.setattr(snapshot, "keep_until_exit", lambda keep: None)     # (a test process lives on)
         if reference:
-            m.setattr(command, "_show_json", command._show_json_records)
+            m.setattr(command, "_show_json", lambda path: command._print_records_json(snapshot.load_snapshot(path)))
         capsysbinary.readouterr()
         rc = cli.main(["snapshot", "show", path, "--json"])
         out, err = capsysbinary.readouterr()

@@ -232,14 +232,9 @@ def _show_json(path: str) -> int:
     return ExitCode.OK
 
 
-def _show_json_records(path: str) -> int:
-    """``show FILE --json`` from every record's to_json: without msgspec, for version 1 and for a bad
-    file (load_snapshot words its fault); the bytes snapshot_show gives too (tests hold it to them)."""
-    from ..snapshot import load_snapshots
-    return _print_records_json(_settled(lambda keep: load_snapshots(path))[0])
-
-
 def _print_records_json(snap) -> int:
+    """``show --json`` of SNAP from every record's to_json: without msgspec, for version 1 and for a bad
+    file (load_snapshot words its fault); the bytes snapshot_show gives too (tests hold it to them)."""
     from ..kernel.common import without_cycle_collection
     with without_cycle_collection():
         doc = {"created": snap.created, "host": snap.host, "kernel": snap.kernel,
