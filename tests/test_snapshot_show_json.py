@@ -36,7 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "snapshots")
 V2 = os.path.join(FIXTURES, "tunnels-crash-v2.json")
 V1 = ("tunnels-crash", "trap-crash", "foreign-only")
-REFERENCE = ("import sys; from supervisor.commands import snapshot as s; from supervisor.snapshot import load_snapshot; "
+REFERENCE = ("import sys; from supervisor.commands import snapshot as s; "
+             "from supervisor.snapshot import load_snapshot; "
              "s._show_json = lambda path: s._print_records_json(load_snapshot(path)); "
              "from supervisor.cli import run; run()")
 ODD_TEXT = 'é "quoted" back\\slash \x01 tab\t \u2028 \x7f 😀'
